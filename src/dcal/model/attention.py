@@ -1,0 +1,149 @@
+"""Attention primitives on top of timm's ``Attention`` / ``Block`` modules.
+
+DCAL needs three variants of one timm block, all sharing (or copying) its weights:
+
+* self-attention that also returns the head-averaged probabilities (for the rollout of Eq. 2),
+* global-local cross-attention (Eq. 3): a few query tokens against all keys/values,
+* pair-wise cross-attention (Eq. 4): each image's queries against its own and a distractor's keys/values.
+
+Each function reproduces timm's ``Block.forward`` exactly (pre-norm, layer scale, drop path, optional
+attention-output norm and gate), so that with the same weights and inputs the outputs are those of timm.
+Only :func:`sa_block_with_probs` materialises attention probabilities; the others use
+``F.scaled_dot_product_attention`` (fused kernels), unless :func:`explicit_attention` is active, which the
+FLOP counter uses because torch's flop counter does not see fused attention on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Block
+from torch import Tensor
+
+_FORCE_EXPLICIT = False
+
+
+@contextlib.contextmanager
+def explicit_attention() -> Iterator[None]:
+    """Compute every attention as explicit matmul + softmax (for FLOP counting); restores on exit."""
+    global _FORCE_EXPLICIT
+    previous, _FORCE_EXPLICIT = _FORCE_EXPLICIT, True
+    try:
+        yield
+    finally:
+        _FORCE_EXPLICIT = previous
+
+
+def check_block(block: torch.nn.Module, where: str) -> None:
+    """Raise a clear error when a backbone block is not the standard pre-norm timm ``Block``."""
+    if not isinstance(block, Block) or not isinstance(block.attn, Attention):
+        raise TypeError(
+            f"{where}: DCAL needs timm's standard pre-norm vision_transformer.Block with Attention, "
+            f"got {type(block).__name__} with {type(getattr(block, 'attn', None)).__name__}"
+        )
+
+
+def _heads(attn: Attention, x: Tensor) -> Tensor:
+    """(B, T, H*d) -> (B, H, T, d)."""
+    B, T, _ = x.shape
+    return x.reshape(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+
+def qkv(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and values of already-normed tokens ``x``, each (B, H, T, d), as timm computes them."""
+    B, T, _ = x.shape
+    q, k, v = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def q_and_kv(attn: Attention, x_query: Tensor, x_context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries from ``x_query`` and keys/values from ``x_context`` with the rows of one qkv projection.
+
+    Slicing the fused weight avoids projecting queries for the context tokens that GLCA never uses.
+    """
+    dim = attn.attn_dim
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(x_query, w[:dim], None if b is None else b[:dim])
+    kv = F.linear(x_context, w[dim:], None if b is None else b[dim:])
+    B, T, _ = x_context.shape
+    k, v = kv.reshape(B, T, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(_heads(attn, q)), attn.k_norm(k), v
+
+
+def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q kᵀ / √d) v with timm's attention dropout; fused unless :func:`explicit_attention`."""
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    if not _FORCE_EXPLICIT:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    return attn.attn_drop(probs) @ v
+
+
+def attn_output(attn: Attention, o: Tensor, x_query: Tensor) -> Tensor:
+    """(B, H, T, d) attention result -> projected (B, T, D): timm's norm, optional gate, proj, dropout."""
+    B, _, T, _ = o.shape
+    o = attn.norm(o.transpose(1, 2).reshape(B, T, attn.attn_dim))
+    if getattr(attn, "gate", None) is not None:
+        o = o * attn.gate(x_query).sigmoid()
+    return attn.proj_drop(attn.proj(o))
+
+
+def _finish_block(block: Block, x: Tensor, attn_out: Tensor) -> Tensor:
+    """Residual + MLP half of timm's ``Block.forward``."""
+    x = x + block.drop_path1(block.ls1(attn_out))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def sa_block_with_probs(block: Block, x: Tensor) -> tuple[Tensor, Tensor]:
+    """timm ``Block.forward`` with explicit attention, also returning head-averaged probabilities.
+
+    Returns the block output (B, T, D) and the detached attention S averaged over heads (B, T, T),
+    the input of the rollout (Eq. 2). Dropout on attention applies to the output only, not to S.
+    """
+    attn = block.attn
+    h = block.norm1(x)
+    q, k, v = qkv(attn, h)
+    probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    o = attn.attn_drop(probs) @ v
+    return _finish_block(block, x, attn_output(attn, o, h)), probs.detach().mean(dim=1)
+
+
+def glca_block(block: Block, queries: Tensor, context: Tensor) -> Tensor:
+    """Global-local cross-attention block (Eq. 3): ``queries`` (B, 1+k, D) attend over ``context`` (B, T, D).
+
+    A full pre-norm block whose residuals and MLP act on the query tokens only; the same LayerNorm
+    ``norm1`` normalises queries and context, as it would in self-attention.
+    """
+    attn = block.attn
+    hq, hc = block.norm1(queries), block.norm1(context)
+    q, k, v = q_and_kv(attn, hq, hc)
+    return _finish_block(block, queries, attn_output(attn, attend(attn, q, k, v), hq))
+
+
+def pwca_block(block: Block, x: Tensor, pairs: Tensor | None, noise: bool = False) -> Tensor:
+    """Pair-wise cross-attention block (Eq. 4) with the block's own (shared) weights.
+
+    Image ``i`` attends with its queries over ``[K_i; K_pairs[i]]`` and ``[V_i; V_pairs[i]]``: one softmax over
+    all 2T keys. Keys/values of the distractor come from the same stream and layer, and gradients flow into
+    both images. With ``noise=True`` the distractor's keys/values are Gaussian noise with the per-image,
+    per-head mean and standard deviation of the image's own keys/values (the paper's "I_2 from noise").
+    """
+    attn = block.attn
+    h = block.norm1(x)
+    q, k, v = qkv(attn, h)
+    if noise:
+        k2, v2 = _gaussian_like(k), _gaussian_like(v)
+    else:
+        k2, v2 = k[pairs], v[pairs]
+    o = attend(attn, q, torch.cat([k, k2], dim=2), torch.cat([v, v2], dim=2))
+    return _finish_block(block, x, attn_output(attn, o, h))
+
+
+def _gaussian_like(t: Tensor) -> Tensor:
+    stats = t.detach()
+    mean = stats.mean(dim=(-2, -1), keepdim=True)
+    std = stats.std(dim=(-2, -1), keepdim=True)
+    return torch.randn_like(t) * std + mean

@@ -1,0 +1,418 @@
+"""The DCAL model: one timm Vision Transformer, three streams (SA, GLCA, PWCA), as ``SPEC.md`` fixes them.
+
+Read top to bottom:
+
+* ``DCALConfig`` – the method's hyper-parameters (task, R, M, T, query selection, pairing).
+* ``DCAL`` – wraps a timm ``VisionTransformer`` (``model.backbone``, unchanged: for FGVC the SA stream *is* it,
+  norm and head included) and adds
+    - GLCA (Eq. 3): M blocks, each a copy of SA block L, run in parallel with block L on its input x_(L-1);
+      queries = CLS + the top ⌈R·N⌉ patches by attention rollout (Eq. 2); own final norm and head.
+    - PWCA (Eq. 4): a second pass through the *shared* SA blocks in training only, where each image's queries
+      attend over its own and a distractor's keys/values (same stream, same layer); SA's norm and head.
+* ``create_model`` – builds the timm backbone (hub tag or local checkpoint) and the DCAL wrapper.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from dcal.model.attention import check_block, glca_block, pwca_block, sa_block_with_probs
+from dcal.model.heads import BNNeck
+from dcal.model.pairs import PAIR_STRATEGIES, sample_pairs
+from dcal.model.rollout import num_local_queries, rollout_cls_row, select_top
+
+TASKS = ("fgvc", "reid")
+QUERY_SELECTIONS = ("rollout", "random", "last_layer")
+FUSIONS = ("sa+glca", "sa", "glca")
+DEFAULT_TOP_R = {"fgvc": 0.1, "reid": 0.3}
+
+
+@dataclass
+class DCALConfig:
+    """Hyper-parameters of the method (the backbone's own live in timm).
+
+    Attributes:
+        task: ``fgvc`` (linear heads, cross-entropy) or ``reid`` (BNNeck heads, CE + triplet).
+        num_classes: classes (FGVC) or training identities (Re-ID).
+        top_r: R, the fraction of patch tokens used as GLCA local queries (⌈R·N⌉ of them).
+        glca_blocks: M; 0 switches GLCA off.
+        pwca_blocks: T; blocks 1..T are pair-wise in the PWCA stream, T+1..L plain; 0 switches PWCA off.
+        query_selection: ``rollout`` (Eq. 2), ``random``, or ``last_layer`` (the CLS attention of SA block L
+            alone, without accumulation: the paper's "penultimate layer only" ablation).
+        pair_strategy: ``random`` | ``intra`` | ``inter`` | ``mix`` | ``noise`` (see ``dcal.model.pairs``).
+    """
+
+    task: str = "fgvc"
+    num_classes: int = 1000
+    top_r: float | None = None
+    glca_blocks: int = 1
+    pwca_blocks: int = 12
+    query_selection: str = "rollout"
+    pair_strategy: str = "random"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.top_r is None:
+            self.top_r = DEFAULT_TOP_R[self.task]
+        if not 0.0 < self.top_r <= 1.0:
+            raise ValueError(f"top_r (R) must be in (0, 1], got {self.top_r}")
+        if self.glca_blocks < 0 or self.pwca_blocks < 0:
+            raise ValueError(f"glca_blocks and pwca_blocks must be >= 0, got {self.glca_blocks}, {self.pwca_blocks}")
+        if self.query_selection not in QUERY_SELECTIONS:
+            raise ValueError(f"query_selection must be one of {QUERY_SELECTIONS}, got {self.query_selection!r}")
+        if self.pair_strategy not in PAIR_STRATEGIES:
+            raise ValueError(f"pair_strategy must be one of {PAIR_STRATEGIES}, got {self.pair_strategy!r}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+
+
+class DCAL(nn.Module):
+    """Dual cross-attention learning around a timm ViT with a class token.
+
+    Train mode: ``model(images, pairs=None, targets=None)`` returns a dict with ``logits`` and ``features``
+    (per branch ``sa``, ``glca``, ``pwca``: the normed CLS feature), ``selected`` (indices into the N patch
+    tokens of the GLCA local queries, (B, ⌈R·N⌉)), ``pairs`` and, for Re-ID, ``bn_features`` (BNNeck outputs;
+    ``logits`` are then the BNNeck classifier's). Eval mode: the same without PWCA; see :meth:`predict`,
+    :meth:`embed` and :meth:`cls_rollout`.
+    """
+
+    def __init__(self, backbone: VisionTransformer, cfg: DCALConfig) -> None:
+        super().__init__()
+        _check_backbone(backbone)
+        depth = len(backbone.blocks)
+        if cfg.pwca_blocks > depth:
+            raise ValueError(f"pwca_blocks (T) = {cfg.pwca_blocks} exceeds the backbone's {depth} blocks")
+        self.cfg = cfg
+        self.backbone = backbone
+        self.grad_checkpointing = False
+        dim = backbone.embed_dim
+
+        if cfg.task == "reid" and backbone.num_classes != 0:
+            backbone.reset_classifier(0)  # Re-ID classifies after the BNNeck, not with timm's head
+        if cfg.task == "fgvc" and backbone.num_classes != cfg.num_classes:
+            backbone.reset_classifier(cfg.num_classes)
+
+        # GLCA: M copies of SA block L (a clean start: its CLS output equals SA's), own norm and head.
+        self.glca_blocks = nn.ModuleList(copy.deepcopy(backbone.blocks[-1]) for _ in range(cfg.glca_blocks))
+        if cfg.glca_blocks:
+            self.glca_norm = copy.deepcopy(backbone.norm)
+            self.glca_fc_norm = copy.deepcopy(backbone.fc_norm)
+            if cfg.task == "fgvc":
+                self.glca_head = copy.deepcopy(backbone.head)
+        if cfg.task == "reid":
+            self.sa_neck = BNNeck(dim, cfg.num_classes)
+            if cfg.glca_blocks:
+                self.glca_neck = BNNeck(dim, cfg.num_classes)
+
+    # ----------------------------------------------------------------------------------------------- info
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """Branches that produce a training loss, in order."""
+        return ("sa",) + (("glca",) if self.cfg.glca_blocks else ()) + (("pwca",) if self.cfg.pwca_blocks else ())
+
+    @property
+    def num_patches(self) -> int:
+        return self.backbone.patch_embed.num_patches
+
+    @property
+    def num_local_queries(self) -> int:
+        return num_local_queries(self.cfg.top_r, self.num_patches)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (SA, GLCA and PWCA streams) to save memory."""
+        self.grad_checkpointing = enable
+
+    # ---------------------------------------------------------------------------------------- streams
+    def _run(self, fn: Any, *args: Any) -> Any:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _embed(self, images: Tensor) -> Tensor:
+        """Patch embedding, CLS, (resampled) position embedding: timm's steps before the blocks."""
+        bb = self.backbone
+        return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
+
+    def _sa_stream(self, x: Tensor, need_attn: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """SA blocks 1..L. Returns x_(L-1) (GLCA's input), x_L, and per-block head-averaged attention if asked.
+
+        Without ``need_attn`` every block is timm's own forward (fused attention): bit-for-bit the backbone.
+        """
+        blocks = self.backbone.blocks
+        attentions: list[Tensor] = []
+        x_prev = x
+        for i, blk in enumerate(blocks):
+            x_prev = x
+            if need_attn:
+                x, attn = self._run(sa_block_with_probs, blk, x)
+                # Only the CLS row of the last layer enters the rollout: keep just that.
+                attentions.append(attn[:, 0] if i == len(blocks) - 1 else attn)
+            else:
+                x = self._run(blk, x)
+        return x_prev, x, attentions
+
+    def _select(self, attentions: list[Tensor], batch: int, device: torch.device) -> Tensor:
+        k, n = self.num_local_queries, self.num_patches
+        if self.cfg.query_selection == "random":
+            scores = torch.rand(batch, n, device=device)
+        elif self.cfg.query_selection == "last_layer":
+            scores = attentions[-1][:, 1:]
+        else:
+            scores = rollout_cls_row(attentions)[:, 1:]
+        return select_top(scores, k)
+
+    def _glca_stream(self, x_prev: Tensor, selected: Tensor) -> Tensor:
+        """M GLCA blocks: CLS + selected tokens of x_(L-1) query all tokens of x_(L-1). Returns (B, 1+k, D)."""
+        dim = x_prev.shape[-1]
+        local = torch.gather(x_prev, 1, (selected + 1).unsqueeze(-1).expand(-1, -1, dim))
+        q = torch.cat([x_prev[:, :1], local], dim=1)
+        for blk in self.glca_blocks:
+            q = self._run(glca_block, blk, q, x_prev)
+        return q
+
+    def _pwca_stream(self, x: Tensor, pairs: Tensor | None) -> Tensor:
+        """Second pass through the shared SA blocks; blocks 1..T pair-wise (Eq. 4), T+1..L self-attention."""
+        noise = self.cfg.pair_strategy == "noise"
+        for i, blk in enumerate(self.backbone.blocks):
+            if i < self.cfg.pwca_blocks:
+                x = self._run(pwca_block, blk, x, pairs, noise)
+            else:
+                x = self._run(blk, x)
+        return x
+
+    # ------------------------------------------------------------------------------------------ heads
+    def _head(self, branch: str, tokens: Tensor, out: dict[str, Any]) -> None:
+        """Final norm of the CLS token and the branch's classifier (PWCA uses SA's)."""
+        bb = self.backbone
+        if branch == "glca":
+            norm, fc_norm = self.glca_norm, self.glca_fc_norm
+        else:
+            norm, fc_norm = bb.norm, bb.fc_norm
+        feature = fc_norm(norm(tokens[:, 0]))
+        out["features"][branch] = feature
+        if self.cfg.task == "fgvc":
+            head = self.glca_head if branch == "glca" else bb.head
+            out["logits"][branch] = head(bb.head_drop(feature))
+        else:
+            neck = self.glca_neck if branch == "glca" else self.sa_neck
+            bn_feature, logits = neck(feature, update_stats=branch != "pwca")
+            out["bn_features"][branch] = bn_feature
+            out["logits"][branch] = logits
+
+    def forward(
+        self,
+        images: Tensor,
+        pairs: Tensor | None = None,
+        targets: Tensor | None = None,
+        *,
+        branches: tuple[str, ...] | None = None,
+    ) -> dict[str, Any]:
+        """Run the streams. PWCA runs only in train mode.
+
+        Args:
+            images: (B, 3, H, W).
+            pairs: (B,) long tensor, image i paired with ``pairs[i]``; None draws one per
+                ``cfg.pair_strategy`` (a fresh derangement by default).
+            targets: (B,) class ids; needed only by the ``intra``/``inter``/``mix`` pair strategies.
+            branches: restrict to a subset of {"sa", "glca", "pwca"} (e.g. ``("sa",)`` for fast SA inference).
+        """
+        wanted = set(self.branches if branches is None else branches)
+        use_glca = "glca" in wanted and self.cfg.glca_blocks > 0
+        use_pwca = "pwca" in wanted and self.cfg.pwca_blocks > 0 and self.training
+        out: dict[str, Any] = {"logits": {}, "features": {}}
+        if self.cfg.task == "reid":
+            out["bn_features"] = {}
+
+        x0 = self._embed(images)
+        need_attn = use_glca and self.cfg.query_selection != "random"
+        x_prev, x, attentions = self._sa_stream(x0, need_attn)
+        self._head("sa", x, out)
+        if use_glca:
+            selected = self._select(attentions, images.shape[0], images.device)
+            self._head("glca", self._glca_stream(x_prev, selected), out)
+            out["selected"] = selected
+        if use_pwca:
+            if self.cfg.pair_strategy == "noise":
+                pairs = None
+            elif pairs is None:
+                pairs = sample_pairs(self.cfg.pair_strategy, images.shape[0], targets, images.device)
+            else:
+                pairs = _check_pairs(pairs, images.shape[0], images.device)
+            self._head("pwca", self._pwca_stream(x0, pairs), out)
+            out["pairs"] = pairs
+        return out
+
+    # ------------------------------------------------------------------------------------- inference
+    def predict(self, images: Tensor, fusion: str = "sa+glca") -> Tensor:
+        """FGVC class scores: softmax(SA) + softmax(GLCA) (the paper sums probabilities), or one branch's."""
+        if self.cfg.task != "fgvc":
+            raise ValueError("predict() is for FGVC models; use embed() for Re-ID")
+        parts = _fusion_branches(fusion, self.cfg.glca_blocks)
+        logits = self.forward(images, branches=parts)["logits"]
+        return sum(logits[b].softmax(dim=-1) for b in parts)
+
+    def embed(self, images: Tensor, fusion: str = "sa+glca", after_bn: bool = False) -> Tensor:
+        """Re-ID embedding: concat(SA, GLCA) CLS features (before the BNNeck by default)."""
+        parts = _fusion_branches(fusion, self.cfg.glca_blocks)
+        out = self.forward(images, branches=parts)
+        key = "bn_features" if after_bn else "features"
+        if key not in out:
+            raise ValueError("after_bn embeddings exist for Re-ID models only")
+        return torch.cat([out[key][b] for b in parts], dim=-1)
+
+    @torch.no_grad()
+    def cls_rollout(self, images: Tensor) -> Tensor:
+        """CLS row of the SA attention rollout over the N patch tokens, (B, N) (for pictures and tests)."""
+        _, _, attentions = self._sa_stream(self._embed(images), need_attn=True)
+        return rollout_cls_row(attentions)[:, 1:]
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _check_backbone(backbone: nn.Module) -> None:
+    name = getattr(getattr(backbone, "pretrained_cfg", None), "get", lambda *_: None)("architecture") or type(
+        backbone
+    ).__name__
+    if not isinstance(backbone, VisionTransformer):
+        raise TypeError(f"backbone {name!r}: DCAL needs a timm VisionTransformer, got {type(backbone).__name__}")
+    if backbone.cls_token is None or backbone.num_prefix_tokens != 1:
+        raise ValueError(
+            f"backbone {name!r}: DCAL needs exactly one class token and no register tokens "
+            f"(has cls_token={backbone.cls_token is not None}, num_prefix_tokens={backbone.num_prefix_tokens})"
+        )
+    if backbone.global_pool != "token":
+        raise ValueError(f"backbone {name!r}: DCAL reads the CLS token; create it with global_pool='token'")
+    if getattr(backbone, "dynamic_img_size", False):
+        raise ValueError(f"backbone {name!r}: dynamic_img_size is not supported; pass img_size instead")
+    for i, blk in enumerate(backbone.blocks):
+        check_block(blk, f"backbone {name!r} block {i}")
+
+
+def _check_pairs(pairs: Tensor, batch: int, device: torch.device) -> Tensor:
+    pairs = torch.as_tensor(pairs, device=device)
+    if pairs.shape != (batch,) or pairs.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"pairs must be an integer tensor of shape ({batch},), got {tuple(pairs.shape)} {pairs.dtype}")
+    if bool(((pairs < 0) | (pairs >= batch)).any()):
+        raise ValueError(f"pairs must index the batch (0..{batch - 1}), got values {pairs.tolist()}")
+    return pairs.long()
+
+
+def _fusion_branches(fusion: str, glca_blocks: int) -> tuple[str, ...]:
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    if "glca" in fusion and not glca_blocks:
+        if fusion == "glca":
+            raise ValueError("fusion 'glca' needs a model with glca_blocks >= 1")
+        return ("sa",)  # an SA-only model: its SA prediction is the whole prediction
+    return tuple(fusion.split("+"))
+
+
+# -------------------------------------------------------------------------------------- construction
+def create_model(
+    backbone: str,
+    *,
+    task: str = "fgvc",
+    num_classes: int,
+    img_size: int | tuple[int, int] = 224,
+    top_r: float | None = None,
+    glca_blocks: int = 1,
+    pwca_blocks: int = 12,
+    pretrained: bool = False,
+    pretrained_file: str | Path | None = None,
+    query_selection: str = "rollout",
+    pair_strategy: str = "random",
+    **timm_kwargs: Any,
+) -> DCAL:
+    """Build a DCAL model on the timm ViT ``backbone`` (any with a class token).
+
+    ``pretrained=True`` loads timm's weights for the name (e.g. ``vit_base_patch16_224.augreg_in21k``);
+    ``pretrained_file`` loads a local timm-format checkpoint (.pth/.bin/.safetensors, or .npz for the
+    big_vision/JAX ViTs) with the position embedding resampled to ``img_size`` and the classifier dropped.
+    Extra keyword arguments go to ``timm.create_model`` (e.g. ``drop_path_rate``; ``depth``/``embed_dim``
+    for tiny test models).
+    """
+    if pretrained and pretrained_file:
+        raise ValueError("give either pretrained=True (timm hub weights) or pretrained_file=PATH, not both")
+    cfg = DCALConfig(
+        task=task,
+        num_classes=num_classes,
+        top_r=top_r,
+        glca_blocks=glca_blocks,
+        pwca_blocks=pwca_blocks,
+        query_selection=query_selection,
+        pair_strategy=pair_strategy,
+    )
+    img_size = tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
+    vit = timm.create_model(
+        backbone,
+        pretrained=pretrained,
+        num_classes=num_classes if task == "fgvc" else 0,
+        img_size=img_size,
+        **timm_kwargs,
+    )
+    if pretrained_file is not None:
+        load_pretrained_file(vit, pretrained_file)
+    model = DCAL(vit, cfg)
+    model.backbone_name = backbone
+    model.timm_kwargs = {"img_size": img_size, **timm_kwargs}
+    return model
+
+
+def load_pretrained_file(vit: VisionTransformer, path: str | Path) -> None:
+    """Load a local timm-format ViT checkpoint into ``vit``: resample position embeddings to the model's grid,
+    drop the classifier (it belongs to the pre-training task), and fail loudly on any other mismatch."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained_file {str(path)!r} does not exist")
+    if path.suffix == ".npz":
+        # big_vision / original JAX checkpoints: timm's own reader (resamples pos_embed itself)
+        vit.load_pretrained(str(path))
+        _reset_head(vit)
+        return
+    try:
+        state = timm.models.load_state_dict(str(path), weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"pretrained_file {str(path)!r}: could not read a state dict ({e})") from e
+    if any(k.startswith("backbone.") for k in state):  # a dcal checkpoint: keep only the backbone
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    filter_fn = getattr(sys.modules[type(vit).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, vit)
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dist."))}
+    missing, unexpected = vit.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head")]
+    if missing or unexpected:
+        raise ValueError(
+            f"pretrained_file {str(path)!r} does not match the backbone: "
+            f"missing keys {missing[:8]}{'…' if len(missing) > 8 else ''}, "
+            f"unexpected keys {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}"
+        )
+    _reset_head(vit)
+
+
+def _reset_head(vit: VisionTransformer) -> None:
+    head = vit.head
+    if isinstance(head, nn.Linear):
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+
+
+def model_config(model: DCAL) -> dict[str, Any]:
+    """Everything needed to rebuild ``model`` with :func:`create_model` (saved in checkpoints)."""
+    kwargs = dict(getattr(model, "timm_kwargs", {}))
+    if isinstance(kwargs.get("img_size"), tuple):
+        kwargs["img_size"] = list(kwargs["img_size"])
+    return {"backbone": getattr(model, "backbone_name", None), **asdict(model.cfg), **kwargs}
