@@ -1,0 +1,439 @@
+"""Project configuration: OmegaConf structured configs for FGVC and Re-ID, loading, validation, derivation.
+
+``load_config(path, overrides)`` starts from the defaults below, merges a YAML file and ``key=value``
+overrides (OmegaConf dotlist syntax, e.g. ``train.epochs=5``, ``model.img_size=[256,128]``), rejects unknown
+keys and wrongly typed values with a :class:`ConfigError` naming the dotted key (and suggesting close
+matches), then derives the task defaults:
+
+- ``task`` from ``data.dataset`` (``dcal.data.task_of``);
+- ``model.top_r`` None -> 0.1 (FGVC) / 0.3 (Re-ID), the paper's R;
+- ``train.lr`` None -> ``train.base_lr * train.batch_size / 512`` for FGVC (the paper's lr = 5e-4 / 512 x
+  batch size) and 0.008 for Re-ID (the paper's fixed Re-ID lr, not batch-scaled);
+
+and validates choices and ranges. The result is a read-only-keyed (struct) ``DictConfig``; its values after
+derivation are what a run used, so :func:`save_config` writes a file that reloads to the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+FGVC_LR_REFERENCE_BATCH = 512  # lr = base_lr * batch_size / 512 (paper §4.1)
+REID_DEFAULT_LR = 0.008  # paper §4.1, Re-ID
+TOP_R_DEFAULT = {"fgvc": 0.1, "reid": 0.3}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.random_erasing_mode": ("pixel", "mean"),
+    "data.aircraft_annotation_level": ("variant", "family", "manufacturer"),
+    "model.query_selection": ("rollout", "random", "last_layer"),
+    "model.pair_strategy": ("random", "intra", "inter", "mix", "noise"),
+    "loss.weighting": ("dynamic", "fixed"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.scheduler": ("cosine", "step", "constant"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "eval.fusion": ("sa+glca", "sa", "glca"),
+    "eval.reid_feature": ("before_bn", "after_bn"),
+    "eval.metric": ("euclidean", "cosine"),
+}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: unknown key, wrong type, bad value. The message names the dotted key."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cub"  # cub|cars|aircraft|folder|synthetic|market1501|dukemtmc|msmt17|veri|reid_folder
+    root: str = "data"  # dataset folder: override with data.root=/path/to/dataset
+    resize: Any = 550  # pre-crop resize: int or [H, W]; None = none (FGVC: straight to img_size)
+    hflip: float = 0.5  # horizontal flip probability (training)
+    pad: int = 10  # Re-ID: zero padding before the random crop
+    random_erasing: float = 0.5  # Re-ID: random erasing probability
+    random_erasing_mode: str = "pixel"  # pixel (N(0,1) noise, TransReID) | mean (the mean colour)
+    mean: list[float] | None = None  # None = the backbone's pretrained normalisation
+    std: list[float] | None = None
+    num_classes: int | None = None  # None = from the training set (dataset.num_classes / identities)
+    synthetic_num_classes: int = 6
+    synthetic_train_per_class: int = 100
+    synthetic_test_per_class: int = 30
+    synthetic_image_size: int = 64
+    synthetic_seed: int = 0
+    msmt17_val_in_train: bool = True  # MSMT17: train on train + val (the usual protocol)
+    aircraft_annotation_level: str = "variant"  # variant (100) | family (70) | manufacturer (30)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "deit_tiny_patch16_224"  # timm model name (optionally with a pretrained tag)
+    img_size: Any = 448  # network input: int or [H, W]
+    pretrained: bool = False  # load timm's pretrained weights for `backbone`
+    pretrained_file: str | None = None  # or load them from this local file (.pth/.safetensors/.npz)
+    glca_blocks: int = 1  # M (0 = no GLCA)
+    pwca_blocks: int = 12  # T (0 = no PWCA)
+    top_r: float | None = None  # R, fraction of patch tokens used as GLCA queries; None = 0.1 fgvc / 0.3 reid
+    drop_path_rate: float = 0.1  # stochastic depth
+    query_selection: str = "rollout"  # rollout | random | last_layer (ablation)
+    pair_strategy: str = "random"  # PWCA distractor: random | intra | inter | mix | noise (Table 4)
+    # extra timm.create_model arguments, e.g. {depth: 4, embed_dim: 96, num_heads: 3, patch_size: 8} for a
+    # small from-scratch ViT (the demo); drop_path_rate and img_size have their own keys
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.0
+    triplet_margin: float = 0.3  # Re-ID batch-hard triplet margin
+    triplet_soft_margin: bool = False
+    weighting: str = "dynamic"  # dynamic (learnable uncertainty weights) | fixed
+    fixed_weights: list[float] | None = None  # [sa, glca, pwca] when weighting=fixed; None = [1, 1, 1]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float | None = None  # None: fgvc = base_lr * batch_size / 512, reid = 0.008
+    base_lr: float = 5e-4  # FGVC lr per 512 images
+    optimizer: str = "adamw"  # adamw | sgd
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # SGD
+    scheduler: str = "cosine"  # cosine | step | constant
+    warmup_epochs: int = 0
+    warmup_lr: float = 0.0  # lr at the first warmup step (linear ramp to lr)
+    min_lr: float = 0.0  # cosine floor
+    step_epochs: list[int] = field(default_factory=list)  # scheduler=step: epochs at which lr *= step_gamma
+    step_gamma: float = 0.1
+    workers: int = 4
+    seed: int = 0
+    num_instances: int = 4  # Re-ID: K images per identity (batch = P x K)
+    amp: str = "none"  # none | bf16 | fp16
+    compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False
+    clip_grad: float | None = None  # max gradient norm; None = no clipping
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 50  # iterations
+    eval_every: int = 1  # epochs
+    save_every: int = 0  # epochs between checkpoints beyond the last/best; 0 = only last and best
+    resume: bool = False  # resume from output_dir's last checkpoint
+
+
+@dataclass
+class EvalConfig:
+    fusion: str = "sa+glca"  # FGVC: softmax(SA)+softmax(GLCA); Re-ID: concat features; or one branch
+    reid_feature: str = "before_bn"  # before_bn | after_bn
+    flip: bool = False  # Re-ID: average the features of the image and its mirror
+    metric: str = "euclidean"  # euclidean (on L2-normalised features) | cosine
+    rerank: bool = False  # k-reciprocal re-ranking
+    max_rank: int = 50  # CMC curve length
+    batch_size: int | None = None  # None = train.batch_size
+
+
+@dataclass
+class DCALConfig:
+    output_dir: str = "runs/dcal"
+    task: str | None = None  # derived from data.dataset
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# key and type checking
+
+
+def _type_name(tp: Any) -> str:
+    """Readable name of a field annotation: ``int``, ``float or null``, ``list of int``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(arg)}"
+    if tp is Any:
+        return "any"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _section_class(tp: Any) -> type | None:
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def _close_keys(key: str, valid: list[str]) -> list[str]:
+    """Valid keys that ``key`` is probably a typo or an elaboration of (``lr_rate`` -> ``lr``)."""
+    related = [k for k in valid if key.startswith(k + "_") or k.startswith(key + "_") or key.endswith("_" + k)]
+    similar = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    return list(dict.fromkeys(similar + related))[:3]
+
+
+def _check_keys(cls: type, values: Any, prefix: str = "") -> None:
+    """Unknown keys anywhere in ``values`` (a plain nested dict) -> ConfigError with close matches."""
+    if not isinstance(values, dict):
+        where = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"config section {where!r} expects a mapping, got {values!r}")
+    fields = _fields(cls)
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in fields:
+            close = _close_keys(str(key), list(fields))
+            hint = f" (did you mean {', '.join(repr(prefix + c) for c in close)}?)" if close else ""
+            valid = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key {dotted!r}{hint}; valid keys here: {valid}")
+        sub = _section_class(fields[key])
+        if sub is not None:
+            _check_keys(sub, value, dotted + ".")
+
+
+def _annotation_of(dotted: str) -> Any:
+    cls: Any = DCALConfig
+    tp: Any = None
+    for part in dotted.split("."):
+        part = part.split("[", 1)[0]
+        if cls is None or part not in _fields(cls):
+            return None
+        tp = _fields(cls)[part]
+        cls = _section_class(tp)
+    return tp
+
+
+def _merge(base: DictConfig, values: dict[str, Any]) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, values)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        tp = _annotation_of(str(key))
+        expected = _type_name(tp) if tp is not None else "another type"
+        value = getattr(e, "value", None)
+        raise ConfigError(f"config key {key!r} expects {expected}, got {value!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
+
+
+def default_config() -> DictConfig:
+    """The defaults (FGVC recipe values, CUB, DeiT-Tiny), not yet derived."""
+    return OmegaConf.structured(DCALConfig)
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["a.b=1", ...]`` -> a nested dict, values parsed as YAML/OmegaConf (``[1,2]``, ``null``, ``1e-3``)."""
+    merged = OmegaConf.create()
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key = item.split("=", 1)[0].strip()
+        try:
+            one = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"cannot parse override {item!r}: {e}") from None
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        merged = OmegaConf.merge(merged, one)
+    return OmegaConf.to_container(merged)  # type: ignore[return-value]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Defaults <- YAML file ``path`` <- ``key=value`` overrides, then derived and validated.
+
+    Raises:
+        ConfigError: unknown key, wrong type, value out of its choices or range (message names the key).
+    """
+    cfg = default_config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                values = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if values is not None:
+            _check_keys(DCALConfig, values)
+            cfg = _merge(cfg, values)
+    if overrides:
+        values = parse_overrides(list(overrides))
+        _check_keys(DCALConfig, values)
+        cfg = _merge(cfg, values)
+    derive(cfg)
+    validate(cfg)
+    return cfg
+
+
+def _size(value: Any, key: str, allow_none: bool) -> int | list[int] | None:
+    """Check an ``int or [H, W]`` value; returns it as an int or a plain list."""
+    if value is None:
+        if allow_none:
+            return None
+        raise ConfigError(f"config key {key!r} expects int or [H, W], got None")
+    if OmegaConf.is_list(value) or isinstance(value, list | tuple):
+        items = list(value)
+        if len(items) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
+            return items
+    elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise ConfigError(f"config key {key!r} expects a positive int or [H, W], got {value!r}")
+
+
+def derive(cfg: DictConfig) -> DictConfig:
+    """Fill the derived values in place (task, top_r, lr) and check the size fields."""
+    from dcal.data import task_of
+
+    try:
+        task = task_of(cfg.data.dataset)
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.dataset': {e}") from None
+    if cfg.task is not None and cfg.task != task:
+        raise ConfigError(
+            f"config key 'task' is {cfg.task!r} but data.dataset={cfg.data.dataset!r} is a {task} dataset "
+            f"(task is derived: leave it out)"
+        )
+    cfg.task = task
+    if cfg.model.top_r is None:
+        cfg.model.top_r = TOP_R_DEFAULT[task]
+    if cfg.train.lr is None:
+        if task == "fgvc":
+            cfg.train.lr = cfg.train.base_lr * cfg.train.batch_size / FGVC_LR_REFERENCE_BATCH
+        else:
+            cfg.train.lr = REID_DEFAULT_LR
+    cfg.model.img_size = _size(cfg.model.img_size, "model.img_size", allow_none=False)
+    cfg.data.resize = _size(cfg.data.resize, "data.resize", allow_none=True)
+    return cfg
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"config key {key!r} {msg}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check choices and ranges of a derived config."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            _fail(key, f"must be one of {', '.join(choices)}; got {value!r}{hint}")
+    d, m, lo, t, e = cfg.data, cfg.model, cfg.loss, cfg.train, cfg.eval
+    for key, value in (("data.hflip", d.hflip), ("data.random_erasing", d.random_erasing)):
+        if not 0.0 <= value <= 1.0:
+            _fail(key, f"is a probability in [0, 1]; got {value}")
+    if d.pad < 0:
+        _fail("data.pad", f"must be >= 0; got {d.pad}")
+    for key, value in (("data.mean", d.mean), ("data.std", d.std)):
+        if value is not None and len(value) != 3:
+            _fail(key, f"needs 3 values (RGB) or null; got {list(value)}")
+    if d.std is not None and min(d.std) <= 0:
+        _fail("data.std", "must be positive")
+    if d.num_classes is not None and d.num_classes < 1:
+        _fail("data.num_classes", f"must be >= 1 or null; got {d.num_classes}")
+    if cfg.task == "fgvc" and d.resize is not None:
+        img = [m.img_size] * 2 if isinstance(m.img_size, int) else list(m.img_size)
+        rs = [d.resize] * 2 if isinstance(d.resize, int) else list(d.resize)
+        if rs[0] < img[0] or rs[1] < img[1]:
+            _fail("data.resize", f"({d.resize}) must be >= model.img_size ({m.img_size}): it is cropped to it")
+    if m.glca_blocks < 0:
+        _fail("model.glca_blocks", f"must be >= 0; got {m.glca_blocks}")
+    if m.pwca_blocks < 0:
+        _fail("model.pwca_blocks", f"must be >= 0; got {m.pwca_blocks}")
+    if not 0.0 < m.top_r <= 1.0:
+        _fail("model.top_r", f"is a fraction in (0, 1]; got {m.top_r}")
+    if not 0.0 <= m.drop_path_rate < 1.0:
+        _fail("model.drop_path_rate", f"must be in [0, 1); got {m.drop_path_rate}")
+    reserved = sorted(set(m.timm_kwargs) & {"img_size", "drop_path_rate", "num_classes", "pretrained"})
+    if reserved:
+        _fail("model.timm_kwargs", f"must not set {reserved}: use their own config keys")
+    depth = m.timm_kwargs.get("depth")
+    if isinstance(depth, int) and m.pwca_blocks > depth:
+        _fail("model.pwca_blocks", f"({m.pwca_blocks}) must be <= the backbone depth ({depth})")
+    if m.pretrained and m.pretrained_file:
+        _fail("model.pretrained_file", "and model.pretrained=true are exclusive: set one")
+    if not 0.0 <= lo.label_smoothing < 1.0:
+        _fail("loss.label_smoothing", f"must be in [0, 1); got {lo.label_smoothing}")
+    if lo.fixed_weights is not None and len(lo.fixed_weights) != 3:
+        _fail("loss.fixed_weights", f"needs 3 values [sa, glca, pwca]; got {list(lo.fixed_weights)}")
+    if t.epochs < 1:
+        _fail("train.epochs", f"must be >= 1; got {t.epochs}")
+    if t.batch_size < 1:
+        _fail("train.batch_size", f"must be >= 1; got {t.batch_size}")
+    if t.lr <= 0:
+        _fail("train.lr", f"must be > 0; got {t.lr}")
+    if t.base_lr <= 0:
+        _fail("train.base_lr", f"must be > 0; got {t.base_lr}")
+    if t.weight_decay < 0:
+        _fail("train.weight_decay", f"must be >= 0; got {t.weight_decay}")
+    if not 0 <= t.warmup_epochs < t.epochs:
+        _fail("train.warmup_epochs", f"must be in [0, train.epochs); got {t.warmup_epochs}")
+    if t.workers < 0:
+        _fail("train.workers", f"must be >= 0; got {t.workers}")
+    if t.clip_grad is not None and t.clip_grad <= 0:
+        _fail("train.clip_grad", f"must be > 0 or null; got {t.clip_grad}")
+    if cfg.task == "reid":
+        if t.num_instances < 1 or t.batch_size % t.num_instances:
+            _fail(
+                "train.num_instances",
+                f"({t.num_instances}) must be >= 1 and divide train.batch_size ({t.batch_size}): "
+                "a Re-ID batch is P identities x K instances",
+            )
+    for key, value in (("train.log_every", t.log_every), ("train.eval_every", t.eval_every)):
+        if value < 1:
+            _fail(key, f"must be >= 1; got {value}")
+    if t.save_every < 0:
+        _fail("train.save_every", f"must be >= 0; got {t.save_every}")
+    if e.max_rank < 1:
+        _fail("eval.max_rank", f"must be >= 1; got {e.max_rank}")
+    if e.batch_size is not None and e.batch_size < 1:
+        _fail("eval.batch_size", f"must be >= 1 or null; got {e.batch_size}")
+    if e.fusion != "sa" and m.glca_blocks == 0:
+        _fail("eval.fusion", f"is {e.fusion!r} but model.glca_blocks=0 (no GLCA branch): use 'sa'")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The config as YAML text (derived values included)."""
+    return OmegaConf.to_yaml(cfg)
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> Path:
+    """Write :func:`to_yaml` to ``path`` (parent folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (
+        "# dcal config as run (derived values filled in: task, model.top_r, train.lr;\n"
+        "# FGVC train.lr = train.base_lr * train.batch_size / 512)\n"
+    )
+    path.write_text(header + to_yaml(cfg), encoding="utf-8")
+    return path
+
+
+def dataset_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """Extra keyword arguments ``dcal.data.build_dataset`` takes for ``cfg.data.dataset``."""
+    d = cfg.data
+    if d.dataset == "synthetic":
+        return {
+            "num_classes": d.synthetic_num_classes,
+            "train_per_class": d.synthetic_train_per_class,
+            "test_per_class": d.synthetic_test_per_class,
+            "image_size": d.synthetic_image_size,
+            "seed": d.synthetic_seed,
+        }
+    if d.dataset == "aircraft":
+        return {"annotation_level": d.aircraft_annotation_level}
+    return {}
