@@ -436,4 +436,6 @@ def dataset_kwargs(cfg: DictConfig) -> dict[str, Any]:
         }
     if d.dataset == "aircraft":
         return {"annotation_level": d.aircraft_annotation_level}
+    if d.dataset == "msmt17":
+        return {"val_in_train": d.msmt17_val_in_train}
     return {}

@@ -1,0 +1,169 @@
+"""Config loading, validation, derived values and the paper's recipe files."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dcal.config import ConfigError, dataset_kwargs, load_config, save_config, to_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
+FGVC_YAML = sorted((CONFIGS / "fgvc").glob("*.yaml"))
+REID_YAML = sorted((CONFIGS / "reid").glob("*.yaml"))
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("configs_generate", CONFIGS / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_recipe_files_cover_tables_1_and_2() -> None:
+    fgvc = {p.stem for p in FGVC_YAML}
+    reid = {p.stem for p in REID_YAML}
+    backbones = ["deit_tiny", "deit_small", "deit_base", "vit_base"]
+    assert fgvc == {f"{d}_{b}" for d in ("cub", "cars", "aircraft") for b in backbones + ["r50_vit_base"]}
+    assert reid == {f"{d}_{b}" for d in ("market1501", "dukemtmc", "msmt17", "veri") for b in backbones}
+    assert (CONFIGS / "demo.yaml").is_file()
+
+
+def test_committed_files_match_the_generator() -> None:
+    gen = _generator()
+    for path in FGVC_YAML:
+        dataset, backbone = path.stem.split("_", 1)
+        assert path.read_text() == gen.fgvc_recipe(dataset, backbone), path
+    for path in REID_YAML:
+        dataset, backbone = path.stem.split("_", 1)
+        assert path.read_text() == gen.reid_recipe(dataset, backbone), path
+    assert (CONFIGS / "demo.yaml").read_text() == gen.DEMO.format(**gen.DEMO_VALUES)
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_yaml_loads_and_validates(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.task == {"fgvc": "fgvc", "reid": "reid"}.get(path.parent.name, "fgvc")
+    assert cfg.train.lr > 0 and 0 < cfg.model.top_r <= 1
+    if path.parent.name == "fgvc":
+        assert cfg.train.lr == pytest.approx(5e-4 / 512 * 16)  # derived from lr: null
+
+
+@pytest.mark.parametrize("path", FGVC_YAML, ids=lambda p: p.stem)
+def test_fgvc_recipe_values(path: Path) -> None:
+    raw = yaml.safe_load(path.read_text())
+    # every §4.1 value is written in the file itself, not left to code defaults
+    assert raw["train"]["optimizer"] == "adamw" and raw["train"]["weight_decay"] == 0.05
+    assert raw["train"]["lr"] is None and raw["train"]["base_lr"] == 5e-4
+    assert "5e-4 / 512" in path.read_text()  # the lr formula stays visible
+    assert raw["train"]["scheduler"] == "cosine" and raw["train"]["epochs"] == 100
+    assert raw["train"]["batch_size"] == 16
+    assert raw["model"]["drop_path_rate"] == 0.1 and raw["model"]["top_r"] == 0.1
+    assert raw["model"]["glca_blocks"] == 1 and raw["model"]["pwca_blocks"] == 12
+    assert raw["data"]["resize"] == 550 and raw["model"]["img_size"] == 448
+    assert raw["model"]["pretrained"] is True
+
+
+@pytest.mark.parametrize("path", REID_YAML, ids=lambda p: p.stem)
+def test_reid_recipe_values(path: Path) -> None:
+    raw = yaml.safe_load(path.read_text())
+    t, m, d = raw["train"], raw["model"], raw["data"]
+    assert t["optimizer"] == "sgd" and t["momentum"] == 0.9 and t["weight_decay"] == 1e-4
+    assert t["lr"] == 0.008 and t["scheduler"] == "cosine" and t["epochs"] == 120
+    assert t["batch_size"] == 64 and t["num_instances"] == 4
+    assert m["top_r"] == 0.3 and m["glca_blocks"] == 1 and m["pwca_blocks"] == 12 and m["pretrained"] is True
+    assert m["img_size"] == ([256, 256] if d["dataset"] == "veri" else [256, 128])
+    assert d["hflip"] == 0.5 and d["pad"] == 10 and d["random_erasing"] == 0.5
+
+
+def test_backbone_names() -> None:
+    expected = {
+        "deit_tiny": "deit_tiny_patch16_224",
+        "deit_small": "deit_small_patch16_224",
+        "deit_base": "deit_base_patch16_224",
+        "vit_base": "vit_base_patch16_224.augreg_in21k",
+        "r50_vit_base": "vit_base_r50_s16_224.orig_in21k",
+    }
+    for path in FGVC_YAML + REID_YAML:
+        backbone = path.stem.split("_", 1)[1]
+        assert yaml.safe_load(path.read_text())["model"]["backbone"] == expected[backbone]
+
+
+def test_unknown_key_names_it_and_suggests() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lr_rate' \(did you mean 'train\.lr'\?\)"):
+        load_config(None, ["train.lr_rate=0.1"])
+    with pytest.raises(ConfigError, match=r"'trian'.*did you mean 'train'"):
+        load_config(None, ["trian.epochs=3"])
+    with pytest.raises(ConfigError, match=r"'model\.glca_block'.*did you mean 'model\.glca_blocks'"):
+        load_config(None, ["model.glca_block=2"])
+
+
+def test_unknown_key_in_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  dataset: cub\n  rezise: 550\n")
+    with pytest.raises(ConfigError, match=r"'data\.rezise'.*did you mean 'data\.resize'"):
+        load_config(path)
+
+
+def test_wrong_type() -> None:
+    with pytest.raises(ConfigError, match=r"config key 'train\.epochs' expects int, got 'abc'"):
+        load_config(None, ["train.epochs=abc"])
+    with pytest.raises(ConfigError, match=r"'train\.lr' expects float or null"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"'model\.img_size'"):
+        load_config(None, ["model.img_size=[256,128,3]"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_choices_and_ranges_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"'train\.optimizer' must be one of adamw, sgd; got 'adam'"):
+        load_config(None, ["train.optimizer=adam"])
+    with pytest.raises(ConfigError, match=r"'train\.amp'"):
+        load_config(None, ["train.amp=fp8"])
+    with pytest.raises(ConfigError, match=r"'data\.dataset'"):
+        load_config(None, ["data.dataset=imagenet"])
+    with pytest.raises(ConfigError, match=r"'model\.top_r'"):
+        load_config(None, ["model.top_r=1.5"])
+    with pytest.raises(ConfigError, match=r"'train\.num_instances'"):
+        load_config(None, ["data.dataset=market1501", "data.resize=null", "train.batch_size=30"])
+    with pytest.raises(ConfigError, match=r"'task'"):
+        load_config(None, ["data.dataset=market1501", "task=fgvc"])
+
+
+def test_overrides_and_derived_values() -> None:
+    cfg = load_config(None, ["train.batch_size=16"])
+    assert cfg.task == "fgvc" and cfg.train.lr == pytest.approx(5e-4 / 512 * 16)
+    assert cfg.model.top_r == 0.1
+    cfg = load_config(None, ["train.batch_size=64", "train.base_lr=1e-3"])
+    assert cfg.train.lr == pytest.approx(1e-3 * 64 / 512)
+    cfg = load_config(None, ["train.lr=0.01", "model.top_r=0.2"])  # explicit values win
+    assert cfg.train.lr == 0.01 and cfg.model.top_r == 0.2
+    cfg = load_config(None, ["data.dataset=veri", "model.img_size=[256,256]", "data.resize=null"])
+    assert cfg.task == "reid" and cfg.model.top_r == 0.3 and cfg.train.lr == 0.008
+    assert list(cfg.model.img_size) == [256, 256] and cfg.data.resize is None
+    recipe = load_config(CONFIGS / "fgvc" / "cub_deit_tiny.yaml", ["data.root=/data/birds", "train.epochs=2"])
+    assert recipe.data.root == "/data/birds" and recipe.train.epochs == 2 and recipe.model.pretrained
+
+
+def test_save_and_reload(tmp_path: Path) -> None:
+    cfg = load_config(CONFIGS / "reid" / "market1501_deit_small.yaml", ["train.epochs=3"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(path)
+    assert to_yaml(again) == to_yaml(cfg)
+    assert "train.base_lr * train.batch_size / 512" in path.read_text()
+
+
+def test_dataset_kwargs_and_demo() -> None:
+    cfg = load_config(CONFIGS / "demo.yaml")
+    kw = dataset_kwargs(cfg)
+    assert cfg.data.dataset == "synthetic" and kw["image_size"] == cfg.data.synthetic_image_size
+    assert dataset_kwargs(load_config(None, ["data.dataset=aircraft"])) == {"annotation_level": "variant"}
+    assert dataset_kwargs(load_config(None)) == {}
+    msmt = load_config(CONFIGS / "reid" / "msmt17_deit_tiny.yaml")
+    assert dataset_kwargs(msmt) == {"val_in_train": True}
+    assert cfg.model.timm_kwargs["depth"] == cfg.model.pwca_blocks  # T = all blocks of the small ViT
