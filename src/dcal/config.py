@@ -380,8 +380,8 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.base_lr", f"must be > 0; got {t.base_lr}")
     if t.weight_decay < 0:
         _fail("train.weight_decay", f"must be >= 0; got {t.weight_decay}")
-    if not 0 <= t.warmup_epochs < t.epochs:
-        _fail("train.warmup_epochs", f"must be in [0, train.epochs); got {t.warmup_epochs}")
+    if t.warmup_epochs < 0:
+        _fail("train.warmup_epochs", f"must be >= 0; got {t.warmup_epochs}")
     if t.workers < 0:
         _fail("train.workers", f"must be >= 0; got {t.workers}")
     if t.clip_grad is not None and t.clip_grad <= 0:
