@@ -201,7 +201,7 @@ def _parse_market_dir(folder: Path, what: str, max_cam: int) -> list[tuple[str, 
         m = MARKET_PATTERN.search(path.name)
         if m is None:
             raise ReIDFileNameError(
-                f"{what}: cannot parse {path}: expected a name matching {MARKET_PATTERN.pattern!r} "
+                f"{what}: cannot parse {path}: expected a name matching '{MARKET_PATTERN.pattern}' "
                 "such as 0002_c1s1_000451_03.jpg (pid, then camera)"
             )
         pid, cam = int(m.group(1)), int(m.group(2))
@@ -317,7 +317,7 @@ def _veri(root: str | os.PathLike, split: str) -> tuple[Path, list[tuple[str, in
         m = VERI_PATTERN.search(path.name)
         if m is None:
             raise ReIDFileNameError(
-                f"VeRi-776/{split}: cannot parse {path}: expected a name matching {VERI_PATTERN.pattern!r} "
+                f"VeRi-776/{split}: cannot parse {path}: expected a name matching '{VERI_PATTERN.pattern}' "
                 "such as 0001_c001_00016450_0.jpg (vehicle id, then 3-digit camera)"
             )
         pid, cam = int(m.group(1)), int(m.group(2))
