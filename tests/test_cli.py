@@ -1,0 +1,148 @@
+"""CLI smoke tests: train 1 epoch on tiny fixtures, eval, exact resume, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import dcal.engine
+from dcal.cli import main
+
+TINY_MODEL = [
+    "model.backbone=deit_tiny_patch16_224",
+    "model.img_size=32",
+    "model.timm_kwargs={depth: 2, embed_dim: 48, num_heads: 3, patch_size: 8}",
+    "model.pwca_blocks=2",
+    "model.drop_path_rate=0.1",
+    "train.workers=0",
+    "train.log_every=1",
+]
+
+
+def _write_images(folder: Path, n: int, rng: np.random.Generator, size=(40, 40), names=None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        arr = rng.integers(0, 255, size=(*size, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / (names[i] if names else f"img{i}.png"))
+
+
+@pytest.fixture
+def folder_data(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 3)):
+        for c in ("alpha", "beta", "gamma"):
+            _write_images(tmp_path / "data" / split / c, n, rng)
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data:\n  dataset: folder\n  resize: 40\ntrain:\n  batch_size: 6\n  epochs: 2\n")
+    return path
+
+
+def train_args(recipe, data, out, *extra):
+    return ["train", "--config", str(recipe), f"data.root={data}", f"output_dir={out}", *TINY_MODEL, *extra]
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "dcal.cli", "--help"], capture_output=True, text=True, check=True)
+    for cmd in ("train", "eval", "demo", "visualize", "complexity"):
+        assert cmd in out.stdout
+
+
+def test_train_eval_and_outputs(folder_data, recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(recipe, folder_data, out, "train.epochs=1")) == 0
+    for name in ("config.yaml", "metrics.jsonl", "last.pth", "best.pth", "best.safetensors", "last.safetensors"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["final"] is True
+    for key in ("epoch", "loss", "lr", "top1", "top1_sa", "top1_glca", "loss_pwca", "weight_sa", "images_per_s"):
+        assert key in records[0], key
+    state = torch.load(out / "last.pth", weights_only=False)
+    for key in ("model", "optimizer", "scheduler", "criterion", "epoch", "rng", "config"):
+        assert key in state
+    assert set(state["criterion"]) == {"log_vars.sa", "log_vars.glca", "log_vars.pwca"}
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), f"data.root={folder_data}", "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["top1"] == pytest.approx(records[0]["top1"])
+    assert main(["eval", "--checkpoint", str(out / "last.pth"), f"data.root={folder_data}"]) == 0
+    assert main(["visualize", "--run", str(out), f"data.root={folder_data}", "--num-images", "3"]) == 0
+    assert (out / "rollout.png").stat().st_size > 1000
+
+
+def test_resume_continues_exactly(folder_data, recipe, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    assert main(train_args(recipe, folder_data, straight)) == 0
+
+    resumed = tmp_path / "resumed"
+    real_append = dcal.engine._append_jsonl
+
+    def interrupt_after_first_epoch(path, record):
+        real_append(path, record)
+        if record.get("epoch") == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(dcal.engine, "_append_jsonl", interrupt_after_first_epoch)
+    assert main(train_args(recipe, folder_data, resumed)) == 130
+    monkeypatch.setattr(dcal.engine, "_append_jsonl", real_append)
+    assert main(train_args(recipe, folder_data, resumed)) == 2  # the run exists: refuse to overwrite it
+    assert main(train_args(recipe, folder_data, resumed, "--resume")) == 0
+
+    a, b = load_file(straight / "last.safetensors"), load_file(resumed / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+    ra = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rb] == [r["epoch"] for r in ra]
+    assert rb[1]["loss"] == pytest.approx(ra[1]["loss"], rel=1e-5)
+
+
+def test_config_and_layout_errors_are_one_clear_line(folder_data, recipe, tmp_path, capsys):
+    assert main(train_args(recipe, folder_data, tmp_path / "x", "train.lr_rate=0.1")) == 2
+    err = capsys.readouterr().err
+    assert "train.lr_rate" in err and "train.lr" in err
+    assert main(train_args(recipe, tmp_path / "missing", tmp_path / "y")) == 2
+    assert "missing" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()  # nothing written before the data is known good
+
+
+@pytest.fixture
+def market_data(tmp_path):
+    """Market-1501 layout: 4 training ids x 4 images, 4 query ids seen by 2 cameras in the gallery."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "market"
+    train = [f"{pid:04d}_c{1 + i % 2}s1_{i:06d}_00.jpg" for pid in (2, 7, 9, 11) for i in range(4)]
+    query = [f"{pid:04d}_c1s1_{100 + pid:06d}_00.jpg" for pid in (20, 21, 22, 23)]
+    gallery = [f"{pid:04d}_c{c}s1_{200 + pid * 3 + c:06d}_00.jpg" for pid in (20, 21, 22, 23) for c in (2, 3)]
+    gallery += ["-1_c1s1_000000_00.jpg", "0000_c2s1_000001_00.jpg"]
+    for folder, names in (("bounding_box_train", train), ("query", query), ("bounding_box_test", gallery)):
+        _write_images(root / folder, len(names), rng, size=(64, 32), names=names)
+    return root
+
+
+def test_reid_train_and_eval(market_data, tmp_path):
+    recipe = tmp_path / "reid.yaml"
+    recipe.write_text("data:\n  dataset: market1501\n  resize: null\ntrain:\n  batch_size: 8\n  num_instances: 4\n"
+                      "  epochs: 1\n  optimizer: sgd\n  lr: 0.008\n  weight_decay: 1.0e-4\n")
+    out = tmp_path / "reid_run"
+    args = ["train", "--config", str(recipe), f"data.root={market_data}", f"output_dir={out}", *TINY_MODEL,
+            "model.img_size=[32,16]", "model.timm_kwargs={depth: 2, embed_dim: 48, num_heads: 3, patch_size: 8}"]
+    assert main(args) == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("mAP", "rank1", "rank5", "rank10", "mINP"):
+        assert 0.0 <= record[key] <= 100.0, key
+    assert main(["eval", "--run", str(out), f"data.root={market_data}", "eval.flip=true",
+                 "eval.reid_feature=after_bn"]) == 0
