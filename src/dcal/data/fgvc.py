@@ -346,7 +346,7 @@ def _build_folder(root: str, split: str, transform: Callable | None) -> FGVCData
 # ----------------------------------------------------------------------------------------------------------
 # synthetic fine-grained demo set
 
-MARK_FRACTION = 0.2  # side of the class mark relative to the image side
+MARK_FRACTION = 0.22  # side of the class mark relative to the image side
 N_DISTRACTORS = 2  # solid squares of the mark's size, placed anywhere
 
 SYNTHETIC_PATTERNS = (
@@ -366,9 +366,9 @@ SYNTHETIC_PATTERNS = (
 def synthetic_mark(pattern: int, m: int) -> np.ndarray:
     """The ``(m, m)`` boolean mask of class ``pattern``'s mark.
 
-    Every pattern is left-right symmetric up to swapping its two colours (which are random anyway), so a
-    horizontal flip never turns one class into another; every pattern covers about half of the mark, so with
-    complementary colours the mark's mean colour does not depend on the class.
+    Every pattern is left-right symmetric (``left_right`` up to its polarity), so a horizontal flip never
+    turns one class into another; every pattern covers about half of the mark, so the mark's mean colour
+    does not depend on the class.
     """
     yy, xx = np.mgrid[0:m, 0:m].astype(np.float64) + 0.5
     c, u = m / 2.0, m / 4.0
@@ -392,9 +392,9 @@ def synthetic_mark(pattern: int, m: int) -> np.ndarray:
 def sample_synthetic_params(rng: np.random.Generator, size: int) -> dict[str, Any]:
     """Draw everything about one synthetic image except its class (so no global cue carries the class)."""
     s = size
-    low = rng.uniform(0, 255, size=(4, 4, 3)).astype(np.uint8)
+    low = rng.uniform(30, 225, size=(4, 4, 3)).astype(np.uint8)
     background = np.asarray(Image.fromarray(low).resize((s, s), Image.BILINEAR), dtype=np.float32)
-    background = background + rng.normal(0.0, 12.0, size=(s, s, 3)).astype(np.float32)
+    background = background + rng.normal(0.0, 8.0, size=(s, s, 3)).astype(np.float32)
     cx, cy = rng.uniform(0.38, 0.62, size=2) * s
     a, b = rng.uniform(0.28, 0.38, size=2) * s
     theta = rng.uniform(0, math.pi)
@@ -413,8 +413,10 @@ def sample_synthetic_params(rng: np.random.Generator, size: int) -> dict[str, An
         "object_colour": rng.uniform(40, 215, size=3),
         "shading": rng.uniform(-0.25, 0.25, size=2),
         "mark_box": (y0, x0, m),
-        # each channel far from mid-grey, so the two complementary colours always contrast
-        "mark_colour": np.where(rng.random(3) < 0.5, rng.uniform(0, 90, size=3), rng.uniform(165, 255, size=3)),
+        # a dark and a light colour: the pattern always has contrast and a fixed polarity, and as the two
+        # are symmetric about mid-grey the mark's mean colour is the same for every class
+        "mark_dark": rng.uniform(0, 70, size=3),
+        "mark_light": rng.uniform(185, 255, size=3),
         "distractors": [
             (int(rng.integers(0, s - m + 1)), int(rng.integers(0, s - m + 1)), rng.uniform(0, 255, size=3))
             for _ in range(n_distractors)
@@ -425,7 +427,7 @@ def sample_synthetic_params(rng: np.random.Generator, size: int) -> dict[str, An
 
 def render_synthetic(params: dict[str, Any], label: int) -> np.ndarray:
     """Render one ``(S, S, 3)`` uint8 image: textured background, a large jittered ellipse, two solid
-    distractor squares and, on the object, the class mark drawn in two complementary random colours."""
+    distractor squares and, on the object, the class mark drawn in a random dark and a random light colour."""
     img = params["background"].copy()
     s = img.shape[0]
     cx, cy, a, b, theta = params["object"]
@@ -440,8 +442,7 @@ def render_synthetic(params: dict[str, Any], label: int) -> np.ndarray:
     for dy0, dx0, colour in params["distractors"]:
         img[dy0 : dy0 + m, dx0 : dx0 + m] = colour
     mask = synthetic_mark(label, m)
-    c1 = params["mark_colour"]
-    img[y0 : y0 + m, x0 : x0 + m] = np.where(mask[..., None], c1, 255.0 - c1)
+    img[y0 : y0 + m, x0 : x0 + m] = np.where(mask[..., None], params["mark_dark"], params["mark_light"])
     img = img * params["gain"][None, None, :]
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -451,10 +452,10 @@ class SyntheticFGVC(FGVCDataset):
 
     All classes share the global appearance (random textured background, a large ellipse of random colour,
     pose and shading, two solid distractor squares, per-channel gain); they differ only in the pattern of a
-    small two-colour mark (about 4% of the image) placed at a random spot on the object. The mark's colours
-    are random and complementary, so no colour statistic predicts the class: a model has to find the mark and
-    read its pattern. Images are generated in memory at construction, deterministically from ``seed``; train
-    and test use different random streams.
+    small two-colour mark (about 5% of the image) placed at a random spot on the object. The mark's dark and
+    light colours are random and class-independent, so no colour statistic predicts the class: a model has
+    to find the mark and read its pattern. Images are generated in memory at construction, deterministically
+    from ``seed``; train and test use different random streams.
     """
 
     def __init__(
