@@ -14,6 +14,7 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from dataclasses import asdict, dataclass
@@ -158,9 +159,9 @@ class DCAL(nn.Module):
         for i, blk in enumerate(blocks):
             x_prev = x
             if need_attn:
-                x, attn = self._run(sa_block_with_probs, blk, x)
-                # Only the CLS row of the last layer enters the rollout: keep just that.
-                attentions.append(attn[:, 0] if i == len(blocks) - 1 else attn)
+                # Only the CLS row of the last layer enters the rollout: compute just that.
+                x, attn = self._run(sa_block_with_probs, blk, x, i == len(blocks) - 1)
+                attentions.append(attn)
             else:
                 x = self._run(blk, x)
         return x_prev, x, attentions
@@ -243,6 +244,7 @@ class DCAL(nn.Module):
         self._head("sa", x, out)
         if use_glca:
             selected = self._select(attentions, images.shape[0], images.device)
+            del attentions  # L-1 detached (B, T, T) maps: free them before the PWCA stream's activations pile up
             self._head("glca", self._glca_stream(x_prev, selected), out)
             out["selected"] = selected
         if use_pwca:
@@ -416,3 +418,33 @@ def model_config(model: DCAL) -> dict[str, Any]:
     if isinstance(kwargs.get("img_size"), tuple):
         kwargs["img_size"] = list(kwargs["img_size"])
     return {"backbone": getattr(model, "backbone_name", None), **asdict(model.cfg), **kwargs}
+
+
+# -------------------------------------------------------------------------------------------- speed options
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(device: str | torch.device = "cpu", precision: str = "bf16") -> contextlib.AbstractContextManager:
+    """Mixed precision for a DCAL forward (and its loss): wrap those, not ``backward`` or the optimizer step.
+
+    ``bf16`` works on the CPU and on GPUs (no loss scaling needed); ``fp16`` is for CUDA only and needs a
+    ``torch.amp.GradScaler``; ``fp32`` is a no-op context. Weights, gradients and optimizer state stay float32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device_type = torch.device(device).type
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError("fp16 autocast is for CUDA; use bf16 on the CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def compile_model(model: DCAL, **compile_kwargs: Any) -> nn.Module:
+    """``torch.compile`` the model; the parameters stay shared with ``model`` (save/load ``model``'s state_dict).
+
+    Pair sampling and input checks run eagerly (graph breaks); the streams compile. The first call of each
+    input shape and mode (train/eval) pays the compilation.
+    """
+    return torch.compile(model, **compile_kwargs)
