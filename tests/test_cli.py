@@ -146,3 +146,18 @@ def test_reid_train_and_eval(market_data, tmp_path):
         assert 0.0 <= record[key] <= 100.0, key
     assert main(["eval", "--run", str(out), f"data.root={market_data}", "eval.flip=true",
                  "eval.reid_feature=after_bn"]) == 0
+
+
+@pytest.mark.parametrize("option", ["train.amp=bf16", "train.grad_checkpointing=true", "loss.weighting=fixed"])
+def test_speed_and_ablation_switches_train(folder_data, recipe, tmp_path, option):
+    out = tmp_path / "opt"
+    assert main(train_args(recipe, folder_data, out, "train.epochs=1", option)) == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(record["loss"]) and 0.0 <= record["top1"] <= 100.0
+
+
+def test_fp16_on_cpu_is_refused_clearly(folder_data, recipe, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on CUDA")
+    assert main(train_args(recipe, folder_data, tmp_path / "fp16", "train.amp=fp16")) == 2
+    assert "bf16" in capsys.readouterr().err
