@@ -31,6 +31,7 @@ from dcal.data import build_dataset
 from dcal.data.transforms import build_transforms_from_config
 from dcal.losses import DCALLoss, param_groups
 from dcal.model import DCAL, create_model
+from dcal.model.dcal import autocast as model_autocast
 
 BEST_METRIC = {"fgvc": "top1", "reid": "mAP"}
 
@@ -138,10 +139,8 @@ def eval_loader(cfg: DictConfig, dataset: Dataset) -> DataLoader:
 
 
 def autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if cfg.train.amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    """The model's mixed-precision context for ``train.amp`` (none | bf16 | fp16)."""
+    return model_autocast(device, {"none": "fp32"}.get(cfg.train.amp, cfg.train.amp))
 
 
 def resolve_device(cfg: DictConfig) -> torch.device:
