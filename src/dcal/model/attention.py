@@ -8,10 +8,9 @@ DCAL needs three variants of one timm block, all sharing (or copying) its weight
 
 Each function reproduces timm's ``Block.forward`` exactly (pre-norm, layer scale, drop path, optional
 attention-output norm and gate), so that with the same weights and inputs the outputs are those of timm.
-Only :func:`sa_block_with_probs` materialises attention probabilities. Attention outputs come from
-``F.scaled_dot_product_attention`` (fused kernels), except where :func:`sa_block_with_probs` has the
-probabilities at hand anyway (no autograd) and where :func:`explicit_attention` is active, which the FLOP
-counter uses because torch's flop counter does not see fused attention on the CPU.
+Only :func:`sa_block_with_probs` and :func:`sa_probs` materialise attention probabilities; the other
+attention outputs use ``F.scaled_dot_product_attention`` (fused kernels), unless :func:`explicit_attention`
+is active, which the FLOP counter uses because torch's flop counter does not see fused attention on the CPU.
 """
 
 from __future__ import annotations
@@ -98,40 +97,46 @@ def _finish_block(block: Block, x: Tensor, attn_out: Tensor) -> Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
+def explicit_attention_active() -> bool:
+    """Whether :func:`explicit_attention` is in force."""
+    return _FORCE_EXPLICIT
+
+
 def sa_block_with_probs(block: Block, x: Tensor, cls_row_only: bool = False) -> tuple[Tensor, Tensor]:
-    """timm ``Block.forward`` that also returns the head-averaged attention probabilities.
+    """timm ``Block.forward`` with explicit attention, also returning head-averaged probabilities.
 
     Returns the block output (B, T, D) and the detached attention S averaged over heads (B, T, T), the input
-    of the rollout (Eq. 2), or only its CLS row (B, T) with ``cls_row_only`` (all the rollout needs of block L).
-    Dropout on attention applies to the output only, not to S.
-
-    Two ways to the same numbers, chosen for speed (see ``benchmarks/README.md``):
-
-    * with autograd recording (training), the output comes from fused SDPA and S is recomputed under
-      ``no_grad``: the backward of an explicit softmax(QKᵀ)V over (B, H, T, T) tensors is several times slower
-      on the CPU than the fused kernel's, and its saved probabilities would cost B·H·T² floats per block;
-    * without autograd (inference, rollout pictures) or under :func:`explicit_attention` (FLOP counting), one
-      explicit softmax serves both the output and S: nothing is computed twice.
+    of the rollout (Eq. 2), or only its CLS row (B, T) with ``cls_row_only``. Dropout on attention applies to
+    the output only, not to S. One softmax serves output and S: the path for inference and FLOP counting.
+    Training uses timm's fused block and :func:`sa_probs` instead (see ``DCAL._sa_stream``).
     """
     attn = block.attn
     h = block.norm1(x)
     q, k, v = qkv(attn, h)
-    if _FORCE_EXPLICIT or not torch.is_grad_enabled():
-        probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        o = attn.attn_drop(probs) @ v
-        probs = probs.detach()
-        s = probs[:, :, 0].mean(dim=1) if cls_row_only else probs.mean(dim=1)
-    else:
-        o = attend(attn, q, k, v)
-        with torch.no_grad():
-            s = head_mean_probs(attn, q[:, :, :1] if cls_row_only else q, k)
-            s = s[:, 0] if cls_row_only else s
+    probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    o = attn.attn_drop(probs) @ v
+    probs = probs.detach()
+    s = probs[:, :, 0].mean(dim=1) if cls_row_only else probs.mean(dim=1)
     return _finish_block(block, x, attn_output(attn, o, h)), s
 
 
-def head_mean_probs(attn: Attention, q: Tensor, k: Tensor) -> Tensor:
-    """softmax(q kᵀ / √d) averaged over heads: (B, H, Tq, d), (B, H, T, d) -> (B, Tq, T)."""
-    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
+@torch.no_grad()
+def sa_probs(block: Block, x: Tensor, cls_row_only: bool = False) -> Tensor:
+    """Head-averaged attention probabilities of SA ``block`` at its input ``x``, recomputed without autograd.
+
+    (B, T, T), or the CLS row (B, T) with ``cls_row_only``. Only the query and key rows of the qkv projection
+    run (only the CLS query with ``cls_row_only``).
+    """
+    attn = block.attn
+    h = block.norm1(x)
+    dim = attn.attn_dim
+    w, b = attn.qkv.weight, attn.qkv.bias
+    hq = h[:, :1] if cls_row_only else h
+    q = F.linear(hq, w[:dim], None if b is None else b[:dim])
+    k = F.linear(h, w[dim : 2 * dim], None if b is None else b[dim : 2 * dim])
+    q, k = attn.q_norm(_heads(attn, q)), attn.k_norm(_heads(attn, k))
+    s = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
+    return s[:, 0] if cls_row_only else s
 
 
 def glca_block(block: Block, queries: Tensor, context: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,14 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dcal.model.attention import check_block, glca_block, pwca_block, sa_block_with_probs
+from dcal.model.attention import (
+    check_block,
+    explicit_attention_active,
+    glca_block,
+    pwca_block,
+    sa_block_with_probs,
+    sa_probs,
+)
 from dcal.model.heads import BNNeck
 from dcal.model.pairs import PAIR_STRATEGIES, sample_pairs
 from dcal.model.rollout import num_local_queries, rollout_cls_row, select_top
@@ -148,23 +156,32 @@ class DCAL(nn.Module):
         bb = self.backbone
         return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
 
-    def _sa_stream(self, x: Tensor, need_attn: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """SA blocks 1..L. Returns x_(L-1) (GLCA's input), x_L, and per-block head-averaged attention if asked.
+    def _sa_stream(self, x: Tensor, need_attn: bool) -> tuple[Tensor, Tensor, Sequence[Tensor]]:
+        """SA blocks 1..L. Returns x_(L-1) (GLCA's input), x_L, and, if asked, the per-block head-averaged
+        attention S_1 … S_L for the rollout (block L: its CLS row only, all the rollout needs).
 
-        Without ``need_attn`` every block is timm's own forward (fused attention): bit-for-bit the backbone.
+        Without autograd (inference) each block runs explicitly and one softmax gives output and S. With autograd
+        (training) every block is timm's own fused forward, bit-for-bit the backbone, and S_i is recomputed
+        without grad from the block inputs when the rollout reads it, last block first: the explicit attention
+        backward is several times slower than the fused one, and the L (B, T, T) maps are never alive together
+        (see benchmarks/README.md for the measurements).
         """
         blocks = self.backbone.blocks
-        attentions: list[Tensor] = []
+        store = need_attn and (explicit_attention_active() or not torch.is_grad_enabled())
+        maps: list[Tensor] = []
+        inputs: list[Tensor] = []  # block inputs: autograd keeps them for the backward anyway
         x_prev = x
         for i, blk in enumerate(blocks):
             x_prev = x
-            if need_attn:
-                # Only the CLS row of the last layer enters the rollout: compute just that.
+            if store:
                 x, attn = self._run(sa_block_with_probs, blk, x, i == len(blocks) - 1)
-                attentions.append(attn)
+                maps.append(attn)
             else:
+                inputs.append(x)
                 x = self._run(blk, x)
-        return x_prev, x, attentions
+        if store or not need_attn:
+            return x_prev, x, maps
+        return x_prev, x, _RecomputedAttention(blocks, inputs)
 
     def _select(self, attentions: list[Tensor], batch: int, device: torch.device) -> Tensor:
         k, n = self.num_local_queries, self.num_patches
@@ -244,7 +261,7 @@ class DCAL(nn.Module):
         self._head("sa", x, out)
         if use_glca:
             selected = self._select(attentions, images.shape[0], images.device)
-            del attentions  # L-1 detached (B, T, T) maps: free them before the PWCA stream's activations pile up
+            del attentions  # stored maps (inference) or block-input references: not needed any more
             self._head("glca", self._glca_stream(x_prev, selected), out)
             out["selected"] = selected
         if use_pwca:
@@ -284,6 +301,20 @@ class DCAL(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- helpers
+class _RecomputedAttention(Sequence[Tensor]):
+    """S_1 … S_L of the SA blocks, each recomputed (no grad) from its block input when indexed."""
+
+    def __init__(self, blocks: nn.ModuleList, inputs: list[Tensor]) -> None:
+        self.blocks, self.inputs = blocks, inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
+        i = range(len(self))[i]
+        return sa_probs(self.blocks[i], self.inputs[i], cls_row_only=i == len(self) - 1)
+
+
 def _check_backbone(backbone: nn.Module) -> None:
     name = getattr(getattr(backbone, "pretrained_cfg", None), "get", lambda *_: None)("architecture") or type(
         backbone

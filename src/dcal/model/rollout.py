@@ -20,6 +20,7 @@ def rollout_cls_row(attentions: Sequence[Tensor]) -> Tensor:
     Args:
         attentions: head-averaged attention probabilities S_1 … S_L of the SA blocks in forward order,
             each (B, T, T) with the CLS token first. Layer L may also be given as its CLS row only (B, T).
+            Any indexable sequence: items are read once each, last first.
 
     Returns:
         (B, T): the first row of Ŝ_L, a probability vector over CLS and the patch tokens.
@@ -30,8 +31,9 @@ def rollout_cls_row(attentions: Sequence[Tensor]) -> Tensor:
     row = last if last.dim() == 2 else last[:, 0]  # e₀ᵀ S_L
     row = 0.5 * row
     row[:, 0] += 0.5  # e₀ᵀ S̄_L = 0.5 e₀ᵀ S_L + 0.5 e₀ᵀ
-    for s in reversed(attentions[:-1]):
-        row = 0.5 * torch.bmm(row.unsqueeze(1), s).squeeze(1) + 0.5 * row
+    # By index, from L-1 down: a lazy sequence (DCAL's training path) then computes one map at a time.
+    for i in range(len(attentions) - 2, -1, -1):
+        row = 0.5 * torch.bmm(row.unsqueeze(1), attentions[i]).squeeze(1) + 0.5 * row
     return row
 
 
