@@ -1,0 +1,480 @@
+"""DCAL against its compute floor: training/inference time, peak training memory and FLOP ratios, side by side.
+
+One command, one run: ``python benchmarks/bench_model.py [--cases fgvc reid] [--batch N] [--img-size ...]
+[--reps 5] [--warmup 2] [--json out.json] [--markdown out.md]``. See ``benchmarks/README.md`` for how to read it.
+
+How it measures (and why):
+
+* every model variant lives in its **own spawned process** (fresh allocator, its own ``ru_maxrss``), all alive
+  at once; the parent asks them for one timed step each in **round-robin**, repetition after repetition, so a
+  change of machine load during the run hits every variant alike and the ratios stay fair;
+* a training step = ``zero_grad`` + forward + loss + backward + ``AdamW.step``; inference = ``model.eval()`` and
+  ``predict`` (FGVC) / ``embed`` (Re-ID) under ``torch.inference_mode()``; medians over ``--reps`` after
+  ``--warmup`` steps that are not counted;
+* peak training memory = ``ru_maxrss`` of the variant's process after all its training steps minus its
+  ``ru_maxrss`` after the model and optimizer were built: activations, gradients, AdamW state and temporaries
+  of a step (CPU has no allocator statistics; RSS is what the machine must have);
+* FLOPs = ``torch.utils.flop_counter.FlopCounterMode`` with every attention explicit (``dcal.model.complexity``),
+  one forward in the mode that is timed (train mode counts the PWCA stream); training FLOPs taken as 3x forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+# ------------------------------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    """One benchmark setting: backbone, input, batch and the training variants compared."""
+
+    name: str
+    arch: str
+    task: str
+    img_size: tuple[int, int]
+    batch: int
+    num_classes: int
+    train_variants: tuple[str, ...]
+    infer_variants: tuple[str, ...] = ()
+    data: dict[str, Any] = field(default_factory=dict)  # the recipe's data pipeline, if measured
+
+
+# variant -> (glca_blocks, pwca_blocks, grad checkpointing); "timm" = timm.create_model with the same arch
+VARIANTS: dict[str, tuple[int, int, bool] | None] = {
+    "timm": None,
+    "sa": (0, 0, False),
+    "+glca": (1, 0, False),
+    "+pwca": (0, 12, False),
+    "dcal": (1, 12, False),
+    "dcal+ckpt": (1, 12, True),
+}
+LABELS = {
+    "timm": "plain timm",
+    "sa": "DCAL SA-only",
+    "+glca": "DCAL SA+GLCA",
+    "+pwca": "DCAL SA+PWCA",
+    "dcal": "DCAL full",
+    "dcal+ckpt": "DCAL full + grad checkpointing",
+}
+ALL_TRAIN = ("timm", "sa", "+glca", "+pwca", "dcal")
+ALL_INFER = ("timm", "sa", "dcal")
+
+CASES = {
+    "fgvc": Case("fgvc", "deit_tiny_patch16_224", "fgvc", (448, 448), 8, 200, ALL_TRAIN, ALL_INFER,
+                 {"dataset": "cub", "root": str(DATA / "cub100"), "resize": 550}),
+    "reid": Case("reid", "deit_small_patch16_224", "reid", (256, 128), 32, 751, ALL_TRAIN, ALL_INFER,
+                 {"dataset": "market1501", "root": str(DATA / "market1501_mini"), "resize": None}),
+    # Memory saving of activation checkpointing on the largest model at the FGVC resolution (slow: opt-in).
+    "vitb448-ckpt": Case("vitb448-ckpt", "vit_base_patch16_224", "fgvc", (448, 448), 2, 200, ("dcal", "dcal+ckpt")),
+}
+DEFAULT_CASES = ("fgvc", "reid")
+
+
+def build_variant(case: Case, variant: str) -> torch.nn.Module:
+    import timm
+
+    import dcal
+
+    spec = VARIANTS[variant]
+    if spec is None:
+        # Re-ID baseline: timm's own classifier over the identities (DCAL adds the BNNeck + triplet on top).
+        return timm.create_model(case.arch, num_classes=case.num_classes, img_size=case.img_size)
+    glca, pwca, ckpt = spec
+    model = dcal.create_model(case.arch, task=case.task, num_classes=case.num_classes, img_size=case.img_size,
+                              glca_blocks=glca, pwca_blocks=pwca)
+    model.set_grad_checkpointing(ckpt)
+    return model
+
+
+def fake_batch(case: Case, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and targets in P x K form (batch/4 identities x 4 images; also valid FGVC labels)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, *case.img_size, generator=g)
+    targets = torch.arange(batch) // 4 % case.num_classes
+    return images, targets
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _worker(conn: Any, case: Case, variant: str, threads: int) -> None:
+    """One variant in its own process: build, then answer 'train' / 'infer' / 'mem' / 'stop' commands."""
+    import torch.nn.functional as F
+
+    from dcal.losses import DCALLoss, param_groups
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_variant(case, variant).train()
+    images, targets = fake_batch(case, case.batch)
+    if VARIANTS[variant] is None:
+        crit = None
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    else:
+        crit = DCALLoss(case.task, model.branches)
+        opt = torch.optim.AdamW(param_groups(model, crit, 0.05), lr=1e-4)
+    base_rss = _maxrss_mb()
+    train_peak = None
+    conn.send("ready")
+    while True:
+        cmd = conn.recv()
+        if cmd == "train":
+            model.train()
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            out = model(images) if crit is None else model(images, targets=targets)
+            loss = F.cross_entropy(out, targets) if crit is None else crit(out, targets).total
+            loss.backward()
+            opt.step()
+            conn.send(time.perf_counter() - t0)
+        elif cmd == "infer":
+            model.eval()
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                if crit is None:
+                    model(images)
+                elif case.task == "fgvc":
+                    model.predict(images)
+                else:
+                    model.embed(images)
+                conn.send(time.perf_counter() - t0)
+        elif cmd == "mem":  # asked right after the training steps: the high-water mark of training
+            train_peak = _maxrss_mb() if train_peak is None else train_peak
+            conn.send({"baseline_mb": base_rss, "maxrss_mb": train_peak, "train_peak_mb": train_peak - base_rss})
+        else:
+            conn.close()
+            return
+
+
+def measure_case(case: Case, reps: int, warmup: int, threads: int, log: Any) -> dict[str, Any]:
+    """Round-robin timing of all variants of ``case`` (each in its own process); memory per process."""
+    ctx = mp.get_context("spawn")
+    variants = list(dict.fromkeys(case.train_variants + case.infer_variants))
+    procs, conns = {}, {}
+    for v in variants:
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_worker, args=(child, case, v, threads), daemon=True)
+        p.start()
+        procs[v], conns[v] = p, parent
+    for v in variants:
+        if conns[v].recv() != "ready":
+            raise RuntimeError(f"worker {v} failed to start")
+    train: dict[str, list[float]] = {v: [] for v in case.train_variants}
+    infer: dict[str, list[float]] = {v: [] for v in case.infer_variants}
+    try:
+        for r in range(warmup + reps):
+            for v in case.train_variants:
+                conns[v].send("train")
+                t = conns[v].recv()
+                if r >= warmup:
+                    train[v].append(t)
+            log(f"  [{case.name}] train round {r + 1}/{warmup + reps}"
+                f"{' (warm-up)' if r < warmup else ''}: " + ", ".join(f"{v} {t:.2f}s" for v, t in _last(train)))
+        memory = {}
+        for v in case.train_variants:
+            conns[v].send("mem")
+            memory[v] = conns[v].recv()
+        for r in range(warmup + reps):
+            for v in case.infer_variants:
+                conns[v].send("infer")
+                t = conns[v].recv()
+                if r >= warmup:
+                    infer[v].append(t)
+        if case.infer_variants:
+            medians = ", ".join(f"{v} {statistics.median(t):.3f}s" for v, t in infer.items())
+            log(f"  [{case.name}] inference: {medians}")
+    finally:
+        for v in variants:
+            try:
+                conns[v].send("stop")
+            except (BrokenPipeError, OSError):
+                pass
+            procs[v].join(timeout=30)
+    return {"train_s": train, "infer_s": infer, "memory": memory}
+
+
+def _last(times: dict[str, list[float]]) -> list[tuple[str, float]]:
+    return [(v, t[-1]) for v, t in times.items() if t]
+
+
+# ------------------------------------------------------------------------------------------------- FLOPs
+def forward_flops(case: Case, variant: str, train: bool) -> int:
+    """FLOPs (multiply + add) of one forward of one image in train or eval mode, attention explicit.
+
+    Train mode runs 2 images (PWCA pairs each image with another) and halves the count.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dcal.model.complexity import _explicit_timm_attention
+
+    torch.manual_seed(0)
+    model = build_variant(case, variant).train(train)
+    n = 2 if train else 1
+    images, targets = fake_batch(case, n)
+    plain = VARIANTS[variant] is None
+    with torch.no_grad(), _explicit_timm_attention(model), FlopCounterMode(display=False) as counter:
+        if plain:
+            model(images)
+        elif train:
+            model(images, targets=targets)
+        else:  # what inference runs: predict/embed = the SA and GLCA branches
+            model(images, branches=model.branches)
+    return counter.get_total_flops() // n
+
+
+# ------------------------------------------------------------------------------------------ data pipeline
+def _data_worker(conn: Any, task: str, spec: dict[str, Any], img_size: tuple[int, int], n: int, reps: int) -> None:
+    """One process, one thread (as a DataLoader worker): images/s of ``dataset[i]`` with the recipe transform."""
+    torch.set_num_threads(1)
+    note = "dcal.data.build_dataset + dcal.data.transforms.build_transforms"
+    try:
+        from dcal.data import build_dataset
+        from dcal.data.transforms import build_transforms
+
+        transform = build_transforms(task, True, img_size, resize=spec["resize"])
+        ds = build_dataset(spec["dataset"], spec["root"], "train", transform)
+        get = ds.__getitem__
+        size = len(ds)
+    except Exception as e:  # noqa: BLE001 - the readers belong to others: fall back to PIL + the same recipe
+        note = f"fallback to PIL + torchvision.transforms.v2 (dcal.data unavailable: {e!r})"
+        get, size = _fallback_dataset(task, spec, img_size)
+    for i in range(min(8, size)):  # warm-up: first file reads, lazy imports
+        get(i)
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for i in range(n):
+            get(i % size)
+        rates.append(n / (time.perf_counter() - t0))
+    conn.send({"images_per_s": statistics.median(rates), "all": rates, "items": n, "dataset_size": size,
+               "reader": note})
+    conn.close()
+
+
+def _fallback_dataset(task: str, spec: dict[str, Any], img_size: tuple[int, int]) -> tuple[Any, int]:
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    files = sorted(p for p in Path(spec["root"]).rglob("*.jpg") if "query" not in p.parts and "test" not in str(p))
+    norm = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+    if task == "fgvc":
+        tf = v2.Compose([v2.Resize((spec["resize"],) * 2, antialias=True), v2.RandomCrop(img_size),
+                         v2.RandomHorizontalFlip(), *norm])
+    else:
+        tf = v2.Compose([v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                         v2.RandomHorizontalFlip(), v2.Pad(10), v2.RandomCrop(img_size), *norm,
+                         v2.RandomErasing(p=0.5, value="random")])
+    return (lambda i: tf(Image.open(files[i]).convert("RGB"))), len(files)
+
+
+def measure_data(case: Case, n: int, reps: int) -> dict[str, Any] | None:
+    if not case.data:
+        return None
+    if not Path(case.data["root"]).is_dir():
+        return {"skipped": f"{case.data['root']} is absent"}
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_data_worker, args=(child, case.task, case.data, case.img_size, n, reps), daemon=True)
+    p.start()
+    result = parent.recv()
+    p.join(timeout=30)
+    return {**case.data, **result}
+
+
+# ----------------------------------------------------------------------------------------------- report
+def summarise(case: Case, raw: dict[str, Any], flops: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Medians, ratios against plain timm (or the first variant) and the FLOP ratios of the same pairs."""
+    med_t = {v: statistics.median(t) for v, t in raw["train_s"].items()}
+    med_i = {v: statistics.median(t) for v, t in raw["infer_s"].items()}
+    ref = "timm" if "timm" in med_t else case.train_variants[0]
+    mem = {v: m["train_peak_mb"] for v, m in raw["memory"].items()}
+    rows = []
+    for v in case.train_variants:
+        ratio = med_t[v] / med_t[ref]
+        fr = flops["train"][v] / flops["train"][ref]
+        rows.append({"variant": v, "step_s": med_t[v], "images_per_s": case.batch / med_t[v], "ratio": ratio,
+                     "flop_ratio": fr, "ratio_over_flop_ratio": ratio / fr, "peak_mb": mem[v],
+                     "train_gflops_per_image": 3 * flops["train"][v] / 1e9})
+    infer_rows = []
+    for v in case.infer_variants:
+        infer_rows.append({"variant": v, "batch_s": med_i[v], "images_per_s": case.batch / med_i[v],
+                           "ratio": med_i[v] / med_i["timm"],
+                           "flop_ratio": flops["infer"][v] / flops["infer"]["timm"],
+                           "gflops_per_image": flops["infer"][v] / 1e9})
+    targets = []
+    if {"timm", "sa", "dcal"} <= set(med_t):
+        fr = flops["train"]["dcal"] / flops["train"]["timm"]
+        targets += [
+            ("train: SA-only / timm", med_t["sa"] / med_t["timm"], 1.05, flops["train"]["sa"] / flops["train"]["timm"]),
+            ("train: full DCAL / timm, over its FLOP ratio", med_t["dcal"] / med_t["timm"] / fr, 1.05, fr),
+            ("memory: full DCAL / SA-only", mem["dcal"] / mem["sa"], 2.3,
+             flops["train"]["dcal"] / flops["train"]["sa"]),
+        ]
+    if {"timm", "sa", "dcal"} <= set(med_i):
+        limit = 1.15 if max(case.img_size) >= 384 else 1.10
+        targets += [
+            ("inference: SA-only / timm", med_i["sa"] / med_i["timm"], 1.05,
+             flops["infer"]["sa"] / flops["infer"]["timm"]),
+            ("inference: DCAL / timm", med_i["dcal"] / med_i["timm"], limit,
+             flops["infer"]["dcal"] / flops["infer"]["timm"]),
+        ]
+    if {"dcal", "dcal+ckpt"} <= set(med_t):
+        # no target: checkpointing trades recomputation (about one more forward) for memory
+        targets.append(("memory: checkpointing / without", mem["dcal+ckpt"] / mem["dcal"], None, 1.0))
+        targets.append(("train: checkpointing / without", med_t["dcal+ckpt"] / med_t["dcal"], None, 1.0))
+    return {"train": rows, "infer": infer_rows,
+            "targets": [{"what": w, "measured": m, "limit": lim, "met": None if lim is None else m <= lim,
+                         "flop_ratio": f} for w, m, lim, f in targets]}
+
+
+def format_case(case: Case, s: dict[str, Any], data: dict[str, Any] | None) -> str:
+    h, w = case.img_size
+    out = [f"### {case.name}: {case.arch} {h}x{w}, batch {case.batch}, {case.num_classes} classes, task {case.task}",
+           "",
+           "| training step (AdamW) | median s/step | images/s | time vs timm | FLOP ratio | time / FLOP ratio "
+           "| peak train memory (MB) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in s["train"]:
+        out.append(f"| {LABELS[r['variant']]} | {r['step_s']:.3f} | {r['images_per_s']:.1f} | {r['ratio']:.2f} | "
+                   f"{r['flop_ratio']:.2f} | {r['ratio_over_flop_ratio']:.2f} | {r['peak_mb']:.0f} |")
+    if s["infer"]:
+        out += ["", "| inference (inference_mode) | median s/batch | images/s | time vs timm | FLOP ratio | "
+                "GFLOPs/image |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in s["infer"]:
+            name = {"dcal": "DCAL (SA + GLCA)"}.get(r["variant"], LABELS[r["variant"]])
+            out.append(f"| {name} | {r['batch_s']:.3f} | {r['images_per_s']:.1f} | {r['ratio']:.2f} | "
+                       f"{r['flop_ratio']:.2f} | {r['gflops_per_image']:.2f} |")
+    if s["targets"]:
+        out += ["", "| ratio | measured | target | met | FLOP ratio of the pair |",
+                "| --- | ---: | ---: | :---: | ---: |"]
+        for t in s["targets"]:
+            lim = "—" if t["limit"] is None else f"<= {t['limit']:.2f}"
+            met = "—" if t["met"] is None else ("yes" if t["met"] else "**no**")
+            out.append(f"| {t['what']} | {t['measured']:.2f} | {lim} | {met} | {t['flop_ratio']:.2f} |")
+    if data:
+        out.append("")
+        if "skipped" in data:
+            out.append(f"Data pipeline: skipped ({data['skipped']}).")
+        else:
+            model_ips = next(r["images_per_s"] for r in s["train"] if r["variant"] == case.train_variants[-1])
+            out.append(
+                f"Data pipeline ({data['dataset']}, decode + train transform, 1 process 1 thread, "
+                f"{data['items']} items): **{data['images_per_s']:.0f} images/s per worker** vs full DCAL "
+                f"training **{model_ips:.1f} images/s** → {model_ips / data['images_per_s']:.2f} workers "
+                f"keep the model fed. Reader: {data['reader']}."
+            )
+    return "\n".join(out)
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import timm
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+            "timm": timm.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=list(CASES),
+                    help="settings to run (default: fgvc reid; vitb448-ckpt = grad checkpointing on ViT-B, slow)")
+    ap.add_argument("--batch", type=int, default=None, help="override every case's batch size")
+    ap.add_argument("--img-size", type=int, nargs="+", default=None, help="override the input size: S or H W")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per variant (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up repetitions per variant")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    ap.add_argument("--data-items", type=int, default=64, help="images decoded per data-pipeline repetition")
+    ap.add_argument("--json", type=Path, default=None, help="write all results as JSON here")
+    ap.add_argument("--markdown", type=Path, default=None, help="write the report as markdown here")
+    args = ap.parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/bench_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    machine = machine_info(args.threads)
+    started, load_before = time.time(), _loadavg()
+    results: dict[str, Any] = {"command": command.strip(), "machine": machine, "cases": {}}
+    sections = []
+    for name in args.cases:
+        case = CASES[name]
+        if args.batch:
+            case = replace(case, batch=args.batch)
+        if args.img_size:
+            size = tuple(args.img_size) * (2 if len(args.img_size) == 1 else 1)
+            case = replace(case, img_size=size[:2])
+        log(f"[{name}] counting FLOPs …")
+        flops = {"train": {v: forward_flops(case, v, True) for v in case.train_variants},
+                 "infer": {v: forward_flops(case, v, False) for v in case.infer_variants}}
+        log(f"[{name}] timing {len(set(case.train_variants + case.infer_variants))} variants, "
+            f"{args.warmup} warm-up + {args.reps} timed rounds …")
+        raw = measure_case(case, args.reps, args.warmup, args.threads, log)
+        data = None
+        if case.data:
+            log(f"[{name}] data pipeline …")
+            data = measure_data(case, args.data_items, max(args.reps, 1))
+        summary = summarise(case, raw, flops)
+        results["cases"][name] = {"case": asdict(case), "flops_forward_per_image": flops, "raw": raw,
+                                  "summary": summary, "data_pipeline": data}
+        sections.append(format_case(case, summary, data))
+    elapsed = time.time() - started
+    results["elapsed_s"] = elapsed
+    results["load_average"] = {"before": load_before, "after": _loadavg()}
+    header = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+        f"(`torch.set_num_threads({args.threads})`), timm {machine['timm']}, Python {machine['python']}; "
+        f"load average before/after: {load_before} / {_loadavg()}; run took {elapsed / 60:.1f} min.",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Medians of {args.reps} repetitions after {args.warmup} warm-up, variants interleaved round-robin, "
+        "each in its own process. Peak train memory = ru_maxrss after the training steps minus ru_maxrss once "
+        "model and AdamW were built (activations, gradients, optimizer state, temporaries). FLOP ratio = counted "
+        "forward FLOPs of the same pair with attention explicit (training: train-mode forward incl. PWCA, x3).",
+    ]
+    report = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n"
+    print(report)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.markdown:
+        args.markdown.write_text(report)
+    return results
+
+
+if __name__ == "__main__":
+    main()
