@@ -159,10 +159,30 @@ def _worker(conn: Any, case: Case, variant: str, threads: int) -> None:
                 conn.send(time.perf_counter() - t0)
         elif cmd == "mem":  # asked right after the training steps: the high-water mark of training
             train_peak = _maxrss_mb() if train_peak is None else train_peak
-            conn.send({"baseline_mb": base_rss, "maxrss_mb": train_peak, "train_peak_mb": train_peak - base_rss})
+            conn.send({"baseline_mb": base_rss, "maxrss_mb": train_peak, "train_peak_mb": train_peak - base_rss,
+                       "saved_mb": _saved_for_backward_mb(model, images, targets, crit is None)})
         else:
             conn.close()
             return
+
+
+def _saved_for_backward_mb(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, plain: bool) -> float:
+    """MB of distinct storages autograd saves for the backward in one training forward (parameters included).
+
+    The allocator-independent part of training memory: RSS adds transients and allocator high-water on top.
+    """
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(images) if plain else model(images, targets=targets)
+    del out
+    return sum(storages.values()) / 2**20
 
 
 def measure_case(case: Case, reps: int, warmup: int, threads: int, log: Any) -> dict[str, Any]:
@@ -187,8 +207,8 @@ def measure_case(case: Case, reps: int, warmup: int, threads: int, log: Any) -> 
                 t = conns[v].recv()
                 if r >= warmup:
                     train[v].append(t)
-            log(f"  [{case.name}] train round {r + 1}/{warmup + reps}"
-                f"{' (warm-up)' if r < warmup else ''}: " + ", ".join(f"{v} {t:.2f}s" for v, t in _last(train)))
+            log(f"  [{case.name}] train round {r + 1}/{warmup + reps}: "
+                + ("warm-up" if r < warmup else ", ".join(f"{v} {t:.2f}s" for v, t in _last(train))))
         memory = {}
         for v in case.train_variants:
             conns[v].send("mem")
@@ -308,12 +328,13 @@ def summarise(case: Case, raw: dict[str, Any], flops: dict[str, dict[str, int]])
     med_i = {v: statistics.median(t) for v, t in raw["infer_s"].items()}
     ref = "timm" if "timm" in med_t else case.train_variants[0]
     mem = {v: m["train_peak_mb"] for v, m in raw["memory"].items()}
+    saved = {v: m["saved_mb"] for v, m in raw["memory"].items()}
     rows = []
     for v in case.train_variants:
         ratio = med_t[v] / med_t[ref]
         fr = flops["train"][v] / flops["train"][ref]
         rows.append({"variant": v, "step_s": med_t[v], "images_per_s": case.batch / med_t[v], "ratio": ratio,
-                     "flop_ratio": fr, "ratio_over_flop_ratio": ratio / fr, "peak_mb": mem[v],
+                     "flop_ratio": fr, "ratio_over_flop_ratio": ratio / fr, "peak_mb": mem[v], "saved_mb": saved[v],
                      "train_gflops_per_image": 3 * flops["train"][v] / 1e9})
     infer_rows = []
     for v in case.infer_variants:
@@ -327,7 +348,9 @@ def summarise(case: Case, raw: dict[str, Any], flops: dict[str, dict[str, int]])
         targets += [
             ("train: SA-only / timm", med_t["sa"] / med_t["timm"], 1.05, flops["train"]["sa"] / flops["train"]["timm"]),
             ("train: full DCAL / timm, over its FLOP ratio", med_t["dcal"] / med_t["timm"] / fr, 1.05, fr),
-            ("memory: full DCAL / SA-only", mem["dcal"] / mem["sa"], 2.3,
+            ("memory: full DCAL / SA-only (peak RSS)", mem["dcal"] / mem["sa"], 2.3,
+             flops["train"]["dcal"] / flops["train"]["sa"]),
+            ("memory: full DCAL / SA-only (saved for backward)", saved["dcal"] / saved["sa"], 2.3,
              flops["train"]["dcal"] / flops["train"]["sa"]),
         ]
     if {"timm", "sa", "dcal"} <= set(med_i):
@@ -340,7 +363,7 @@ def summarise(case: Case, raw: dict[str, Any], flops: dict[str, dict[str, int]])
         ]
     if {"dcal", "dcal+ckpt"} <= set(med_t):
         # no target: checkpointing trades recomputation (about one more forward) for memory
-        targets.append(("memory: checkpointing / without", mem["dcal+ckpt"] / mem["dcal"], None, 1.0))
+        targets.append(("memory: checkpointing / without (peak RSS)", mem["dcal+ckpt"] / mem["dcal"], None, 1.0))
         targets.append(("train: checkpointing / without", med_t["dcal+ckpt"] / med_t["dcal"], None, 1.0))
     return {"train": rows, "infer": infer_rows,
             "targets": [{"what": w, "measured": m, "limit": lim, "met": None if lim is None else m <= lim,
@@ -352,11 +375,12 @@ def format_case(case: Case, s: dict[str, Any], data: dict[str, Any] | None) -> s
     out = [f"### {case.name}: {case.arch} {h}x{w}, batch {case.batch}, {case.num_classes} classes, task {case.task}",
            "",
            "| training step (AdamW) | median s/step | images/s | time vs timm | FLOP ratio | time / FLOP ratio "
-           "| peak train memory (MB) |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| peak train memory (MB) | saved for backward (MB) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in s["train"]:
         out.append(f"| {LABELS[r['variant']]} | {r['step_s']:.3f} | {r['images_per_s']:.1f} | {r['ratio']:.2f} | "
-                   f"{r['flop_ratio']:.2f} | {r['ratio_over_flop_ratio']:.2f} | {r['peak_mb']:.0f} |")
+                   f"{r['flop_ratio']:.2f} | {r['ratio_over_flop_ratio']:.2f} | {r['peak_mb']:.0f} | "
+                   f"{r['saved_mb']:.0f} |")
     if s["infer"]:
         out += ["", "| inference (inference_mode) | median s/batch | images/s | time vs timm | FLOP ratio | "
                 "GFLOPs/image |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -464,7 +488,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "",
         f"Medians of {args.reps} repetitions after {args.warmup} warm-up, variants interleaved round-robin, "
         "each in its own process. Peak train memory = ru_maxrss after the training steps minus ru_maxrss once "
-        "model and AdamW were built (activations, gradients, optimizer state, temporaries). FLOP ratio = counted "
+        "model and AdamW were built (activations, gradients, optimizer state, temporaries, allocator high-water); "
+        "saved for backward = distinct storages autograd keeps after one training forward. FLOP ratio = counted "
         "forward FLOPs of the same pair with attention explicit (training: train-mode forward incl. PWCA, x3).",
     ]
     report = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n"
