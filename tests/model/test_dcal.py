@@ -399,3 +399,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     sum(v.sum() for v in model(x, pairs=pairs)["logits"].values()).backward()
     for a, p in zip(g1, model.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_glca_feature_depends_on_cls_query_only(m):
+    """A property of SPEC §3 as written (noted for the planners): the GLCA feature is the output CLS token, and
+    each query's output depends only on itself and the global keys/values x_(L-1); chained GLCA blocks keep the
+    keys/values global, so no block lets the CLS read the local tokens. The selected local queries therefore do
+    not change the GLCA feature, for any M. This test pins that behaviour."""
+    model = tiny_model(img_size=64, top_r=0.25, glca_blocks=m).eval()
+    x = images(size=64)
+    by_rollout = model(x)
+    model.cfg.query_selection = "random"
+    by_random = model(x)
+    assert not torch.equal(by_rollout["selected"], by_random["selected"])
+    torch.testing.assert_close(by_rollout["features"]["glca"], by_random["features"]["glca"], atol=1e-6, rtol=0)
