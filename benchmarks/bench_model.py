@@ -372,9 +372,10 @@ def summarise(case: Case, raw: dict[str, Any], flops: dict[str, dict[str, int]])
 
 def format_case(case: Case, s: dict[str, Any], data: dict[str, Any] | None) -> str:
     h, w = case.img_size
+    ref = "timm" if "timm" in case.train_variants else LABELS[case.train_variants[0]]
     out = [f"### {case.name}: {case.arch} {h}x{w}, batch {case.batch}, {case.num_classes} classes, task {case.task}",
            "",
-           "| training step (AdamW) | median s/step | images/s | time vs timm | FLOP ratio | time / FLOP ratio "
+           f"| training step (AdamW) | median s/step | images/s | time vs {ref} | FLOP ratio | time / FLOP ratio "
            "| peak train memory (MB) | saved for backward (MB) |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in s["train"]:
