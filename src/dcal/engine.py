@@ -32,6 +32,7 @@ from dcal.data.transforms import build_transforms_from_config
 from dcal.losses import DCALLoss, param_groups
 from dcal.model import DCAL, create_model
 from dcal.model.dcal import autocast as model_autocast
+from dcal.model.dcal import compile_model
 
 BEST_METRIC = {"fgvc": "top1", "reid": "mAP"}
 
@@ -326,7 +327,7 @@ def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         if device.type != "cuda":
             raise ValueError("train.amp=fp16 needs a CUDA device (use train.amp=bf16 on the CPU)")
         scaler = torch.amp.GradScaler("cuda")
-    forward = torch.compile(model) if cfg.train.compile else model
+    forward = compile_model(model) if cfg.train.compile else model
 
     start_epoch, best, best_epoch = 0, -math.inf, -1
     metric_name = BEST_METRIC[cfg.task]
