@@ -195,14 +195,17 @@ _MARKET_LIKE = {
 _MARKET_SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 
 
-def _parse_market_dir(folder: Path, what: str, max_cam: int) -> list[tuple[str, int, int]]:
+def _parse_named_dir(
+    folder: Path, what: str, pattern: re.Pattern, example: str, max_cam: int
+) -> list[tuple[str, int, int]]:
+    """(path, pid, 0-based camid) of every image in ``folder`` whose name ``pattern`` parses as (pid, camera);
+    junk pid -1 is skipped; a name that does not parse, or an out-of-range pid/camera, is an error naming it."""
     samples = []
     for path in _list_images(folder):
-        m = MARKET_PATTERN.search(path.name)
+        m = pattern.search(path.name)
         if m is None:
             raise ReIDFileNameError(
-                f"{what}: cannot parse {path}: expected a name matching '{MARKET_PATTERN.pattern}' "
-                "such as 0002_c1s1_000451_03.jpg (pid, then camera)"
+                f"{what}: cannot parse {path}: expected a name matching '{pattern.pattern}' such as {example}"
             )
         pid, cam = int(m.group(1)), int(m.group(2))
         if pid == -1:
@@ -219,7 +222,8 @@ def _market_like(name: str, root: str | os.PathLike, split: str) -> tuple[Path, 
     display, candidates, max_cam = _MARKET_LIKE[name]
     sub = _MARKET_SPLIT_DIRS[split]
     base = _find_root(root, candidates, list(_MARKET_SPLIT_DIRS.values()), display)
-    return base, _parse_market_dir(base / sub, f"{display}/{split}", max_cam)
+    example = "0002_c1s1_000451_03.jpg (pid, then camera)"
+    return base, _parse_named_dir(base / sub, f"{display}/{split}", MARKET_PATTERN, example, max_cam)
 
 
 # --------------------------------------------------------------------------------------------- MSMT17
@@ -312,19 +316,8 @@ _VERI_SPLIT_DIRS = {"train": "image_train", "query": "image_query", "gallery": "
 def _veri(root: str | os.PathLike, split: str) -> tuple[Path, list[tuple[str, int, int]]]:
     candidates = ("VeRi", "veri", "VeRi-776", "VeRi776", "veri776")
     base = _find_root(root, candidates, list(_VERI_SPLIT_DIRS.values()), "VeRi-776")
-    samples = []
-    for path in _list_images(base / _VERI_SPLIT_DIRS[split]):
-        m = VERI_PATTERN.search(path.name)
-        if m is None:
-            raise ReIDFileNameError(
-                f"VeRi-776/{split}: cannot parse {path}: expected a name matching '{VERI_PATTERN.pattern}' "
-                "such as 0001_c001_00016450_0.jpg (vehicle id, then 3-digit camera)"
-            )
-        pid, cam = int(m.group(1)), int(m.group(2))
-        if not 1 <= cam <= 20:
-            raise ReIDFileNameError(f"VeRi-776/{split}: {path}: camera c{cam:03d} is not in 1..20")
-        samples.append((str(path), pid, cam - 1))
-    return base, samples
+    example = "0001_c001_00016450_0.jpg (vehicle id, then 3-digit camera)"
+    return base, _parse_named_dir(base / _VERI_SPLIT_DIRS[split], f"VeRi-776/{split}", VERI_PATTERN, example, 20)
 
 
 # --------------------------------------------------------------------------------------- reid_folder
