@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from dcal.config import ConfigError, dataset_kwargs, load_config, save_config, to_yaml
 
@@ -167,3 +168,22 @@ def test_dataset_kwargs_and_demo() -> None:
     msmt = load_config(CONFIGS / "reid" / "msmt17_deit_tiny.yaml")
     assert dataset_kwargs(msmt) == {"val_in_train": True}
     assert cfg.model.timm_kwargs["depth"] == cfg.model.pwca_blocks  # T = all blocks of the small ViT
+
+
+def test_demo_recipe_file_matches_the_embedded_demo() -> None:
+    """configs/demo.yaml (for `dcal train`) and dcal.demo's embedded default (for `dcal demo`) must not drift."""
+    from dcal.demo import demo_config
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "timm_kwargs":
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    recipe = flat(OmegaConf.to_container(load_config(CONFIGS / "demo.yaml")))
+    embedded = flat(OmegaConf.to_container(demo_config("runs/demo", "dcal")))
+    differing = {k for k in recipe if recipe[k] != embedded[k]} - {"output_dir", "train.log_every"}
+    assert not differing, {k: (recipe[k], embedded[k]) for k in differing}
