@@ -59,18 +59,28 @@ def qkv(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return attn.q_norm(q), attn.k_norm(k), v
 
 
+def _project(attn: Attention, x: Tensor, part: slice) -> Tensor:
+    """Rows ``part`` of the fused qkv projection applied to ``x``: (B, T, len(part))."""
+    w, b = attn.qkv.weight, attn.qkv.bias
+    return F.linear(x, w[part], None if b is None else b[part])
+
+
 def q_and_kv(attn: Attention, x_query: Tensor, x_context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Queries from ``x_query`` and keys/values from ``x_context`` with the rows of one qkv projection.
 
     Slicing the fused weight avoids projecting queries for the context tokens that GLCA never uses.
     """
     dim = attn.attn_dim
-    w, b = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(x_query, w[:dim], None if b is None else b[:dim])
-    kv = F.linear(x_context, w[dim:], None if b is None else b[dim:])
+    q = _project(attn, x_query, slice(0, dim))
+    kv = _project(attn, x_context, slice(dim, 3 * dim))
     B, T, _ = x_context.shape
     k, v = kv.reshape(B, T, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     return attn.q_norm(_heads(attn, q)), attn.k_norm(k), v
+
+
+def _probs(attn: Attention, q: Tensor, k: Tensor) -> Tensor:
+    """Attention probabilities softmax(q kᵀ / √d), (B, H, Tq, Tk)."""
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
 def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -78,8 +88,7 @@ def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     if not _FORCE_EXPLICIT:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    return attn.attn_drop(probs) @ v
+    return attn.attn_drop(_probs(attn, q, k)) @ v
 
 
 def attn_output(attn: Attention, o: Tensor, x_query: Tensor) -> Tensor:
@@ -113,7 +122,7 @@ def sa_block_with_probs(block: Block, x: Tensor, cls_row_only: bool = False) -> 
     attn = block.attn
     h = block.norm1(x)
     q, k, v = qkv(attn, h)
-    probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    probs = _probs(attn, q, k)
     o = attn.attn_drop(probs) @ v
     probs = probs.detach()
     s = probs[:, :, 0].mean(dim=1) if cls_row_only else probs.mean(dim=1)
@@ -130,12 +139,9 @@ def sa_probs(block: Block, x: Tensor, cls_row_only: bool = False) -> Tensor:
     attn = block.attn
     h = block.norm1(x)
     dim = attn.attn_dim
-    w, b = attn.qkv.weight, attn.qkv.bias
-    hq = h[:, :1] if cls_row_only else h
-    q = F.linear(hq, w[:dim], None if b is None else b[:dim])
-    k = F.linear(h, w[dim : 2 * dim], None if b is None else b[dim : 2 * dim])
-    q, k = attn.q_norm(_heads(attn, q)), attn.k_norm(_heads(attn, k))
-    s = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
+    q = _project(attn, h[:, :1] if cls_row_only else h, slice(0, dim))
+    k = _project(attn, h, slice(dim, 2 * dim))
+    s = _probs(attn, attn.q_norm(_heads(attn, q)), attn.k_norm(_heads(attn, k))).mean(dim=1)
     return s[:, 0] if cls_row_only else s
 
 

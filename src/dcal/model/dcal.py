@@ -177,7 +177,8 @@ class DCAL(nn.Module):
                 x, attn = self._run(sa_block_with_probs, blk, x, i == len(blocks) - 1)
                 maps.append(attn)
             else:
-                inputs.append(x)
+                if need_attn:
+                    inputs.append(x)
                 x = self._run(blk, x)
         if store or not need_attn:
             return x_prev, x, maps
