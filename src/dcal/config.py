@@ -251,29 +251,35 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return OmegaConf.to_container(merged)  # type: ignore[return-value]
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Defaults <- YAML file ``path`` <- ``key=value`` overrides, then derived and validated.
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    values: dict[str, Any] | None = None,
+) -> DictConfig:
+    """Defaults <- YAML file ``path`` <- ``values`` (an already parsed mapping, e.g. the config stored in a
+    checkpoint) <- ``key=value`` overrides, then derived and validated.
 
     Raises:
         ConfigError: unknown key, wrong type, value out of its choices or range (message names the key).
     """
-    cfg = default_config()
+    layers: list[Any] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         with open(path, encoding="utf-8") as f:
             try:
-                values = yaml.safe_load(f)
+                layers.append(yaml.safe_load(f))
             except yaml.YAMLError as e:
                 raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if values is not None:
-            _check_keys(DCALConfig, values)
-            cfg = _merge(cfg, values)
+    layers.append(values)
     if overrides:
-        values = parse_overrides(list(overrides))
-        _check_keys(DCALConfig, values)
-        cfg = _merge(cfg, values)
+        layers.append(parse_overrides(list(overrides)))
+    cfg = default_config()
+    for layer in layers:
+        if layer is not None:
+            _check_keys(DCALConfig, layer)
+            cfg = _merge(cfg, layer)
     derive(cfg)
     validate(cfg)
     return cfg

@@ -32,7 +32,7 @@ from dcal.data.transforms import build_transforms_from_config
 from dcal.losses import DCALLoss, param_groups
 from dcal.model import DCAL, create_model
 from dcal.model.dcal import autocast as model_autocast
-from dcal.model.dcal import compile_model
+from dcal.model.dcal import compile_model, fusion_branches
 
 BEST_METRIC = {"fgvc": "top1", "reid": "mAP"}
 
@@ -231,23 +231,18 @@ def evaluate_fgvc(model: DCAL, loader: Iterable, device: torch.device, cfg: Dict
             logits = model(images)["logits"]
         probs = {b: v.float().softmax(-1) for b, v in logits.items()}
         preds = {f"top1_{b}": p.argmax(-1) for b, p in probs.items()}
-        preds["top1"] = sum(probs[b] for b in _fused(cfg.eval.fusion, probs)).argmax(-1)
+        preds["top1"] = sum(probs[b] for b in fusion_branches(cfg.eval.fusion, model.cfg.glca_blocks)).argmax(-1)
         for k, p in preds.items():
             correct[k] = correct.get(k, 0) + int((p == targets).sum())
         total += targets.numel()
     return {k: 100.0 * v / total for k, v in correct.items()}
 
 
-def _fused(fusion: str, available: dict[str, Any]) -> list[str]:
-    parts = [b for b in fusion.split("+") if b in available]
-    return parts or ["sa"]
-
-
 @torch.no_grad()
 def extract_features(model: DCAL, loader: Iterable, device: torch.device, cfg: DictConfig) -> torch.Tensor:
     """Re-ID embeddings (concat of SA and GLCA by default), optionally averaged with the mirrored image."""
     model.eval()
-    fusion = cfg.eval.fusion if model.cfg.glca_blocks else "sa"
+    fusion = cfg.eval.fusion
     after_bn = cfg.eval.reid_feature == "after_bn"
     feats = []
     for batch in loader:
@@ -466,15 +461,7 @@ def load_for_eval(run: str | None = None, checkpoint: str | None = None,
     else:
         ckpt = load_training_state(path)
         state, config_yaml = ckpt["model"], ckpt["config"]
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8") as f:
-        yaml.safe_dump(yaml.safe_load(config_yaml), f)
-        tmp = f.name
-    try:
-        cfg = load_config(tmp, overrides)
-    finally:
-        os.remove(tmp)
+    cfg = load_config(None, overrides, values=yaml.safe_load(config_yaml))
     # weights come from the checkpoint: do not download or read pre-trained backbones again
     cfg.model.pretrained, cfg.model.pretrained_file = False, None
     head = "backbone.head.weight" if cfg.task == "fgvc" else "sa_neck.classifier.weight"

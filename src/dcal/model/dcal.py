@@ -281,13 +281,13 @@ class DCAL(nn.Module):
         """FGVC class scores: softmax(SA) + softmax(GLCA) (the paper sums probabilities), or one branch's."""
         if self.cfg.task != "fgvc":
             raise ValueError("predict() is for FGVC models; use embed() for Re-ID")
-        parts = _fusion_branches(fusion, self.cfg.glca_blocks)
+        parts = fusion_branches(fusion, self.cfg.glca_blocks)
         logits = self.forward(images, branches=parts)["logits"]
         return sum(logits[b].softmax(dim=-1) for b in parts)
 
     def embed(self, images: Tensor, fusion: str = "sa+glca", after_bn: bool = False) -> Tensor:
         """Re-ID embedding: concat(SA, GLCA) CLS features (before the BNNeck by default)."""
-        parts = _fusion_branches(fusion, self.cfg.glca_blocks)
+        parts = fusion_branches(fusion, self.cfg.glca_blocks)
         out = self.forward(images, branches=parts)
         key = "bn_features" if after_bn else "features"
         if key not in out:
@@ -344,7 +344,8 @@ def _check_pairs(pairs: Tensor, batch: int, device: torch.device) -> Tensor:
     return pairs.long()
 
 
-def _fusion_branches(fusion: str, glca_blocks: int) -> tuple[str, ...]:
+def fusion_branches(fusion: str, glca_blocks: int) -> tuple[str, ...]:
+    """Branches whose outputs ``fusion`` combines; ``sa+glca`` on a model without GLCA is its SA branch."""
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
     if "glca" in fusion and not glca_blocks:
