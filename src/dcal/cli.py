@@ -78,6 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> Any:
 def cmd_visualize(args: argparse.Namespace) -> Any:
     import torch
 
+    from dcal.data.transforms import config_mean_std
     from dcal.engine import build_datasets, load_for_eval
     from dcal.visualize import denormalize, rollout_maps, save_rollout_figure
 
@@ -88,7 +89,7 @@ def cmd_visualize(args: argparse.Namespace) -> Any:
     step = max(1, len(data) // n)
     items = [data[i * step] for i in range(n)]
     batch = torch.stack([it[0] for it in items])
-    mean, std = _normalisation(cfg)
+    mean, std = config_mean_std(cfg)
     if cfg.task == "fgvc":
         preds = model.eval().predict(batch).argmax(-1).tolist()
         titles = [f"{data.classes[it[1]][:14]}\npred {data.classes[p][:14]}"
@@ -99,13 +100,6 @@ def cmd_visualize(args: argparse.Namespace) -> Any:
     path = save_rollout_figure(out, denormalize(batch, mean, std), {"DCAL": rollout_maps(model, batch)}, titles)
     print(f"saved {path}")
     return path
-
-
-def _normalisation(cfg: Any) -> tuple[Any, Any]:
-    from dcal.data.transforms import backbone_mean_std
-
-    mean, std = backbone_mean_std(cfg.model.backbone)
-    return (cfg.data.mean or mean), (cfg.data.std or std)
 
 
 def cmd_complexity(args: argparse.Namespace) -> Any:

@@ -53,6 +53,7 @@ def demo_config(output_dir: str | Path, variant: str, overrides: list[str] | tup
 def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[str, ...] = (),
              num_images: int = 6) -> dict[str, Any]:
     """Train SA-only and DCAL, print their test accuracies side by side, save a rollout picture."""
+    from dcal.data.transforms import config_mean_std
     from dcal.engine import build_datasets, fit, load_for_eval
     from dcal.visualize import denormalize, rollout_maps, save_rollout_figure
 
@@ -77,13 +78,13 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
     test = build_datasets(cfg, train=False)["test"]
     batch = torch.stack([test[i][0] for i in range(num_images)])
     rows, preds = {}, {}
-    for variant in ("sa_only", "dcal"):
-        vcfg, model = load_for_eval(run=str(output_dir / variant))
-        rows[variant.replace("_", "-").upper() if variant == "dcal" else "SA only"] = rollout_maps(model, batch)
+    for variant, label in (("sa_only", "SA only"), ("dcal", "DCAL")):
+        _, model = load_for_eval(run=str(output_dir / variant))
+        rows[label] = rollout_maps(model, batch)
         preds[variant] = model.eval().predict(batch).argmax(-1).tolist()
     titles = [f"{test.classes[test.targets[i]]}\nSA:{test.classes[preds['sa_only'][i]][:10]} "
               f"DCAL:{test.classes[preds['dcal'][i]][:10]}" for i in range(num_images)]
-    picture = save_rollout_figure(output_dir / "rollout.png", denormalize(batch, cfg.data.mean, cfg.data.std),
+    picture = save_rollout_figure(output_dir / "rollout.png", denormalize(batch, *config_mean_std(cfg)),
                                   rows, titles)
     summary = {"sa_only": sa, "dcal": dc, "picture": str(picture)}
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

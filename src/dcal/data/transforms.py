@@ -128,14 +128,20 @@ def build_transforms(
     return v2.Compose(ops)
 
 
-def build_transforms_from_config(cfg: Any, train: bool) -> v2.Compose:
-    """:func:`build_transforms` from a loaded :mod:`dcal.config` config (``task``, ``data.*``,
-    ``model.img_size``, ``model.backbone``); ``data.mean``/``data.std`` None = the backbone's."""
+def config_mean_std(cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation of a loaded config: ``data.mean``/``data.std``, each None = the backbone's."""
     mean, std = backbone_mean_std(cfg.model.backbone)
     if cfg.data.mean is not None:
         mean = tuple(cfg.data.mean)
     if cfg.data.std is not None:
         std = tuple(cfg.data.std)
+    return mean, std
+
+
+def build_transforms_from_config(cfg: Any, train: bool) -> v2.Compose:
+    """:func:`build_transforms` from a loaded :mod:`dcal.config` config (``task``, ``data.*``,
+    ``model.img_size``, ``model.backbone``); normalisation from :func:`config_mean_std`."""
+    mean, std = config_mean_std(cfg)
     img_size = cfg.model.img_size
     resize = cfg.data.resize
     return build_transforms(
