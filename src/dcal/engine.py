@@ -358,23 +358,24 @@ def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         record = {"epoch": epoch, **stats}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             record.update(evaluate(model, sets, device, cfg))
-        if metric_name in record and record[metric_name] > best:
+        improved = metric_name in record and record[metric_name] > best
+        if improved:
             best, best_epoch = record[metric_name], epoch
-            save_training_state(out_dir / "best.pth", **_state(cfg, model, criterion, optimizer, scheduler,
-                                                                 scaler, epoch, best, best_epoch, record))
+        # one training state per epoch, written to every file that wants it
+        state = _state(cfg, model, criterion, optimizer, scheduler, scaler, epoch, best, best_epoch, record)
+        if improved:
+            save_training_state(out_dir / "best.pth", **state)
             export_weights(out_dir / "best.safetensors", model, to_yaml(cfg),
                            {"classes": _classes(sets["train"]), "epoch": epoch, metric_name: best})
-        save_training_state(last_path, **_state(cfg, model, criterion, optimizer, scheduler, scaler, epoch, best,
-                                                best_epoch, record))
+        save_training_state(last_path, **state)
+        if cfg.train.save_every and (epoch + 1) % cfg.train.save_every == 0:
+            save_training_state(out_dir / f"epoch{epoch + 1:04d}.pth", **state)
         _append_jsonl(metrics_path, record)
         if writer is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "epoch":
                     writer.add_scalar(k, v, epoch + 1)
         _log(_summary(record, cfg))
-        if cfg.train.save_every and (epoch + 1) % cfg.train.save_every == 0:
-            save_training_state(out_dir / f"epoch{epoch + 1:04d}.pth", **_state(
-                cfg, model, criterion, optimizer, scheduler, scaler, epoch, best, best_epoch, record))
     export_weights(out_dir / "last.safetensors", model, to_yaml(cfg), {"classes": _classes(sets["train"])})
     final = {"final": True, "epoch": cfg.train.epochs - 1, f"best_{metric_name}": best, "best_epoch": best_epoch,
              "train_time_s": time.perf_counter() - t0,
