@@ -185,18 +185,16 @@ DEMO_VALUES = {
 def main() -> list[Path]:
     """Write every recipe file; returns their paths."""
     written = []
-    for dataset in FGVC_DATASETS:
-        for backbone in FGVC_BACKBONES:
-            path = HERE / "fgvc" / f"{dataset}_{backbone}.yaml"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(fgvc_recipe(dataset, backbone), encoding="utf-8")
-            written.append(path)
-    for dataset in REID_DATASETS:
-        for backbone in REID_BACKBONES:
-            path = HERE / "reid" / f"{dataset}_{backbone}.yaml"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(reid_recipe(dataset, backbone), encoding="utf-8")
-            written.append(path)
+    for task, datasets, backbones, recipe in (
+        ("fgvc", FGVC_DATASETS, FGVC_BACKBONES, fgvc_recipe),
+        ("reid", REID_DATASETS, REID_BACKBONES, reid_recipe),
+    ):
+        for dataset in datasets:
+            for backbone in backbones:
+                path = HERE / task / f"{dataset}_{backbone}.yaml"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(recipe(dataset, backbone), encoding="utf-8")
+                written.append(path)
     path = HERE / "demo.yaml"
     path.write_text(DEMO.format(**DEMO_VALUES), encoding="utf-8")
     written.append(path)
