@@ -8,9 +8,10 @@ DCAL needs three variants of one timm block, all sharing (or copying) its weight
 
 Each function reproduces timm's ``Block.forward`` exactly (pre-norm, layer scale, drop path, optional
 attention-output norm and gate), so that with the same weights and inputs the outputs are those of timm.
-Only :func:`sa_block_with_probs` and :func:`sa_probs` materialise attention probabilities; the other
-attention outputs use ``F.scaled_dot_product_attention`` (fused kernels), unless :func:`explicit_attention`
-is active, which the FLOP counter uses because torch's flop counter does not see fused attention on the CPU.
+Only :func:`sa_block_with_probs` materialises attention probabilities (the FLOP counter's path: torch's flop
+counter does not see fused attention on the CPU, so :func:`explicit_attention` makes every attention explicit);
+everywhere else attention runs in ``F.scaled_dot_product_attention`` (fused kernels), and the rollout gets each
+SA block's queries and keys (:func:`sa_block_keep_qk`, :func:`sa_query_key`) instead of its probabilities.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block
 from torch import Tensor
+
+from dcal.model.rollout import QueryKey
 
 _FORCE_EXPLICIT = False
 
@@ -91,6 +94,20 @@ def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return attn.attn_drop(_probs(attn, q, k)) @ v
 
 
+def attend_with_lse(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
+    """:func:`attend`, plus the (B, H, T) log-sum-exp of each score row where the fused kernel returns it.
+
+    On the CPU ``F.scaled_dot_product_attention`` runs ``aten._scaled_dot_product_flash_attention_for_cpu``,
+    which computes the softmax normalisers anyway; calling it directly gives the same output (bit for bit) and
+    the normalisers, which the rollout then need not recompute. Elsewhere (CUDA, dropout, mixed dtypes,
+    :func:`explicit_attention`) the normalisers are None and the rollout computes its own softmax.
+    """
+    dropout = attn.training and attn.attn_drop.p > 0
+    if _FORCE_EXPLICIT or dropout or q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype:
+        return attend(attn, q, k, v), None
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+
+
 def attn_output(attn: Attention, o: Tensor, x_query: Tensor) -> Tensor:
     """(B, H, T, d) attention result -> projected (B, T, D): timm's norm, optional gate, proj, dropout."""
     B, _, T, _ = o.shape
@@ -116,8 +133,8 @@ def sa_block_with_probs(block: Block, x: Tensor, cls_row_only: bool = False) -> 
 
     Returns the block output (B, T, D) and the detached attention S averaged over heads (B, T, T), the input
     of the rollout (Eq. 2), or only its CLS row (B, T) with ``cls_row_only``. Dropout on attention applies to
-    the output only, not to S. One softmax serves output and S: the path for inference and FLOP counting.
-    Training uses timm's fused block and :func:`sa_probs` instead (see ``DCAL._sa_stream``).
+    the output only, not to S. One softmax serves output and S: the path for FLOP counting
+    (:func:`explicit_attention`); inference and training use :func:`sa_block_keep_qk` (see ``DCAL._sa_stream``).
     """
     attn = block.attn
     h = block.norm1(x)
@@ -129,20 +146,35 @@ def sa_block_with_probs(block: Block, x: Tensor, cls_row_only: bool = False) -> 
     return _finish_block(block, x, attn_output(attn, o, h)), s
 
 
-@torch.no_grad()
-def sa_probs(block: Block, x: Tensor, cls_row_only: bool = False) -> Tensor:
-    """Head-averaged attention probabilities of SA ``block`` at its input ``x``, recomputed without autograd.
+def sa_block_keep_qk(block: Block, x: Tensor) -> tuple[Tensor, QueryKey]:
+    """timm ``Block.forward`` (fused attention, same ops in the same order) that also hands out the block's
+    queries and keys (detached) for the rollout: S_i is applied to the rollout row later, in tiles, by
+    :meth:`QueryKey.left_multiply`, instead of being written out here (B·H·T² values per block).
 
-    (B, T, T), or the CLS row (B, T) with ``cls_row_only``. Only the query and key rows of the qkv projection
-    run (only the CLS query with ``cls_row_only``).
+    Under autograd the saved ``k`` is a view of the qkv projection that the attention backward keeps anyway;
+    without autograd it is copied, so that the rest of the projection (values, B·T·D per block) can be freed.
+    """
+    attn = block.attn
+    h = block.norm1(x)
+    q, k, v = qkv(attn, h)
+    o, lse = attend_with_lse(attn, q, k, v)
+    out = _finish_block(block, x, attn_output(attn, o, h))
+    k, lse = k.detach(), None if lse is None else lse.detach()
+    return out, QueryKey(q.detach() * attn.scale, k if torch.is_grad_enabled() else k.contiguous(), lse)
+
+
+@torch.no_grad()
+def sa_query_key(block: Block, x: Tensor) -> QueryKey:
+    """Queries and keys of SA ``block`` at its input ``x``, recomputed without autograd (checkpointed training).
+
+    Only the query and key rows of the qkv projection run.
     """
     attn = block.attn
     h = block.norm1(x)
     dim = attn.attn_dim
-    q = _project(attn, h[:, :1] if cls_row_only else h, slice(0, dim))
-    k = _project(attn, h, slice(dim, 2 * dim))
-    s = _probs(attn, attn.q_norm(_heads(attn, q)), attn.k_norm(_heads(attn, k))).mean(dim=1)
-    return s[:, 0] if cls_row_only else s
+    q = attn.q_norm(_heads(attn, _project(attn, h, slice(0, dim))))
+    k = attn.k_norm(_heads(attn, _project(attn, h, slice(dim, 2 * dim))))
+    return QueryKey(q * attn.scale, k)
 
 
 def glca_block(block: Block, queries: Tensor, context: Tensor) -> Tensor:

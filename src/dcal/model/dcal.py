@@ -35,12 +35,13 @@ from dcal.model.attention import (
     explicit_attention_active,
     glca_block,
     pwca_block,
+    sa_block_keep_qk,
     sa_block_with_probs,
-    sa_probs,
+    sa_query_key,
 )
 from dcal.model.heads import BNNeck
 from dcal.model.pairs import PAIR_STRATEGIES, sample_pairs
-from dcal.model.rollout import num_local_queries, rollout_cls_row, select_top
+from dcal.model.rollout import QueryKey, cls_attention_row, num_local_queries, rollout_cls_row, select_top
 
 TASKS = ("fgvc", "reid")
 QUERY_SELECTIONS = ("rollout", "random", "last_layer")
@@ -169,40 +170,44 @@ class DCAL(nn.Module):
         bb = self.backbone
         return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
 
-    def _sa_stream(self, x: Tensor, need_attn: bool) -> tuple[Tensor, Tensor, Sequence[Tensor]]:
-        """SA blocks 1..L. Returns x_(L-1) (GLCA's input), x_L, and, if asked, the per-block head-averaged
-        attention S_1 … S_L for the rollout (block L: its CLS row only, all the rollout needs).
+    def _sa_stream(self, x: Tensor, need_attn: bool) -> tuple[Tensor, Tensor, Sequence[Tensor | QueryKey]]:
+        """SA blocks 1..L. Returns x_(L-1) (GLCA's input), x_L, and, if asked, what the rollout needs of each
+        block's head-averaged attention S_1 … S_L.
 
-        Without autograd (inference) each block runs explicitly and one softmax gives output and S. With autograd
-        (training) every block is timm's own fused forward, bit-for-bit the backbone, and S_i is recomputed
-        without grad from the block inputs when the rollout reads it, last block first: the explicit attention
-        backward is several times slower than the fused one, and the L (B, T, T) maps are never alive together
-        (see benchmarks/README.md for the measurements).
+        Every block runs timm's fused attention (the same ops as ``Block.forward``, so SA is the backbone) and
+        hands out its queries and keys (:class:`QueryKey`); the rollout then applies each S_i to its row vector in
+        tiles of query rows, so the L (B, H, T, T) probability tensors are never written (they made inference at
+        T = 785 memory-bound and 1.5-2.3x slower than timm, see benchmarks/README.md). With gradient checkpointing
+        only the block inputs (kept by the checkpoints anyway) are stored and the queries/keys are recomputed,
+        one block at a time, when the rollout reads them. Under :func:`explicit_attention` (FLOP counting) each
+        block computes S explicitly, one softmax for output and S, block L its CLS row only.
         """
         blocks = self.backbone.blocks
-        store = need_attn and (explicit_attention_active() or not torch.is_grad_enabled())
-        maps: list[Tensor] = []
-        inputs: list[Tensor] = []  # block inputs: autograd keeps them for the backward anyway
+        explicit = need_attn and explicit_attention_active()
+        recompute = need_attn and not explicit and self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        attentions: list[Tensor | QueryKey] = []
         x_prev = x
         for i, blk in enumerate(blocks):
             x_prev = x
-            if store:
+            if explicit:
                 x, attn = self._run(sa_block_with_probs, blk, x, i == len(blocks) - 1)
-                maps.append(attn)
+            elif need_attn and not recompute:
+                x, attn = sa_block_keep_qk(blk, x)
             else:
-                if need_attn:
-                    inputs.append(x)
+                attn = x  # the block input (recompute) or nothing needed
                 x = self._run(blk, x)
-        if store or not need_attn:
-            return x_prev, x, maps
-        return x_prev, x, _RecomputedAttention(blocks, inputs)
+            if need_attn:
+                attentions.append(attn)
+        if recompute:
+            return x_prev, x, _RecomputedQueryKey(blocks, attentions)
+        return x_prev, x, attentions
 
-    def _select(self, attentions: list[Tensor], batch: int, device: torch.device) -> Tensor:
+    def _select(self, attentions: Sequence[Tensor | QueryKey], batch: int, device: torch.device) -> Tensor:
         k, n = self.num_local_queries, self.num_patches
         if self.cfg.query_selection == "random":
             scores = torch.rand(batch, n, device=device)
         elif self.cfg.query_selection == "last_layer":
-            scores = attentions[-1][:, 1:]
+            scores = cls_attention_row(attentions[-1])[:, 1:]
         else:
             scores = rollout_cls_row(attentions)[:, 1:]
         return select_top(scores, k)
@@ -325,8 +330,8 @@ class DCAL(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- helpers
-class _RecomputedAttention(Sequence[Tensor]):
-    """S_1 … S_L of the SA blocks, each recomputed (no grad) from its block input when indexed."""
+class _RecomputedQueryKey(Sequence[QueryKey]):
+    """Queries and keys of the SA blocks, each recomputed (no grad) from its block input when indexed."""
 
     def __init__(self, blocks: nn.ModuleList, inputs: list[Tensor]) -> None:
         self.blocks, self.inputs = blocks, inputs
@@ -334,9 +339,9 @@ class _RecomputedAttention(Sequence[Tensor]):
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
+    def __getitem__(self, i: int) -> QueryKey:  # type: ignore[override]
         i = range(len(self))[i]
-        return sa_probs(self.blocks[i], self.inputs[i], cls_row_only=i == len(self) - 1)
+        return sa_query_key(self.blocks[i], self.inputs[i])
 
 
 def _check_backbone(backbone: nn.Module) -> None:
