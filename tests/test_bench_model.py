@@ -1,0 +1,39 @@
+"""benchmarks/bench_model.py's device handling (no timing here: the benchmark itself measures)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_model", REPO / "benchmarks" / "bench_model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the refusal is for machines without")
+def test_cuda_run_refuses_cleanly_without_a_gpu(capsys, tmp_path):
+    bench = load_bench()
+    out = tmp_path / "out.md"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cuda", "--cases", "fgvc", "--markdown", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA device is available" in err and "--device cpu" in err
+    assert not out.exists()  # nothing measured, nothing written
+
+
+def test_device_check_and_inference_batch_sweep():
+    bench = load_bench()
+    assert bench.check_device("cpu") is None
+    assert (bench.check_device("cuda") is None) == torch.cuda.is_available()
+    assert bench.CASES["fgvc"].inference_batches == (1, 8, 32)
+    assert bench.CASES["reid"].inference_batches == (bench.CASES["reid"].batch,)
