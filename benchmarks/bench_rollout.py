@@ -55,10 +55,10 @@ def candidates(batch: int, use_compile: bool) -> tuple[dict[str, Callable[[], to
         "fused attention of the block (unit)": lambda: F.scaled_dot_product_attention(q, k, v),
         "explicit maps (before)": lambda: _explicit(qk, r),
     }
-    for e in (2**17, 2**19, 2**21, 2**23):
+    for e in (2**17, 2**19, 2**20, 2**21, 2**23):
         cands[f"tiles {e * 4 // 2**10} KiB"] = lambda e=e: qk.left_multiply(r, tile_elements=e)
     with_lse = QueryKey(qk.q, qk.k, lse)
-    for e in (2**19, 2**21):
+    for e in (2**19, 2**20):
         cands[f"tiles {e * 4 // 2**10} KiB + forward lse"] = lambda e=e: with_lse.left_multiply(r, tile_elements=e)
     cands["transposed flash (one kernel)"] = lambda: _transposed_flash(qk, r, v, lse)
     if use_compile:
