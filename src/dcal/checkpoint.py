@@ -33,6 +33,13 @@ def _atomic(path: Path, write: Any) -> None:
             os.remove(tmp)
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file so that a reader sees the old content or the new, never half of it."""
+    path = Path(path)
+    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return path
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
