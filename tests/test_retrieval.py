@@ -70,7 +70,7 @@ def test_search_ranks_evaluates_and_draws(embedded, tmp_path, capsys):
     for r in rows:
         by_query.setdefault(r["query"], []).append(r)
     assert len(by_query) == 4
-    for q, ranked in by_query.items():
+    for ranked in by_query.values():
         assert [int(r["rank"]) for r in ranked] == list(range(1, len(ranked) + 1))
         dists = [float(r["distance"]) for r in ranked]
         assert dists == sorted(dists)
@@ -97,7 +97,8 @@ def test_search_ranks_evaluates_and_draws(embedded, tmp_path, capsys):
     assert main(["search", "--query", str(embedded[2] / "query.safetensors"), "--gallery",
                  str(tmp_path / "g.safetensors"), "--output-dir", str(out2), "--num-vis", "0"]) == 0
     again = list(csv.DictReader((out2 / "ranking.csv").open()))  # query features of batch 3 here: float noise only
-    assert [(r["query"], r["rank"], r["gallery"]) for r in again] == [(r["query"], r["rank"], r["gallery"]) for r in rows]
+    key = [(r["query"], r["rank"], r["gallery"]) for r in rows]
+    assert [(r["query"], r["rank"], r["gallery"]) for r in again] == key
     np.testing.assert_allclose([float(r["distance"]) for r in again], [float(r["distance"]) for r in rows], atol=1e-5)
     assert not (out2 / "visrank").exists()
 

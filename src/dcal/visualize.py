@@ -74,11 +74,9 @@ def _glca_queries(model: DCAL, x_prev: torch.Tensor, selected: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def glca_attention_maps(model: DCAL, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """What GLCA's local queries look at (Fig. 3a): the first GLCA block's attention over the N patch tokens of
-    x_(L-1), averaged over the selected local queries (a CLS query, when the model has one, is left out) and the
-    heads. Returns the (B, H, W) maps in [0, 1] and the raw (B, N) means (a probability over CLS + patches,
-    restricted to the patches)."""
+def glca_attention(model: DCAL, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Attention probabilities of the first GLCA block, (B, H, Q, T): its queries (the model's, see
+    :func:`_glca_queries`) over the T tokens of x_(L-1); and how many of the Q queries are local (the last ones)."""
     if not model.cfg.glca_blocks:
         raise ValueError("the model has no GLCA block (glca_blocks=0)")
     model.eval()
@@ -87,9 +85,15 @@ def glca_attention_maps(model: DCAL, images: torch.Tensor) -> tuple[np.ndarray, 
     queries = _glca_queries(model, x_prev, selected)
     blk = model.glca_blocks[0]
     q, k, _ = q_and_kv(blk.attn, blk.norm1(queries), blk.norm1(x_prev))
-    probs = _softmax_attention(blk.attn, q, k)  # (B, H, Q, T)
-    local = probs[:, :, queries.shape[1] - selected.shape[1]:]  # the local queries: the last k
-    scores = local.mean(dim=(1, 2))[:, 1:]
+    return _softmax_attention(blk.attn, q, k), selected.shape[1]
+
+
+def glca_attention_maps(model: DCAL, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """What GLCA's local queries look at (Fig. 3a): the first GLCA block's attention over the N patch tokens of
+    x_(L-1), averaged over the selected local queries (a CLS query, when the model has one, is left out) and the
+    heads. Returns the (B, H, W) maps in [0, 1] and the raw (B, N) means."""
+    probs, n_local = glca_attention(model, images)
+    scores = probs[:, :, -n_local:].mean(dim=(1, 2))[:, 1:]
     return patch_maps(model, scores, images.shape[-2:]), scores.cpu().numpy()
 
 
