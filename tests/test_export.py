@@ -16,7 +16,7 @@ import dcal
 from dcal.cli import main
 from dcal.export import InferenceGraph
 from dcal.inference import list_images
-from tests.tiny_runs import CLASSES, fgvc_run, reid_run  # noqa: F401 - session fixtures
+from tests.tiny_runs import CLASSES
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'dcal[onnx]')")
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'dcal[onnx]')")
@@ -28,7 +28,7 @@ def _batch(loaded, paths):
     return torch.stack([loaded.transform(Image.open(p).convert("RGB")) for p in paths])
 
 
-def test_fgvc_onnx_matches_pytorch_and_safetensors_reloads(fgvc_run, tmp_path, capsys):  # noqa: F811
+def test_fgvc_onnx_matches_pytorch_and_safetensors_reloads(fgvc_run, tmp_path, capsys):
     run, data = fgvc_run
     path, weights = tmp_path / "model.onnx", tmp_path / "weights.safetensors"
     assert main(["export", "--run", str(run), "--onnx", str(path), "--safetensors", str(weights)]) == 0
@@ -57,7 +57,7 @@ def test_fgvc_onnx_matches_pytorch_and_safetensors_reloads(fgvc_run, tmp_path, c
     np.testing.assert_allclose([p.probabilities for p in a], [p.probabilities for p in b], atol=1e-6)
 
 
-def test_reid_onnx_embedding(reid_run, tmp_path):  # noqa: F811
+def test_reid_onnx_embedding(reid_run, tmp_path):
     run, root = reid_run
     path = tmp_path / "reid.onnx"
     assert main(["export", "--run", str(run), "--onnx", str(path), "--after-bn", "--no-check"]) == 0
@@ -73,6 +73,6 @@ def test_reid_onnx_embedding(reid_run, tmp_path):  # noqa: F811
     np.testing.assert_array_equal(selected, want_sel.numpy())
 
 
-def test_sa_only_graph_has_no_selection(fgvc_run):  # noqa: F811
+def test_sa_only_graph_has_no_selection(fgvc_run):
     loaded = dcal.load_model(run=fgvc_run[0], device="cpu")
     assert InferenceGraph(loaded.model, fusion="sa").output_names == ["probs"]

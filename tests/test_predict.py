@@ -12,11 +12,11 @@ from PIL import Image
 import dcal
 from dcal.cli import main
 from dcal.inference import list_images, load_model
-from tests.tiny_runs import CLASSES, fgvc_run, reid_run  # noqa: F401 - session fixtures
+from tests.tiny_runs import CLASSES
 
 
 @pytest.fixture
-def inputs(fgvc_run, tmp_path):  # noqa: F811
+def inputs(fgvc_run, tmp_path):
     """The 6 test images (in nested class folders), a file that is not an image and a path that does not exist."""
     _, data = fgvc_run
     bad = tmp_path / "broken.png"
@@ -36,7 +36,7 @@ def _expected(run, paths):
     return probs
 
 
-def test_predict_cli_csv_and_json(fgvc_run, inputs, tmp_path, capsys):  # noqa: F811
+def test_predict_cli_csv_and_json(fgvc_run, inputs, tmp_path, capsys):
     run, data = fgvc_run
     out_csv = tmp_path / "preds.csv"
     assert main(["predict", "--run", str(run), *map(str, inputs), "--topk", "2", "--output", str(out_csv),
@@ -65,7 +65,7 @@ def test_predict_cli_csv_and_json(fgvc_run, inputs, tmp_path, capsys):  # noqa: 
     assert sorted(records[0]["classes"]) == sorted(CLASSES)
 
 
-def test_python_api_tensor_paths_and_pil_agree(fgvc_run):  # noqa: F811
+def test_python_api_tensor_paths_and_pil_agree(fgvc_run):
     run, data = fgvc_run
     loaded = dcal.load_model(run=run, device="cpu")
     files = list_images([data / "test"])[:3]
@@ -80,7 +80,7 @@ def test_python_api_tensor_paths_and_pil_agree(fgvc_run):  # noqa: F811
     assert by_path[0].source == str(files[0]) and by_pil[0].source == "<image 0>"
 
 
-def test_predict_rejects_reid_models_and_bad_output(reid_run, fgvc_run, tmp_path, capsys):  # noqa: F811
+def test_predict_rejects_reid_models_and_bad_output(reid_run, fgvc_run, tmp_path, capsys):
     run, root = reid_run
     assert main(["predict", "--run", str(run), str(root / "query")]) == 2
     assert "dcal embed" in capsys.readouterr().err

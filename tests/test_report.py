@@ -12,7 +12,6 @@ from PIL import Image
 
 from dcal.cli import main
 from dcal.report import read_run, run_summary
-from tests.tiny_runs import fgvc_run, reid_run  # noqa: F401 - session fixtures
 
 
 def _ink(path):
@@ -22,7 +21,7 @@ def _ink(path):
     return float((arr < 250).mean())
 
 
-def test_report_of_one_run(fgvc_run, tmp_path):  # noqa: F811
+def test_report_of_one_run(fgvc_run, tmp_path):
     run, _ = fgvc_run
     out = tmp_path / "rep"
     assert main(["report", str(run), "--output-dir", str(out)]) == 0
@@ -42,7 +41,7 @@ def test_report_of_one_run(fgvc_run, tmp_path):  # noqa: F811
     assert _ink(out / "curves.png") > 0.02
 
 
-def test_report_overlays_runs_and_lists_config_differences(fgvc_run, reid_run, tmp_path):  # noqa: F811
+def test_report_overlays_runs_and_lists_config_differences(fgvc_run, reid_run, tmp_path):
     run, _ = fgvc_run
     a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
     shutil.copytree(run, a)
@@ -67,7 +66,7 @@ def test_report_overlays_runs_and_lists_config_differences(fgvc_run, reid_run, t
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
-def test_reid_report_plots_map(reid_run, tmp_path):  # noqa: F811
+def test_reid_report_plots_map(reid_run, tmp_path):
     assert main(["report", str(reid_run[0]), "--output-dir", str(tmp_path)]) == 0
     md = (tmp_path / "report.md").read_text()
     assert "best mAP" in md and "last rank1" in md

@@ -15,7 +15,7 @@ from dcal.cli import main
 from dcal.engine import build_datasets, eval_loader, evaluate_checkpoint, extract_features
 from dcal.inference import load_model
 from dcal.retrieval import GREEN, RED, FeatureSet, parse_identity, ranking_picture
-from tests.tiny_runs import reid_run, write_images  # noqa: F401 - session fixture
+from tests.tiny_runs import write_images
 
 
 def test_parse_identity_conventions():
@@ -27,7 +27,7 @@ def test_parse_identity_conventions():
 
 
 @pytest.fixture(scope="module")
-def embedded(reid_run, tmp_path_factory):  # noqa: F811
+def embedded(reid_run, tmp_path_factory):
     run, root = reid_run
     out = tmp_path_factory.mktemp("feats")
     for split, folder in (("query", "query"), ("gallery", "bounding_box_test")):

@@ -10,9 +10,8 @@ from PIL import Image
 
 from dcal.cli import main
 from dcal.model.attention import _finish_block, attn_output, q_and_kv
-from dcal.visualize import _glca_queries, glca_attention, glca_attention_maps, pwca_attention_maps
+from dcal.visualize import glca_attention, glca_attention_maps, pwca_attention_maps
 from tests.conftest import tiny_model
-from tests.tiny_runs import fgvc_run  # noqa: F401 - session fixture
 
 
 @pytest.fixture
@@ -20,14 +19,16 @@ def model():
     return tiny_model(img_size=32, patch_size=8, top_r=0.25).eval()
 
 
-def test_glca_probabilities_reproduce_the_glca_block(model):
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_glca_probabilities_reproduce_the_glca_block(pool):
+    model = tiny_model(img_size=32, patch_size=8, top_r=0.25, glca_pool=pool).eval()
     images = torch.randn(3, 3, 32, 32)
     probs, n_local = glca_attention(model, images)
     assert n_local == 4 and probs.shape[-1] == 17  # 16 patches x 25%; CLS + 16 tokens of x_(L-1)
     with torch.no_grad():
         x_prev, _, att = model._sa_stream(model._embed(images), need_attn=True)
         selected = model._select(att, 3, images.device)
-        queries = _glca_queries(model, x_prev, selected)
+        queries = model.glca_queries(x_prev, selected)
         blk = model.glca_blocks[0]
         hq = blk.norm1(queries)
         _, _, v = q_and_kv(blk.attn, hq, blk.norm1(x_prev))
@@ -51,7 +52,7 @@ def test_pwca_split_between_target_and_distractor(model):
     assert not np.allclose(real["share"], 0.5)
 
 
-def test_visualize_cli_on_own_images(fgvc_run, tmp_path, capsys):  # noqa: F811
+def test_visualize_cli_on_own_images(fgvc_run, tmp_path, capsys):
     run, data = fgvc_run
     files = sorted((data / "test").rglob("*.png"))[:3]
     out = tmp_path / "pic.png"

@@ -1,4 +1,5 @@
-"""The ``dcal`` command line: train, eval, demo, visualize, complexity, predict, embed, search, export, report."""
+"""The ``dcal`` command line: train, eval, demo, visualize, complexity, ablation, predict, embed, search, export,
+report."""
 
 from __future__ import annotations
 
@@ -102,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="default: the run (one run) or ./report (several)")
 
     sub.add_parser("complexity", help="print parameters and FLOPs at inference (the paper's Table 3)")
+
+    from dcal.ablation import SETS
+
+    p = sub.add_parser("ablation", help="train the paper's ablation variants over several seeds; table + picture",
+                       epilog=f"Sets: {', '.join(SETS)} (comma-separated to run several into one folder). " + EPILOG)
+    p.add_argument("--config", required=True, help="YAML recipe every variant starts from")
+    p.add_argument("--set", default="table3", help="table3 | selection | pairs | blocks, or several: table3,selection")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant: train.seed, train.seed+1, ...")
+    p.add_argument("--output-dir", default=None, help="default: runs/ablation_<sets>_<recipe name>")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every variant, e.g. train.epochs=5")
     return parser
 
 
@@ -317,9 +328,18 @@ def cmd_complexity(args: argparse.Namespace) -> Any:
     return rows
 
 
+def cmd_ablation(args: argparse.Namespace) -> Any:
+    from dcal.ablation import format_markdown, run_ablation
+
+    sets = [s.strip() for s in args.set.split(",") if s.strip()]
+    summary = run_ablation(args.config, sets, args.seeds, args.overrides, args.output_dir)
+    print(format_markdown(summary))
+    return summary
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "visualize": cmd_visualize,
-            "complexity": cmd_complexity, "predict": cmd_predict, "embed": cmd_embed, "search": cmd_search,
-            "export": cmd_export, "report": cmd_report}
+            "complexity": cmd_complexity, "ablation": cmd_ablation, "predict": cmd_predict, "embed": cmd_embed,
+            "search": cmd_search, "export": cmd_export, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,8 @@ def build_model(cfg: DictConfig, num_classes: int) -> DCAL:
         pretrained_file=m.pretrained_file,
         query_selection=m.query_selection,
         pair_strategy=m.pair_strategy,
+        glca_pool=m.glca_pool,
+        patch_stride=m.patch_stride,
         drop_path_rate=m.drop_path_rate,
         **OmegaConf.to_container(m.timm_kwargs),
     )
@@ -444,7 +446,7 @@ def load_for_eval(run: str | None = None, checkpoint: str | None = None,
     import yaml
 
     from dcal.checkpoint import read_export
-    from dcal.config import load_config
+    from dcal.config import load_config, upgrade_saved_config
 
     if (run is None) == (checkpoint is None):
         raise ValueError("give exactly one of --run DIR or --checkpoint FILE")
@@ -462,7 +464,7 @@ def load_for_eval(run: str | None = None, checkpoint: str | None = None,
     else:
         ckpt = load_training_state(path)
         state, config_yaml = ckpt["model"], ckpt["config"]
-    cfg = load_config(None, overrides, values=yaml.safe_load(config_yaml))
+    cfg = load_config(None, overrides, values=upgrade_saved_config(yaml.safe_load(config_yaml), str(path)))
     # weights come from the checkpoint: do not download or read pre-trained backbones again
     cfg.model.pretrained, cfg.model.pretrained_file = False, None
     head = "backbone.head.weight" if cfg.task == "fgvc" else "sa_neck.classifier.weight"

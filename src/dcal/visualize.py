@@ -63,26 +63,17 @@ def _softmax_attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor) 
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
-def _glca_queries(model: DCAL, x_prev: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """The GLCA query tokens the model uses: its own ``_glca_queries`` when it has one, else CLS + the selected
-    patch tokens of x_(L-1) (the reading of ``DCAL._glca_stream``)."""
-    own = getattr(model, "_glca_queries", None)
-    if own is not None:
-        return own(x_prev, selected)
-    local = torch.gather(x_prev, 1, (selected + 1).unsqueeze(-1).expand(-1, -1, x_prev.shape[-1]))
-    return torch.cat([x_prev[:, :1], local], dim=1)
-
-
 @torch.no_grad()
 def glca_attention(model: DCAL, images: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Attention probabilities of the first GLCA block, (B, H, Q, T): its queries (the model's, see
-    :func:`_glca_queries`) over the T tokens of x_(L-1); and how many of the Q queries are local (the last ones)."""
+    """Attention probabilities of the first GLCA block, (B, H, Q, T): its queries (``model.glca_queries``: the
+    selected patch tokens, and CLS first with ``glca_pool='cls'``) over the T tokens of x_(L-1); and how many of the
+    Q queries are local (the last ones)."""
     if not model.cfg.glca_blocks:
         raise ValueError("the model has no GLCA block (glca_blocks=0)")
     model.eval()
     x_prev, _, attentions = model._sa_stream(model._embed(images), need_attn=model.cfg.query_selection != "random")
     selected = model._select(attentions, images.shape[0], images.device)
-    queries = _glca_queries(model, x_prev, selected)
+    queries = model.glca_queries(x_prev, selected)
     blk = model.glca_blocks[0]
     q, k, _ = q_and_kv(blk.attn, blk.norm1(queries), blk.norm1(x_prev))
     return _softmax_attention(blk.attn, q, k), selected.shape[1]
