@@ -2,7 +2,8 @@
 equals PyTorch on the same inputs, at a batch size other than the traced one; the .safetensors export reloads.
 
 Tolerance: 1e-5 absolute on probabilities (FGVC) and 1e-4 on embeddings (Re-ID, unnormalised features of
-magnitude ~1-10); the selected local queries must be identical for every image."""
+magnitude ~1-10); every image must select the same set of local queries (the GLCA output does not depend on
+their order, which near-ties in the rollout may swap)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_fgvc_onnx_matches_pytorch_and_safetensors_reloads(fgvc_run, tmp_path, c
         want = (out["logits"]["sa"].softmax(-1) + out["logits"]["glca"].softmax(-1)) / 2
     assert probs.shape == (6, 3) and selected.shape == (6, 2)  # 16 patches, R = 10% -> 2 local queries
     np.testing.assert_allclose(probs, want.numpy(), atol=1e-5)
-    np.testing.assert_array_equal(selected, out["selected"].numpy())
+    np.testing.assert_array_equal(np.sort(selected, -1), out["selected"].sort(-1).values.numpy())
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(meta["classes"]) == list(CLASSES) and json.loads(meta["img_size"]) == [32, 32]
@@ -70,7 +71,7 @@ def test_reid_onnx_embedding(reid_run, tmp_path):
         want_sel = loaded.model(images, branches=("sa", "glca"))["selected"]
     assert emb.shape == (15, 96) and selected.shape == (15, 3)  # concat(SA, GLCA) of 48 each; 8 patches x 30%
     np.testing.assert_allclose(emb, want.numpy(), atol=1e-4)
-    np.testing.assert_array_equal(selected, want_sel.numpy())
+    np.testing.assert_array_equal(np.sort(selected, -1), want_sel.sort(-1).values.numpy())
 
 
 def test_sa_only_graph_has_no_selection(fgvc_run):

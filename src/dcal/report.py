@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import yaml
 
-matplotlib.use("Agg")  # files only: no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
+from dcal.visualize import save_figure  # sets the Agg backend: files only, no display on servers
 
 BRANCHES = ("sa", "glca", "pwca")
 SCORES = {"fgvc": ("top1", "top1_sa", "top1_glca"), "reid": ("mAP", "rank1")}
@@ -112,12 +111,7 @@ def plot_curves(logs: Sequence[RunLog], path: str | Path) -> Path:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.suptitle(", ".join(log.label for log in logs), fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

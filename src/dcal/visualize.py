@@ -194,9 +194,15 @@ def save_attention_figure(path: str | Path, images: np.ndarray, rows: Sequence[d
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Lay out, save as PNG (atomically: a reader never sees half a picture) and close ``fig``."""
+    from dcal.checkpoint import atomic_write
+
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     plt.close(fig)
     return path
