@@ -15,6 +15,7 @@ from dcal.cli import main
 from dcal.engine import build_datasets, eval_loader, evaluate_checkpoint, extract_features
 from dcal.inference import load_model
 from dcal.retrieval import GREEN, RED, FeatureSet, parse_identity, ranking_picture
+from tests.conftest import SHARED_DATA, needs_shared
 from tests.tiny_runs import write_images
 
 
@@ -128,3 +129,17 @@ def test_ranking_picture_frames(tmp_path):
     assert pic.size == (4 * 24 + 2 * 5 + 10, 44 + 14)
     xs = [24 + 10 + r * (24 + 5) for r in range(3)]
     assert [pic.getpixel((x, 30)) for x in xs] == [GREEN, RED, (160, 160, 160)]
+
+
+@needs_shared
+@pytest.mark.parametrize("split", ["query", "bounding_box_test"])
+def test_identities_of_real_market_names_match_the_dataset_reader(split):
+    from dcal.data import build_dataset
+    from dcal.inference import list_images
+
+    root = SHARED_DATA / "market1501_mini"
+    data = build_dataset("market1501", str(root), "query" if split == "query" else "gallery")
+    ids = {str(p): parse_identity(p) for p in list_images([root / split])}
+    assert len(ids) >= len(data.paths)  # the reader drops junk (-1) images, which keep their pid here
+    for path, pid, cam in zip(data.paths, data.pids, data.camids, strict=True):
+        assert ids[str(path)] == (pid, cam), path
