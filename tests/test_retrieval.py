@@ -65,6 +65,7 @@ def test_search_ranks_evaluates_and_draws(embedded, tmp_path, capsys):
     reference = evaluate_checkpoint(loaded.cfg, loaded.model)  # dcal eval on the same data
     assert 100 * metrics["mAP"] == pytest.approx(reference["mAP"], abs=1e-4)
     assert 100 * metrics["rank1"] == pytest.approx(reference["rank1"], abs=1e-4)
+    assert len(metrics["cmc"]) == 10 and metrics["cmc"][0] == metrics["rank1"] and metrics["cmc"][-1] == 1.0
 
     rows = list(csv.DictReader((out / "ranking.csv").open()))
     by_query: dict[str, list[dict]] = {}

@@ -272,7 +272,8 @@ def cmd_search(args: argparse.Namespace) -> Any:
     if ranking.metrics is not None:
         atomic_write_text(out / "metrics.json", json.dumps(ranking.metrics, indent=2))
         for k, v in ranking.metrics.items():
-            print(f"{k:>20}: {100 * v:.2f}" if isinstance(v, float) else f"{k:>20}: {v}")
+            if k != "cmc":  # the whole curve is in metrics.json
+                print(f"{k:>20}: {100 * v:.2f}" if isinstance(v, float) else f"{k:>20}: {v}")
     else:
         print("no evaluation: the file names of the query or gallery carry no pid/camid")
     if args.num_vis:

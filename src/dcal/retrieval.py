@@ -188,8 +188,10 @@ def rank_gallery(query: FeatureSet, gallery: FeatureSet, topk: int = 50, metric:
                 with warnings.catch_warnings():  # a gallery shorter than 50 shortens the CMC: expected here
                     warnings.simplefilter("ignore")
                     res = evaluate_reid(dist, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=50)
+                cmc = res["cmc"]
                 metrics = {"mAP": res["mAP"], "mINP": res["mINP"], "num_valid_queries": res["num_valid_queries"],
-                           **{f"rank{k}": float(res["cmc"][min(k, len(res["cmc"])) - 1]) for k in (1, 5, 10)}}
+                           **{f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)},
+                           "cmc": [float(c) for c in cmc]}
             except NoValidQueryError as e:
                 metrics = {"error": str(e)}
         dist = np.where(((gp == qp) & (gc == qc)) | (gp == -1), np.inf, dist).astype(np.float32)
