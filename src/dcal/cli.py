@@ -163,7 +163,8 @@ def cmd_visualize(args: argparse.Namespace) -> Any:
     if len(batch) < 2 and model.cfg.pwca_blocks:
         raise ValueError("the PWCA picture pairs images: give at least 2")
     if cfg.task == "fgvc":
-        preds = model.predict(batch).argmax(-1).tolist()
+        with torch.no_grad():
+            preds = model.predict(batch).argmax(-1).tolist()
         names = loaded.classes or [str(c) for c in range(model.cfg.num_classes)]
         titles = [f"{t}\npred {names[p][:14]}" for t, p in zip(titles, preds, strict=True)]
     shown = denormalize(batch, *config_mean_std(cfg))
@@ -277,9 +278,9 @@ def cmd_search(args: argparse.Namespace) -> Any:
     else:
         print("no evaluation: the file names of the query or gallery carry no pid/camid")
     if args.num_vis:
-        size = cell_size(loaded) if loaded is not None else (64, 128)
         n = None if args.num_vis < 0 else args.num_vis
-        pics = save_ranking_pictures(out / "visrank", query, gallery, ranking, topk=10, max_queries=n, cell=size)
+        pics = save_ranking_pictures(out / "visrank", query, gallery, ranking, topk=10, max_queries=n,
+                                     cell=cell_size(query))
         print(f"{len(pics)} ranking pictures in {out / 'visrank'}")
     return ranking
 

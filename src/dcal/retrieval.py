@@ -145,7 +145,8 @@ def embed_images(
     ids = [parse_identity(p) for p in kept]
     has_ids = all(i is not None for i in ids)
     meta = {"checkpoint": str(loaded.checkpoint), "checkpoint_sha256": file_digest(loaded.checkpoint),
-            "fusion": fusion, "after_bn": after_bn, "flip": flip, "dim": int(feats.shape[1])}
+            "fusion": fusion, "after_bn": after_bn, "flip": flip, "dim": int(feats.shape[1]),
+            "img_size": list(model.backbone.patch_embed.img_size)}
     return FeatureSet(feats, kept, [i[0] for i in ids] if has_ids else None,  # type: ignore[index]
                       [i[1] for i in ids] if has_ids else None, meta,  # type: ignore[index]
                       {str(files[i]): err for i, err in failed.items()})
@@ -274,8 +275,9 @@ def save_ranking_pictures(out_dir: str | Path, query: FeatureSet, gallery: Featu
     return saved
 
 
-def cell_size(loaded: LoadedModel, height: int = 128) -> tuple[int, int]:
-    """Picture cell (W, H) with the model's input aspect ratio (persons 1:2, vehicles 1:1)."""
-    h, w = loaded.model.backbone.patch_embed.img_size
+def cell_size(features: FeatureSet, height: int = 128) -> tuple[int, int]:
+    """Picture cell (W, H) with the aspect ratio of the model input the features came from (persons 1:2, vehicles
+    1:1; 1:2 when unknown)."""
+    h, w = features.meta.get("img_size") or (2, 1)
     return max(8, round(height * w / h)), height
 
