@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 CHECKPOINT_VERSION = 1
 
 
-def _atomic(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -34,9 +35,16 @@ def _atomic(path: Path, write: Any) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file so that a reader sees the old content or the new, never half of it."""
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename: readers never see half a file."""
     path = Path(path)
-    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
     return path
 
 
@@ -58,7 +66,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_training_state(path: str | Path, **state: Any) -> None:
     """Save a training state dict (model, optimizer, scheduler, criterion, epoch, config, ...) + RNG states."""
     payload = {"version": CHECKPOINT_VERSION, "rng": rng_state(), **state}
-    _atomic(Path(path), lambda tmp: torch.save(payload, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
@@ -80,8 +88,14 @@ def export_weights(
 ) -> None:
     """Weights only, as safetensors, with the run's config (and ``extra``, e.g. class names) in the metadata."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": "dcal", "config": config_yaml, "extra": json.dumps(extra or {})}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    save_safetensors(path, tensors, {"format": "dcal", "config": config_yaml, "extra": json.dumps(extra or {})})
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """``safetensors.torch.save_file`` through a temporary file and a rename."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
 
 
 def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
