@@ -131,6 +131,7 @@ class TrainConfig:
     save_every_steps: int = 0  # optimizer steps between mid-epoch checkpoints (last.pth); 0 = end of epoch only
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row (each such step is not applied)
     sync_bn: bool = False  # under torchrun: BatchNorm (Re-ID BNNecks) with global-batch statistics
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact reruns and resumes; slower)
     resume: bool = False  # resume from output_dir's last checkpoint
 
 

@@ -55,6 +55,8 @@ from dcal.model.dcal import compile_model
 
 BEST_METRIC = {"fgvc": "top1", "reid": "mAP"}
 TIME_KEYS = ("images_per_s", "train_time_s")  # record values that depend on the machine, not on the run
+# Test hook (tests/test_resume.py): seconds to sleep after each step, so that a test can SIGKILL a run mid-epoch.
+STEP_DELAY_ENV = "DCAL_TEST_STEP_DELAY_S"
 
 
 class RunExistsError(FileExistsError):
@@ -101,6 +103,10 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
     out_dir = Path(cfg.output_dir)
     last_path = out_dir / "last.pth"
     dist.on_main(lambda: _check_output_dir(out_dir, resume))
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     seed_everything(cfg.train.seed + info.rank)  # DeiT: per-process seed (drop-path, pairs); DDP syncs weights
     sets = build_datasets(cfg)  # dataset layout errors surface before anything is written
     num_classes = cfg.data.num_classes or sets["train"].num_classes
@@ -165,6 +171,7 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
             "progress_per_rank": dist.gather_objects(position.as_dict()) if position is not None else None,
         }
 
+    step_delay = float(os.environ.get(STEP_DELAY_ENV, "0"))
     t0 = time.perf_counter()
     total_steps = (cfg.train.epochs - start_epoch) * steps_per_epoch - (progress.batches if progress else 0)
     eta = _Eta(total_steps)
@@ -184,6 +191,8 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
                 if main:
                     save_training_state(last_path, **state)
                     _append_jsonl(metrics_path, partial)
+            if step_delay:
+                time.sleep(step_delay)
 
         loader = train_loader(cfg, sets["train"], epoch, start_batch=progress.batches if progress else 0)
         stats = train_one_epoch(model, criterion, loader, optimizer, scheduler, device, cfg, epoch, scaler,
