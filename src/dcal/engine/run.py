@@ -50,7 +50,7 @@ from dcal.engine.build import (
     train_loader,
 )
 from dcal.engine.evaluation import evaluate
-from dcal.engine.loop import EpochProgress, summarize, train_one_epoch
+from dcal.engine.loop import EpochProgress, NonFiniteLossError, summarize, train_one_epoch
 from dcal.model.dcal import compile_model
 
 BEST_METRIC = {"fgvc": "top1", "reid": "mAP"}
@@ -195,8 +195,12 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
                 time.sleep(step_delay)
 
         loader = train_loader(cfg, sets["train"], epoch, start_batch=progress.batches if progress else 0)
-        stats = train_one_epoch(model, criterion, loader, optimizer, scheduler, device, cfg, epoch, scaler,
-                                step=step, progress=progress, on_step=on_step, show_bar=main)
+        try:
+            stats = train_one_epoch(model, criterion, loader, optimizer, scheduler, device, cfg, epoch, scaler,
+                                    step=step, progress=progress, on_step=on_step, show_bar=main)
+        except NonFiniteLossError as e:
+            kept = f"the last good checkpoint is {last_path}" if last_path.exists() else "no checkpoint was written"
+            raise NonFiniteLossError(f"{e} ({kept})") from None
         progress = None
         record = {"epoch": epoch, **stats}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
@@ -256,8 +260,8 @@ def _records_until(records: list[dict[str, Any]], state: dict[str, Any]) -> list
     checkpoint's own record is added if the run died between writing the checkpoint and its line."""
     mine = state.get("record") or {}
     end = _position(mine) if mine else (state["epoch"], math.inf)
-    kept = [r for r in records if not r.get("final") and _position(r) <= end]
-    if mine and all(_position(r) != end for r in kept):
+    kept = [r for r in records if _position(r) <= end]  # a finished run's final record stays: it is history
+    if mine and all(_position(r) != end or r.get("final") for r in kept):
         kept.append(mine)
     return kept
 
