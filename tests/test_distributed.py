@@ -15,10 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dcal.config import load_config
 from dcal.data.samplers import ShardedShuffleSampler, ShardSampler
@@ -27,6 +25,8 @@ from dcal.engine import TrainStep, build_criterion, build_datasets, build_model,
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker  # noqa: E402
+
+from tests.test_cli import market_data  # noqa: E402, F401 - the Market-1501 layout fixture
 
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-6)  # float32, different summation order (two halves then an average)
@@ -85,29 +85,14 @@ def test_ddp_step_equals_one_process_with_twice_the_batch(tmp_path):
     assert ddp["eval"] == pytest.approx(whole)  # sharded evaluation counts every test image once
 
 
-@pytest.fixture
-def market(tmp_path):
-    """Market-1501 layout: 4 training ids x 4 images; 3 query ids seen by 2 cameras in the gallery."""
-    rng = np.random.default_rng(1)
-    root = tmp_path / "market"
-    train = [f"{pid:04d}_c{1 + i % 2}s1_{i:06d}_00.jpg" for pid in (2, 7, 9, 11) for i in range(4)]
-    query = [f"{pid:04d}_c1s1_{100 + pid:06d}_00.jpg" for pid in (20, 21, 22)]
-    gallery = [f"{pid:04d}_c{c}s1_{200 + pid * 3 + c:06d}_00.jpg" for pid in (20, 21, 22) for c in (2, 3)]
-    for folder, names in (("bounding_box_train", train), ("query", query), ("bounding_box_test", gallery)):
-        (root / folder).mkdir(parents=True)
-        for n in names:
-            Image.fromarray(rng.integers(0, 255, (32, 16, 3), dtype=np.uint8)).save(root / folder / n)
-    return root
-
-
-def test_two_process_reid_run_writes_one_set_of_files(tmp_path, market):
+def test_two_process_reid_run_writes_one_set_of_files(tmp_path, market_data):  # noqa: F811 - the fixture
     recipe = tmp_path / "reid.yaml"
     recipe.write_text("data:\n  dataset: market1501\n  resize: null\ntrain:\n  batch_size: 4\n  num_instances: 2\n"
                       "  epochs: 2\n  optimizer: sgd\n  lr: 0.008\n  workers: 0\n  device: cpu\n")
     out = tmp_path / "run"
     tiny = ["model.img_size=[32,16]", "model.timm_kwargs={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 8}",
             "model.pwca_blocks=2"]
-    res = torchrun(["-m", "dcal", "train", "--config", str(recipe), f"data.root={market}", f"output_dir={out}",
+    res = torchrun(["-m", "dcal", "train", "--config", str(recipe), f"data.root={market_data}", f"output_dir={out}",
                     *tiny, "train.save_every_steps=1"], cwd=tmp_path)
     assert res.stdout.count("done: best mAP") == 1  # rank 0 alone logs
     assert "x 2 process(es)" in res.stdout
@@ -121,7 +106,7 @@ def test_two_process_reid_run_writes_one_set_of_files(tmp_path, market):
     # the features gathered from both processes score as one process scoring the whole query and gallery
     from dcal.engine import evaluate_checkpoint, load_for_eval
 
-    cfg, model = load_for_eval(checkpoint=str(out / "last.pth"), overrides=[f"data.root={market}"])
+    cfg, model = load_for_eval(checkpoint=str(out / "last.pth"), overrides=[f"data.root={market_data}"])
     single = evaluate_checkpoint(cfg, model)
     for k in ("mAP", "rank1", "mINP"):
         assert ends[-1][k] == pytest.approx(single[k], abs=1e-4), k

@@ -412,16 +412,10 @@ def validate(cfg: DictConfig) -> None:
     for key, value in (("train.log_every", t.log_every), ("train.eval_every", t.eval_every)):
         if value < 1:
             _fail(key, f"must be >= 1; got {value}")
-    if t.save_every < 0:
-        _fail("train.save_every", f"must be >= 0; got {t.save_every}")
-    if t.save_every_steps < 0:
-        _fail("train.save_every_steps", f"must be >= 0; got {t.save_every_steps}")
-    if t.max_bad_steps < 1:
-        _fail("train.max_bad_steps", f"must be >= 1; got {t.max_bad_steps}")
-    if t.momentum < 0:
-        _fail("train.momentum", f"must be >= 0; got {t.momentum}")
-    if t.min_lr < 0 or t.warmup_lr < 0:
-        _fail("train.min_lr" if t.min_lr < 0 else "train.warmup_lr", "must be >= 0")
+    for key, low in (("save_every", 0), ("save_every_steps", 0), ("max_bad_steps", 1), ("momentum", 0),
+                     ("min_lr", 0), ("warmup_lr", 0)):
+        if t[key] < low:
+            _fail(f"train.{key}", f"must be >= {low}; got {t[key]}")
     if t.batch_size < 2 and m.pwca_blocks > 0:
         _fail("train.batch_size", f"must be >= 2 with PWCA (each image is paired with another); got {t.batch_size}")
     if e.max_rank < 1:
