@@ -30,7 +30,9 @@ def test_recipe_files_cover_tables_1_and_2() -> None:
     reid = {p.stem for p in REID_YAML}
     backbones = ["deit_tiny", "deit_small", "deit_base", "vit_base"]
     assert fgvc == {f"{d}_{b}" for d in ("cub", "cars", "aircraft") for b in backbones + ["r50_vit_base"]}
-    assert reid == {f"{d}_{b}" for d in ("market1501", "dukemtmc", "msmt17", "veri") for b in backbones}
+    reid_datasets = ("market1501", "dukemtmc", "msmt17", "veri")
+    stride12 = {f"{d}_{b}_stride12" for d in reid_datasets for b in ("deit_base", "vit_base")}  # SPEC §7
+    assert reid == {f"{d}_{b}" for d in reid_datasets for b in backbones} | stride12
     assert (CONFIGS / "demo.yaml").is_file()
 
 
@@ -41,14 +43,17 @@ def test_committed_files_match_the_generator() -> None:
         assert path.read_text() == gen.fgvc_recipe(dataset, backbone), path
     for path in REID_YAML:
         dataset, backbone = path.stem.split("_", 1)
-        assert path.read_text() == gen.reid_recipe(dataset, backbone), path
+        stride = 12 if backbone.endswith("_stride12") else None
+        assert path.read_text() == gen.reid_recipe(dataset, backbone.removesuffix("_stride12"), stride), path
     assert (CONFIGS / "demo.yaml").read_text() == gen.DEMO.format(**gen.DEMO_VALUES)
 
 
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_yaml_loads_and_validates(path: Path) -> None:
     cfg = load_config(path)
-    assert cfg.task == {"fgvc": "fgvc", "reid": "reid"}.get(path.parent.name, "fgvc")
+    by_folder = {"fgvc": "fgvc", "reid": "reid"}
+    by_file = {"demo": "fgvc", "cub100_small_vit": "fgvc", "mars_mini_small_vit": "reid"}
+    assert cfg.task == by_folder.get(path.parent.name, by_file.get(path.stem))
     assert cfg.train.lr > 0 and 0 < cfg.model.top_r <= 1
     if path.parent.name == "fgvc":
         assert cfg.train.lr == pytest.approx(5e-4 / 512 * 16)  # derived from lr: null
@@ -78,6 +83,8 @@ def test_reid_recipe_values(path: Path) -> None:
     assert t["batch_size"] == 64 and t["num_instances"] == 4
     assert m["top_r"] == 0.3 and m["glca_blocks"] == 1 and m["pwca_blocks"] == 12 and m["pretrained"] is True
     assert m["img_size"] == ([256, 256] if d["dataset"] == "veri" else [256, 128])
+    assert m["glca_pool"] == "mean"
+    assert m["patch_stride"] == (12 if path.stem.endswith("_stride12") else None)
     assert d["hflip"] == 0.5 and d["pad"] == 10 and d["random_erasing"] == 0.5
 
 
@@ -90,7 +97,7 @@ def test_backbone_names() -> None:
         "r50_vit_base": "vit_base_r50_s16_224.orig_in21k",
     }
     for path in FGVC_YAML + REID_YAML:
-        backbone = path.stem.split("_", 1)[1]
+        backbone = path.stem.split("_", 1)[1].removesuffix("_stride12")
         assert yaml.safe_load(path.read_text())["model"]["backbone"] == expected[backbone]
 
 

@@ -24,6 +24,9 @@ from safetensors.torch import save_file
 CHECKPOINT_VERSION = 2  # 2: RNG states as plain values (weights_only loading), mid-epoch position
 TMP_SUFFIX = ".tmp"
 MAX_LISTED = 20  # keys listed per kind of mismatch in an error message
+# checkpoints of version 1 kept NumPy's RNG state as an array: allow exactly what rebuilds one (no code runs)
+_OLD_RNG_GLOBALS = [np.dtype, np.ndarray, np.dtypes.UInt32DType,
+                    (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct]
 
 
 class CheckpointMismatchError(ValueError):
@@ -57,9 +60,11 @@ def _atomic(path: Path, write: Any) -> None:
             os.remove(tmp)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically (temporary file, fsync, rename)."""
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file so that a reader sees the old content or the new, never half of it."""
+    path = Path(path)
+    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return path
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
@@ -101,7 +106,8 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_OLD_RNG_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised naming the file
         raise ValueError(
             f"checkpoint {str(path)!r} could not be read safely (weights_only=True: tensors and plain values only; "

@@ -1,4 +1,4 @@
-"""The ``dcal`` command line: train, eval, demo, visualize, complexity."""
+"""The ``dcal`` command line: train, eval, demo, visualize, complexity, ablation."""
 
 from __future__ import annotations
 
@@ -53,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="PNG path (default: <run>/rollout.png or ./rollout.png)")
 
     sub.add_parser("complexity", help="print parameters and FLOPs at inference (the paper's Table 3)")
+
+    from dcal.ablation import SETS
+
+    p = sub.add_parser("ablation", help="train the paper's ablation variants over several seeds; table + picture",
+                       epilog=f"Sets: {', '.join(SETS)} (comma-separated to run several into one folder). " + EPILOG)
+    p.add_argument("--config", required=True, help="YAML recipe every variant starts from")
+    p.add_argument("--set", default="table3", help="table3 | selection | pairs | blocks, or several: table3,selection")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant: train.seed, train.seed+1, ...")
+    p.add_argument("--output-dir", default=None, help="default: runs/ablation_<sets>_<recipe name>")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every variant, e.g. train.epochs=5")
     return parser
 
 
@@ -117,6 +127,15 @@ def cmd_complexity(args: argparse.Namespace) -> Any:
     return rows
 
 
+def cmd_ablation(args: argparse.Namespace) -> Any:
+    from dcal.ablation import format_markdown, run_ablation
+
+    sets = [s.strip() for s in args.set.split(",") if s.strip()]
+    summary = run_ablation(args.config, sets, args.seeds, args.overrides, args.output_dir)
+    print(format_markdown(summary))
+    return summary
+
+
 def _rank_tag() -> str:
     """`` (rank R)`` inside a torchrun process, so that its error lines say which process spoke."""
     from dcal.distributed import launched_by_torchrun
@@ -125,7 +144,7 @@ def _rank_tag() -> str:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "visualize": cmd_visualize,
-            "complexity": cmd_complexity}
+            "complexity": cmd_complexity, "ablation": cmd_ablation}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.aircraft_annotation_level": ("variant", "family", "manufacturer"),
     "model.query_selection": ("rollout", "random", "last_layer"),
     "model.pair_strategy": ("random", "intra", "inter", "mix", "noise"),
+    "model.glca_pool": ("mean", "cls"),
     "loss.weighting": ("dynamic", "fixed"),
     "train.optimizer": ("adamw", "sgd"),
     "train.scheduler": ("cosine", "step", "constant"),
@@ -88,6 +90,8 @@ class ModelConfig:
     drop_path_rate: float = 0.1  # stochastic depth
     query_selection: str = "rollout"  # rollout | random | last_layer (ablation)
     pair_strategy: str = "random"  # PWCA distractor: random | intra | inter | mix | noise (Table 4)
+    glca_pool: str = "mean"  # GLCA feature: mean of the local queries' outputs (SPEC §3) | cls (earlier reading)
+    patch_stride: int | None = None  # < patch size: TransReID's overlapping patches (SPEC §7); None = patch size
     # extra timm.create_model arguments, e.g. {depth: 4, embed_dim: 96, num_heads: 3, patch_size: 8} for a
     # small from-scratch ViT (the demo); drop_path_rate and img_size have their own keys
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -370,6 +374,8 @@ def validate(cfg: DictConfig) -> None:
         _fail("model.glca_blocks", f"must be >= 0; got {m.glca_blocks}")
     if m.pwca_blocks < 0:
         _fail("model.pwca_blocks", f"must be >= 0; got {m.pwca_blocks}")
+    if m.patch_stride is not None and m.patch_stride < 1:
+        _fail("model.patch_stride", f"must be >= 1 (at most the patch size) or null; got {m.patch_stride}")
     if not 0.0 < m.top_r <= 1.0:
         _fail("model.top_r", f"is a fraction in (0, 1]; got {m.top_r}")
     if not 0.0 <= m.drop_path_rate < 1.0:
@@ -424,6 +430,20 @@ def validate(cfg: DictConfig) -> None:
         _fail("eval.batch_size", f"must be >= 1 or null; got {e.batch_size}")
     if e.fusion != "sa" and m.glca_blocks == 0:
         _fail("eval.fusion", f"is {e.fusion!r} but model.glca_blocks=0 (no GLCA branch): use 'sa'")
+
+
+def upgrade_saved_config(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """A config read back from a checkpoint, with the keys that older dcal versions did not write set to what
+    those versions did: no ``model.glca_pool`` means the model was trained with the CLS-token GLCA feature
+    (before SPEC §3's revision), so it loads as ``cls`` and says so in one line."""
+    model = values.get("model")
+    if isinstance(model, dict) and "glca_pool" not in model:
+        values = {**values, "model": {**model, "glca_pool": "cls"}}
+        logging.getLogger("dcal").warning(
+            "%s: saved before model.glca_pool existed; loading it as glca_pool=cls, the GLCA it was trained with",
+            source,
+        )
+    return values
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -53,6 +53,8 @@ def build_model(cfg: DictConfig, num_classes: int) -> DCAL:
         pretrained_file=m.pretrained_file,
         query_selection=m.query_selection,
         pair_strategy=m.pair_strategy,
+        glca_pool=m.glca_pool,
+        patch_stride=m.patch_stride,
         drop_path_rate=m.drop_path_rate,
         **OmegaConf.to_container(m.timm_kwargs),
     )

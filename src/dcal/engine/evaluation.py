@@ -127,7 +127,7 @@ def load_for_eval(run: str | None = None, checkpoint: str | None = None,
     (``.pth`` training state or ``.safetensors`` export); ``overrides`` may change data/eval keys."""
     import yaml
 
-    from dcal.config import load_config
+    from dcal.config import load_config, upgrade_saved_config
 
     if (run is None) == (checkpoint is None):
         raise ValueError("give exactly one of --run DIR or --checkpoint FILE")
@@ -145,7 +145,7 @@ def load_for_eval(run: str | None = None, checkpoint: str | None = None,
     else:
         ckpt = load_training_state(path)
         state, config_yaml = ckpt["model"], ckpt["config"]
-    cfg = load_config(None, overrides, values=yaml.safe_load(config_yaml))
+    cfg = load_config(None, overrides, values=upgrade_saved_config(yaml.safe_load(config_yaml), str(path)))
     # weights come from the checkpoint: do not download or read pre-trained backbones again
     cfg.model.pretrained, cfg.model.pretrained_file = False, None
     head = "backbone.head.weight" if cfg.task == "fgvc" else "sa_neck.classifier.weight"

@@ -6,7 +6,8 @@ Read top to bottom:
 * ``DCAL`` – wraps a timm ``VisionTransformer`` (``model.backbone``, unchanged: for FGVC the SA stream *is* it,
   norm and head included) and adds
     - GLCA (Eq. 3): M blocks, each a copy of SA block L, run in parallel with block L on its input x_(L-1);
-      queries = CLS + the top ⌈R·N⌉ patches by attention rollout (Eq. 2); own final norm and head.
+      queries = the top ⌈R·N⌉ patches by attention rollout (Eq. 2), keys/values = all tokens of x_(L-1); own
+      final norm and head; the GLCA feature is the mean of the local queries' normed outputs (SPEC §3).
     - PWCA (Eq. 4): a second pass through the *shared* SA blocks in training only, where each image's queries
       attend over its own and a distractor's keys/values (same stream, same layer); SA's norm and head.
 * ``create_model`` – builds the timm backbone (hub tag or local checkpoint) and the DCAL wrapper.
@@ -24,6 +25,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -43,6 +45,7 @@ from dcal.model.rollout import num_local_queries, rollout_cls_row, select_top
 TASKS = ("fgvc", "reid")
 QUERY_SELECTIONS = ("rollout", "random", "last_layer")
 FUSIONS = ("sa+glca", "sa", "glca")
+GLCA_POOLS = ("mean", "cls")
 DEFAULT_TOP_R = {"fgvc": 0.1, "reid": 0.3}
 
 
@@ -59,6 +62,11 @@ class DCALConfig:
         query_selection: ``rollout`` (Eq. 2), ``random``, or ``last_layer`` (the CLS attention of SA block L
             alone, without accumulation: the paper's "penultimate layer only" ablation).
         pair_strategy: ``random`` | ``intra`` | ``inter`` | ``mix`` | ``noise`` (see ``dcal.model.pairs``).
+        glca_pool: how the GLCA feature is read (SPEC §3). ``mean`` (default): the queries are the ⌈R·N⌉
+            selected patch tokens and the feature is the mean of their normed GLCA outputs, so the selection
+            shapes the feature. ``cls``: the earlier reading, the CLS token joins the queries and its output is
+            the feature; each query's output depends only on itself and the global keys/values, so there the
+            selection provably changes nothing (kept for comparison and for checkpoints trained that way).
     """
 
     task: str = "fgvc"
@@ -68,6 +76,7 @@ class DCALConfig:
     pwca_blocks: int = 12
     query_selection: str = "rollout"
     pair_strategy: str = "random"
+    glca_pool: str = "mean"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -82,6 +91,8 @@ class DCALConfig:
             raise ValueError(f"query_selection must be one of {QUERY_SELECTIONS}, got {self.query_selection!r}")
         if self.pair_strategy not in PAIR_STRATEGIES:
             raise ValueError(f"pair_strategy must be one of {PAIR_STRATEGIES}, got {self.pair_strategy!r}")
+        if self.glca_pool not in GLCA_POOLS:
+            raise ValueError(f"glca_pool must be one of {GLCA_POOLS}, got {self.glca_pool!r}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
 
@@ -90,7 +101,8 @@ class DCAL(nn.Module):
     """Dual cross-attention learning around a timm ViT with a class token.
 
     Train mode: ``model(images, pairs=None, targets=None)`` returns a dict with ``logits`` and ``features``
-    (per branch ``sa``, ``glca``, ``pwca``: the normed CLS feature), ``selected`` (indices into the N patch
+    (per branch ``sa``, ``glca``, ``pwca``: the normed CLS feature for SA and PWCA; for GLCA the mean of the
+    local queries' normed outputs, or its CLS output with ``glca_pool='cls'``), ``selected`` (indices into the N patch
     tokens of the GLCA local queries, (B, ⌈R·N⌉)), ``pairs`` and, for Re-ID, ``bn_features`` (BNNeck outputs;
     ``logits`` are then the BNNeck classifier's). Eval mode: the same without PWCA; see :meth:`predict`,
     :meth:`embed` and :meth:`cls_rollout`.
@@ -112,7 +124,8 @@ class DCAL(nn.Module):
         if cfg.task == "fgvc" and backbone.num_classes != cfg.num_classes:
             backbone.reset_classifier(cfg.num_classes)
 
-        # GLCA: M copies of SA block L (a clean start: its CLS output equals SA's), own norm and head.
+        # GLCA: M copies of SA block L (a clean start: at initialisation each local query's output equals SA
+        # block L's output at that token), own norm and head.
         self.glca_blocks = nn.ModuleList(copy.deepcopy(backbone.blocks[-1]) for _ in range(cfg.glca_blocks))
         if cfg.glca_blocks:
             self.glca_norm = copy.deepcopy(backbone.norm)
@@ -194,11 +207,17 @@ class DCAL(nn.Module):
             scores = rollout_cls_row(attentions)[:, 1:]
         return select_top(scores, k)
 
-    def _glca_stream(self, x_prev: Tensor, selected: Tensor) -> Tensor:
-        """M GLCA blocks: CLS + selected tokens of x_(L-1) query all tokens of x_(L-1). Returns (B, 1+k, D)."""
+    def glca_queries(self, x_prev: Tensor, selected: Tensor) -> Tensor:
+        """GLCA's query tokens taken from x_(L-1): the selected patches (B, k, D), preceded by CLS with
+        ``glca_pool='cls'`` (B, 1+k, D). ``selected`` indexes the N patch tokens (CLS excluded)."""
         dim = x_prev.shape[-1]
         local = torch.gather(x_prev, 1, (selected + 1).unsqueeze(-1).expand(-1, -1, dim))
-        q = torch.cat([x_prev[:, :1], local], dim=1)
+        return torch.cat([x_prev[:, :1], local], dim=1) if self.cfg.glca_pool == "cls" else local
+
+    def _glca_stream(self, x_prev: Tensor, selected: Tensor) -> Tensor:
+        """M GLCA blocks (Eq. 3): the query tokens attend over all tokens of x_(L-1); block m > 1 takes block
+        m-1's output tokens as queries and the same x_(L-1) as keys/values. Returns the query tokens' outputs."""
+        q = self.glca_queries(x_prev, selected)
         for blk in self.glca_blocks:
             q = self._run(glca_block, blk, q, x_prev)
         return q
@@ -215,13 +234,17 @@ class DCAL(nn.Module):
 
     # ------------------------------------------------------------------------------------------ heads
     def _head(self, branch: str, tokens: Tensor, out: dict[str, Any]) -> None:
-        """Final norm of the CLS token and the branch's classifier (PWCA uses SA's)."""
+        """The branch's feature and classifier (PWCA uses SA's). SA/PWCA: the normed CLS token. GLCA: its own
+        final norm on every output token (as the backbone's norm is applied), then the mean over the local
+        queries (``glca_pool='mean'``) or the CLS output (``'cls'``)."""
         bb = self.backbone
         if branch == "glca":
-            norm, fc_norm = self.glca_norm, self.glca_fc_norm
+            if self.cfg.glca_pool == "mean":
+                feature = self.glca_fc_norm(self.glca_norm(tokens).mean(dim=1))
+            else:
+                feature = self.glca_fc_norm(self.glca_norm(tokens[:, 0]))
         else:
-            norm, fc_norm = bb.norm, bb.fc_norm
-        feature = fc_norm(norm(tokens[:, 0]))
+            feature = bb.fc_norm(bb.norm(tokens[:, 0]))
         out["features"][branch] = feature
         if self.cfg.task == "fgvc":
             head = self.glca_head if branch == "glca" else bb.head
@@ -369,6 +392,8 @@ def create_model(
     pretrained_file: str | Path | None = None,
     query_selection: str = "rollout",
     pair_strategy: str = "random",
+    glca_pool: str = "mean",
+    patch_stride: int | None = None,
     **timm_kwargs: Any,
 ) -> DCAL:
     """Build a DCAL model on the timm ViT ``backbone`` (any with a class token).
@@ -376,8 +401,11 @@ def create_model(
     ``pretrained=True`` loads timm's weights for the name (e.g. ``vit_base_patch16_224.augreg_in21k``);
     ``pretrained_file`` loads a local timm-format checkpoint (.pth/.bin/.safetensors, or .npz for the
     big_vision/JAX ViTs) with the position embedding resampled to ``img_size`` and the classifier dropped.
-    Extra keyword arguments go to ``timm.create_model`` (e.g. ``drop_path_rate``; ``depth``/``embed_dim``
-    for tiny test models).
+    ``patch_stride`` below the patch size gives TransReID's overlapping patch embedding (SPEC §7, see
+    :func:`set_patch_stride`); pretrained weights are then loaded after the change, so the position embedding
+    is resampled once, straight from the checkpoint's grid to the overlapping one. ``glca_pool``: see
+    :class:`DCALConfig`. Extra keyword arguments go to ``timm.create_model`` (e.g. ``drop_path_rate``;
+    ``depth``/``embed_dim`` for tiny test models).
     """
     if pretrained and pretrained_file:
         raise ValueError("give either pretrained=True (timm hub weights) or pretrained_file=PATH, not both")
@@ -389,21 +417,54 @@ def create_model(
         pwca_blocks=pwca_blocks,
         query_selection=query_selection,
         pair_strategy=pair_strategy,
+        glca_pool=glca_pool,
     )
     img_size = tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
+    strided = patch_stride is not None
     vit = timm.create_model(
         backbone,
-        pretrained=pretrained,
+        pretrained=pretrained and not strided,
         num_classes=num_classes if task == "fgvc" else 0,
         img_size=img_size,
         **timm_kwargs,
     )
+    if strided:
+        set_patch_stride(vit, patch_stride)
+        if pretrained:  # timm's own hub loading, now that the grid is the overlapping one
+            filter_fn = getattr(sys.modules[type(vit).__module__], "checkpoint_filter_fn", None)
+            timm.models.load_pretrained(vit, pretrained_cfg=vit.pretrained_cfg, num_classes=vit.num_classes,
+                                        filter_fn=filter_fn)
     if pretrained_file is not None:
         load_pretrained_file(vit, pretrained_file)
     model = DCAL(vit, cfg)
     model.backbone_name = backbone
+    model.patch_stride = patch_stride
     model.timm_kwargs = {"img_size": img_size, **timm_kwargs}
     return model
+
+
+def set_patch_stride(vit: VisionTransformer, stride: int) -> None:
+    """TransReID's overlapping patch embedding (SPEC §7): the same patch kernel (and its weights) slid with
+    ``stride`` < patch size, no padding, so the grid is ((H - p) // s + 1, (W - p) // s + 1): 21x10 at 256x128
+    and 21x21 at 256x256 with p = 16, s = 12. The position embedding is resampled (bicubic, CLS kept) to that
+    grid, as timm does for a new image size; weights loaded afterwards are resampled to it by timm's filter."""
+    pe = vit.patch_embed
+    ph, pw = pe.patch_size
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= min(ph, pw):
+        raise ValueError(f"patch_stride must be an int in [1, {min(ph, pw)}] (the patch size), got {stride!r}")
+    if pe.img_size is None:
+        raise ValueError("patch_stride needs a backbone with a fixed img_size")
+    h, w = pe.img_size
+    grid = ((h - ph) // stride + 1, (w - pw) // stride + 1)
+    old_grid = tuple(pe.grid_size)
+    pe.proj.stride = (stride, stride)
+    pe.grid_size, pe.num_patches = grid, grid[0] * grid[1]
+    if vit.pos_embed is not None and grid != old_grid:
+        prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+        with torch.no_grad():
+            pos = resample_abs_pos_embed(vit.pos_embed.data, new_size=grid, old_size=old_grid,
+                                         num_prefix_tokens=prefix)
+        vit.pos_embed = nn.Parameter(pos)
 
 
 def load_pretrained_file(vit: VisionTransformer, path: str | Path) -> None:
@@ -450,7 +511,8 @@ def model_config(model: DCAL) -> dict[str, Any]:
     kwargs = dict(getattr(model, "timm_kwargs", {}))
     if isinstance(kwargs.get("img_size"), tuple):
         kwargs["img_size"] = list(kwargs["img_size"])
-    return {"backbone": getattr(model, "backbone_name", None), **asdict(model.cfg), **kwargs}
+    return {"backbone": getattr(model, "backbone_name", None), **asdict(model.cfg),
+            "patch_stride": getattr(model, "patch_stride", None), **kwargs}
 
 
 # -------------------------------------------------------------------------------------------- speed options

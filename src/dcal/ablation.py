@@ -1,0 +1,335 @@
+"""``dcal ablation``: the paper's ablations as one command, over several seeds.
+
+A *set* is a list of variants, each a name and the config keys it sets on top of the recipe and the user's
+``key=value`` overrides (so a variant always wins over a conflicting override and sets every key it needs: no
+GLCA means ``eval.fusion=sa`` without the user saying so). Sets:
+
+* ``table3``: SA only, +GLCA, +PWCA, DCAL (the paper's Table 3 rows);
+* ``selection``: how GLCA's local queries are chosen: rollout, random, last layer only, and ``glca_pool=cls``
+  (the CLS-token reading of GLCA, under which the selection has no effect: SPEC §3);
+* ``pairs``: the PWCA distractor (Table 4): random, intra-class, inter-class, 1:1 mix, Gaussian noise;
+* ``blocks``: the number of GLCA blocks M and PWCA blocks T (Fig. 2).
+
+Each variant is trained with ``dcal.engine.fit`` for every seed into ``OUT/<variant>/seed<k>/``; several sets
+can share one folder (``--set table3,selection``) and a variant whose keys equal an earlier one's reuses its
+runs (``selection``'s rollout is ``table3``'s DCAL). A finished run (its ``metrics.jsonl`` has the final record)
+is reused when the command runs again and a started one is resumed, so an interrupted ablation continues. The
+summary gives the **last** epoch's metric (mean ± std over seeds), the best epoch's for reference (selected on
+the evaluation split, so optimistic), the training time per run and the difference to the first row, written
+to ``ablation.md``, ``ablation.json`` and ``ablation.png`` in ``OUT``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dcal.config import ConfigError, load_config, to_yaml
+
+NO_GLCA = {"model.glca_blocks": 0, "eval.fusion": "sa"}
+
+
+def _table3(depth: int) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        ("SA only", {**NO_GLCA, "model.pwca_blocks": 0}),
+        ("+GLCA", {"model.glca_blocks": 1, "model.pwca_blocks": 0}),
+        ("+PWCA", {**NO_GLCA, "model.pwca_blocks": depth}),
+        ("DCAL", {"model.glca_blocks": 1, "model.pwca_blocks": depth}),
+    ]
+
+
+def _selection(depth: int) -> list[tuple[str, dict[str, Any]]]:
+    full = {"model.glca_blocks": 1, "model.pwca_blocks": depth, "model.glca_pool": "mean"}
+    return [
+        ("rollout", {**full, "model.query_selection": "rollout"}),
+        ("random", {**full, "model.query_selection": "random"}),
+        ("last layer", {**full, "model.query_selection": "last_layer"}),
+        ("glca_pool=cls", {**full, "model.query_selection": "rollout", "model.glca_pool": "cls"}),
+    ]
+
+
+def _pairs(depth: int) -> list[tuple[str, dict[str, Any]]]:
+    full = {"model.glca_blocks": 1, "model.pwca_blocks": depth}
+    names = {"random": "random", "intra": "intra-class", "inter": "inter-class", "mix": "1:1 mix", "noise": "noise"}
+    return [(label, {**full, "model.pair_strategy": key}) for key, label in names.items()]
+
+
+def _blocks(depth: int) -> list[tuple[str, dict[str, Any]]]:
+    rows = [(f"M=1, T={depth}", {"model.glca_blocks": 1, "model.pwca_blocks": depth})]
+    rows += [(f"M={m}, T={depth}", {"model.glca_blocks": m, "model.pwca_blocks": depth}) for m in (2, 3)]
+    for t in sorted({max(1, depth // 2), 1}, reverse=True):
+        if t != depth:
+            rows.append((f"M=1, T={t}", {"model.glca_blocks": 1, "model.pwca_blocks": t}))
+    return rows
+
+
+SETS: dict[str, Callable[[int], list[tuple[str, dict[str, Any]]]]] = {
+    "table3": _table3,
+    "selection": _selection,
+    "pairs": _pairs,
+    "blocks": _blocks,
+}
+
+
+@dataclass
+class Variant:
+    name: str
+    keys: dict[str, Any]
+    slug: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------- planning
+def backbone_depth(cfg: Any) -> int:
+    """L, the number of SA blocks of the recipe's backbone (``timm_kwargs.depth`` or the timm default)."""
+    depth = cfg.model.timm_kwargs.get("depth")
+    if isinstance(depth, int):
+        return depth
+    import timm
+
+    return len(timm.create_model(cfg.model.backbone, pretrained=False, num_classes=0).blocks)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name.replace("+", "plus_")).strip("_").lower()
+
+
+def plan(set_names: list[str], depth: int) -> list[Variant]:
+    """The variants of the named sets in order (names made unique)."""
+    unknown = [s for s in set_names if s not in SETS]
+    if unknown or not set_names:
+        raise ValueError(f"unknown ablation set(s) {unknown or set_names}; choose from {', '.join(SETS)}")
+    variants: list[Variant] = []
+    for set_name in set_names:
+        for name, keys in SETS[set_name](depth):
+            if any(v.name == name for v in variants):
+                name = f"{name} ({set_name})"
+            variants.append(Variant(name, keys, _slug(name)))
+    return variants
+
+
+def _overrides(keys: dict[str, Any]) -> list[str]:
+    return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in keys.items()]
+
+
+# -------------------------------------------------------------------------------------------------- running
+def _final_record(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text(encoding="utf-8").splitlines()):
+        if line.strip():
+            record = json.loads(line)
+            return record if record.get("final") else None
+    return None
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in (json.loads(x) for x in lines if x.strip()) if not r.get("final")]
+
+
+def _check_same_config(run_dir: Path, cfg: Any) -> None:
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and yaml.safe_load(saved.read_text(encoding="utf-8")) != yaml.safe_load(to_yaml(cfg)):
+        raise FileExistsError(
+            f"{run_dir} holds a run with another config than this ablation asks for (compare its config.yaml); "
+            "remove it or write the ablation to another --output-dir"
+        )
+
+
+def run_one(cfg: Any, run_dir: Path) -> tuple[dict[str, Any], str]:
+    """Train (or reuse, or resume) one run; its own log goes to ``run_dir/train.log``."""
+    from dcal.engine import fit
+
+    final = _final_record(run_dir)
+    if final is not None:
+        _check_same_config(run_dir, cfg)
+        return final, "reused"
+    resume = (run_dir / "last.pth").is_file()
+    if resume:
+        _check_same_config(run_dir, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        final = fit(cfg, resume=resume)
+    return final, "resumed" if resume else "trained"
+
+
+def run_summary(final: dict[str, Any], run_dir: Path, task: str, seed: int) -> dict[str, Any]:
+    """The numbers of one finished run: last epoch's metrics, best epoch's, time."""
+    keys = ("top1", "top1_sa", "top1_glca") if task == "fgvc" else ("mAP", "rank1", "mINP")
+    main = keys[0]
+    evaluated = [r for r in _records(run_dir) if main in r]
+    last_epoch = final["epoch"]
+    last = next((r for r in evaluated if r["epoch"] == last_epoch), None)
+    if last is None:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'}: no {main} recorded for the last epoch ({last_epoch + 1})")
+    best = max(evaluated, key=lambda r: r[main])
+    return {
+        "seed": seed, "run_dir": str(run_dir), "epochs": last_epoch + 1,
+        "last": {k: last[k] for k in keys if k in last},
+        "best": {k: best[k] for k in keys if k in best}, "best_epoch": best["epoch"] + 1,
+        "train_time_s": final.get("train_time_s", math.nan),
+    }
+
+
+def run_ablation(
+    config: str | Path,
+    sets: list[str],
+    seeds: int = 3,
+    overrides: list[str] | tuple[str, ...] = (),
+    output_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train every variant of ``sets`` on the recipe ``config`` for ``seeds`` seeds; write and return the summary."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    base = load_config(config, overrides)  # bad recipes and overrides fail here, before anything is written
+    variants = plan(sets, backbone_depth(base))
+    out = Path(output_dir or Path("runs") / f"ablation_{'_'.join(sets)}_{Path(config).stem}")
+    base_seed = base.train.seed
+    cfgs, slug_of = {}, {}
+    for v in variants:  # every config is checked before the first run starts
+        try:
+            cfg = load_config(config, [*overrides, *_overrides(v.keys), "output_dir=."])
+        except ConfigError as e:
+            raise ConfigError(f"variant {v.name!r}: {e}") from None
+        v.slug = slug_of.setdefault(to_yaml(cfg), v.slug)  # the same config is trained once (e.g. rollout = DCAL)
+        for k in range(seeds):
+            cfgs[v.slug, k] = load_config(config, [*overrides, *_overrides(v.keys), f"train.seed={base_seed + k}",
+                                                   f"output_dir={out / v.slug / f'seed{base_seed + k}'}"])
+    out.mkdir(parents=True, exist_ok=True)
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    total, n = len({s for s, _ in cfgs}) * seeds, 0
+    for v in variants:
+        for k in range(seeds):
+            seed = base_seed + k
+            if (v.slug, k) not in done:
+                n += 1
+                cfg = cfgs[v.slug, k]
+                t0 = time.perf_counter()
+                final, how = run_one(cfg, Path(cfg.output_dir))
+                done[v.slug, k] = run_summary(final, Path(cfg.output_dir), base.task, seed)
+                log(f"[{n}/{total}] {v.name} seed {seed}: {_one_line(done[v.slug, k], base.task)} "
+                    f"({how}, {time.perf_counter() - t0:.0f}s)")
+            v.runs.append(done[v.slug, k])
+    summary = summarize(variants, base.task)
+    summary.update({"recipe": str(config), "overrides": list(overrides), "sets": sets, "seeds": seeds,
+                    "command": " ".join(["dcal", "ablation", *sys.argv[2:]]) if sys.argv[1:2] == ["ablation"] else ""})
+    write_outputs(summary, out)
+    log(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
+    return summary
+
+
+def _one_line(run: dict[str, Any], task: str) -> str:
+    last = run["last"]
+    if task == "fgvc":
+        return f"top-1 {last.get('top1', math.nan):.2f} (last epoch)"
+    return f"mAP {last.get('mAP', math.nan):.2f} rank-1 {last.get('rank1', math.nan):.2f} (last epoch)"
+
+
+# ------------------------------------------------------------------------------------------------- summary
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((x - m) ** 2 for x in values) / (len(values) - 1))
+
+
+def summarize(variants: list[Variant], task: str) -> dict[str, Any]:
+    metrics = ["top1"] if task == "fgvc" else ["mAP", "rank1"]
+    rows = []
+    for v in variants:
+        row: dict[str, Any] = {"variant": v.name, "keys": v.keys, "runs": v.runs}
+        for m in metrics:
+            row[f"last_{m}"] = mean_std([r["last"][m] for r in v.runs])
+            row[f"best_{m}"] = mean_std([r["best"][m] for r in v.runs])
+        row["train_time_s"] = mean_std([r["train_time_s"] for r in v.runs])
+        rows.append(row)
+    for row in rows:
+        for m in metrics:
+            row[f"delta_{m}"] = row[f"last_{m}"][0] - rows[0][f"last_{m}"][0]
+    return {"task": task, "metrics": metrics, "rows": rows}
+
+
+LABEL = {"top1": "top-1", "mAP": "mAP", "rank1": "rank-1"}
+
+
+def format_markdown(summary: dict[str, Any]) -> str:
+    metrics, rows = summary["metrics"], summary["rows"]
+    seeds = len(rows[0]["runs"]) if rows else 0
+    head = ["variant"] + [f"{LABEL[m]} last epoch" for m in metrics] + [f"Δ {LABEL[m]}" for m in metrics]
+    head += [f"{LABEL[m]} best epoch*" for m in metrics] + ["time / run", "keys"]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 2) + " --- |"]
+    for r in rows:
+        cells = [r["variant"]]
+        cells += [f"{r[f'last_{m}'][0]:.2f} ± {r[f'last_{m}'][1]:.2f}" for m in metrics]
+        cells += [f"{r[f'delta_{m}']:+.2f}" for m in metrics]
+        cells += [f"{r[f'best_{m}'][0]:.2f} ± {r[f'best_{m}'][1]:.2f}" for m in metrics]
+        cells += [f"{r['train_time_s'][0]:.0f} s", ", ".join(f"{k}={v}" for k, v in r["keys"].items())]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        "",
+        f"Mean ± sample std over {seeds} seed(s); Δ = difference of the last-epoch means to the first row.",
+        "*Best epoch = the epoch with the highest metric on the evaluation split, i.e. selected on it: optimistic, "
+        "for reference only; the last epoch is the number to compare.",
+    ]
+    if summary.get("command"):
+        notes.append(f"Command: `{summary['command']}`")
+    return "\n".join(lines + notes) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    """One panel per metric: a bar at each variant's mean (last epoch), its seeds as points over it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics, rows = summary["metrics"], summary["rows"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 1.3 * len(rows)) * len(metrics), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        means = [r[f"last_{m}"][0] for r in rows]
+        ax.bar(range(len(rows)), means, color="#9ecae1", edgecolor="#3182bd")
+        for i, r in enumerate(rows):
+            values = [run["last"][m] for run in r["runs"]]
+            offsets = [(j - (len(values) - 1) / 2) * 0.12 for j in range(len(values))]
+            ax.scatter([i + o for o in offsets], values, color="black", s=14, zorder=3)
+        ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=20, ha="right")
+        ax.set_ylabel(f"{LABEL[m]} (%), last epoch")
+        lo = min(run["last"][m] for r in rows for run in r["runs"])
+        hi = max(run["last"][m] for r in rows for run in r["runs"])
+        pad = max(1.0, 0.15 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"dcal ablation: {', '.join(summary.get('sets', []))} ({len(rows[0]['runs'])} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(summary: dict[str, Any], out: Path) -> None:
+    from dcal.checkpoint import atomic_write_text
+
+    atomic_write_text(out / "ablation.md", format_markdown(summary))
+    atomic_write_text(out / "ablation.json", json.dumps(summary, indent=2, default=_json_default))
+    plot(summary, out / "ablation.png")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Variant):
+        return asdict(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

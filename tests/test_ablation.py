@@ -1,0 +1,110 @@
+"""``dcal ablation``: variants set their own keys, runs are reused and resumed, the table is the runs' numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from PIL import Image
+
+from dcal.ablation import mean_std, plan, run_ablation
+from dcal.cli import main
+
+RECIPE = """
+data: {dataset: synthetic, root: unused, resize: 36, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25],
+       synthetic_num_classes: 3, synthetic_train_per_class: 8, synthetic_test_per_class: 4, synthetic_image_size: 32}
+model: {img_size: 32, timm_kwargs: {depth: 2, embed_dim: 32, num_heads: 2, patch_size: 8}, pwca_blocks: 2}
+train: {epochs: 2, batch_size: 8, workers: 0, eval_every: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ablation")
+    recipe = tmp / "tiny.yaml"
+    recipe.write_text(RECIPE)
+    lines: list[str] = []
+    # the user's model.glca_blocks=2 must lose against each variant's own keys
+    summary = run_ablation(recipe, ["table3", "selection"], seeds=2, overrides=["model.glca_blocks=2"],
+                           output_dir=tmp / "out", log=lines.append)
+    return recipe, tmp / "out", summary, lines
+
+
+def test_variants_set_every_key_they_need(ablation):
+    _, out, summary, _ = ablation
+    rows = {r["variant"]: r for r in summary["rows"]}
+    assert list(rows) == ["SA only", "+GLCA", "+PWCA", "DCAL", "rollout", "random", "last layer", "glca_pool=cls"]
+    saved = {}
+    for name, row in rows.items():
+        assert [r["seed"] for r in row["runs"]] == [0, 1]
+        saved[name] = yaml.safe_load(open(f"{row['runs'][0]['run_dir']}/config.yaml"))
+    assert saved["SA only"]["model"]["glca_blocks"] == 0 and saved["SA only"]["eval"]["fusion"] == "sa"
+    assert saved["SA only"]["model"]["pwca_blocks"] == 0
+    assert saved["+GLCA"]["model"]["glca_blocks"] == 1 and saved["+GLCA"]["model"]["pwca_blocks"] == 0
+    assert saved["+PWCA"]["eval"]["fusion"] == "sa" and saved["+PWCA"]["model"]["pwca_blocks"] == 2
+    assert saved["random"]["model"]["query_selection"] == "random"
+    assert saved["glca_pool=cls"]["model"]["glca_pool"] == "cls"
+    # the selection set's rollout row *is* table3's DCAL (same config): trained once, 14 runs in all
+    assert rows["rollout"]["runs"] == rows["DCAL"]["runs"]
+    assert len({r["run_dir"] for row in rows.values() for r in row["runs"]}) == 14
+
+
+def test_table_is_the_last_epochs_of_the_runs(ablation):
+    _, out, summary, lines = ablation
+    assert len(lines) == 15 and lines[0].startswith("[1/14] SA only seed 0: top-1")
+    for row in summary["rows"]:
+        last = []
+        for run in row["runs"]:
+            records = [json.loads(x) for x in open(f"{run['run_dir']}/metrics.jsonl")]
+            assert records[-1]["final"] and records[-2]["epoch"] == 1
+            last.append(records[-2]["top1"])
+        assert row["last_top1"] == pytest.approx(mean_std(last))
+        assert row["delta_top1"] == pytest.approx(row["last_top1"][0] - summary["rows"][0]["last_top1"][0])
+    md = (out / "ablation.md").read_text()
+    first = summary["rows"][0]
+    assert f"| SA only | {first['last_top1'][0]:.2f} ± {first['last_top1'][1]:.2f} | +0.00 |" in md
+    assert json.loads((out / "ablation.json").read_text())["rows"][3]["variant"] == "DCAL"
+    with Image.open(out / "ablation.png") as im:
+        assert im.size[0] > 600 and im.size[1] > 300
+
+
+def test_rerun_reuses_and_an_interrupted_run_resumes(ablation):
+    recipe, out, summary, _ = ablation
+    dcal_run = out / "dcal" / "seed1"
+    metrics = dcal_run / "metrics.jsonl"
+    kept = metrics.read_text().splitlines()[:-1]  # as if killed before the final record was written
+    metrics.write_text("\n".join(kept) + "\n")
+    lines: list[str] = []
+    again = run_ablation(recipe, ["table3", "selection"], seeds=2, overrides=["model.glca_blocks=2"],
+                         output_dir=out, log=lines.append)
+    assert sum("(reused" in line for line in lines) == 13 and sum("(resumed" in line for line in lines) == 1
+    assert [r["last_top1"] for r in again["rows"]] == [r["last_top1"] for r in summary["rows"]]
+
+
+def test_a_run_dir_with_another_config_is_not_overwritten(ablation):
+    recipe, out, _, _ = ablation
+    before = (out / "sa_only" / "seed0" / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="another config"):
+        run_ablation(recipe, ["table3"], seeds=1, overrides=["train.epochs=1"], output_dir=out, log=lambda _: None)
+    assert (out / "sa_only" / "seed0" / "metrics.jsonl").read_text() == before
+
+
+def test_sets_and_errors(tmp_path, capsys):
+    names = [v.name for v in plan(["pairs", "blocks"], 12)]
+    assert names == ["random", "intra-class", "inter-class", "1:1 mix", "noise", "M=1, T=12", "M=2, T=12",
+                     "M=3, T=12", "M=1, T=6", "M=1, T=1"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    assert main(["ablation", "--config", str(recipe), "--set", "table9", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "table9" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["ablation", "--config", str(recipe), "--set", "blocks", "model.pwca_blocks=x",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_mean_std():
+    assert mean_std([1.0]) == (1.0, 0.0)
+    m, s = mean_std([1.0, 2.0, 3.0])
+    assert m == 2.0 and math.isclose(s, 1.0)

@@ -1,0 +1,51 @@
+"""``model.glca_pool`` and ``model.patch_stride`` travel with every saved config; checkpoints written before
+``glca_pool`` existed load as ``cls``, the GLCA they were trained with."""
+
+from __future__ import annotations
+
+import logging
+
+import yaml
+
+from dcal.checkpoint import export_weights
+from dcal.config import load_config, to_yaml
+from dcal.engine import build_model, load_for_eval
+
+TINY = [
+    "data.dataset=synthetic",
+    "model.img_size=32",
+    "model.timm_kwargs={depth: 2, embed_dim: 48, num_heads: 3, patch_size: 8}",
+    "model.pwca_blocks=2",
+]
+
+
+def test_keys_reach_the_model_and_the_saved_config():
+    cfg = load_config(None, [*TINY, "model.glca_pool=cls", "model.patch_stride=6"])
+    model = build_model(cfg, 3)
+    assert model.cfg.glca_pool == "cls" and model.patch_stride == 6 and model.num_patches == 25  # (32-8)//6+1 = 5
+    saved = yaml.safe_load(to_yaml(cfg))["model"]
+    assert saved["glca_pool"] == "cls" and saved["patch_stride"] == 6
+    assert load_config(None, TINY).model.glca_pool == "mean"
+
+
+def test_checkpoint_without_glca_pool_loads_as_cls(tmp_path, caplog):
+    cfg = load_config(None, [*TINY, "model.glca_pool=cls"])
+    model = build_model(cfg, 3)
+    values = yaml.safe_load(to_yaml(cfg))
+    del values["model"]["glca_pool"]  # what dcal wrote before this key existed
+    path = tmp_path / "old.safetensors"
+    export_weights(path, model, yaml.safe_dump(values))
+    with caplog.at_level(logging.WARNING, logger="dcal"):
+        loaded_cfg, loaded = load_for_eval(checkpoint=str(path))
+    assert loaded_cfg.model.glca_pool == "cls" and loaded.cfg.glca_pool == "cls"
+    lines = [r.getMessage() for r in caplog.records if r.name == "dcal"]
+    assert len(lines) == 1 and "glca_pool=cls" in lines[0] and "old.safetensors" in lines[0]
+
+
+def test_checkpoint_with_glca_pool_loads_silently(tmp_path, caplog):
+    cfg = load_config(None, TINY)
+    path = tmp_path / "new.safetensors"
+    export_weights(path, build_model(cfg, 3), to_yaml(cfg))
+    with caplog.at_level(logging.WARNING, logger="dcal"):
+        loaded_cfg, _ = load_for_eval(checkpoint=str(path))
+    assert loaded_cfg.model.glca_pool == "mean" and not [r for r in caplog.records if r.name == "dcal"]
