@@ -73,13 +73,20 @@ def init(device: str = "auto") -> tuple[DistInfo, torch.device]:
     else:
         dev = torch.device("cpu")
     if info.enabled and not dist.is_initialized():
+        global _OWNED
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        _OWNED = True
     return info, dev
 
 
+_OWNED = False  # whether init() created the process group (then shutdown() destroys it; a caller's group stays)
+
+
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    global _OWNED
+    if _OWNED and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _OWNED = False
 
 
 def _active() -> bool:
