@@ -56,7 +56,7 @@ def train_args(recipe, data, out, *extra):
 
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "dcal.cli", "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("train", "eval", "demo", "visualize", "complexity"):
+    for cmd in ("train", "eval", "demo", "visualize", "complexity", "predict", "embed", "search", "export", "report"):
         assert cmd in out.stdout
 
 

@@ -44,7 +44,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """``write(tmp)`` then make ``tmp`` durable and rename it onto ``path`` (readers see old or new, never half)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
@@ -61,9 +61,16 @@ def _atomic(path: Path, write: Any) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file so that a reader sees the old content or the new, never half of it."""
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename: readers never see half a file."""
     path = Path(path)
-    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
     return path
 
 
@@ -98,7 +105,7 @@ def save_training_state(path: str | Path, **state: Any) -> None:
     """Save a training state dict (model, optimizer, scheduler, criterion, epoch, config, ...) + RNG states
     (``state`` may bring its own ``rng``, e.g. every process's)."""
     payload = {"version": CHECKPOINT_VERSION, "rng": rng_state(), **state}
-    _atomic(Path(path), lambda tmp: torch.save(payload, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
@@ -147,8 +154,14 @@ def export_weights(
 ) -> None:
     """Weights only, as safetensors, with the run's config (and ``extra``, e.g. class names) in the metadata."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": "dcal", "config": config_yaml, "extra": json.dumps(extra or {})}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    save_safetensors(path, tensors, {"format": "dcal", "config": config_yaml, "extra": json.dumps(extra or {})})
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """``safetensors.torch.save_file`` through a temporary file and a rename."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
 
 
 def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
