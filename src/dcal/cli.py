@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dcal {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
 
-    p = sub.add_parser("train", help="train a model from a YAML recipe (FGVC or Re-ID)", epilog=EPILOG)
+    p = sub.add_parser(
+        "train", help="train a model from a YAML recipe (FGVC or Re-ID)",
+        epilog=EPILOG + " Under torchrun (torchrun --nproc_per_node=N -m dcal train ...) every process runs it: "
+        "distributed data parallel, rank 0 writes.",
+    )
     p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/fgvc/cub_deit_tiny.yaml")
-    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from last.pth")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in output_dir from last.pth (mid-epoch ones included)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
 
     p = sub.add_parser("eval", help="evaluate a trained run or checkpoint (top-1, or mAP/CMC)", epilog=EPILOG)
@@ -339,6 +345,13 @@ def cmd_ablation(args: argparse.Namespace) -> Any:
     return summary
 
 
+def _rank_tag() -> str:
+    """`` (rank R)`` inside a torchrun process, so that its error lines say which process spoke."""
+    from dcal.distributed import launched_by_torchrun
+
+    return f" (rank {os.environ['RANK']})" if launched_by_torchrun() else ""
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "visualize": cmd_visualize,
             "complexity": cmd_complexity, "ablation": cmd_ablation, "predict": cmd_predict, "embed": cmd_embed,
             "search": cmd_search, "export": cmd_export, "report": cmd_report}
@@ -350,12 +363,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-        # user errors (bad config, layout, paths, a missing optional extra): one clear line, no traceback
-        print(f"dcal {args.command}: error: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError, ImportError) as e:
+        # user errors (bad config, layout, paths, data, diverged run, a missing optional extra): one clear line
+        print(f"dcal {args.command}: error{_rank_tag()}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; last.pth holds the last finished epoch (continue with --resume)", file=sys.stderr)
+        print("interrupted; last.pth holds the last checkpoint (continue with --resume)", file=sys.stderr)
         return 130
     return 0
 
