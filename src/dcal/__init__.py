@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 SUBMODULES = (
-    "ablation", "checkpoint", "cli", "config", "data", "demo", "engine", "export", "inference", "losses", "metrics",
-    "model", "report", "retrieval", "visualize",
+    "ablation", "checkpoint", "cli", "config", "data", "demo", "distributed", "engine", "export", "inference",
+    "losses", "metrics", "model", "report", "retrieval", "visualize",
 )
 # public name -> the module that defines it
 _ATTRIBUTES = {
