@@ -37,3 +37,7 @@ def pytest_sessionstart(session):
 
     if os.environ.get("DCAL_REQUIRE_SHARED") == "1" and not SHARED_DATA.is_dir():
         raise pytest.UsageError(f"DCAL_REQUIRE_SHARED=1 but {SHARED_DATA} is absent: real-data tests would skip")
+
+
+# Tiny trained runs for the inference-command tests, defined once here so that each is trained once per session.
+from tests.tiny_runs import fgvc_run, reid_run  # noqa: E402, F401

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import dcal.engine
+import dcal.engine.run
 from dcal.cli import main
 
 TINY_MODEL = [
@@ -56,7 +56,7 @@ def train_args(recipe, data, out, *extra):
 
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "dcal.cli", "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("train", "eval", "demo", "visualize", "complexity"):
+    for cmd in ("train", "eval", "demo", "visualize", "complexity", "predict", "embed", "search", "export", "report"):
         assert cmd in out.stdout
 
 
@@ -87,16 +87,16 @@ def test_resume_continues_exactly(folder_data, recipe, tmp_path, monkeypatch):
     assert main(train_args(recipe, folder_data, straight)) == 0
 
     resumed = tmp_path / "resumed"
-    real_append = dcal.engine._append_jsonl
+    real_append = dcal.engine.run._append_jsonl
 
     def interrupt_after_first_epoch(path, record):
         real_append(path, record)
         if record.get("epoch") == 0:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(dcal.engine, "_append_jsonl", interrupt_after_first_epoch)
+    monkeypatch.setattr(dcal.engine.run, "_append_jsonl", interrupt_after_first_epoch)
     assert main(train_args(recipe, folder_data, resumed)) == 130
-    monkeypatch.setattr(dcal.engine, "_append_jsonl", real_append)
+    monkeypatch.setattr(dcal.engine.run, "_append_jsonl", real_append)
     assert main(train_args(recipe, folder_data, resumed)) == 2  # the run exists: refuse to overwrite it
     assert main(train_args(recipe, folder_data, resumed, "--resume")) == 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,13 @@ def test_subpackages_and_api_are_attributes():
     for name in dcal.SUBMODULES:
         assert isinstance(getattr(dcal, name), types.ModuleType)
     assert set(dcal.__all__) <= set(dir(dcal))
+
+
+def test_every_module_of_the_package_is_listed():
+    root = Path(dcal.__file__).parent
+    found = {p.stem for p in root.glob("*.py") if not p.name.startswith("_")}
+    found |= {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
+    assert found == set(dcal.SUBMODULES)
 
 
 def test_unknown_attribute_is_an_attribute_error():

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 SUBMODULES = (
-    "ablation", "checkpoint", "cli", "config", "data", "demo", "engine", "losses", "metrics", "model", "visualize",
+    "ablation", "checkpoint", "cli", "config", "data", "demo", "distributed", "engine", "export", "inference",
+    "losses", "metrics", "model", "report", "retrieval", "visualize",
 )
 # public name -> the module that defines it
 _ATTRIBUTES = {
@@ -25,9 +26,12 @@ _ATTRIBUTES = {
     "random_derangement": "dcal.model",
     "rollout_cls_row": "dcal.model",
     "sample_pairs": "dcal.model",
+    "load_model": "dcal.inference",
+    "predict": "dcal.inference",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
+    from dcal.inference import load_model, predict  # noqa: F401
     from dcal.model import (  # noqa: F401
         DCAL,
         DCALConfig,

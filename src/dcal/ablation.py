@@ -299,8 +299,8 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     metrics, rows = summary["metrics"], summary["rows"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 1.3 * len(rows)) * len(metrics), 3.6), squeeze=False)
-    for ax, m in zip(axes[0], metrics, strict=True):
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(4.0, 1.3 * len(rows)), 3.6 * len(metrics)), squeeze=False)
+    for ax, m in zip(axes[:, 0], metrics, strict=True):
         means = [r[f"last_{m}"][0] for r in rows]
         ax.bar(range(len(rows)), means, color="#9ecae1", edgecolor="#3182bd")
         for i, r in enumerate(rows):

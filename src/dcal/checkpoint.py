@@ -1,7 +1,10 @@
 """Checkpoints: full training state (``last.pth``/``best.pth``) and weights-only ``.safetensors`` exports.
 
-Writes are atomic (temporary file + rename), so an interrupted save never destroys the previous checkpoint.
-Every file carries the resolved config, so ``dcal eval --checkpoint FILE`` can rebuild the model alone.
+Writes are atomic (temporary file in the same folder, fsync, rename, fsync of the folder), so a checkpoint is
+never seen half-written, even when the process is killed during the save: the previous file stays until the new
+one is complete on disk. Reads use ``torch.load(..., weights_only=True)``: a checkpoint holds tensors and plain
+Python values only (the RNG states included), so a file cannot run code. Every file carries the resolved
+config, so ``dcal eval --checkpoint FILE`` can rebuild the model alone.
 """
 
 from __future__ import annotations
@@ -18,30 +21,72 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: RNG states as plain values (weights_only loading), mid-epoch position
+TMP_SUFFIX = ".tmp"
+MAX_LISTED = 20  # keys listed per kind of mismatch in an error message
+# checkpoints of version 1 kept NumPy's RNG state as an array: allow exactly what rebuilds one (no code runs)
+_OLD_RNG_GLOBALS = [np.dtype, np.ndarray, np.dtypes.UInt32DType,
+                    (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct]
 
 
-def _atomic(path: Path, write: Any) -> None:
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's weights do not fit the model (another backbone, image size or class count)."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp)`` then make ``tmp`` durable and rename it onto ``path`` (readers see old or new, never half)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file so that a reader sees the old content or the new, never half of it."""
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename: readers never see half a file."""
     path = Path(path)
-    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
     return path
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that a save killed mid-write left in ``folder``; returns them."""
+    stale = [p for p in Path(folder).glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch (and CUDA) generator states as tensors and plain values (weights_only-safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+             int(has_gauss), float(gauss)], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -49,16 +94,18 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_training_state(path: str | Path, **state: Any) -> None:
-    """Save a training state dict (model, optimizer, scheduler, criterion, epoch, config, ...) + RNG states."""
+    """Save a training state dict (model, optimizer, scheduler, criterion, epoch, config, ...) + RNG states
+    (``state`` may bring its own ``rng``, e.g. every process's)."""
     payload = {"version": CHECKPOINT_VERSION, "rng": rng_state(), **state}
-    _atomic(Path(path), lambda tmp: torch.save(payload, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
@@ -66,13 +113,40 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_OLD_RNG_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised naming the file
-        raise ValueError(f"checkpoint {str(path)!r} could not be read: {e}") from e
+        raise ValueError(
+            f"checkpoint {str(path)!r} could not be read safely (weights_only=True: tensors and plain values only; "
+            f"files of dcal < 0.2 or of other tools may hold pickled objects): {str(e).splitlines()[0]}"
+        ) from e
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {str(path)!r} is not a dcal training checkpoint: it holds a "
+                         f"{type(state).__name__}")
     missing = [k for k in ("model", "config") if k not in state]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} is not a dcal training checkpoint: it lacks {missing}")
     return state
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """``model.load_state_dict(state)``, or a :class:`CheckpointMismatchError` that lists every key the
+    checkpoint lacks or has in excess and every shape that differs (checkpoint vs model)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(items)} {what}: " + ", ".join(items[:MAX_LISTED]) +
+                 (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
+                 for what, items in (("shape mismatch(es)", shapes), ("key(s) missing from the checkpoint", missing),
+                                     ("unexpected key(s) in the checkpoint", unexpected)) if items]
+        raise CheckpointMismatchError(
+            f"checkpoint {str(source)!r} does not fit this model (another backbone, image size or class count?): "
+            + " | ".join(parts)
+        )
+    model.load_state_dict(state)
 
 
 def export_weights(
@@ -80,8 +154,14 @@ def export_weights(
 ) -> None:
     """Weights only, as safetensors, with the run's config (and ``extra``, e.g. class names) in the metadata."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": "dcal", "config": config_yaml, "extra": json.dumps(extra or {})}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    save_safetensors(path, tensors, {"format": "dcal", "config": config_yaml, "extra": json.dumps(extra or {})})
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """``safetensors.torch.save_file`` through a temporary file and a rename."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
 
 
 def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:

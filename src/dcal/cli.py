@@ -1,9 +1,11 @@
-"""The ``dcal`` command line: train, eval, demo, visualize, complexity, ablation."""
+"""The ``dcal`` command line: train, eval, demo, visualize, complexity, ablation, predict, embed, search, export,
+report."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,11 +13,28 @@ from typing import Any
 EPILOG = "Config keys are dotted (data.root=..., train.epochs=...); see configs/ and the README."
 
 
-def _add_source(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
+def _add_source(p: argparse.ArgumentParser, overrides: bool = True, required: bool = True) -> None:
+    src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--run", help="a run directory written by 'dcal train' (uses best, else last, weights)")
     src.add_argument("--checkpoint", help="a .pth training checkpoint or a .safetensors weights export")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/cub")
+    if overrides:
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/cub")
+
+
+def _add_inference(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's eval batch)")
+    p.add_argument("--workers", type=int, default=0, help="image-reading processes (default 0: in this process)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--fusion", default="sa+glca", choices=("sa+glca", "sa", "glca"), help="branches to combine")
+
+
+def _add_embedding(p: argparse.ArgumentParser) -> None:
+    _add_inference(p)
+    p.set_defaults(fusion=None)
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with the mirrored image (default: the run's eval.flip)")
+    p.add_argument("--after-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="features after the BNNeck (default: the run's eval.reid_feature)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dcal {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
 
-    p = sub.add_parser("train", help="train a model from a YAML recipe (FGVC or Re-ID)", epilog=EPILOG)
+    p = sub.add_parser(
+        "train", help="train a model from a YAML recipe (FGVC or Re-ID)",
+        epilog=EPILOG + " Under torchrun (torchrun --nproc_per_node=N -m dcal train ...) every process runs it: "
+        "distributed data parallel, rank 0 writes.",
+    )
     p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/fgvc/cub_deit_tiny.yaml")
-    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from last.pth")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in output_dir from last.pth (mid-epoch ones included)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
 
     p = sub.add_parser("eval", help="evaluate a trained run or checkpoint (top-1, or mAP/CMC)", epilog=EPILOG)
@@ -41,10 +65,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo", help="where both runs and the picture go")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
 
-    p = sub.add_parser("visualize", help="save attention-rollout pictures of test images for a trained model")
+    p = sub.add_parser("visualize", help="attention pictures: SA rollout + GLCA queries, GLCA and PWCA attention")
     _add_source(p)
     p.add_argument("--num-images", type=int, default=8)
+    p.add_argument("--images", nargs="+", default=None, help="your own image files/folders (default: test images)")
     p.add_argument("--output", default=None, help="PNG path (default: <run>/rollout.png or ./rollout.png)")
+
+    p = sub.add_parser("predict", help="top-k classes of image files and folders (FGVC)")
+    _add_source(p, overrides=False)
+    p.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--output", help="also write the predictions to this .csv or .json file")
+    _add_inference(p)
+
+    p = sub.add_parser("embed", help="Re-ID features of image folders, saved for 'dcal search'")
+    _add_source(p, overrides=False)
+    p.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
+    p.add_argument("--output", required=True, help=".safetensors file: features + index (paths, pid, camid)")
+    _add_embedding(p)
+
+    p = sub.add_parser("search", help="rank a gallery for each query; mAP/CMC when ids are known; visrank pictures")
+    _add_source(p, overrides=False, required=False)
+    p.add_argument("--query", required=True, help="query folder, or a features file from 'dcal embed'")
+    p.add_argument("--gallery", required=True, help="gallery folder, or a features file from 'dcal embed'")
+    p.add_argument("--output-dir", default="search", help="ranking.csv, metrics.json, visrank/ (default ./search)")
+    p.add_argument("--max-rank", type=int, default=50, help="ranked gallery items per query in the CSV")
+    p.add_argument("--num-vis", type=int, default=100, help="queries drawn with their top-10 (-1: all, 0: none)")
+    p.add_argument("--metric", default="euclidean", choices=("euclidean", "cosine"))
+    p.add_argument("--save-gallery", help="also save the gallery features here, to reuse them in later searches")
+    _add_embedding(p)
+
+    p = sub.add_parser("export", help="export to ONNX (inference graph) and/or .safetensors (weights + config)")
+    _add_source(p, overrides=False)
+    p.add_argument("--onnx", help="ONNX file to write")
+    p.add_argument("--safetensors", help="weights + config .safetensors to write (load with dcal.load_model)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--fusion", default="sa+glca", choices=("sa+glca", "sa", "glca"))
+    p.add_argument("--after-bn", action="store_true", help="Re-ID: embedding after the BNNeck")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch")
+
+    p = sub.add_parser("report", help="training curves (PNG) and a Markdown summary of one or more runs")
+    p.add_argument("runs", nargs="+", help="run directories (several: curves overlaid, config differences)")
+    p.add_argument("--output-dir", default=None, help="default: the run (one run) or ./report (several)")
 
     sub.add_parser("complexity", help="print parameters and FLOPs at inference (the paper's Table 3)")
 
@@ -89,27 +151,180 @@ def cmd_visualize(args: argparse.Namespace) -> Any:
     import torch
 
     from dcal.data.transforms import config_mean_std
-    from dcal.engine import build_datasets, load_for_eval
-    from dcal.visualize import denormalize, rollout_maps, save_rollout_figure
+    from dcal.inference import list_images, load_model, run_batches
+    from dcal.visualize import attention_rows, denormalize, save_attention_figure
 
-    cfg, model = load_for_eval(args.run, args.checkpoint, args.overrides)
-    sets = build_datasets(cfg, train=False)
-    data = sets["test"] if cfg.task == "fgvc" else sets["query"]
-    n = min(args.num_images, len(data))
-    step = max(1, len(data) // n)
-    items = [data[i * step] for i in range(n)]
-    batch = torch.stack([it[0] for it in items])
-    mean, std = config_mean_std(cfg)
-    if cfg.task == "fgvc":
-        preds = model.eval().predict(batch).argmax(-1).tolist()
-        titles = [f"{data.classes[it[1]][:14]}\npred {data.classes[p][:14]}"
-                  for it, p in zip(items, preds, strict=True)]
+    loaded = load_model(args.run, args.checkpoint, "cpu", args.overrides)
+    cfg, model = loaded.cfg, loaded.model
+    if args.images:
+        files = list_images(args.images)[: args.num_images]
+        batch, done, failed = run_batches(lambda x: x, files, loaded.transform, torch.device("cpu"))
+        for i, err in failed.items():
+            print(f"skipped {files[i]}: {err}", file=sys.stderr)
+        if batch is None:
+            raise ValueError(f"none of the images in {args.images} could be read")
+        titles = [Path(files[i]).name[:18] for i in done]
     else:
-        titles = [f"id {it[1]} cam {it[2]}" for it in items]
+        batch, titles = _test_images(cfg, args.num_images)
+    if len(batch) < 2 and model.cfg.pwca_blocks:
+        raise ValueError("the PWCA picture pairs images: give at least 2")
+    if cfg.task == "fgvc":
+        with torch.no_grad():
+            preds = model.predict(batch).argmax(-1).tolist()
+        names = loaded.classes or [str(c) for c in range(model.cfg.num_classes)]
+        titles = [f"{t}\npred {names[p][:14]}" for t, p in zip(titles, preds, strict=True)]
+    shown = denormalize(batch, *config_mean_std(cfg))
     out = args.output or str(Path(args.run or ".") / "rollout.png")
-    path = save_rollout_figure(out, denormalize(batch, mean, std), {"DCAL": rollout_maps(model, batch)}, titles)
+    path = save_attention_figure(out, shown, attention_rows(model, batch, shown), titles)
     print(f"saved {path}")
     return path
+
+
+def _test_images(cfg: Any, num: int) -> tuple[Any, list[str]]:
+    """``num`` images spread over the run's test (FGVC) or query (Re-ID) split, with captions."""
+    import torch
+
+    from dcal.engine import build_datasets
+
+    sets = build_datasets(cfg, train=False)
+    data = sets["test"] if cfg.task == "fgvc" else sets["query"]
+    n = min(num, len(data))
+    step = max(1, len(data) // n)
+    items = [data[i * step] for i in range(n)]
+    if cfg.task == "fgvc":
+        titles = [data.classes[it[1]][:14] for it in items]
+    else:
+        titles = [f"id {it[1]} cam {it[2]}" for it in items]
+    return torch.stack([it[0] for it in items]), titles
+
+
+def cmd_predict(args: argparse.Namespace) -> Any:
+    from dcal.inference import load_model, predict, predictions_table, write_predictions
+
+    loaded = load_model(args.run, args.checkpoint, args.device)
+    preds = predict(loaded, args.paths, topk=args.topk, fusion=args.fusion, workers=args.workers,
+                    batch_size=args.batch_size or loaded.cfg.eval.batch_size or loaded.cfg.train.batch_size)
+    if not preds:
+        raise FileNotFoundError(f"no image found in {', '.join(args.paths)}")
+    failed = sum(p.error is not None for p in preds)
+    if args.output is None or len(preds) <= 100:
+        print(predictions_table(preds))
+    if args.output:
+        print(f"wrote {write_predictions(args.output, preds)}")
+    print(f"{len(preds)} images, {failed} unreadable", file=sys.stderr)
+    return preds
+
+
+def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"fusion": args.fusion, "after_bn": args.after_bn, "flip": args.flip, "batch_size": args.batch_size,
+            "workers": args.workers}
+
+
+def _report_failed(features: Any) -> None:
+    for path, err in features.failed.items():
+        print(f"skipped {path}: {err}", file=sys.stderr)
+
+
+def cmd_embed(args: argparse.Namespace) -> Any:
+    from dcal.inference import load_model
+    from dcal.retrieval import embed_images
+
+    feats = embed_images(load_model(args.run, args.checkpoint, args.device), args.paths, **_embed_kwargs(args))
+    _report_failed(feats)
+    path = feats.save(args.output)
+    ids = "with pid/camid" if feats.has_ids else "without ids (names carry none)"
+    print(f"wrote {path}: {len(feats)} features of dimension {feats.features.shape[1]}, {ids}")
+    return feats
+
+
+def cmd_search(args: argparse.Namespace) -> Any:
+    from dcal.checkpoint import atomic_write_text
+    from dcal.inference import load_model
+    from dcal.retrieval import (
+        FeatureSet,
+        cell_size,
+        check_compatible,
+        embed_images,
+        file_digest,
+        rank_gallery,
+        ranking_csv,
+        save_ranking_pictures,
+    )
+
+    is_file = {k: Path(getattr(args, k)).suffix == ".safetensors" for k in ("query", "gallery")}
+    loaded = None
+    if args.run or args.checkpoint:
+        loaded = load_model(args.run, args.checkpoint, args.device)
+    elif not all(is_file.values()):
+        raise ValueError("--run or --checkpoint is needed to embed image folders (or give two features files)")
+    sets = {}
+    for k in ("query", "gallery"):
+        src = getattr(args, k)
+        if is_file[k]:
+            sets[k] = FeatureSet.load(src)
+            if loaded is not None and sets[k].meta.get("checkpoint_sha256") != file_digest(loaded.checkpoint):
+                raise ValueError(f"--{k} {src}: features were computed by {sets[k].meta.get('checkpoint')}, "
+                                 f"not by {loaded.checkpoint}")
+        else:
+            sets[k] = embed_images(loaded, [src], **_embed_kwargs(args))
+            _report_failed(sets[k])
+    query, gallery = sets["query"], sets["gallery"]
+    check_compatible(query, gallery)
+    if args.save_gallery:
+        print(f"saved gallery features to {gallery.save(args.save_gallery)}")
+    ranking = rank_gallery(query, gallery, topk=args.max_rank, metric=args.metric)
+    out = Path(args.output_dir)
+    atomic_write_text(out / "ranking.csv", ranking_csv(query, gallery, ranking))
+    print(f"{len(query)} queries x {len(gallery)} gallery images; ranking in {out / 'ranking.csv'}")
+    if ranking.metrics is not None:
+        atomic_write_text(out / "metrics.json", json.dumps(ranking.metrics, indent=2))
+        for k, v in ranking.metrics.items():
+            if k != "cmc":  # the whole curve is in metrics.json
+                print(f"{k:>20}: {100 * v:.2f}" if isinstance(v, float) else f"{k:>20}: {v}")
+    else:
+        print("no evaluation: the file names of the query or gallery carry no pid/camid")
+    if args.num_vis:
+        n = None if args.num_vis < 0 else args.num_vis
+        pics = save_ranking_pictures(out / "visrank", query, gallery, ranking, topk=10, max_queries=n,
+                                     cell=cell_size(query))
+        print(f"{len(pics)} ranking pictures in {out / 'visrank'}")
+    return ranking
+
+
+def cmd_export(args: argparse.Namespace) -> Any:
+    import torch
+
+    from dcal.inference import load_model
+
+    if not (args.onnx or args.safetensors):
+        raise ValueError("give --onnx FILE and/or --safetensors FILE")
+    loaded = load_model(args.run, args.checkpoint, "cpu")
+    if args.safetensors:
+        from dcal.checkpoint import export_weights
+        from dcal.config import to_yaml
+
+        export_weights(args.safetensors, loaded.model, to_yaml(loaded.cfg),
+                       {"classes": loaded.classes or loaded.model.cfg.num_classes})
+        print(f"wrote {args.safetensors} (weights + config; load with dcal.load_model(checkpoint=...))")
+    if args.onnx:
+        from dcal.export import compare_with_onnxruntime, export_onnx, onnx_metadata
+
+        path = export_onnx(loaded.model, args.onnx, fusion=args.fusion, after_bn=args.after_bn, opset=args.opset,
+                           metadata=onnx_metadata(loaded, args.fusion, args.after_bn))
+        print(f"wrote {path}")
+        if not args.no_check:
+            h, w = loaded.model.backbone.patch_embed.img_size
+            res = compare_with_onnxruntime(loaded.model, path, torch.randn(3, 3, h, w), args.fusion, args.after_bn)
+            print("onnxruntime vs PyTorch on a random batch of 3: " + ", ".join(f"{k} {v}" for k, v in res.items()))
+    return loaded
+
+
+def cmd_report(args: argparse.Namespace) -> Any:
+    from dcal.report import write_report
+
+    png, md = write_report(args.runs, args.output_dir)
+    print(f"wrote {png} and {md}")
+    return png, md
 
 
 def cmd_complexity(args: argparse.Namespace) -> Any:
@@ -130,8 +345,16 @@ def cmd_ablation(args: argparse.Namespace) -> Any:
     return summary
 
 
+def _rank_tag() -> str:
+    """`` (rank R)`` inside a torchrun process, so that its error lines say which process spoke."""
+    from dcal.distributed import launched_by_torchrun
+
+    return f" (rank {os.environ['RANK']})" if launched_by_torchrun() else ""
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "visualize": cmd_visualize,
-            "complexity": cmd_complexity, "ablation": cmd_ablation}
+            "complexity": cmd_complexity, "ablation": cmd_ablation, "predict": cmd_predict, "embed": cmd_embed,
+            "search": cmd_search, "export": cmd_export, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,12 +363,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-        # user errors (bad config, layout, paths): one clear line, no traceback
-        print(f"dcal {args.command}: error: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError, ImportError) as e:
+        # user errors (bad config, layout, paths, data, diverged run, a missing optional extra): one clear line
+        print(f"dcal {args.command}: error{_rank_tag()}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; last.pth holds the last finished epoch (continue with --resume)", file=sys.stderr)
+        print("interrupted; last.pth holds the last checkpoint (continue with --resume)", file=sys.stderr)
         return 130
     return 0
 

@@ -7,8 +7,9 @@ matches), then derives the task defaults:
 
 - ``task`` from ``data.dataset`` (``dcal.data.task_of``);
 - ``model.top_r`` None -> 0.1 (FGVC) / 0.3 (Re-ID), the paper's R;
-- ``train.lr`` None -> ``train.base_lr * train.batch_size / 512`` for FGVC (the paper's lr = 5e-4 / 512 x
-  batch size) and 0.008 for Re-ID (the paper's fixed Re-ID lr, not batch-scaled);
+- ``train.lr`` None -> ``train.base_lr * global batch / 512`` for FGVC (the paper's lr = 5e-4 / 512 x
+  batch size; the global batch is ``train.batch_size`` x the number of torchrun processes, as DeiT scales it)
+  and 0.008 for Re-ID (the paper's fixed Re-ID lr, not batch-scaled);
 
 and validates choices and ranges. The result is a read-only-keyed (struct) ``DictConfig``; its values after
 derivation are what a run used, so :func:`save_config` writes a file that reloads to the same config.
@@ -44,6 +45,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.scheduler": ("cosine", "step", "constant"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "data.on_bad_image": ("skip", "error"),
     "eval.fusion": ("sa+glca", "sa", "glca"),
     "eval.reid_feature": ("before_bn", "after_bn"),
     "eval.metric": ("euclidean", "cosine"),
@@ -73,6 +75,7 @@ class DataConfig:
     synthetic_seed: int = 0
     msmt17_val_in_train: bool = True  # MSMT17: train on train + val (the usual protocol)
     aircraft_annotation_level: str = "variant"  # variant (100) | family (70) | manufacturer (30)
+    on_bad_image: str = "skip"  # skip (warn, count, go on; stop if most are bad) | error (stop at the first)
 
 
 @dataclass
@@ -106,8 +109,8 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
-    batch_size: int = 16
-    lr: float | None = None  # None: fgvc = base_lr * batch_size / 512, reid = 0.008
+    batch_size: int = 16  # per process: under torchrun the global batch is batch_size x processes
+    lr: float | None = None  # None: fgvc = base_lr * global batch / 512, reid = 0.008
     base_lr: float = 5e-4  # FGVC lr per 512 images
     optimizer: str = "adamw"  # adamw | sgd
     weight_decay: float = 0.05
@@ -129,6 +132,10 @@ class TrainConfig:
     log_every: int = 50  # iterations
     eval_every: int = 1  # epochs
     save_every: int = 0  # epochs between checkpoints beyond the last/best; 0 = only last and best
+    save_every_steps: int = 0  # optimizer steps between mid-epoch checkpoints (last.pth); 0 = end of epoch only
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row (each such step is not applied)
+    sync_bn: bool = False  # under torchrun: BatchNorm (Re-ID BNNecks) with global-batch statistics
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact reruns and resumes; slower)
     resume: bool = False  # resume from output_dir's last checkpoint
 
 
@@ -322,7 +329,10 @@ def derive(cfg: DictConfig) -> DictConfig:
         cfg.model.top_r = TOP_R_DEFAULT[task]
     if cfg.train.lr is None:
         if task == "fgvc":
-            cfg.train.lr = cfg.train.base_lr * cfg.train.batch_size / FGVC_LR_REFERENCE_BATCH
+            from dcal.distributed import env_world_size
+
+            global_batch = cfg.train.batch_size * env_world_size()
+            cfg.train.lr = cfg.train.base_lr * global_batch / FGVC_LR_REFERENCE_BATCH
         else:
             cfg.train.lr = REID_DEFAULT_LR
     cfg.model.img_size = _size(cfg.model.img_size, "model.img_size", allow_none=False)
@@ -408,8 +418,12 @@ def validate(cfg: DictConfig) -> None:
     for key, value in (("train.log_every", t.log_every), ("train.eval_every", t.eval_every)):
         if value < 1:
             _fail(key, f"must be >= 1; got {value}")
-    if t.save_every < 0:
-        _fail("train.save_every", f"must be >= 0; got {t.save_every}")
+    for key, low in (("save_every", 0), ("save_every_steps", 0), ("max_bad_steps", 1), ("momentum", 0),
+                     ("min_lr", 0), ("warmup_lr", 0)):
+        if t[key] < low:
+            _fail(f"train.{key}", f"must be >= {low}; got {t[key]}")
+    if t.batch_size < 2 and m.pwca_blocks > 0:
+        _fail("train.batch_size", f"must be >= 2 with PWCA (each image is paired with another); got {t.batch_size}")
     if e.max_rank < 1:
         _fail("eval.max_rank", f"must be >= 1; got {e.max_rank}")
     if e.batch_size is not None and e.batch_size < 1:

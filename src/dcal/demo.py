@@ -52,10 +52,11 @@ def demo_config(output_dir: str | Path, variant: str, overrides: list[str] | tup
 
 def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[str, ...] = (),
              num_images: int = 6) -> dict[str, Any]:
-    """Train SA-only and DCAL, print their test accuracies side by side, save a rollout picture."""
+    """Train SA-only and DCAL, print their test accuracies side by side, save the attention pictures (the rollout
+    of both, and DCAL's GLCA local-query and PWCA attention)."""
     from dcal.data.transforms import config_mean_std
     from dcal.engine import build_datasets, fit, load_for_eval
-    from dcal.visualize import denormalize, rollout_maps, save_rollout_figure
+    from dcal.visualize import attention_rows, denormalize, rollout_maps, save_attention_figure
 
     output_dir = Path(output_dir)
     results = {}
@@ -77,15 +78,20 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
     cfg = demo_config(output_dir, "dcal", overrides)
     test = build_datasets(cfg, train=False)["test"]
     batch = torch.stack([test[i][0] for i in range(num_images)])
-    rows, preds = {}, {}
-    for variant, label in (("sa_only", "SA only"), ("dcal", "DCAL")):
-        _, model = load_for_eval(run=str(output_dir / variant))
-        rows[label] = rollout_maps(model, batch)
-        preds[variant] = model.eval().predict(batch).argmax(-1).tolist()
+    shown = denormalize(batch, *config_mean_std(cfg))
+    models, preds = {}, {}
+    for variant in ("sa_only", "dcal"):
+        _, models[variant] = load_for_eval(run=str(output_dir / variant))
+        with torch.no_grad():
+            preds[variant] = models[variant].eval().predict(batch).argmax(-1).tolist()
+    sa_maps, _ = rollout_maps(models["sa_only"], batch)
+    # SA-only's rollout, then DCAL's: rollout + selected queries, GLCA's local-query attention (Fig. 3a), PWCA's
+    # target CLS on the target and on the distractor with the distractor's share (Fig. 3b)
+    rows = [{"label": "SA only:\nrollout", "images": shown, "maps": sa_maps}]
+    rows += [{**row, "label": f"DCAL: {row['label']}"} for row in attention_rows(models["dcal"], batch, shown)]
     titles = [f"{test.classes[test.targets[i]]}\nSA:{test.classes[preds['sa_only'][i]][:10]} "
               f"DCAL:{test.classes[preds['dcal'][i]][:10]}" for i in range(num_images)]
-    picture = save_rollout_figure(output_dir / "rollout.png", denormalize(batch, *config_mean_std(cfg)),
-                                  rows, titles)
+    picture = save_attention_figure(output_dir / "rollout.png", shown, rows, titles)
     summary = {"sa_only": sa, "dcal": dc, "picture": str(picture)}
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(f"\nattention rollout picture: {picture}\nsummary: {output_dir / 'summary.json'}")

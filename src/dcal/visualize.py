@@ -1,4 +1,15 @@
-"""Pictures: attention rollout (paper Fig. 3/4) and the GLCA local queries it selects."""
+"""Pictures of what a trained model attends to (the paper's Fig. 3 and 4).
+
+* :func:`rollout_maps` – the SA attention rollout of the CLS token (Eq. 2) and the patches GLCA selects as local
+  queries (Fig. 3a/4a).
+* :func:`glca_attention_maps` – what GLCA's local queries attend to: the mean over the local queries and heads of
+  the first GLCA block's attention over the tokens of x_(L-1) (Fig. 3a).
+* :func:`pwca_attention_maps` – for an image pair, the PWCA attention of the target's CLS split between the target's
+  and the distractor's tokens, and the share that goes to the distractor (Fig. 3b/4b).
+
+Attention probabilities are computed here explicitly, without autograd, from the blocks' weights; the model's own
+forward never materialises probabilities it does not need.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dcal.model import DCAL  # noqa: E402
+from dcal.model.attention import pwca_block, q_and_kv, qkv  # noqa: E402
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -29,17 +41,88 @@ def rollout_maps(model: DCAL, images: torch.Tensor) -> tuple[np.ndarray, np.ndar
     (B, gh, gw) (all False when the model has no GLCA)."""
     model.eval()
     gh, gw = model.backbone.patch_embed.grid_size
-    scores = model.cls_rollout(images)
-    maps = scores.view(-1, 1, gh, gw)
-    maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    lo = maps.flatten(1).min(1).values.view(-1, 1, 1)
-    hi = maps.flatten(1).max(1).values.view(-1, 1, 1)
-    maps = (maps - lo) / (hi - lo).clamp_min(1e-12)
     selected = torch.zeros(images.shape[0], gh * gw, dtype=torch.bool)
     if model.cfg.glca_blocks:
         idx = model(images, branches=("sa", "glca"))["selected"].cpu()
         selected.scatter_(1, idx, True)
-    return maps.cpu().numpy(), selected.view(-1, gh, gw).numpy()
+    return patch_maps(model, model.cls_rollout(images), images.shape[-2:]), selected.view(-1, gh, gw).numpy()
+
+
+def patch_maps(model: DCAL, scores: torch.Tensor, size: Sequence[int]) -> np.ndarray:
+    """(B, N) scores over the patch tokens -> (B, H, W) maps upsampled to the image size, each scaled to [0, 1]."""
+    gh, gw = model.backbone.patch_embed.grid_size
+    maps = F.interpolate(scores.float().view(-1, 1, gh, gw), size=tuple(size), mode="bilinear",
+                         align_corners=False)[:, 0]
+    lo = maps.flatten(1).min(1).values.view(-1, 1, 1)
+    hi = maps.flatten(1).max(1).values.view(-1, 1, 1)
+    return ((maps - lo) / (hi - lo).clamp_min(1e-12)).cpu().numpy()
+
+
+def _softmax_attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d): (B, H, Tq, Tk), explicit (for pictures only)."""
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+@torch.no_grad()
+def glca_attention(model: DCAL, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Attention probabilities of the first GLCA block, (B, H, Q, T): its queries (``model.glca_queries``: the
+    selected patch tokens, and CLS first with ``glca_pool='cls'``) over the T tokens of x_(L-1); and how many of the
+    Q queries are local (the last ones)."""
+    if not model.cfg.glca_blocks:
+        raise ValueError("the model has no GLCA block (glca_blocks=0)")
+    model.eval()
+    x_prev, _, attentions = model._sa_stream(model._embed(images), need_attn=model.cfg.query_selection != "random")
+    selected = model._select(attentions, images.shape[0], images.device)
+    queries = model.glca_queries(x_prev, selected)
+    blk = model.glca_blocks[0]
+    q, k, _ = q_and_kv(blk.attn, blk.norm1(queries), blk.norm1(x_prev))
+    return _softmax_attention(blk.attn, q, k), selected.shape[1]
+
+
+def glca_attention_maps(model: DCAL, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """What GLCA's local queries look at (Fig. 3a): the first GLCA block's attention over the N patch tokens of
+    x_(L-1), averaged over the selected local queries (a CLS query, when the model has one, is left out) and the
+    heads. Returns the (B, H, W) maps in [0, 1] and the raw (B, N) means."""
+    probs, n_local = glca_attention(model, images)
+    scores = probs[:, :, -n_local:].mean(dim=(1, 2))[:, 1:]
+    return patch_maps(model, scores, images.shape[-2:]), scores.cpu().numpy()
+
+
+@torch.no_grad()
+def pwca_attention_maps(model: DCAL, images: torch.Tensor, pairs: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """The PWCA attention of each target image's CLS token over the concatenated keys of the target and its
+    distractor (Eq. 4), in the last PWCA block (T), averaged over heads (Fig. 3b/4b).
+
+    The PWCA stream is run as in training (blocks 1..T pair-wise, weights shared with SA) but in eval mode (no
+    dropout). ``pairs[i]`` is the distractor of image ``i`` (default: the next image in the batch).
+
+    Returns ``target`` and ``distractor`` (B, H, W) maps in [0, 1] (each over its own image's patches),
+    ``share`` (B,): the fraction of the CLS attention that goes to the distractor's tokens in block T, and
+    ``share_mean`` (B,): that fraction averaged over the T pair-wise blocks.
+    """
+    T = model.cfg.pwca_blocks
+    if not T:
+        raise ValueError("the model has no PWCA block (pwca_blocks=0)")
+    model.eval()
+    b = images.shape[0]
+    if pairs is None:
+        pairs = torch.roll(torch.arange(b, device=images.device), -1)
+    x = model._embed(images)
+    n_tok = x.shape[1]
+    shares = []
+    for blk in model.backbone.blocks[:T]:
+        q, k, _ = qkv(blk.attn, blk.norm1(x))
+        cls_row = _softmax_attention(blk.attn, q[:, :, :1], torch.cat([k, k[pairs]], dim=2)).mean(dim=1)[:, 0]
+        shares.append(cls_row[:, n_tok:].sum(-1))
+        x = pwca_block(blk, x, pairs)
+    size = images.shape[-2:]
+    return {
+        "target": patch_maps(model, cls_row[:, 1:n_tok], size),
+        "distractor": patch_maps(model, cls_row[:, n_tok + 1:], size),
+        "share": shares[-1].cpu().numpy(),
+        "share_mean": torch.stack(shares).mean(0).cpu().numpy(),
+        "pairs": pairs.cpu().numpy(),
+    }
 
 
 def save_rollout_figure(
@@ -56,29 +139,70 @@ def save_rollout_figure(
         rows: model label -> (maps (B, H, W), selection masks (B, gh, gw)) from :func:`rollout_maps`.
         titles: one caption per image (e.g. class names / predictions).
     """
+    return save_attention_figure(
+        path, images, [{"label": label, "images": images, "maps": m, "boxes": sel} for label, (m, sel) in rows.items()],
+        titles, title="Attention rollout of the CLS token (boxes: GLCA local queries)")
+
+
+def attention_rows(model: DCAL, images: torch.Tensor, shown: np.ndarray,
+                   pairs: torch.Tensor | None = None) -> list[dict[str, object]]:
+    """The rows of :func:`save_attention_figure` for ``model``: SA rollout with the selected local queries, GLCA's
+    local-query attention (with GLCA), and the PWCA attention on the target and on its distractor (with PWCA).
+    ``shown``: the images as (B, H, W, 3) in [0, 1] (see :func:`denormalize`)."""
+    maps, selected = rollout_maps(model, images)
+    rows: list[dict[str, object]] = [{"label": "SA rollout\n(boxes: GLCA queries)", "images": shown, "maps": maps,
+                                      "boxes": selected}]
+    if model.cfg.glca_blocks:
+        rows.append({"label": "GLCA: local queries'\nattention", "images": shown,
+                     "maps": glca_attention_maps(model, images)[0]})
+    if model.cfg.pwca_blocks:
+        pw = pwca_attention_maps(model, images, pairs)
+        rows.append({"label": "PWCA: target CLS\non the target", "images": shown, "maps": pw["target"],
+                     "captions": [f"to distractor {s:.1%}\n(mean of T {m:.1%})"
+                                  for s, m in zip(pw["share"], pw["share_mean"], strict=True)]})
+        rows.append({"label": "PWCA: target CLS\non the distractor", "images": shown[pw["pairs"]],
+                     "maps": pw["distractor"]})
+    return rows
+
+
+def save_attention_figure(path: str | Path, images: np.ndarray, rows: Sequence[dict[str, object]],
+                          titles: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """One column per image: the image, then one row per entry of ``rows`` (from :func:`attention_rows`): a heat
+    map over ``images`` (or the row's own, e.g. the distractors), optional ``boxes`` (B, gh, gw) and ``captions``."""
     n = images.shape[0]
-    fig, axes = plt.subplots(1 + len(rows), n, figsize=(2.2 * n, 2.3 * (1 + len(rows))), squeeze=False)
+    fig, axes = plt.subplots(1 + len(rows), n, figsize=(2.2 * n, 2.4 * (1 + len(rows))), squeeze=False)
+    h, w = images.shape[1:3]
     for j in range(n):
         axes[0, j].imshow(images[j])
         axes[0, j].set_title(titles[j] if titles else f"image {j}", fontsize=8)
-        for i, (label, (maps, sel)) in enumerate(rows.items(), start=1):
+        for i, row in enumerate(rows, start=1):
             ax = axes[i, j]
-            ax.imshow(images[j])
-            ax.imshow(maps[j], cmap="jet", alpha=0.5)
-            h, w = images.shape[1:3]
-            gh, gw = sel.shape[1:]
-            for r, c in zip(*np.nonzero(sel[j]), strict=True):
-                ax.add_patch(plt.Rectangle((c * w / gw, r * h / gh), w / gw, h / gh, fill=False,
-                                           edgecolor="white", linewidth=0.8))
+            ax.imshow(row["images"][j])
+            ax.imshow(row["maps"][j], cmap="jet", alpha=0.5)
+            boxes = row.get("boxes")
+            if boxes is not None:
+                gh, gw = boxes.shape[1:]
+                for r, c in zip(*np.nonzero(boxes[j]), strict=True):
+                    ax.add_patch(plt.Rectangle((c * w / gw, r * h / gh), w / gw, h / gh, fill=False,
+                                               edgecolor="white", linewidth=0.8))
+            if row.get("captions") is not None:
+                ax.set_title(row["captions"][j], fontsize=7)
             if j == 0:
-                ax.set_ylabel(label, fontsize=8)
+                ax.set_ylabel(row["label"], fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("Attention rollout of the CLS token (boxes: GLCA local queries)", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Lay out, save as PNG (atomically: a reader never sees half a picture) and close ``fig``."""
+    from dcal.checkpoint import atomic_write
+
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     plt.close(fig)
     return path

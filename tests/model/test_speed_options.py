@@ -18,7 +18,9 @@ def images(n: int = 4, size: int = 32) -> torch.Tensor:
 
 @pytest.mark.parametrize("task", ["fgvc", "reid"])
 def test_bf16_autocast_runs_all_streams_close_to_fp32(task):
-    model = tiny_model(task=task).train()
+    # every patch a local query (R = 1): GLCA's mean over them does not depend on the rollout order, which bf16
+    # may flip between near-tied patches (with R < 1 such a flip changes the pooled feature, as it should)
+    model = tiny_model(task=task, top_r=1.0).train()
     x, y = images(), torch.tensor([0, 0, 1, 1])
     ref = model(x, pairs=PAIRS)
     with autocast("cpu", "bf16"):
@@ -34,7 +36,7 @@ def test_bf16_autocast_runs_all_streams_close_to_fp32(task):
 
 
 def test_bf16_autocast_inference_prediction_close_to_fp32():
-    model = tiny_model().eval()
+    model = tiny_model(top_r=1.0).eval()  # R = 1: see above
     x = images()
     with torch.inference_mode():
         ref = model.predict(x)

@@ -12,6 +12,9 @@ no ``shuffle``::
 Every consecutive run of ``batch_size`` indices is one batch of P = batch_size // num_instances distinct
 identities with K = num_instances images each (consecutive within the batch, identity by identity), which is
 what batch-hard triplet mining expects.
+
+Both training samplers resume mid-epoch: ``set_epoch(epoch, start_batch=k)`` yields the epoch's order from its
+``k``-th batch on, so a run resumed from a mid-epoch checkpoint skips exactly the batches already trained on.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["RandomIdentitySampler"]
+__all__ = ["RandomIdentitySampler", "ShardedShuffleSampler", "ShardSampler"]
 
 EPOCH_LENGTHS = ("images", "identities")
 
@@ -71,12 +74,7 @@ class RandomIdentitySampler(Sampler[int]):
             )
         if epoch_length not in EPOCH_LENGTHS:
             raise ValueError(f"epoch_length must be one of {EPOCH_LENGTHS}, got {epoch_length!r}")
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"invalid rank {rank} for num_replicas {num_replicas}")
+        num_replicas, rank = _dist_default(num_replicas, rank)
         pids_arr = np.asarray(pids.tolist() if isinstance(pids, torch.Tensor) else pids, dtype=np.int64)
         if pids_arr.ndim != 1 or pids_arr.size == 0:
             raise ValueError("pids must be a non-empty 1-D sequence of identities")
@@ -99,10 +97,13 @@ class RandomIdentitySampler(Sampler[int]):
                 f"distinct identities (batch_size {batch_size} / num_instances {num_instances})"
             )
         self._cache: tuple[int, np.ndarray] | None = None
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order :meth:`__iter__` yields (call it before each epoch)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose order :meth:`__iter__` yields (call it before each epoch), from its
+        ``start_batch``-th batch on (mid-epoch resume)."""
         self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
 
     def _rng(self) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch]))
@@ -164,13 +165,75 @@ class RandomIdentitySampler(Sampler[int]):
         return mine
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.batches().reshape(-1).tolist())
+        return iter(self.batches()[self.start_batch :].reshape(-1).tolist())
 
     def __len__(self) -> int:
-        return int(self.batches().size)
+        return int(self.batches()[self.start_batch :].size)
 
     def __repr__(self) -> str:
         return (
             f"RandomIdentitySampler(ids={len(self.unique_pids)}, P={self.num_pids_per_batch}, "
             f"K={self.num_instances}, epoch_length={self.epoch_length!r}, rank={self.rank}/{self.num_replicas})"
         )
+
+
+def _dist_default(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if rank is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ValueError(f"invalid rank {rank} for num_replicas {num_replicas}")
+    return int(num_replicas), int(rank)
+
+
+class ShardedShuffleSampler(Sampler[int]):
+    """Shuffled FGVC training order, sharded over DDP processes by global batch; resumable mid-epoch.
+
+    Each epoch is a permutation of ``range(num_samples)`` that depends only on ``(seed, epoch)``, cut into
+    global batches of ``num_replicas x batch_size`` (the incomplete tail is dropped: PWCA pairs images within
+    a batch, so every batch must be full). Process ``rank`` takes the ``rank``-th slice of ``batch_size`` of
+    each global batch, so N processes with batch B see, step by step, the same images as one process with
+    batch N x B (what makes DDP training equal to large-batch training for per-sample losses).
+    Use with ``DataLoader(batch_size=batch_size, sampler=..., drop_last=True)``.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, num_replicas: int | None = None,
+                 rank: int | None = None) -> None:
+        self.num_replicas, self.rank = _dist_default(num_replicas, rank)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.num_samples, self.batch_size, self.seed = int(num_samples), int(batch_size), int(seed)
+        self.num_batches = self.num_samples // (self.batch_size * self.num_replicas)
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def batches(self) -> torch.Tensor:
+        """This process's batches for the current epoch, ``(num_batches, batch_size)`` item indices."""
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        perm = torch.randperm(self.num_samples, generator=g)[: self.num_batches * self.batch_size * self.num_replicas]
+        return perm.view(self.num_batches, self.num_replicas, self.batch_size)[:, self.rank]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.batches()[self.start_batch :].reshape(-1).tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.num_batches - self.start_batch) * self.batch_size
+
+
+class ShardSampler(Sampler[int]):
+    """Contiguous, unpadded share of ``range(num_samples)`` for process ``rank`` (evaluation): concatenating
+    the shares in rank order gives the dataset order back, each sample exactly once."""
+
+    def __init__(self, num_samples: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+        self.num_replicas, self.rank = _dist_default(num_replicas, rank)
+        self.start = num_samples * self.rank // self.num_replicas
+        self.end = num_samples * (self.rank + 1) // self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.end))
+
+    def __len__(self) -> int:
+        return self.end - self.start

@@ -1,0 +1,56 @@
+"""Training and evaluation engine (DeiT's ``main.py`` + ``engine.py`` shape), split by concern:
+
+- :mod:`dcal.engine.build`: datasets, model, loss, optimizer, schedule, loaders, the model + loss step module;
+- :mod:`dcal.engine.loop`: ``train_one_epoch``, the training loop, short and free of I/O and rank handling;
+- :mod:`dcal.engine.evaluation`: top-1 / mAP, sharded over torchrun processes; loading finished runs;
+- :mod:`dcal.engine.run`: ``fit``, the run: torchrun process group, resume, checkpoints, metrics, logs.
+"""
+
+from dcal.engine.build import (
+    TrainStep,
+    autocast,
+    build_criterion,
+    build_datasets,
+    build_model,
+    build_optimizer,
+    eval_loader,
+    lr_factor,
+    resolve_device,
+    train_loader,
+)
+from dcal.engine.evaluation import (
+    evaluate,
+    evaluate_checkpoint,
+    evaluate_fgvc,
+    evaluate_reid_model,
+    extract_features,
+    load_for_eval,
+)
+from dcal.engine.loop import EpochProgress, NonFiniteLossError, train_one_epoch
+from dcal.engine.run import BEST_METRIC, RunExistsError, fit, seed_everything
+
+__all__ = [
+    "BEST_METRIC",
+    "EpochProgress",
+    "NonFiniteLossError",
+    "RunExistsError",
+    "TrainStep",
+    "autocast",
+    "build_criterion",
+    "build_datasets",
+    "build_model",
+    "build_optimizer",
+    "eval_loader",
+    "evaluate",
+    "evaluate_checkpoint",
+    "evaluate_fgvc",
+    "evaluate_reid_model",
+    "extract_features",
+    "fit",
+    "load_for_eval",
+    "lr_factor",
+    "resolve_device",
+    "seed_everything",
+    "train_loader",
+    "train_one_epoch",
+]

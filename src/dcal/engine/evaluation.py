@@ -1,0 +1,163 @@
+"""Evaluation: FGVC top-1 and Re-ID mAP/CMC, sharded over the torchrun processes, and loading finished runs.
+
+Under torchrun every process evaluates a contiguous share of the test set (``eval_loader``); FGVC counts are
+summed, Re-ID features are gathered in dataset order and scored once on rank 0, so a large gallery is not one
+process's job. Unreadable test images are skipped (``data.on_bad_image=skip``) and counted in ``eval_bad_images``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+
+from dcal.checkpoint import load_model_state, load_training_state, read_export
+from dcal.distributed import all_gather_cat, all_reduce_sum, broadcast_object
+from dcal.engine.build import autocast, build_datasets, build_model, eval_loader, resolve_device
+from dcal.engine.loop import unpack_batch
+from dcal.model import DCAL
+from dcal.model.dcal import fusion_branches
+
+
+def _batches(loader: Iterable) -> Iterable[tuple[Any, torch.Tensor | None, int]]:
+    """(data, dataset indices or None, number of bad images) per batch, warning about each bad file."""
+    for batch in loader:
+        data, bad = unpack_batch(batch)
+        for path, reason in bad:
+            warnings.warn(f"skipped unreadable test image {path} ({reason})", stacklevel=1)
+        yield data, getattr(batch, "indices", None), len(bad)
+
+
+@torch.no_grad()
+def evaluate_fgvc(model: DCAL, loader: Iterable, device: torch.device, cfg: DictConfig) -> dict[str, float]:
+    """Top-1 of SA, GLCA and their fusion (softmax(SA) + softmax(GLCA), the paper's prediction), over all
+    processes' shares."""
+    model.eval()
+    branches = fusion_branches(cfg.eval.fusion, model.cfg.glca_blocks)
+    names = ["top1", *(f"top1_{b}" for b in model.branches if b != "pwca")]
+    correct = dict.fromkeys(names, 0)
+    total = bad = 0
+    for data, _, n_bad in _batches(loader):
+        bad += n_bad
+        if data is None:
+            continue
+        images, targets = data[0].to(device), data[1].to(device)
+        with autocast(cfg, device):
+            logits = model(images)["logits"]
+        probs = {b: v.float().softmax(-1) for b, v in logits.items()}
+        preds = {f"top1_{b}": p.argmax(-1) for b, p in probs.items()}
+        preds["top1"] = sum(probs[b] for b in branches).argmax(-1)
+        for k in names:
+            correct[k] += int((preds[k] == targets).sum())
+        total += targets.numel()
+    sums = all_reduce_sum([correct[k] for k in names] + [total, bad], device)
+    total, bad = sums[-2], int(sums[-1])
+    out = {k: 100.0 * c / max(total, 1) for k, c in zip(names, sums, strict=False)}
+    return {**out, "eval_bad_images": bad} if bad else out
+
+
+@torch.no_grad()
+def extract_features(model: DCAL, loader: Iterable, device: torch.device, cfg: DictConfig,
+                     return_indices: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Re-ID embeddings (concat of SA and GLCA by default), optionally averaged with the mirrored image; with
+    ``return_indices`` also the dataset index of each row (bad images leave gaps)."""
+    model.eval()
+    fusion = cfg.eval.fusion
+    after_bn = cfg.eval.reid_feature == "after_bn"
+    feats, idx = [], []
+    for data, indices, _ in _batches(loader):
+        if data is None:
+            continue
+        images = data[0].to(device)
+        with autocast(cfg, device):
+            f = model.embed(images, fusion=fusion, after_bn=after_bn).float()
+            if cfg.eval.flip:
+                f = 0.5 * (f + model.embed(images.flip(3), fusion=fusion, after_bn=after_bn).float())
+        feats.append(f)
+        idx.append(indices if indices is not None else torch.arange(len(f)))
+    dim = feats[0].shape[1] if feats else 0
+    f_all = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
+    i_all = torch.cat(idx).to(device) if idx else torch.zeros(0, dtype=torch.long, device=device)
+    return (f_all.cpu(), i_all.cpu()) if return_indices else f_all.cpu()
+
+
+def _gathered_features(model: DCAL, dataset: Dataset, device: torch.device, cfg: DictConfig):
+    """Features of the whole ``dataset`` (every process's share, in dataset order) and its kept pids/cams."""
+    feats, idx = extract_features(model, eval_loader(cfg, dataset), device, cfg, return_indices=True)
+    feats, idx = all_gather_cat(feats.to(device)).cpu(), all_gather_cat(idx.to(device)).cpu()
+    pids, camids = torch.as_tensor(dataset.pids)[idx], torch.as_tensor(dataset.camids)[idx]
+    return feats, pids, camids, len(dataset) - len(idx)
+
+
+def evaluate_reid_model(
+    model: DCAL, query: Dataset, gallery: Dataset, device: torch.device, cfg: DictConfig
+) -> dict[str, Any]:
+    """mAP, CMC rank-1/5/10 and mINP under the standard protocol (``dcal.metrics.evaluate_reid``); features
+    are extracted by every process and scored on rank 0 (the result is the same on every process)."""
+    from dcal.metrics import eval_reid_features
+
+    qf, q_pids, q_cams, q_bad = _gathered_features(model, query, device, cfg)
+    gf, g_pids, g_cams, g_bad = _gathered_features(model, gallery, device, cfg)
+    out: dict[str, Any] | None = None
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        res = eval_reid_features(qf, gf, q_pids.numpy(), g_pids.numpy(), q_cams.numpy(), g_cams.numpy(),
+                                 metric=cfg.eval.metric, rerank=cfg.eval.rerank, max_rank=cfg.eval.max_rank)
+        out = {k: 100.0 * float(res[k]) for k in ("mAP", "rank1", "rank5", "rank10", "mINP")}
+        out["num_skipped_queries"] = int(res.get("num_skipped_queries", 0))
+        if q_bad + g_bad:
+            out["eval_bad_images"] = q_bad + g_bad
+    return broadcast_object(out)
+
+
+def evaluate(model: DCAL, sets: dict[str, Dataset], device: torch.device, cfg: DictConfig) -> dict[str, Any]:
+    if cfg.task == "fgvc":
+        return evaluate_fgvc(model, eval_loader(cfg, sets["test"]), device, cfg)
+    return evaluate_reid_model(model, sets["query"], sets["gallery"], device, cfg)
+
+
+# --------------------------------------------------------------------------------------------- eval only
+def load_for_eval(run: str | None = None, checkpoint: str | None = None,
+                  overrides: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, DCAL]:
+    """Config and model of a finished run (``run`` dir: its best, else last, checkpoint) or of a checkpoint file
+    (``.pth`` training state or ``.safetensors`` export); ``overrides`` may change data/eval keys."""
+    import yaml
+
+    from dcal.config import load_config, upgrade_saved_config
+
+    if (run is None) == (checkpoint is None):
+        raise ValueError("give exactly one of --run DIR or --checkpoint FILE")
+    if run is not None:
+        run_dir = Path(run)
+        candidates = [run_dir / n for n in ("best.safetensors", "best.pth", "last.safetensors", "last.pth")]
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            raise FileNotFoundError(f"run directory {run_dir} holds no checkpoint (looked for "
+                                    f"{', '.join(p.name for p in candidates)})")
+        checkpoint = str(found[0])
+    path = Path(checkpoint)
+    if path.suffix == ".safetensors":
+        state, config_yaml, _ = read_export(path)
+    else:
+        ckpt = load_training_state(path)
+        state, config_yaml = ckpt["model"], ckpt["config"]
+    cfg = load_config(None, overrides, values=upgrade_saved_config(yaml.safe_load(config_yaml), str(path)))
+    # weights come from the checkpoint: do not download or read pre-trained backbones again
+    cfg.model.pretrained, cfg.model.pretrained_file = False, None
+    head = "backbone.head.weight" if cfg.task == "fgvc" else "sa_neck.classifier.weight"
+    if head not in state:
+        raise ValueError(f"checkpoint {str(path)!r} has no {head!r}: not a dcal {cfg.task} model")
+    model = build_model(cfg, int(state[head].shape[0]))
+    load_model_state(model, state, path)
+    return cfg, model
+
+
+def evaluate_checkpoint(cfg: DictConfig, model: DCAL) -> dict[str, Any]:
+    device = resolve_device(cfg)
+    model.to(device)
+    sets = build_datasets(cfg, train=False)
+    return evaluate(model, sets, device, cfg)

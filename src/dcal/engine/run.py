@@ -1,0 +1,328 @@
+"""Run management: ``fit(cfg)``, the whole training run, single process or under torchrun.
+
+Build data, model, loss, optimizer and schedule; then per epoch ``train_one_epoch`` → ``evaluate`` → log
+(``metrics.jsonl``, TensorBoard if installed) → checkpoint (``last.pth``, ``best.pth``, ``best.safetensors``).
+Everything that touches the disk or the other processes happens here, at the loop's edges:
+
+* under torchrun (``RANK``/``WORLD_SIZE`` set) the process group is joined (NCCL on GPUs, gloo on the CPU), the
+  model + loss module is wrapped in DDP, and only rank 0 writes logs, metrics and checkpoints;
+* ``train.save_every_steps`` writes ``last.pth`` mid-epoch with the sampler position and the epoch's running
+  counts (and one ``partial`` line in ``metrics.jsonl``); ``--resume`` continues from it, skipping the batches
+  already trained on. With ``train.workers=0`` a resumed run equals an uninterrupted one; with workers the images
+  and their order are the same but the augmentations drawn in the workers differ.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+
+from dcal import distributed as dist
+from dcal.checkpoint import (
+    atomic_write_text,
+    export_weights,
+    load_model_state,
+    load_training_state,
+    remove_stale_temporaries,
+    rng_state,
+    save_training_state,
+    set_rng_state,
+)
+from dcal.config import to_yaml
+from dcal.engine.build import (
+    TrainStep,
+    build_criterion,
+    build_datasets,
+    build_model,
+    build_optimizer,
+    lr_factor,
+    train_loader,
+)
+from dcal.engine.evaluation import evaluate
+from dcal.engine.loop import EpochProgress, NonFiniteLossError, summarize, train_one_epoch
+from dcal.model.dcal import compile_model
+
+BEST_METRIC = {"fgvc": "top1", "reid": "mAP"}
+TIME_KEYS = ("images_per_s", "train_time_s")  # record values that depend on the machine, not on the run
+# Test hook (tests/test_resume.py): seconds to sleep after each step, so that a test can SIGKILL a run mid-epoch.
+STEP_DELAY_ENV = "DCAL_TEST_STEP_DELAY_S"
+
+
+class RunExistsError(FileExistsError):
+    """output_dir already holds a run and --resume was not given."""
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _check_output_dir(out_dir: Path, resume: bool) -> None:
+    last_path = out_dir / "last.pth"
+    if last_path.exists() and not resume:
+        raise RunExistsError(
+            f"{out_dir} already holds a run ({last_path.name}); pass --resume to continue it or choose "
+            f"another output_dir (output_dir=...)"
+        )
+    if resume and not last_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint {last_path} to continue from")
+
+
+def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
+    """Train (and evaluate every ``train.eval_every`` epochs) as ``cfg`` says; returns the final record.
+
+    Under torchrun every process calls ``fit``; all return the same final record.
+    """
+    info, device = dist.init(cfg.train.device)
+    try:
+        return _fit(cfg, resume or cfg.train.resume, info, device)
+    finally:
+        dist.shutdown()
+
+
+def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.device) -> dict[str, Any]:
+    main = info.is_main
+    out_dir = Path(cfg.output_dir)
+    last_path = out_dir / "last.pth"
+    dist.on_main(lambda: _check_output_dir(out_dir, resume))
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    seed_everything(cfg.train.seed + info.rank)  # DeiT: per-process seed (drop-path, pairs); DDP syncs weights
+    sets = build_datasets(cfg)  # dataset layout errors surface before anything is written
+    num_classes = cfg.data.num_classes or sets["train"].num_classes
+    model = build_model(cfg, num_classes).to(device)
+    if cfg.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    criterion = build_criterion(cfg, model).to(device)
+    optimizer = build_optimizer(cfg, model, criterion)
+    steps_per_epoch = len(train_loader(cfg, sets["train"], 0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch))
+    scaler = None
+    if cfg.train.amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("train.amp=fp16 needs a CUDA device (use train.amp=bf16 on the CPU)")
+        scaler = torch.amp.GradScaler("cuda")
+
+    start_epoch, best, best_epoch = 0, -math.inf, -1
+    progress: EpochProgress | None = None
+    metric_name = BEST_METRIC[cfg.task]
+    records: list[dict[str, Any]] = []
+    metrics_path = out_dir / "metrics.jsonl"
+    if resume:
+        state = load_training_state(last_path)
+        load_model_state(model, state["model"], last_path)
+        criterion.load_state_dict(state["criterion"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        best, best_epoch = state["best"], state["best_epoch"]
+        start_epoch, progress = _resume_position(state, info)
+        rngs = state.get("rng_per_rank") or [state["rng"]]
+        set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
+        if main:
+            records = _records_until(_read_jsonl(metrics_path), state)
+        if main:
+            where = f" batch {progress.batches + 1} of" if progress else ""
+            _log(f"resuming {out_dir} at{where} epoch {start_epoch + 1}/{cfg.train.epochs}")
+    step = dist.wrap_ddp(TrainStep(compile_model(model) if cfg.train.compile else model, criterion, cfg, device),
+                         info, device, sync_bn=cfg.train.sync_bn)
+    writer = None
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir)
+        atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
+        _write_jsonl(metrics_path, records)
+        writer = _tensorboard(out_dir)
+        _log(f"{cfg.task}: {len(sets['train'])} training images, {num_classes} classes; model {cfg.model.backbone} "
+             f"branches {model.branches}; {steps_per_epoch} steps/epoch x {info.world_size} process(es) of batch "
+             f"{cfg.train.batch_size} on {device}; writing to {out_dir}")
+
+    def state_for(epoch: int, record: dict[str, Any], position: EpochProgress | None) -> dict[str, Any]:
+        """The training state as of now (collective: every process must call it; only rank 0 writes it)."""
+        from dcal.model import model_config
+
+        return {
+            "model": model.state_dict(), "criterion": criterion.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch, "best": best, "best_epoch": best_epoch, "record": record,
+            "config": to_yaml(cfg), "model_config": model_config(model),
+            "rng_per_rank": dist.gather_objects(rng_state()), "world_size": info.world_size,
+            "progress_per_rank": dist.gather_objects(position.as_dict()) if position is not None else None,
+        }
+
+    step_delay = float(os.environ.get(STEP_DELAY_ENV, "0"))
+    t0 = time.perf_counter()
+    total_steps = (cfg.train.epochs - start_epoch) * steps_per_epoch - (progress.batches if progress else 0)
+    eta = _Eta(total_steps)
+    record: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.train.epochs):
+
+        def on_step(p: EpochProgress, epoch: int = epoch) -> None:
+            eta.tick()
+            if main and not sys.stderr.isatty() and p.batches % cfg.train.log_every == 0:
+                rate = p.seen * info.world_size / max(p.elapsed, 1e-9)
+                _log(f"epoch {epoch + 1}/{cfg.train.epochs} step {p.batches}/{steps_per_epoch} loss "
+                     f"{p.sums.get('loss', math.nan) / max(p.steps, 1):.4f} {rate:.1f} img/s eta {eta}")
+            every = cfg.train.save_every_steps
+            if every and p.batches % every == 0 and p.batches < steps_per_epoch:
+                partial = {"epoch": epoch, "step": p.batches, "partial": True, **summarize(p, device)}
+                state = state_for(epoch, partial, p)
+                if main:
+                    save_training_state(last_path, **state)
+                    _append_jsonl(metrics_path, partial)
+            if step_delay:
+                time.sleep(step_delay)
+
+        loader = train_loader(cfg, sets["train"], epoch, start_batch=progress.batches if progress else 0)
+        try:
+            stats = train_one_epoch(model, criterion, loader, optimizer, scheduler, device, cfg, epoch, scaler,
+                                    step=step, progress=progress, on_step=on_step, show_bar=main)
+        except NonFiniteLossError as e:
+            kept = f"the last good checkpoint is {last_path}" if last_path.exists() else "no checkpoint was written"
+            raise NonFiniteLossError(f"{e} ({kept})") from None
+        progress = None
+        record = {"epoch": epoch, **stats}
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            record.update(evaluate(model, sets, device, cfg))
+        improved = metric_name in record and record[metric_name] > best
+        if improved:
+            best, best_epoch = record[metric_name], epoch
+        # one training state per epoch, written to every file that wants it
+        state = state_for(epoch, record, None)
+        if main:
+            if improved:
+                save_training_state(out_dir / "best.pth", **state)
+                export_weights(out_dir / "best.safetensors", model, to_yaml(cfg),
+                               {"classes": _classes(sets["train"]), "epoch": epoch, metric_name: best})
+            save_training_state(last_path, **state)
+            if cfg.train.save_every and (epoch + 1) % cfg.train.save_every == 0:
+                save_training_state(out_dir / f"epoch{epoch + 1:04d}.pth", **state)
+            _append_jsonl(metrics_path, record)
+            if writer is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        writer.add_scalar(k, v, epoch + 1)
+            _log(_summary(record, cfg))
+    final = {"final": True, "epoch": cfg.train.epochs - 1, f"best_{metric_name}": best, "best_epoch": best_epoch,
+             "train_time_s": time.perf_counter() - t0,
+             **{k: v for k, v in record.items() if k not in ("epoch",)}}
+    if main:
+        export_weights(out_dir / "last.safetensors", model, to_yaml(cfg), {"classes": _classes(sets["train"])})
+        _append_jsonl(metrics_path, final)
+        if writer is not None:
+            writer.close()
+        _log(f"done: best {metric_name} {best:.2f} at epoch {best_epoch + 1}; checkpoints in {out_dir}")
+    dist.barrier()
+    return final
+
+
+def _resume_position(state: dict[str, Any], info: dist.DistInfo) -> tuple[int, EpochProgress | None]:
+    """(epoch to start, progress of that epoch when the checkpoint was written mid-epoch)."""
+    per_rank = state.get("progress_per_rank")
+    if not per_rank:
+        return state["epoch"] + 1, None
+    if len(per_rank) != info.world_size:
+        raise ValueError(
+            f"last.pth was written mid-epoch by {len(per_rank)} process(es) and this run has {info.world_size}: "
+            "resume with the same number of processes (the batches already seen are per-process shares)"
+        )
+    return state["epoch"], EpochProgress(**per_rank[info.rank])
+
+
+def _position(record: dict[str, Any]) -> tuple[int, float]:
+    """Order of a record in a run: (epoch, step within it; inf for the end-of-epoch record)."""
+    return record["epoch"], record["step"] if record.get("partial") else math.inf
+
+
+def _records_until(records: list[dict[str, Any]], state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metrics records written up to the checkpoint ``state`` (later ones belong to lost work); the
+    checkpoint's own record is added if the run died between writing the checkpoint and its line."""
+    mine = state.get("record") or {}
+    end = _position(mine) if mine else (state["epoch"], math.inf)
+    kept = [r for r in records if _position(r) <= end]  # a finished run's final record stays: it is history
+    if mine and all(_position(r) != end or r.get("final") for r in kept):
+        kept.append(mine)
+    return kept
+
+
+class _Eta:
+    """Remaining time of the run from the mean time per step so far (evaluation time excluded)."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total, self.done, self.start = total_steps, 0, time.perf_counter()
+
+    def tick(self) -> None:
+        self.done += 1
+
+    def __str__(self) -> str:
+        if not self.done:
+            return "?"
+        left = (time.perf_counter() - self.start) / self.done * max(self.total - self.done, 0)
+        return str(datetime.timedelta(seconds=round(left)))
+
+
+def _classes(dataset: Dataset) -> list[str] | int:
+    classes = getattr(dataset, "classes", None)
+    return list(classes) if classes is not None else int(getattr(dataset, "num_classes", 0))
+
+
+def _summary(record: dict[str, Any], cfg: DictConfig) -> str:
+    keys = ("top1", "top1_sa", "top1_glca") if cfg.task == "fgvc" else ("mAP", "rank1", "mINP")
+    scores = " ".join(f"{k} {record[k]:.2f}" for k in keys if k in record)
+    bad = " ".join(f"{k} {record[k]}" for k in ("bad_images", "bad_steps") if record.get(k))
+    return (f"epoch {record['epoch'] + 1}/{cfg.train.epochs} loss {record['loss']:.4f} lr {record['lr']:.3e} "
+            f"{record['images_per_s']:.1f} img/s {scores} {bad}").rstrip()
+
+
+def _tensorboard(out_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional (pip install dcal[tensorboard])
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a metrics file; a last line cut by a kill is dropped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """One line, flushed to disk before returning (it survives a later kill)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,283 @@
+"""Re-ID retrieval with a trained model: embed folders, rank a gallery for each query, evaluate, draw rankings.
+
+* :func:`embed_images` -> :class:`FeatureSet` (features + an index of file names, pid and camid when the names
+  carry them), saved with :meth:`FeatureSet.save` as ``.safetensors`` so that a gallery is embedded once and
+  searched many times (``dcal embed``).
+* :func:`rank_gallery` – the top-k gallery items of each query by distance, with the protocol's exclusions when
+  ids are known (:mod:`dcal.metrics.reid`: gallery items of the query's identity *and* camera, and junk pid -1, are
+  left out of the ranking, as in evaluation and in torchreid's ``visualize_ranked_results``).
+* :func:`ranking_csv` and :func:`save_ranking_pictures` (torchreid's visrank: the query, then the top-10, true
+  matches framed green and false ones red).
+
+Identities from file names: VeRi (``0002_c002_...``), Market/Duke (``0002_c1s1_...``) give pid and 0-based camera;
+otherwise an integer parent folder is the pid (``reid_folder``: ``<pid>/<image>``) and a ``c<digits>`` token in the
+name the camera. When any name of a set carries no ids, the set has none, and a search over it ranks without
+evaluating.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+from torch import Tensor
+
+from dcal.data.reid import FOLDER_CAMERA_PATTERN, MARKET_PATTERN, VERI_PATTERN
+from dcal.inference import LoadedModel, list_images, run_batches
+from dcal.metrics.reid import compute_distance
+
+FEATURE_FORMAT = "dcal-features"
+
+
+# ------------------------------------------------------------------------------------------- identities
+def parse_identity(path: str | Path) -> tuple[int, int] | None:
+    """(pid, 0-based camid) from a file name in the VeRi, Market/Duke or ``reid_folder`` convention, else None."""
+    path = Path(path)
+    for pattern in (VERI_PATTERN, MARKET_PATTERN):  # VeRi first: its c002 would read as camera 0 in Market's
+        m = pattern.match(path.name)
+        if m is not None:
+            return int(m.group(1)), int(m.group(2)) - 1
+    cam = FOLDER_CAMERA_PATTERN.search(path.stem)
+    if cam is not None and re.fullmatch(r"-?\d+", path.parent.name):
+        return int(path.parent.name), int(cam.group(1)) - 1
+    return None
+
+
+# --------------------------------------------------------------------------------------------- features
+@dataclass
+class FeatureSet:
+    """Embeddings of a list of images: ``features`` (N, D) float32, ``paths``, ``pids``/``camids`` (None when the
+    names carry no ids), how they were computed (``meta``) and the files that could not be read."""
+
+    features: Tensor
+    paths: list[str]
+    pids: list[int] | None
+    camids: list[int] | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def has_ids(self) -> bool:
+        return self.pids is not None
+
+    def save(self, path: str | Path) -> Path:
+        """``.safetensors``: tensor ``features``; metadata ``index`` (paths, pids, camids), ``meta``, ``failed``."""
+        from dcal.checkpoint import save_safetensors
+
+        index = {"paths": self.paths, "pids": self.pids, "camids": self.camids}
+        metadata = {"format": FEATURE_FORMAT, "index": json.dumps(index), "meta": json.dumps(self.meta),
+                    "failed": json.dumps(self.failed)}
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"--output {str(path)!r}: features are written as .safetensors")
+        return save_safetensors(path, {"features": self.features.contiguous()}, metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureSet:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"features file {str(path)!r} does not exist")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FEATURE_FORMAT:
+                raise ValueError(f"{str(path)!r} is not a features file written by 'dcal embed'")
+            feats = f.get_tensor("features")
+        index = json.loads(meta["index"])
+        return cls(feats, index["paths"], index["pids"], index["camids"], json.loads(meta["meta"]),
+                   json.loads(meta["failed"]))
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a checkpoint file: ties a features file to the weights that computed it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def embed_images(
+    loaded: LoadedModel,
+    paths: Sequence[str | Path],
+    *,
+    fusion: str | None = None,
+    after_bn: bool | None = None,
+    flip: bool | None = None,
+    batch_size: int | None = None,
+    workers: int = 0,
+) -> FeatureSet:
+    """Embed every image of ``paths`` (files and folders, recursive) in batches; options default to the run's
+    evaluation settings (``eval.fusion``, ``eval.reid_feature``, ``eval.flip``, ``eval.batch_size``)."""
+    model, cfg = loaded.model, loaded.cfg
+    fusion = fusion or cfg.eval.fusion
+    after_bn = (cfg.eval.reid_feature == "after_bn") if after_bn is None else after_bn
+    flip = bool(cfg.eval.flip) if flip is None else flip
+    batch_size = batch_size or cfg.eval.batch_size or cfg.train.batch_size
+    device = next(model.parameters()).device
+
+    def embed(images: Tensor) -> Tensor:
+        f = model.embed(images, fusion=fusion, after_bn=after_bn).float()
+        return 0.5 * (f + model.embed(images.flip(3), fusion=fusion, after_bn=after_bn).float()) if flip else f
+
+    files = list_images(paths)
+    if not files:
+        raise FileNotFoundError(f"no image found in {', '.join(map(str, paths))}")
+    model.eval()
+    feats, done, failed = run_batches(embed, files, loaded.transform, device, batch_size, workers, desc="embed")
+    if feats is None:
+        raise ValueError(f"none of the {len(files)} images could be read (first: {files[0]}: {failed[0]})")
+    kept = [str(files[i]) for i in done]
+    ids = [parse_identity(p) for p in kept]
+    has_ids = all(i is not None for i in ids)
+    meta = {"checkpoint": str(loaded.checkpoint), "checkpoint_sha256": file_digest(loaded.checkpoint),
+            "fusion": fusion, "after_bn": after_bn, "flip": flip, "dim": int(feats.shape[1]),
+            "img_size": list(model.backbone.patch_embed.img_size)}
+    return FeatureSet(feats, kept, [i[0] for i in ids] if has_ids else None,  # type: ignore[index]
+                      [i[1] for i in ids] if has_ids else None, meta,  # type: ignore[index]
+                      {str(files[i]): err for i, err in failed.items()})
+
+
+def check_compatible(a: FeatureSet, b: FeatureSet, what: str = "query and gallery features") -> None:
+    """Features are comparable only when the same weights and settings computed them."""
+    keys = ("checkpoint_sha256", "fusion", "after_bn", "flip", "dim")
+    diff = {k: (a.meta.get(k), b.meta.get(k)) for k in keys if a.meta.get(k) != b.meta.get(k)}
+    if diff:
+        raise ValueError(f"{what} were computed differently: {diff} (re-embed with the same run and options)")
+
+
+# ---------------------------------------------------------------------------------------------- ranking
+@dataclass
+class Ranking:
+    """``order`` (Q, k): gallery indices of each query's top-k (-1 past the end of a short ranking), ``distance``
+    (Q, k), ``match`` (Q, k) bool (all False when ids are unknown), and ``metrics`` when ids are known."""
+
+    order: np.ndarray
+    distance: np.ndarray
+    match: np.ndarray
+    metrics: dict[str, Any] | None = None
+
+
+def rank_gallery(query: FeatureSet, gallery: FeatureSet, topk: int = 50, metric: str = "euclidean",
+                 evaluate: bool = True) -> Ranking:
+    """The ``topk`` nearest gallery items of every query (ties by gallery index), evaluated (mAP, CMC, mINP with
+    :func:`dcal.metrics.evaluate_reid`) when both sides carry ids."""
+    from dcal.metrics.reid import NoValidQueryError, evaluate_reid
+
+    dist = compute_distance(query.features, gallery.features, metric=metric)
+    ids = query.has_ids and gallery.has_ids
+    metrics = None
+    if ids:
+        qp, qc = np.asarray(query.pids)[:, None], np.asarray(query.camids)[:, None]
+        gp, gc = np.asarray(gallery.pids)[None], np.asarray(gallery.camids)[None]
+        if evaluate:
+            try:
+                with warnings.catch_warnings():  # a gallery shorter than 50 shortens the CMC: expected here
+                    warnings.simplefilter("ignore")
+                    res = evaluate_reid(dist, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=50)
+                cmc = res["cmc"]
+                metrics = {"mAP": res["mAP"], "mINP": res["mINP"], "num_valid_queries": res["num_valid_queries"],
+                           **{f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)},
+                           "cmc": [float(c) for c in cmc]}
+            except NoValidQueryError as e:
+                metrics = {"error": str(e)}
+        dist = np.where(((gp == qp) & (gc == qc)) | (gp == -1), np.inf, dist).astype(np.float32)
+    k = min(topk, len(gallery))
+    part = np.argpartition(dist, k - 1, axis=1)[:, :k] if k < dist.shape[1] else np.tile(np.arange(k), (len(dist), 1))
+    d = np.take_along_axis(dist, part, 1)
+    order = np.take_along_axis(part, np.lexsort((part, d), axis=1), 1)  # by distance, then gallery index
+    d = np.take_along_axis(dist, order, 1)
+    order = np.where(np.isinf(d), -1, order)
+    match = np.zeros(order.shape, dtype=bool)
+    if ids:
+        match = (np.asarray(gallery.pids)[order] == np.asarray(query.pids)[:, None]) & (order >= 0)
+    return Ranking(order, d, match, metrics)
+
+
+def ranking_csv(query: FeatureSet, gallery: FeatureSet, ranking: Ranking) -> str:
+    """One row per (query, rank): ``query, query_pid, query_camid, rank, gallery, gallery_pid, gallery_camid,
+    distance, match`` (ids and match empty when unknown)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["query", "query_pid", "query_camid", "rank", "gallery", "gallery_pid", "gallery_camid",
+                "distance", "match"])
+    ids = query.has_ids and gallery.has_ids
+    for q in range(len(query)):
+        qid = [query.pids[q], query.camids[q]] if query.has_ids else ["", ""]
+        for r, (g, d) in enumerate(zip(ranking.order[q], ranking.distance[q], strict=True), start=1):
+            if g < 0:
+                break
+            gid = [gallery.pids[g], gallery.camids[g]] if gallery.has_ids else ["", ""]
+            w.writerow([query.paths[q], *qid, r, gallery.paths[g], *gid, f"{d:.6f}",
+                        int(ranking.match[q, r - 1]) if ids else ""])
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------- pictures
+GREEN, RED, GREY = (0, 200, 0), (220, 0, 0), (160, 160, 160)
+
+
+def _cell(path: str, size: tuple[int, int], color: tuple[int, int, int], border: int) -> Image.Image:
+    """The image resized to ``size`` (W, H) inside a ``border``-pixel frame of ``color``."""
+    with Image.open(path) as im:
+        tile = im.convert("RGB").resize(size, Image.BILINEAR)
+    return ImageOps.expand(tile, border=border, fill=color)
+
+
+def ranking_picture(query_path: str, gallery_paths: Sequence[str], matches: Sequence[bool | None],
+                    cell: tuple[int, int] = (64, 128), border: int = 4, gap: int = 6, query_gap: int = 30,
+                    labels: Sequence[str] | None = None) -> Image.Image:
+    """torchreid's visrank row: the query (black frame), then the ranked gallery images framed green (true
+    match), red (false) or grey (unknown ids), each captioned with its rank (or ``labels``)."""
+    w, h = cell[0] + 2 * border, cell[1] + 2 * border
+    n = len(gallery_paths)
+    text_h = 14
+    canvas = Image.new("RGB", (w * (n + 1) + gap * max(n - 1, 0) + query_gap, h + text_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    canvas.paste(_cell(query_path, cell, (0, 0, 0), border), (0, text_h))
+    draw.text((2, 1), "query", fill=(0, 0, 0))
+    for r, (p, m) in enumerate(zip(gallery_paths, matches, strict=True)):
+        x = w + query_gap + r * (w + gap)
+        canvas.paste(_cell(p, cell, GREY if m is None else GREEN if m else RED, border), (x, text_h))
+        draw.text((x + 2, 1), labels[r] if labels else str(r + 1), fill=(0, 0, 0))
+    return canvas
+
+
+def save_ranking_pictures(out_dir: str | Path, query: FeatureSet, gallery: FeatureSet, ranking: Ranking,
+                          topk: int = 10, max_queries: int | None = None,
+                          cell: tuple[int, int] = (64, 128)) -> list[Path]:
+    """One PNG per query (the first ``max_queries``): ``<out_dir>/<index>_<query name>.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = query.has_ids and gallery.has_ids
+    saved = []
+    for q in range(len(query) if max_queries is None else min(max_queries, len(query))):
+        ranks = [g for g in ranking.order[q, :topk] if g >= 0]
+        matches = [bool(m) for m in ranking.match[q, : len(ranks)]] if ids else [None] * len(ranks)
+        pic = ranking_picture(query.paths[q], [gallery.paths[g] for g in ranks], matches, cell)
+        path = out / f"{q:05d}_{Path(query.paths[q]).stem}.png"
+        pic.save(path)
+        saved.append(path)
+    return saved
+
+
+def cell_size(features: FeatureSet, height: int = 128) -> tuple[int, int]:
+    """Picture cell (W, H) with the aspect ratio of the model input the features came from (persons 1:2, vehicles
+    1:1; 1:2 when unknown)."""
+    h, w = features.meta.get("img_size") or (2, 1)
+    return max(8, round(height * w / h)), height
+

@@ -1,0 +1,79 @@
+"""dcal export: the ONNX inference graph (SA + GLCA with rollout and top-R selection, no PWCA) run by onnxruntime
+equals PyTorch on the same inputs, at a batch size other than the traced one; the .safetensors export reloads.
+
+Tolerance: 1e-5 absolute on probabilities (FGVC) and 1e-4 on embeddings (Re-ID, unnormalised features of
+magnitude ~1-10); every image must select the same set of local queries (the GLCA output does not depend on
+their order, which near-ties in the rollout may swap)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dcal
+from dcal.cli import main
+from dcal.export import InferenceGraph
+from dcal.inference import list_images
+from tests.tiny_runs import CLASSES
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'dcal[onnx]')")
+onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'dcal[onnx]')")
+
+
+def _batch(loaded, paths):
+    from PIL import Image
+
+    return torch.stack([loaded.transform(Image.open(p).convert("RGB")) for p in paths])
+
+
+def test_fgvc_onnx_matches_pytorch_and_safetensors_reloads(fgvc_run, tmp_path, capsys):
+    run, data = fgvc_run
+    path, weights = tmp_path / "model.onnx", tmp_path / "weights.safetensors"
+    assert main(["export", "--run", str(run), "--onnx", str(path), "--safetensors", str(weights)]) == 0
+    assert "same_selection True" in capsys.readouterr().out  # the command's own onnxruntime check
+
+    loaded = dcal.load_model(run=run, device="cpu")
+    images = _batch(loaded, list_images([data / "test"]))  # 6 images; the graph was traced with 2
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["probs", "selected"]
+    probs, selected = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        out = loaded.model(images, branches=("sa", "glca"))
+        want = (out["logits"]["sa"].softmax(-1) + out["logits"]["glca"].softmax(-1)) / 2
+    assert probs.shape == (6, 3) and selected.shape == (6, 2)  # 16 patches, R = 10% -> 2 local queries
+    np.testing.assert_allclose(probs, want.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(np.sort(selected, -1), out["selected"].sort(-1).values.numpy())
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["classes"]) == list(CLASSES) and json.loads(meta["img_size"]) == [32, 32]
+
+    reloaded = dcal.load_model(checkpoint=weights, device="cpu")
+    assert reloaded.classes == list(CLASSES)
+    a = dcal.predict(reloaded, images, topk=3)
+    b = dcal.predict(loaded, images, topk=3)
+    assert [p.indices for p in a] == [p.indices for p in b]
+    np.testing.assert_allclose([p.probabilities for p in a], [p.probabilities for p in b], atol=1e-6)
+
+
+def test_reid_onnx_embedding(reid_run, tmp_path):
+    run, root = reid_run
+    path = tmp_path / "reid.onnx"
+    assert main(["export", "--run", str(run), "--onnx", str(path), "--after-bn", "--no-check"]) == 0
+    loaded = dcal.load_model(run=run, device="cpu")
+    images = _batch(loaded, list_images([root / "query"]) + list_images([root / "bounding_box_test"]))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    emb, selected = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        want = loaded.model.embed(images, after_bn=True)
+        want_sel = loaded.model(images, branches=("sa", "glca"))["selected"]
+    assert emb.shape == (15, 96) and selected.shape == (15, 3)  # concat(SA, GLCA) of 48 each; 8 patches x 30%
+    np.testing.assert_allclose(emb, want.numpy(), atol=1e-4)
+    np.testing.assert_array_equal(np.sort(selected, -1), want_sel.sort(-1).values.numpy())
+
+
+def test_sa_only_graph_has_no_selection(fgvc_run):
+    loaded = dcal.load_model(run=fgvc_run[0], device="cpu")
+    assert InferenceGraph(loaded.model, fusion="sa").output_names == ["probs"]

@@ -1,0 +1,75 @@
+"""dcal report: curves PNG and Markdown summary of one run; overlay and config differences of several."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from dcal.cli import main
+from dcal.report import read_run, run_summary
+
+
+def _ink(path):
+    """Fraction of non-white pixels: a blank or nearly empty figure has little."""
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("L"))
+    return float((arr < 250).mean())
+
+
+def test_report_of_one_run(fgvc_run, tmp_path):
+    run, _ = fgvc_run
+    out = tmp_path / "rep"
+    assert main(["report", str(run), "--output-dir", str(out)]) == 0
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if not r.get("final")]
+    best = max(epochs, key=lambda r: r["top1"])
+    md = (out / "report.md").read_text()
+    row, _, values = md.splitlines()[2:5]  # the summary table: header, separator, the run's row
+    cells = dict(zip([c.strip() for c in row.strip("|").split("|")], [c.strip() for c in values.strip("|").split("|")],
+                     strict=True))
+    assert cells["best top1"] == f"{best['top1']:.2f}" and cells["best epoch"] == str(best["epoch"] + 1)
+    assert cells["last top1_glca"] == f"{epochs[-1]['top1_glca']:.2f}" and cells["epochs"] == "2/2"
+    assert cells["train time (min)"] != "-" and cells["finished"] == "True"
+    assert "`model.top_r`: 0.10" in md and "![training curves](curves.png)" in md
+    with Image.open(out / "curves.png") as im:
+        assert im.size == (1800, 420)  # four panels, 18 x 4.2 inches at 100 dpi
+    assert _ink(out / "curves.png") > 0.02
+
+
+def test_report_overlays_runs_and_lists_config_differences(fgvc_run, reid_run, tmp_path):
+    run, _ = fgvc_run
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    shutil.copytree(run, a)
+    shutil.copytree(run, b)
+    cfg = yaml.safe_load((b / "config.yaml").read_text())
+    cfg["model"]["top_r"] = 0.3
+    (b / "config.yaml").write_text(yaml.safe_dump(cfg))
+    lines = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    for r in lines:
+        if "top1" in r:
+            r["top1"] = 99.0
+    (b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "overlay"
+    assert main(["report", str(a), str(b), "--output-dir", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| a/run |" in md and "| b/run |" in md  # equal names: parent folders tell them apart
+    assert "## Config differences" in md and "model.top_r" in md and "0.30" in md
+    assert "output_dir" not in md.split("## Config differences")[1]
+    assert run_summary(read_run(b))["best top1"] == 99.0
+    assert _ink(out / "curves.png") > 0.02
+    assert main(["report", str(a), str(reid_run[0]), "--output-dir", str(tmp_path / "mixed")]) == 2  # FGVC + Re-ID
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_reid_report_plots_map(reid_run, tmp_path):
+    assert main(["report", str(reid_run[0]), "--output-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "best mAP" in md and "last rank1" in md
+    summary = run_summary(read_run(reid_run[0]))
+    records = [json.loads(x) for x in (reid_run[0] / "metrics.jsonl").read_text().splitlines()]
+    assert summary["best mAP"] == pytest.approx(max(r["mAP"] for r in records if not r.get("final")))

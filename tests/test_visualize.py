@@ -1,0 +1,62 @@
+"""Attention pictures: the GLCA probabilities are the ones the model's GLCA block uses, the PWCA split is exact for
+self-pairs, and dcal visualize draws one row per picture kind on the user's own images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcal.cli import main
+from dcal.model.attention import _finish_block, attn_output, q_and_kv
+from dcal.visualize import glca_attention, glca_attention_maps, pwca_attention_maps
+from tests.conftest import tiny_model
+
+
+@pytest.fixture
+def model():
+    return tiny_model(img_size=32, patch_size=8, top_r=0.25).eval()
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_glca_probabilities_reproduce_the_glca_block(pool):
+    model = tiny_model(img_size=32, patch_size=8, top_r=0.25, glca_pool=pool).eval()
+    images = torch.randn(3, 3, 32, 32)
+    probs, n_local = glca_attention(model, images)
+    assert n_local == 4 and probs.shape[-1] == 17  # 16 patches x 25%; CLS + 16 tokens of x_(L-1)
+    with torch.no_grad():
+        x_prev, _, att = model._sa_stream(model._embed(images), need_attn=True)
+        selected = model._select(att, 3, images.device)
+        queries = model.glca_queries(x_prev, selected)
+        blk = model.glca_blocks[0]
+        hq = blk.norm1(queries)
+        _, _, v = q_and_kv(blk.attn, hq, blk.norm1(x_prev))
+        mine = _finish_block(blk, queries, attn_output(blk.attn, probs @ v, hq))
+        torch.testing.assert_close(mine, model._glca_stream(x_prev, selected), atol=1e-5, rtol=1e-5)
+    maps, scores = glca_attention_maps(model, images)
+    assert maps.shape == (3, 32, 32) and scores.shape == (3, 16)
+    assert maps.min() == 0.0 and maps.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(scores, probs[:, :, -4:, 1:].mean(dim=(1, 2)).numpy(), rtol=1e-6)
+
+
+def test_pwca_split_between_target_and_distractor(model):
+    images = torch.randn(4, 3, 32, 32)
+    self_pairs = pwca_attention_maps(model, images, pairs=torch.arange(4))
+    # paired with itself, every key appears twice: exactly half of the attention goes to the "distractor"
+    np.testing.assert_allclose(self_pairs["share"], 0.5, atol=1e-6)
+    np.testing.assert_allclose(self_pairs["target"], self_pairs["distractor"], atol=1e-6)
+    real = pwca_attention_maps(model, images)
+    assert real["pairs"].tolist() == [1, 2, 3, 0]
+    assert ((real["share"] > 0) & (real["share"] < 1)).all() and real["target"].shape == (4, 32, 32)
+    assert not np.allclose(real["share"], 0.5)
+
+
+def test_visualize_cli_on_own_images(fgvc_run, tmp_path, capsys):
+    run, data = fgvc_run
+    files = sorted((data / "test").rglob("*.png"))[:3]
+    out = tmp_path / "pic.png"
+    assert main(["visualize", "--run", str(run), "--output", str(out), "--images", *map(str, files)]) == 0
+    with Image.open(out) as im:
+        # 3 columns; rows: image, SA rollout, GLCA, PWCA on the target, PWCA on the distractor (2.2 x 2.4 in, 110 dpi)
+        assert im.size == (round(2.2 * 3 * 110), round(2.4 * 5 * 110))
