@@ -100,10 +100,12 @@ def attend_with_lse(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> tuple[T
     On the CPU ``F.scaled_dot_product_attention`` runs ``aten._scaled_dot_product_flash_attention_for_cpu``,
     which computes the softmax normalisers anyway; calling it directly gives the same output (bit for bit) and
     the normalisers, which the rollout then need not recompute. Elsewhere (CUDA, dropout, mixed dtypes,
-    :func:`explicit_attention`) the normalisers are None and the rollout computes its own softmax.
+    :func:`explicit_attention`) the normalisers are None and the rollout computes its own softmax; so too while
+    tracing or exporting (ONNX has no such operator: the graph gets the standard attention).
     """
     dropout = attn.training and attn.attn_drop.p > 0
-    if _FORCE_EXPLICIT or dropout or q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype:
+    exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    if _FORCE_EXPLICIT or dropout or exporting or q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype:
         return attend(attn, q, k, v), None
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
 
