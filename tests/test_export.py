@@ -77,3 +77,17 @@ def test_reid_onnx_embedding(reid_run, tmp_path):
 def test_sa_only_graph_has_no_selection(fgvc_run):
     loaded = dcal.load_model(run=fgvc_run[0], device="cpu")
     assert InferenceGraph(loaded.model, fusion="sa").output_names == ["probs"]
+
+
+def test_onnx_batch_axis_at_448_where_the_rollout_tiles(tmp_path):
+    """At 448 (T = 785) eager PyTorch computes the rollout in tiles of (image, head) problems; the exported graph
+    must not bake the traced batch into that loop: traced at batch 2, run at 3 and 5, every image is computed."""
+    from dcal.export import compare_with_onnxruntime, export_onnx
+
+    model = dcal.create_model("deit_tiny_patch16_224", num_classes=3, img_size=448, depth=2, embed_dim=48,
+                              num_heads=3, pwca_blocks=2).eval()
+    path = export_onnx(model, tmp_path / "m448.onnx")
+    for batch in (3, 5):
+        res = compare_with_onnxruntime(model, path, torch.randn(batch, 3, 448, 448))
+        assert res["same_selection"], res
+        assert res["max_abs_diff"] < 1e-5, res

@@ -60,8 +60,14 @@ class QueryKey:
         kt = self.k.float().reshape(n, T, d).transpose(1, 2)
         r = row.float().unsqueeze(1).expand(B, H, T).reshape(n, 1, T)
         lse = None if self.lse is None else self.lse.float().reshape(n, T, 1)
-        out = torch.zeros(n, 1, T, dtype=torch.float32, device=q.device)
         t = max(1, min(T, tile_elements // T))  # query rows per tile
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # a traced graph (ONNX) must not bake the batch into its loop: tiles of query rows only, all images
+            # and heads at once, summed out of place (T and so the tiles are fixed by the image size)
+            out = sum(torch.bmm(r[:, :, s:s + t], torch.bmm(q[:, s:s + t], kt).softmax(dim=-1))
+                      for s in range(0, T, t))
+            return out.view(B, H, T).mean(dim=1)
+        out = torch.zeros(n, 1, T, dtype=torch.float32, device=q.device)
         g = max(1, min(n, tile_elements // (t * T)))  # (image, head) problems per tile
         for a in range(0, n, g):  # ⌈n/g⌉·⌈T/t⌉ tiles: a few per image at T = 785
             b = min(a + g, n)
