@@ -33,8 +33,6 @@ from dcal.data.reid import IMAGE_EXTENSIONS
 from dcal.model import DCAL
 from dcal.model.dcal import fusion_branches
 
-RUN_CHECKPOINTS = ("best.safetensors", "best.pth", "last.safetensors", "last.pth")  # engine.load_for_eval's order
-
 
 # ------------------------------------------------------------------------------------------------ loading
 @dataclass
@@ -50,21 +48,6 @@ class LoadedModel:
     @property
     def task(self) -> str:
         return self.model.cfg.task
-
-
-def resolve_checkpoint(run: str | Path | None = None, checkpoint: str | Path | None = None) -> Path:
-    """The checkpoint file ``dcal eval`` would use: ``checkpoint`` itself, or the run's best, else last."""
-    if (run is None) == (checkpoint is None):
-        raise ValueError("give exactly one of --run DIR or --checkpoint FILE")
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-        return path
-    found = [Path(run) / n for n in RUN_CHECKPOINTS if (Path(run) / n).is_file()]
-    if not found:
-        raise FileNotFoundError(f"run directory {run} holds no checkpoint (looked for {', '.join(RUN_CHECKPOINTS)})")
-    return found[0]
 
 
 def checkpoint_classes(path: Path) -> list[str] | None:
@@ -87,7 +70,7 @@ def load_model(run: str | Path | None = None, checkpoint: str | Path | None = No
                overrides: Sequence[str] = ()) -> LoadedModel:
     """Load a run directory (its best, else last, checkpoint) or a checkpoint file for inference, in eval mode."""
     from dcal.data.transforms import build_transforms_from_config
-    from dcal.engine import load_for_eval
+    from dcal.engine import load_for_eval, resolve_checkpoint
 
     path = resolve_checkpoint(run, checkpoint)
     cfg, model = load_for_eval(None, str(path), list(overrides))

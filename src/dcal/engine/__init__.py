@@ -25,6 +25,7 @@ from dcal.engine.evaluation import (
     evaluate_reid_model,
     extract_features,
     load_for_eval,
+    resolve_checkpoint,
 )
 from dcal.engine.loop import EpochProgress, NonFiniteLossError, train_one_epoch
 from dcal.engine.run import BEST_METRIC, RunExistsError, fit, seed_everything
@@ -48,6 +49,7 @@ __all__ = [
     "extract_features",
     "fit",
     "load_for_eval",
+    "resolve_checkpoint",
     "lr_factor",
     "resolve_device",
     "seed_everything",

@@ -121,6 +121,24 @@ def evaluate(model: DCAL, sets: dict[str, Dataset], device: torch.device, cfg: D
 
 
 # --------------------------------------------------------------------------------------------- eval only
+RUN_CHECKPOINTS = ("best.safetensors", "best.pth", "last.safetensors", "last.pth")  # a run's files, in preference
+
+
+def resolve_checkpoint(run: str | Path | None = None, checkpoint: str | Path | None = None) -> Path:
+    """The file to load: ``checkpoint`` itself, or the run directory's best, else last, checkpoint."""
+    if (run is None) == (checkpoint is None):
+        raise ValueError("give exactly one of --run DIR or --checkpoint FILE")
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        return path
+    found = [Path(run) / n for n in RUN_CHECKPOINTS if (Path(run) / n).is_file()]
+    if not found:
+        raise FileNotFoundError(f"run directory {run} holds no checkpoint (looked for {', '.join(RUN_CHECKPOINTS)})")
+    return found[0]
+
+
 def load_for_eval(run: str | None = None, checkpoint: str | None = None,
                   overrides: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, DCAL]:
     """Config and model of a finished run (``run`` dir: its best, else last, checkpoint) or of a checkpoint file
@@ -129,17 +147,7 @@ def load_for_eval(run: str | None = None, checkpoint: str | None = None,
 
     from dcal.config import load_config, upgrade_saved_config
 
-    if (run is None) == (checkpoint is None):
-        raise ValueError("give exactly one of --run DIR or --checkpoint FILE")
-    if run is not None:
-        run_dir = Path(run)
-        candidates = [run_dir / n for n in ("best.safetensors", "best.pth", "last.safetensors", "last.pth")]
-        found = [p for p in candidates if p.is_file()]
-        if not found:
-            raise FileNotFoundError(f"run directory {run_dir} holds no checkpoint (looked for "
-                                    f"{', '.join(p.name for p in candidates)})")
-        checkpoint = str(found[0])
-    path = Path(checkpoint)
+    path = resolve_checkpoint(run, checkpoint)
     if path.suffix == ".safetensors":
         state, config_yaml, _ = read_export(path)
     else:
