@@ -74,8 +74,8 @@ def test_rerun_reuses_and_an_interrupted_run_resumes(ablation):
     recipe, out, summary, _ = ablation
     dcal_run = out / "dcal" / "seed1"
     metrics = dcal_run / "metrics.jsonl"
-    kept = metrics.read_text().splitlines()[:-1]  # as if killed before the final record was written
-    metrics.write_text("\n".join(kept) + "\n")
+    kept = metrics.read_text().splitlines()[:-1]  # as if killed while the final record was being written
+    metrics.write_text("\n".join(kept) + '\n{"final": tr')
     lines: list[str] = []
     again = run_ablation(recipe, ["table3", "selection"], seeds=2, overrides=["model.glca_blocks=2"],
                          output_dir=out, log=lines.append)

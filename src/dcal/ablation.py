@@ -124,19 +124,17 @@ def _overrides(keys: dict[str, Any]) -> list[str]:
 
 # -------------------------------------------------------------------------------------------------- running
 def _final_record(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    for line in reversed(path.read_text(encoding="utf-8").splitlines()):
-        if line.strip():
-            record = json.loads(line)
-            return record if record.get("final") else None
-    return None
+    """The run's ``final`` record, or None while it is unfinished (or absent)."""
+    from dcal.engine import read_metrics
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    return records[-1] if records and records[-1].get("final") else None
 
 
-def _records(run_dir: Path) -> list[dict[str, Any]]:
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in (json.loads(x) for x in lines if x.strip()) if not r.get("final")]
+def _epoch_records(run_dir: Path) -> list[dict[str, Any]]:
+    from dcal.engine import read_metrics
+
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if not r.get("final") and not r.get("partial")]
 
 
 def _check_same_config(run_dir: Path, cfg: Any) -> None:
@@ -170,7 +168,7 @@ def run_summary(final: dict[str, Any], run_dir: Path, task: str, seed: int) -> d
     """The numbers of one finished run: last epoch's metrics, best epoch's, time."""
     keys = ("top1", "top1_sa", "top1_glca") if task == "fgvc" else ("mAP", "rank1", "mINP")
     main = keys[0]
-    evaluated = [r for r in _records(run_dir) if main in r]
+    evaluated = [r for r in _epoch_records(run_dir) if main in r]
     last_epoch = final["epoch"]
     last = next((r for r in evaluated if r["epoch"] == last_epoch), None)
     if last is None:

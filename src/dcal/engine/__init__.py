@@ -28,7 +28,7 @@ from dcal.engine.evaluation import (
     resolve_checkpoint,
 )
 from dcal.engine.loop import EpochProgress, NonFiniteLossError, train_one_epoch
-from dcal.engine.run import BEST_METRIC, RunExistsError, fit, seed_everything
+from dcal.engine.run import BEST_METRIC, RunExistsError, fit, read_metrics, seed_everything
 
 __all__ = [
     "BEST_METRIC",
@@ -49,6 +49,7 @@ __all__ = [
     "extract_features",
     "fit",
     "load_for_eval",
+    "read_metrics",
     "resolve_checkpoint",
     "lr_factor",
     "resolve_device",

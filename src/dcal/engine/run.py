@@ -141,7 +141,7 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
         rngs = state.get("rng_per_rank") or [state["rng"]]
         set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
         if main:
-            records = _records_until(_read_jsonl(metrics_path), state)
+            records = _records_until(read_metrics(metrics_path), state)
         if main:
             where = f" batch {progress.batches + 1} of" if progress else ""
             _log(f"resuming {out_dir} at{where} epoch {start_epoch + 1}/{cfg.train.epochs}")
@@ -303,8 +303,8 @@ def _tensorboard(out_dir: Path) -> Any:
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a metrics file; a last line cut by a kill is dropped."""
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Records of a ``metrics.jsonl`` (none if it does not exist); a line cut by a kill is dropped."""
     if not path.exists():
         return []
     out = []
