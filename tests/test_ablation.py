@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import yaml
@@ -80,6 +81,17 @@ def test_rerun_reuses_and_an_interrupted_run_resumes(ablation):
     again = run_ablation(recipe, ["table3", "selection"], seeds=2, overrides=["model.glca_blocks=2"],
                          output_dir=out, log=lines.append)
     assert sum("(reused" in line for line in lines) == 13 and sum("(resumed" in line for line in lines) == 1
+    assert [r["last_top1"] for r in again["rows"]] == [r["last_top1"] for r in summary["rows"]]
+
+
+def test_a_moved_ablation_folder_is_reused(ablation, tmp_path):
+    recipe, out, summary, _ = ablation
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    lines: list[str] = []
+    again = run_ablation(recipe, ["table3", "selection"], seeds=2, overrides=["model.glca_blocks=2"],
+                         output_dir=moved, log=lines.append)
+    assert sum("(reused" in line for line in lines) == 14
     assert [r["last_top1"] for r in again["rows"]] == [r["last_top1"] for r in summary["rows"]]
 
 

@@ -138,8 +138,15 @@ def _epoch_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _check_same_config(run_dir: Path, cfg: Any) -> None:
+    """Refuse a run directory trained with another config; where it lies (``output_dir``) does not count, so a
+    moved or copied ablation folder is reused."""
     saved = run_dir / "config.yaml"
-    if saved.is_file() and yaml.safe_load(saved.read_text(encoding="utf-8")) != yaml.safe_load(to_yaml(cfg)):
+    if not saved.is_file():
+        return
+    old, new = yaml.safe_load(saved.read_text(encoding="utf-8")), yaml.safe_load(to_yaml(cfg))
+    old.pop("output_dir", None)
+    new.pop("output_dir", None)
+    if old != new:
         raise FileExistsError(
             f"{run_dir} holds a run with another config than this ablation asks for (compare its config.yaml); "
             "remove it or write the ablation to another --output-dir"
