@@ -27,12 +27,32 @@ def test_left_multiply_equals_row_times_explicit_map(b, h, t, tile):
     torch.testing.assert_close(got, torch.bmm(r.unsqueeze(1), s).squeeze(1), atol=1e-6, rtol=1e-5)
 
 
-def test_left_multiply_with_forward_normalisers_equals_softmax_path():
+@pytest.mark.parametrize("tile", ["one row", "not dividing", "whole problem"])
+@pytest.mark.parametrize("buffer", [None, "too small", "larger"])
+def test_left_multiply_with_forward_normalisers_equals_softmax_path(tile, buffer):
+    """The CPU path (exp2 of base-2 scores with the normaliser folded into the GEMM), any tiling, any scratch."""
     qk, s = random_qk(2, 3, 40)
     lse = torch.logsumexp(qk.q @ qk.k.transpose(-2, -1), dim=-1)
     r = torch.rand(2, 40)
-    got = QueryKey(qk.q, qk.k, lse).left_multiply(r, tile_elements=3 * 40 + 7)
+    elements = {"one row": 40, "not dividing": 3 * 40 + 7, "whole problem": 40 * 40}[tile]
+    scratch = {None: None, "too small": torch.empty(10), "larger": torch.full((5000,), float("nan"))}[buffer]
+    got = QueryKey(qk.q, qk.k, lse).left_multiply(r, tile_elements=elements, buffer=scratch)
     torch.testing.assert_close(got, torch.bmm(r.unsqueeze(1), s).squeeze(1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_left_multiply_applies_the_scale_and_reads_strided_views(with_lse):
+    """QueryKey(q, k, scale=c) is softmax(c q kᵀ); q and k may be views into one qkv tensor (never copied)."""
+    b, h, t, d, c = 2, 3, 30, 8, 0.35
+    qkv = torch.randn(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # timm's layout: q, k, v interleaved per token
+    q, k = qkv[0], qkv[1]
+    assert not q.is_contiguous()
+    s = (c * q @ k.transpose(-2, -1)).softmax(-1).mean(1)
+    lse = torch.logsumexp(c * q @ k.transpose(-2, -1), dim=-1) if with_lse else None
+    r = torch.rand(b, t)
+    got = QueryKey(q, k, lse, scale=c).left_multiply(r)
+    torch.testing.assert_close(got, torch.bmm(r.unsqueeze(1), s).squeeze(1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(QueryKey(q, k, lse, scale=c).cls_row(), s[:, 0], atol=1e-6, rtol=1e-5)
 
 
 def test_rollout_from_queries_and_keys_equals_rollout_from_maps():
@@ -53,14 +73,22 @@ def test_attend_with_lse_is_fused_attention_and_its_normalisers():
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_sa_block_keep_qk_is_timm_block(grad):
-    """Same output bits as timm's Block.forward, and the same input gradient, with and without autograd."""
+@pytest.mark.parametrize("into", [False, True])
+def test_sa_block_keep_qk_is_timm_block(grad, into):
+    """Same output bits as timm's Block.forward, and the same input gradient, with and without autograd; also
+    with the qkv projection written into a caller's (larger) workspace."""
     blk = tiny_model().backbone.blocks[1]
     x = torch.randn(2, 17, 48, requires_grad=grad)
+    workspace = torch.full((40, 3 * 48), float("nan")) if into else None
     with torch.set_grad_enabled(grad):
-        got, qk = sa_block_keep_qk(blk, x)
+        got, qk = sa_block_keep_qk(blk, x, workspace)
         want = blk(x)
     assert torch.equal(got, want) and not qk.q.requires_grad and qk.lse is not None
+    if into and not grad:  # the queries and keys live in the workspace's first B·T rows
+        assert qk.q.untyped_storage().data_ptr() == workspace.untyped_storage().data_ptr()
+        assert not workspace[:34].isnan().any() and workspace[34:].isnan().all()
+    elif into:  # under autograd the projection is autograd's own (out= has no derivative)
+        assert workspace.isnan().all()
     if grad:
         (g_got,) = torch.autograd.grad(got.square().sum(), x)
         (g_want,) = torch.autograd.grad(want.square().sum(), x)
@@ -83,3 +111,68 @@ def test_model_selection_equals_explicit_attention_path(mode):
     assert set(got["logits"]) == set(want["logits"])
     for branch in got["logits"]:
         torch.testing.assert_close(got["logits"][branch], want["logits"][branch], atol=1e-5, rtol=1e-4)
+
+
+def _fresh_outputs(model, x):
+    model.release_workspace()
+    with torch.no_grad():
+        out = model(x)
+    model.release_workspace()
+    return out
+
+
+def test_inference_workspace_is_kept_grown_reused_and_released():
+    """CPU inference keeps one qkv workspace between calls (grown to the largest batch); reusing it, larger or
+    stale, changes no output; train() and release_workspace() drop it; autograd and autocast never use it."""
+    model = tiny_model(img_size=64).eval()
+    small, large = torch.randn(2, 3, 64, 64), torch.randn(5, 3, 64, 64)
+    want_small, want_large = _fresh_outputs(model, small), _fresh_outputs(model, large)
+    with torch.no_grad():
+        model(small)
+        first = model._kept_qkv
+        assert first.shape == (3, 2 * 17, 3 * 48)
+        got_large = model(large)  # grows
+        grown = model._kept_qkv
+        assert grown.shape == (3, 5 * 17, 3 * 48)
+        got_small = model(small)  # reuses the larger one, stale rows and all
+        assert model._kept_qkv is grown
+    for got, want in ((got_small, want_small), (got_large, want_large)):
+        assert torch.equal(got["selected"], want["selected"])
+        for branch in want["logits"]:
+            assert torch.equal(got["logits"][branch], want["logits"][branch])
+    model.train()
+    assert "_kept_qkv" not in vars(model)
+    model.eval()
+    model(small)  # autograd on: no workspace (autograd keeps the projections itself)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(small)
+    assert "_kept_qkv" not in vars(model)
+    with torch.no_grad():
+        model.cls_rollout(small)
+    assert "_kept_qkv" in vars(model)
+    model.release_workspace()
+    assert "_kept_qkv" not in vars(model)
+
+
+def test_inference_workspace_is_never_shared_between_threads():
+    """Two threads predicting with one model at once: each call holds its own workspace while it runs."""
+    import threading
+
+    model = tiny_model(img_size=64).eval()
+    inputs = [torch.randn(3, 3, 64, 64) for _ in range(2)]
+    with torch.no_grad():
+        want = [model.predict(x) for x in inputs]
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(15):
+                if not torch.equal(model.predict(inputs[i]), want[i]):
+                    errors.append(f"thread {i}: prediction changed")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

@@ -148,21 +148,43 @@ def sa_block_with_probs(block: Block, x: Tensor, cls_row_only: bool = False) -> 
     return _finish_block(block, x, attn_output(attn, o, h)), s
 
 
-def sa_block_keep_qk(block: Block, x: Tensor) -> tuple[Tensor, QueryKey]:
+def qkv_into(attn: Attention, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`qkv` with the projection written into ``out`` (≥ B·T rows of 3·H·d floats): the same ``addmm`` as
+    ``nn.Linear`` on the flattened tokens, so the same bits. Falls back to :func:`qkv` (``out`` unused) under
+    autograd (``out=`` has no derivative), when the projection is not a plain ``nn.Linear``, or when the dtypes
+    differ (autocast)."""
+    B, T, D = x.shape
+    lin = attn.qkv
+    rows = out[: B * T] if out.dim() == 2 and out.shape[0] >= B * T else None
+    same_dtype = x.dtype == lin.weight.dtype == out.dtype and not torch.is_autocast_enabled(x.device.type)
+    plain = type(lin) is torch.nn.Linear and not torch.is_grad_enabled()
+    if not plain or rows is None or rows.shape[1] != lin.out_features or not same_dtype:
+        return qkv(attn, x)
+    if lin.bias is None:
+        torch.mm(x.reshape(B * T, D), lin.weight.t(), out=rows)
+    else:
+        torch.addmm(lin.bias, x.reshape(B * T, D), lin.weight.t(), out=rows)
+    q, k, v = rows.view(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def sa_block_keep_qk(block: Block, x: Tensor, qkv_out: Tensor | None = None) -> tuple[Tensor, QueryKey]:
     """timm ``Block.forward`` (fused attention, same ops in the same order) that also hands out the block's
     queries and keys (detached) for the rollout: S_i is applied to the rollout row later, in tiles, by
     :meth:`QueryKey.left_multiply`, instead of being written out here (B·H·T² values per block).
 
-    Under autograd the saved ``k`` is a view of the qkv projection that the attention backward keeps anyway;
-    without autograd it is copied, so that the rest of the projection (values, B·T·D per block) can be freed.
+    The queries and keys are views into the block's qkv projection, neither scaled nor copied (the scale is
+    applied inside the rollout's score product); under autograd the attention backward keeps that projection
+    anyway. ``qkv_out`` (inference): where to write the projection (:func:`qkv_into`), so that a caller can
+    reuse the memory across calls (``DCAL`` does on the CPU: fresh pages for L projections cost 3-5 % of an
+    inference at 448, measured).
     """
     attn = block.attn
     h = block.norm1(x)
-    q, k, v = qkv(attn, h)
+    q, k, v = qkv(attn, h) if qkv_out is None else qkv_into(attn, h, qkv_out)
     o, lse = attend_with_lse(attn, q, k, v)
     out = _finish_block(block, x, attn_output(attn, o, h))
-    k, lse = k.detach(), None if lse is None else lse.detach()
-    return out, QueryKey(q.detach() * attn.scale, k if torch.is_grad_enabled() else k.contiguous(), lse)
+    return out, QueryKey(q.detach(), k.detach(), None if lse is None else lse.detach(), attn.scale)
 
 
 @torch.no_grad()
@@ -176,7 +198,7 @@ def sa_query_key(block: Block, x: Tensor) -> QueryKey:
     dim = attn.attn_dim
     q = attn.q_norm(_heads(attn, _project(attn, h, slice(0, dim))))
     k = attn.k_norm(_heads(attn, _project(attn, h, slice(dim, 2 * dim))))
-    return QueryKey(q * attn.scale, k)
+    return QueryKey(q, k, scale=attn.scale)
 
 
 def glca_block(block: Block, queries: Tensor, context: Tensor) -> Tensor:

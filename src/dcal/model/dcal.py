@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +155,17 @@ class DCAL(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
+    def train(self, mode: bool = True) -> DCAL:
+        """``nn.Module.train``; entering train mode also drops the inference workspace (:meth:`release_workspace`)."""
+        if mode:
+            self.release_workspace()
+        return super().train(mode)
+
+    def release_workspace(self) -> None:
+        """Free the CPU inference workspace (the SA blocks' qkv projections kept for the rollout, L·B·T·3D floats
+        of the largest batch seen); the next CPU inference allocates it again."""
+        self.__dict__.pop("_kept_qkv", None)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward (SA, GLCA and PWCA streams) to save memory."""
         self.grad_checkpointing = enable
@@ -170,7 +181,37 @@ class DCAL(nn.Module):
         bb = self.backbone
         return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
 
-    def _sa_stream(self, x: Tensor, need_attn: bool) -> tuple[Tensor, Tensor, Sequence[Tensor | QueryKey]]:
+    @contextlib.contextmanager
+    def _qkv_workspace(self, x: Tensor, need_attn: bool) -> Iterator[Tensor | None]:
+        """CPU inference with the rollout: an (L, ≥B·T, 3D) tensor the SA blocks write their qkv projections into,
+        kept on the model between calls (None elsewhere: under autograd, autocast, FLOP counting, tracing,
+        ``torch.compile``, on CUDA).
+
+        The rollout reads every block's queries and keys after the SA stream, so L projections are alive at
+        once; allocated afresh on every call they are fresh pages each time, and those page faults cost 3-5 %
+        of a DeiT-T inference at 448 (benchmarks/README.md). The workspace is taken off the model while in use,
+        so two threads never share one (the second allocates its own); it is put back afterwards, grown to the
+        largest batch seen, and dropped by ``train()`` and :meth:`release_workspace`.
+        """
+        qkv_proj = getattr(self.backbone.blocks[0].attn, "qkv", None)
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+        use = (need_attn and x.device.type == "cpu" and not torch.is_grad_enabled() and isinstance(qkv_proj, nn.Linear)
+               and not explicit_attention_active() and not torch.is_autocast_enabled("cpu") and not tracing)
+        if not use:
+            yield None
+            return
+        rows, width, depth = x.shape[0] * x.shape[1], qkv_proj.out_features, len(self.backbone.blocks)
+        ws = self.__dict__.pop("_kept_qkv", None)
+        if ws is None or ws.dtype != x.dtype or ws.shape[1] < rows or ws.shape[::2] != (depth, width):
+            ws = torch.empty(depth, rows, width, dtype=x.dtype, device=x.device)
+        try:
+            yield ws
+        finally:
+            self.__dict__["_kept_qkv"] = ws
+
+    def _sa_stream(
+        self, x: Tensor, need_attn: bool, workspace: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Sequence[Tensor | QueryKey]]:
         """SA blocks 1..L. Returns x_(L-1) (GLCA's input), x_L, and, if asked, what the rollout needs of each
         block's head-averaged attention S_1 … S_L.
 
@@ -180,7 +221,8 @@ class DCAL(nn.Module):
         T = 785 memory-bound and 1.5-2.3x slower than timm, see benchmarks/README.md). With gradient checkpointing
         only the block inputs (kept by the checkpoints anyway) are stored and the queries/keys are recomputed,
         one block at a time, when the rollout reads them. Under :func:`explicit_attention` (FLOP counting) each
-        block computes S explicitly, one softmax for output and S, block L its CLS row only.
+        block computes S explicitly, one softmax for output and S, block L its CLS row only. ``workspace``
+        (:meth:`_qkv_workspace`): where block i writes its qkv projection, row i.
         """
         blocks = self.backbone.blocks
         explicit = need_attn and explicit_attention_active()
@@ -192,7 +234,7 @@ class DCAL(nn.Module):
             if explicit:
                 x, attn = self._run(sa_block_with_probs, blk, x, i == len(blocks) - 1)
             elif need_attn and not recompute:
-                x, attn = sa_block_keep_qk(blk, x)
+                x, attn = sa_block_keep_qk(blk, x, None if workspace is None else workspace[i])
             else:
                 attn = x  # the block input (recompute) or nothing needed
                 x = self._run(blk, x)
@@ -286,11 +328,12 @@ class DCAL(nn.Module):
 
         x0 = self._embed(images)
         need_attn = use_glca and self.cfg.query_selection != "random"
-        x_prev, x, attentions = self._sa_stream(x0, need_attn)
+        with self._qkv_workspace(x0, need_attn) as workspace:
+            x_prev, x, attentions = self._sa_stream(x0, need_attn, workspace)
+            selected = self._select(attentions, images.shape[0], images.device) if use_glca else None
+            del attentions  # queries/keys (inference) or block-input references: not needed any more
         self._head("sa", x, out)
-        if use_glca:
-            selected = self._select(attentions, images.shape[0], images.device)
-            del attentions  # stored maps (inference) or block-input references: not needed any more
+        if selected is not None:
             self._head("glca", self._glca_stream(x_prev, selected), out)
             out["selected"] = selected
         if use_pwca:
@@ -325,8 +368,9 @@ class DCAL(nn.Module):
     @torch.no_grad()
     def cls_rollout(self, images: Tensor) -> Tensor:
         """CLS row of the SA attention rollout over the N patch tokens, (B, N) (for pictures and tests)."""
-        _, _, attentions = self._sa_stream(self._embed(images), need_attn=True)
-        return rollout_cls_row(attentions)[:, 1:]
+        x0 = self._embed(images)
+        with self._qkv_workspace(x0, need_attn=True) as workspace:
+            return rollout_cls_row(self._sa_stream(x0, True, workspace)[2])[:, 1:]
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -20,47 +20,78 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Scores per tile (float32): 2^20 = 4 MiB, inside a server CPU's L3. Measured in benchmarks/bench_rollout.py:
-# smaller tiles mean more, smaller kernel calls, and each call costs a thread hand-off that a loaded machine makes
-# expensive; much larger tiles spill to memory (see benchmarks/README.md).
+# Scores per tile (float32): 2^20 = 4 MiB, inside a server CPU's L3. One DeiT/ViT problem at 448 (T = 785, 616 k
+# scores) is one tile. Measured in benchmarks/bench_rollout.py: smaller tiles mean more, smaller kernel calls (and
+# each call a thread hand-off, which a loaded machine makes expensive); much larger tiles spill to memory.
 TILE_ELEMENTS = 2**20
+
+_LOG2E = 1.0 / math.log(2.0)
 
 
 @dataclass(frozen=True)
 class QueryKey:
-    """Queries and keys of one self-attention block: S = mean_h softmax(q kᵀ), without S itself.
+    """Queries and keys of one self-attention block: S = mean_h softmax(scale · q kᵀ), without S itself.
 
     Attributes:
-        q: (B, H, T, d) queries, already multiplied by the softmax scale (1/√d for timm).
-        k: (B, H, T, d) keys.
-        lse: optional (B, H, T) log-sum-exp of each row of q kᵀ, the softmax normalisers, when the forward's
-            attention kernel returned them; then a tile's probabilities are exp(s − lse), one pass instead of a
-            softmax's three.
+        q: (B, H, T, d) queries; any strides (a view into the block's qkv projection is fine).
+        k: (B, H, T, d) keys; any strides.
+        lse: optional (B, H, T) log-sum-exp of each row of scale · q kᵀ, the softmax normalisers, when the
+            forward's attention kernel returned them; then a score tile's probabilities are exp(s − lse), one
+            elementwise pass instead of a softmax's three.
+        scale: the softmax scale (1/√d for timm), applied inside the score product.
     """
 
     q: Tensor
     k: Tensor
     lse: Tensor | None = None
+    scale: float = 1.0
 
     def cls_row(self) -> Tensor:
         """e₀ᵀ S, (B, T): the CLS query's attention averaged over heads."""
-        return torch.softmax(self.q[:, :, :1].float() @ self.k.float().transpose(-2, -1), dim=-1)[:, :, 0].mean(1)
+        scores = (self.q[:, :, :1].float() * self.scale) @ self.k.float().transpose(-2, -1)
+        return torch.softmax(scores, dim=-1)[:, :, 0].mean(1)
 
-    def left_multiply(self, row: Tensor, tile_elements: int = TILE_ELEMENTS) -> Tensor:
-        """row S, (B, T), for a row vector per image ``row`` (B, T), in tiles of query rows.
+    def left_multiply(self, row: Tensor, tile_elements: int = TILE_ELEMENTS, buffer: Tensor | None = None) -> Tensor:
+        """row S, (B, T), for a row vector per image ``row`` (B, T), in tiles of query rows: no B·H·T² tensor.
 
-        Heads and images are flattened into one batch of n = B·H (T, d) problems; a tile is g of those problems
-        times t query rows, g·t·T ≤ ``tile_elements`` scores: scores → softmax over keys (each row whole, so
-        the softmax is exact; or exp(s − lse) with the forward's normalisers) → weighted by the tile's r_t and
-        summed into the output (one ``baddbmm``).
+        With the forward's normalisers (CPU): per (image, head) problem, one ``addmm`` gives the tile's scores
+        in base 2 with the normaliser folded in, s₂ = log₂e · (scale · q kᵀ − lse), then exp2 in place (2^s₂ =
+        exp(s − lse): the same probabilities; exp2 is about twice as fast as exp on the CPU and the base change
+        rides on the GEMM's alpha), then ``addmv`` adds the tile's rows weighted by r_t. Per problem, on strided
+        views, because that measured fastest: a batched-heads product on these strides was 1.2-1.6x slower.
+        Without normalisers (CUDA, dropout, tracing): heads and images flattened into a batch of problems and
+        a tile's scores go through a softmax over keys (each tile holds whole rows, so it is exact).
+
+        ``buffer``: optional float32 scratch of at least one tile's scores, reused across calls (a rollout passes
+        one to every block: a fresh multi-MiB tensor per block is fresh pages, and page faults cost as much as
+        the tile's exp2).
         """
+        if self.lse is None or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return self._left_multiply_softmax(row, tile_elements)
+        B, H, T, _ = self.q.shape
+        q, k, r = self.q.float(), self.k.float(), row.float()
+        bias = self.lse.float() * -_LOG2E  # −log₂e · lse, per score row
+        alpha = self.scale * _LOG2E
+        t = tile_rows(T, tile_elements)  # all T rows at T ≤ 1024: one tile per (image, head)
+        out = torch.zeros(B, H, T, dtype=torch.float32, device=q.device)
+        tile = _scratch(buffer, t * T, q.device).view(t, T)
+        for b in range(B):
+            for h in range(H):
+                kt = k[b, h].t()
+                for s in range(0, T, t):
+                    e = min(s + t, T)
+                    probs = torch.addmm(bias[b, h, s:e, None].expand(e - s, T), q[b, h, s:e], kt, alpha=alpha,
+                                        out=tile[: e - s])
+                    out[b, h].addmv_(probs.exp2_().t(), r[b, s:e])
+        return out.mean(dim=1)
+
+    def _left_multiply_softmax(self, row: Tensor, tile_elements: int) -> Tensor:
         B, H, T, d = self.q.shape
         n = B * H
-        q = self.q.float().reshape(n, T, d)
+        q = (self.q.float() * self.scale).reshape(n, T, d)
         kt = self.k.float().reshape(n, T, d).transpose(1, 2)
         r = row.float().unsqueeze(1).expand(B, H, T).reshape(n, 1, T)
-        lse = None if self.lse is None else self.lse.float().reshape(n, T, 1)
-        t = max(1, min(T, tile_elements // T))  # query rows per tile
+        t = tile_rows(T, tile_elements)
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             # a traced graph (ONNX) must not bake the batch into its loop: tiles of query rows only, all images
             # and heads at once, summed out of place (T and so the tiles are fixed by the image size)
@@ -69,14 +100,24 @@ class QueryKey:
             return out.view(B, H, T).mean(dim=1)
         out = torch.zeros(n, 1, T, dtype=torch.float32, device=q.device)
         g = max(1, min(n, tile_elements // (t * T)))  # (image, head) problems per tile
-        for a in range(0, n, g):  # ⌈n/g⌉·⌈T/t⌉ tiles: a few per image at T = 785
+        for a in range(0, n, g):
             b = min(a + g, n)
             for s in range(0, T, t):
                 e = min(s + t, T)
-                scores = torch.bmm(q[a:b, s:e], kt[a:b])
-                probs = scores.softmax(dim=-1) if lse is None else scores.sub_(lse[a:b, s:e]).exp_()
-                out[a:b].baddbmm_(r[a:b, :, s:e], probs)
+                out[a:b].baddbmm_(r[a:b, :, s:e], torch.bmm(q[a:b, s:e], kt[a:b]).softmax(dim=-1))
         return out.view(B, H, T).mean(dim=1)
+
+
+def tile_rows(num_tokens: int, tile_elements: int = TILE_ELEMENTS) -> int:
+    """Query rows per rollout tile: as many whole score rows as fit in ``tile_elements``, at least one."""
+    return max(1, min(num_tokens, tile_elements // num_tokens))
+
+
+def _scratch(buffer: Tensor | None, numel: int, device: torch.device) -> Tensor:
+    """The first ``numel`` floats of ``buffer``, or a new tensor when it is missing, too small or elsewhere."""
+    if buffer is None or buffer.numel() < numel or buffer.device != device or buffer.dtype != torch.float32:
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    return buffer.view(-1)[:numel]
 
 
 def cls_attention_row(attention: Tensor | QueryKey) -> Tensor:
@@ -86,9 +127,9 @@ def cls_attention_row(attention: Tensor | QueryKey) -> Tensor:
     return attention if attention.dim() == 2 else attention[:, 0]
 
 
-def _left_multiply(row: Tensor, attention: Tensor | QueryKey) -> Tensor:
+def _left_multiply(row: Tensor, attention: Tensor | QueryKey, buffer: Tensor) -> Tensor:
     if isinstance(attention, QueryKey):
-        return attention.left_multiply(row)
+        return attention.left_multiply(row, buffer=buffer)
     return torch.bmm(row.unsqueeze(1), attention.to(row.dtype)).squeeze(1)
 
 
@@ -110,9 +151,11 @@ def rollout_cls_row(attentions: Sequence[Tensor | QueryKey]) -> Tensor:
     with torch.autocast(device_type=(last.q if isinstance(last, QueryKey) else last).device.type, enabled=False):
         row = 0.5 * cls_attention_row(last).float()
         row[:, 0] += 0.5  # e₀ᵀ S̄_L = 0.5 e₀ᵀ S_L + 0.5 e₀ᵀ
+        T = row.shape[1]
+        buffer = torch.empty(tile_rows(T) * T, dtype=torch.float32, device=row.device)  # one tile for all blocks
         # By index, from L-1 down: a lazy sequence (checkpointed training) then computes one block at a time.
         for i in range(len(attentions) - 2, -1, -1):
-            row = 0.5 * _left_multiply(row, attentions[i]) + 0.5 * row
+            row = 0.5 * _left_multiply(row, attentions[i], buffer) + 0.5 * row
     return row
 
 
