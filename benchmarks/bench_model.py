@@ -1,7 +1,8 @@
 """DCAL against its compute floor: training/inference time, peak training memory and FLOP ratios, side by side.
 
 One command, one run: ``python benchmarks/bench_model.py [--cases fgvc reid] [--batch N] [--img-size ...]
-[--infer-batches 1 8 32] [--device cpu|cuda] [--reps 5] [--warmup 2] [--json out.json] [--markdown out.md]``.
+[--infer-batches 1 8 32] [--device cpu|cuda] [--reps 5] [--infer-reps 15] [--warmup 2] [--json out.json]
+[--markdown out.md]``.
 See ``benchmarks/README.md`` for how to read it.
 
 How it measures (and why):
@@ -10,8 +11,8 @@ How it measures (and why):
   at once; the parent asks them for one timed step each in **round-robin**, repetition after repetition, so a
   change of machine load during the run hits every variant alike and the ratios stay fair;
 * a training step = ``zero_grad`` + forward + loss + backward + ``AdamW.step``; inference = ``model.eval()`` and
-  ``predict`` (FGVC) / ``embed`` (Re-ID) under ``torch.inference_mode()``; medians over ``--reps`` after
-  ``--warmup`` steps that are not counted;
+  ``predict`` (FGVC) / ``embed`` (Re-ID) under ``torch.inference_mode()``; medians over ``--reps`` training
+  and ``--infer-reps`` inference rounds after ``--warmup`` rounds that are not counted;
 * peak training memory = ``ru_maxrss`` of the variant's process after all its training steps minus its
   ``ru_maxrss`` after the model and optimizer were built: activations, gradients, AdamW state and temporaries
   of a step (CPU has no allocator statistics; RSS is what the machine must have);
@@ -223,7 +224,8 @@ def _saved_for_backward_mb(model: torch.nn.Module, images: torch.Tensor, targets
     return sum(storages.values()) / 2**20
 
 
-def measure_case(case: Case, reps: int, warmup: int, threads: int, log: Any, device: str = "cpu") -> dict[str, Any]:
+def measure_case(case: Case, reps: int, warmup: int, threads: int, log: Any, device: str = "cpu",
+                 infer_reps: int | None = None) -> dict[str, Any]:
     """Round-robin timing of all variants of ``case`` (each in its own process); memory per process.
 
     Inference: every round visits each batch size of the sweep and, within it, every variant in turn."""
@@ -254,7 +256,8 @@ def measure_case(case: Case, reps: int, warmup: int, threads: int, log: Any, dev
         for v in case.train_variants:
             conns[v].send("mem")
             memory[v] = conns[v].recv()
-        for r in range(warmup + reps):
+        infer_reps = reps if infer_reps is None else infer_reps
+        for r in range(warmup + infer_reps):
             for b in case.inference_batches:
                 for v in case.infer_variants:
                     conns[v].send(("infer", b))
@@ -500,6 +503,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=None, help="override every case's batch size")
     ap.add_argument("--img-size", type=int, nargs="+", default=None, help="override the input size: S or H W")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per variant (median reported)")
+    ap.add_argument("--infer-reps", type=int, default=None,
+                    help="timed inference rounds (default: 3x --reps; a round is a fraction of a training round, "
+                         "and the inference ratios at 448 sit close to their target)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up repetitions per variant")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     ap.add_argument("--infer-batches", type=int, nargs="+", default=None,
@@ -510,6 +516,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", type=Path, default=None, help="write all results as JSON here")
     ap.add_argument("--markdown", type=Path, default=None, help="write the report as markdown here")
     args = ap.parse_args(argv)
+    args.infer_reps = 3 * args.reps if args.infer_reps is None else args.infer_reps
     problem = check_device(args.device)
     if problem:
         ap.error(problem)  # exit status 2, the reason on stderr, nothing measured
@@ -536,8 +543,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flops = {"train": {v: forward_flops(case, v, True) for v in case.train_variants},
                  "infer": {v: forward_flops(case, v, False) for v in case.infer_variants}}
         log(f"[{name}] timing {len(set(case.train_variants + case.infer_variants))} variants, "
-            f"{args.warmup} warm-up + {args.reps} timed rounds …")
-        raw = measure_case(case, args.reps, args.warmup, args.threads, log, args.device)
+            f"{args.warmup} warm-up + {args.reps} timed rounds (inference: {args.infer_reps}) …")
+        raw = measure_case(case, args.reps, args.warmup, args.threads, log, args.device, args.infer_reps)
         data = None
         if case.data:
             log(f"[{name}] data pipeline …")
@@ -562,7 +569,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "",
         f"Command: `{results['command']}`",
         "",
-        f"Medians of {args.reps} repetitions after {args.warmup} warm-up, variants interleaved round-robin, "
+        f"Medians of {args.reps} training and {args.infer_reps} inference repetitions after {args.warmup} warm-up, "
+        "variants interleaved round-robin, "
         f"each in its own process. {memory}; "
         "saved for backward = distinct storages autograd keeps after one training forward. FLOP ratio = counted "
         "forward FLOPs of the same pair with attention explicit (training: train-mode forward incl. PWCA, x3).",
