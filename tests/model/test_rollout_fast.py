@@ -27,14 +27,16 @@ def test_left_multiply_equals_row_times_explicit_map(b, h, t, tile):
     torch.testing.assert_close(got, torch.bmm(r.unsqueeze(1), s).squeeze(1), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("tile", ["one row", "not dividing", "whole problem"])
+@pytest.mark.parametrize("tile", ["one row", "not dividing", "whole problem", "two problems", "all"])
 @pytest.mark.parametrize("buffer", [None, "too small", "larger"])
 def test_left_multiply_with_forward_normalisers_equals_softmax_path(tile, buffer):
-    """The CPU path (exp2 of base-2 scores with the normaliser folded into the GEMM), any tiling, any scratch."""
+    """The CPU path (exp2 of base-2 scores with the normaliser folded into the GEMM), problem by problem (one
+    problem per tile) and batched (several), any tiling, any scratch."""
     qk, s = random_qk(2, 3, 40)
     lse = torch.logsumexp(qk.q @ qk.k.transpose(-2, -1), dim=-1)
     r = torch.rand(2, 40)
-    elements = {"one row": 40, "not dividing": 3 * 40 + 7, "whole problem": 40 * 40}[tile]
+    elements = {"one row": 40, "not dividing": 3 * 40 + 7, "whole problem": 40 * 40, "two problems": 2 * 1600 + 40,
+                "all": 6 * 1600}[tile]
     scratch = {None: None, "too small": torch.empty(10), "larger": torch.full((5000,), float("nan"))}[buffer]
     got = QueryKey(qk.q, qk.k, lse).left_multiply(r, tile_elements=elements, buffer=scratch)
     torch.testing.assert_close(got, torch.bmm(r.unsqueeze(1), s).squeeze(1), atol=1e-6, rtol=1e-5)

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Scores per tile (float32): 2^20 = 4 MiB, inside a server CPU's L3. One DeiT/ViT problem at 448 (T = 785, 616 k
-# scores) is one tile. Measured in benchmarks/bench_rollout.py: smaller tiles mean more, smaller kernel calls (and
-# each call a thread hand-off, which a loaded machine makes expensive); much larger tiles spill to memory.
+# Scores per tile (float32): 2^20 = 4 MiB, inside a server CPU's L3. One (image, head) problem at 448 (T = 785,
+# 616 k scores) is one tile; at 256x128 (T = 129) 63 problems are. Measured in benchmarks/bench_rollout.py:
+# smaller tiles mean more, smaller kernel calls (and each call a thread hand-off, which a loaded machine makes
+# expensive); much larger tiles spill to memory.
 TILE_ELEMENTS = 2**20
 
 _LOG2E = 1.0 / math.log(2.0)
@@ -54,57 +55,78 @@ class QueryKey:
     def left_multiply(self, row: Tensor, tile_elements: int = TILE_ELEMENTS, buffer: Tensor | None = None) -> Tensor:
         """row S, (B, T), for a row vector per image ``row`` (B, T), in tiles of query rows: no B·H·T² tensor.
 
-        With the forward's normalisers (CPU): per (image, head) problem, one ``addmm`` gives the tile's scores
-        in base 2 with the normaliser folded in, s₂ = log₂e · (scale · q kᵀ − lse), then exp2 in place (2^s₂ =
-        exp(s − lse): the same probabilities; exp2 is about twice as fast as exp on the CPU and the base change
-        rides on the GEMM's alpha), then ``addmv`` adds the tile's rows weighted by r_t. Per problem, on strided
-        views, because that measured fastest: a batched-heads product on these strides was 1.2-1.6x slower.
-        Without normalisers (CUDA, dropout, tracing): heads and images flattened into a batch of problems and
-        a tile's scores go through a softmax over keys (each tile holds whole rows, so it is exact).
+        The B·H (image, head) problems are cut into tiles of g problems times t query rows, g·t·T ≤
+        ``tile_elements`` scores, each tile holding whole score rows. With the forward's normalisers (CPU) one
+        GEMM writes the tile's scores in base 2 with the normaliser folded in, s₂ = log₂e · (scale · q kᵀ − lse)
+        (the base change rides on the GEMM's alpha, the normaliser on its bias), then exp2 in place: 2^s₂ =
+        exp(s − lse), the probabilities; exp2 measured about twice as fast as exp, and far less slow on
+        underflowing arguments. Without normalisers (CUDA, attention dropout) the tile's scores go through a
+        softmax over keys (exact: whole rows). Either way a second GEMM adds the tile's rows weighted by r_t.
 
-        ``buffer``: optional float32 scratch of at least one tile's scores, reused across calls (a rollout passes
-        one to every block: a fresh multi-MiB tensor per block is fresh pages, and page faults cost as much as
-        the tile's exp2).
+        Large T (one problem per tile, e.g. T = 785 at 448) with normalisers runs problem by problem on strided
+        views of q and k (no copies: at batch 8 copying them measured 12 % slower); otherwise problems are
+        flattened into batches (q and k copied once), which at T = 129 measured 2x faster than one by one.
+
+        ``buffer``: optional float32 scratch for the score tiles, reused across calls (a rollout passes one to
+        every block: a fresh multi-MiB tile per block is fresh pages, and those page faults cost about as much
+        as the exp2).
         """
-        if self.lse is None or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return self._left_multiply_softmax(row, tile_elements)
+        B, H, T, d = self.q.shape
+        t = tile_rows(T, tile_elements)
+        g = max(1, min(B * H, tile_elements // (t * T)))  # (image, head) problems per tile
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # a traced graph (ONNX) must not bake the batch into its loop: tiles of query rows only, all images
+            # and heads at once, summed out of place (T and so the tiles are fixed by the image size)
+            q, kt, r = self._flat(row)
+            out = sum(torch.bmm(r[:, :, s:s + t], (torch.bmm(q[:, s:s + t], kt) * self.scale).softmax(dim=-1))
+                      for s in range(0, T, t))
+            return out.view(B, H, T).mean(dim=1)
+        scratch = _scratch(buffer, g * t * T, self.q.device)
+        if self.lse is not None and g == 1:
+            return self._left_multiply_per_problem(row, t, scratch)
+        return self._left_multiply_batched(row, t, g, scratch)
+
+    def _flat(self, row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (n, T, d), kᵀ (n, d, T) and r (n, 1, T) over the n = B·H problems (q and k copied if strided)."""
+        B, H, T, d = self.q.shape
+        q = self.q.float().reshape(B * H, T, d)
+        kt = self.k.float().reshape(B * H, T, d).transpose(1, 2)
+        return q, kt, row.float().unsqueeze(1).expand(B, H, T).reshape(B * H, 1, T)
+
+    def _left_multiply_per_problem(self, row: Tensor, t: int, scratch: Tensor) -> Tensor:
         B, H, T, _ = self.q.shape
         q, k, r = self.q.float(), self.k.float(), row.float()
         bias = self.lse.float() * -_LOG2E  # −log₂e · lse, per score row
-        alpha = self.scale * _LOG2E
-        t = tile_rows(T, tile_elements)  # all T rows at T ≤ 1024: one tile per (image, head)
         out = torch.zeros(B, H, T, dtype=torch.float32, device=q.device)
-        tile = _scratch(buffer, t * T, q.device).view(t, T)
+        tile = scratch.view(t, T)
         for b in range(B):
             for h in range(H):
                 kt = k[b, h].t()
                 for s in range(0, T, t):
                     e = min(s + t, T)
-                    probs = torch.addmm(bias[b, h, s:e, None].expand(e - s, T), q[b, h, s:e], kt, alpha=alpha,
-                                        out=tile[: e - s])
+                    probs = torch.addmm(bias[b, h, s:e, None].expand(e - s, T), q[b, h, s:e], kt,
+                                        alpha=self.scale * _LOG2E, out=tile[: e - s])
                     out[b, h].addmv_(probs.exp2_().t(), r[b, s:e])
         return out.mean(dim=1)
 
-    def _left_multiply_softmax(self, row: Tensor, tile_elements: int) -> Tensor:
-        B, H, T, d = self.q.shape
+    def _left_multiply_batched(self, row: Tensor, t: int, g: int, scratch: Tensor) -> Tensor:
+        B, H, T, _ = self.q.shape
         n = B * H
-        q = (self.q.float() * self.scale).reshape(n, T, d)
-        kt = self.k.float().reshape(n, T, d).transpose(1, 2)
-        r = row.float().unsqueeze(1).expand(B, H, T).reshape(n, 1, T)
-        t = tile_rows(T, tile_elements)
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            # a traced graph (ONNX) must not bake the batch into its loop: tiles of query rows only, all images
-            # and heads at once, summed out of place (T and so the tiles are fixed by the image size)
-            out = sum(torch.bmm(r[:, :, s:s + t], torch.bmm(q[:, s:s + t], kt).softmax(dim=-1))
-                      for s in range(0, T, t))
-            return out.view(B, H, T).mean(dim=1)
+        q, kt, r = self._flat(row)
+        if self.lse is not None:
+            bias = (self.lse.float() * -_LOG2E).reshape(n, T, 1)
         out = torch.zeros(n, 1, T, dtype=torch.float32, device=q.device)
-        g = max(1, min(n, tile_elements // (t * T)))  # (image, head) problems per tile
         for a in range(0, n, g):
             b = min(a + g, n)
             for s in range(0, T, t):
                 e = min(s + t, T)
-                out[a:b].baddbmm_(r[a:b, :, s:e], torch.bmm(q[a:b, s:e], kt[a:b]).softmax(dim=-1))
+                tile = scratch[: (b - a) * (e - s) * T].view(b - a, e - s, T)
+                if self.lse is None:
+                    probs = torch.bmm(q[a:b, s:e], kt[a:b], out=tile).mul_(self.scale).softmax(dim=-1)
+                else:
+                    probs = torch.baddbmm(bias[a:b, s:e].expand(b - a, e - s, T), q[a:b, s:e], kt[a:b],
+                                          alpha=self.scale * _LOG2E, out=tile).exp2_()
+                out[a:b].baddbmm_(r[a:b, :, s:e], probs)
         return out.view(B, H, T).mean(dim=1)
 
 
@@ -151,8 +173,7 @@ def rollout_cls_row(attentions: Sequence[Tensor | QueryKey]) -> Tensor:
     with torch.autocast(device_type=(last.q if isinstance(last, QueryKey) else last).device.type, enabled=False):
         row = 0.5 * cls_attention_row(last).float()
         row[:, 0] += 0.5  # e₀ᵀ S̄_L = 0.5 e₀ᵀ S_L + 0.5 e₀ᵀ
-        T = row.shape[1]
-        buffer = torch.empty(tile_rows(T) * T, dtype=torch.float32, device=row.device)  # one tile for all blocks
+        buffer = torch.empty(TILE_ELEMENTS, dtype=torch.float32, device=row.device)  # one tile's scratch, all blocks
         # By index, from L-1 down: a lazy sequence (checkpointed training) then computes one block at a time.
         for i in range(len(attentions) - 2, -1, -1):
             row = 0.5 * _left_multiply(row, attentions[i], buffer) + 0.5 * row
