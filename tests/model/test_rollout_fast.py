@@ -178,3 +178,12 @@ def test_inference_workspace_is_never_shared_between_threads():
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_tile_size_by_device():
+    """Cache-sized tiles on the CPU; on a GPU large ones (a tile is a few kernel launches there)."""
+    from dcal.model.rollout import GPU_TILE_ELEMENTS, TILE_ELEMENTS, default_tile_elements, tile_rows
+
+    assert default_tile_elements(torch.device("cpu")) == TILE_ELEMENTS < GPU_TILE_ELEMENTS
+    assert default_tile_elements(torch.device("cuda")) == GPU_TILE_ELEMENTS
+    assert tile_rows(785) == 785 and tile_rows(785, 785 * 10 + 3) == 10 and tile_rows(785, 5) == 1

@@ -25,6 +25,14 @@ from torch import Tensor
 # smaller tiles mean more, smaller kernel calls (and each call a thread hand-off, which a loaded machine makes
 # expensive); much larger tiles spill to memory.
 TILE_ELEMENTS = 2**20
+# On a GPU a tile is a kernel launch or three, not cache: 2^26 scores (256 MiB) keep launches few (at 448 and batch
+# 64, ViT-B has 768 problems per block: 8 tiles instead of 768). Not measured here (no GPU was available).
+GPU_TILE_ELEMENTS = 2**26
+
+
+def default_tile_elements(device: torch.device) -> int:
+    """Scores per rollout tile on ``device``: :data:`TILE_ELEMENTS` on the CPU, :data:`GPU_TILE_ELEMENTS` else."""
+    return TILE_ELEMENTS if device.type == "cpu" else GPU_TILE_ELEMENTS
 
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -52,16 +60,17 @@ class QueryKey:
         scores = (self.q[:, :, :1].float() * self.scale) @ self.k.float().transpose(-2, -1)
         return torch.softmax(scores, dim=-1)[:, :, 0].mean(1)
 
-    def left_multiply(self, row: Tensor, tile_elements: int = TILE_ELEMENTS, buffer: Tensor | None = None) -> Tensor:
+    def left_multiply(self, row: Tensor, tile_elements: int | None = None, buffer: Tensor | None = None) -> Tensor:
         """row S, (B, T), for a row vector per image ``row`` (B, T), in tiles of query rows: no B·H·T² tensor.
 
         The B·H (image, head) problems are cut into tiles of g problems times t query rows, g·t·T ≤
-        ``tile_elements`` scores, each tile holding whole score rows. With the forward's normalisers (CPU) one
-        GEMM writes the tile's scores in base 2 with the normaliser folded in, s₂ = log₂e · (scale · q kᵀ − lse)
-        (the base change rides on the GEMM's alpha, the normaliser on its bias), then exp2 in place: 2^s₂ =
-        exp(s − lse), the probabilities; exp2 measured about twice as fast as exp, and far less slow on
-        underflowing arguments. Without normalisers (CUDA, attention dropout) the tile's scores go through a
-        softmax over keys (exact: whole rows). Either way a second GEMM adds the tile's rows weighted by r_t.
+        ``tile_elements`` scores (default: :func:`default_tile_elements`), each tile holding whole score rows.
+        With the forward's normalisers (CPU) one GEMM writes the tile's scores in base 2 with the normaliser
+        folded in, s₂ = log₂e · (scale · q kᵀ − lse) (the base change rides on the GEMM's alpha, the normaliser
+        on its bias), then exp2 in place: 2^s₂ = exp(s − lse), the probabilities; exp2 measured about twice as
+        fast as exp, and far less slow on underflowing arguments. Without normalisers (CUDA, attention dropout)
+        the tile's scores go through a softmax over keys (exact: whole rows). Either way a second GEMM adds the
+        tile's rows weighted by r_t.
 
         Large T (one problem per tile, e.g. T = 785 at 448) with normalisers runs problem by problem on strided
         views of q and k (no copies: at batch 8 copying them measured 12 % slower); otherwise problems are
@@ -72,6 +81,7 @@ class QueryKey:
         as the exp2).
         """
         B, H, T, d = self.q.shape
+        tile_elements = default_tile_elements(self.q.device) if tile_elements is None else tile_elements
         t = tile_rows(T, tile_elements)
         g = max(1, min(B * H, tile_elements // (t * T)))  # (image, head) problems per tile
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
@@ -173,7 +183,8 @@ def rollout_cls_row(attentions: Sequence[Tensor | QueryKey]) -> Tensor:
     with torch.autocast(device_type=(last.q if isinstance(last, QueryKey) else last).device.type, enabled=False):
         row = 0.5 * cls_attention_row(last).float()
         row[:, 0] += 0.5  # e₀ᵀ S̄_L = 0.5 e₀ᵀ S_L + 0.5 e₀ᵀ
-        buffer = torch.empty(TILE_ELEMENTS, dtype=torch.float32, device=row.device)  # one tile's scratch, all blocks
+        # one tile's scratch for all blocks (untouched pages cost nothing until a tile uses them)
+        buffer = torch.empty(default_tile_elements(row.device), dtype=torch.float32, device=row.device)
         # By index, from L-1 down: a lazy sequence (checkpointed training) then computes one block at a time.
         for i in range(len(attentions) - 2, -1, -1):
             row = 0.5 * _left_multiply(row, attentions[i], buffer) + 0.5 * row
