@@ -73,3 +73,25 @@ def test_reid_report_plots_map(reid_run, tmp_path):
     summary = run_summary(read_run(reid_run[0]))
     records = [json.loads(x) for x in (reid_run[0] / "metrics.jsonl").read_text().splitlines()]
     assert summary["best mAP"] == pytest.approx(max(r["mAP"] for r in records if not r.get("final")))
+
+
+def test_run_killed_mid_append_reads_and_damage_elsewhere_is_named(fgvc_run, tmp_path):
+    """One metrics reader for report, ablation and resume: a cut last line (a kill mid-append) is dropped; a bad
+    line anywhere else, or a line that is not an object, is an error naming the file and line."""
+    from dcal.engine import read_metrics
+
+    run, _ = fgvc_run
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    metrics = cut / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"epoch": 2, "lo')
+    assert read_metrics(metrics) == [json.loads(x) for x in good.splitlines()]
+    assert len(read_run(cut).epochs) == len(read_run(run).epochs)
+    lines = good.splitlines()
+    metrics.write_text("\n".join([lines[0], '{"epoch": 0, "lo', *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON record"):
+        read_run(cut)
+    metrics.write_text("\n".join([lines[0], "[1, 2]", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: expected a JSON object"):
+        read_metrics(metrics)

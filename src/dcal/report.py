@@ -48,13 +48,9 @@ def read_run(run: str | Path, label: str | None = None) -> RunLog:
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise FileNotFoundError(f"{run} is not a dcal run: {metrics} does not exist")
-    records = []
-    for n, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{metrics}:{n}: not a JSON record ({e})") from e
+    from dcal.engine import read_metrics  # the engine's reader: a cut last line dropped, other bad lines named
+
+    records = read_metrics(metrics)
     config_path = run / "config.yaml"
     config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     epochs = [r for r in records if not r.get("final")]

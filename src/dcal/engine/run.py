@@ -304,15 +304,29 @@ def _tensorboard(out_dir: Path) -> Any:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` (none if it does not exist); a line cut by a kill is dropped."""
+    """Records of a ``metrics.jsonl`` (none if it does not exist).
+
+    Records are appended one fsynced line at a time, so a kill can cut only the last line: an undecodable last
+    line is dropped (resume rewrites the file without it). Any other line that is not a JSON record is damage
+    and raises ``ValueError`` naming the file and line, rather than silently losing an epoch.
+    """
     if not path.exists():
         return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == last:
+                break
+            raise ValueError(f"{path}:{n}: not a JSON record ({e}); only the last line may be cut by a kill") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object (one record per line), got {type(record).__name__}")
+        out.append(record)
     return out
 
 
