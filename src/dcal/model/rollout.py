@@ -28,13 +28,12 @@ TILE_ELEMENTS = 2**20
 # On a GPU a tile is a kernel launch or three, not cache: 2^26 scores (256 MiB) keep launches few (at 448 and batch
 # 64, ViT-B has 768 problems per block: 8 tiles instead of 768). Not measured here (no GPU was available).
 GPU_TILE_ELEMENTS = 2**26
+_LOG2E = 1.0 / math.log(2.0)
 
 
 def default_tile_elements(device: torch.device) -> int:
     """Scores per rollout tile on ``device``: :data:`TILE_ELEMENTS` on the CPU, :data:`GPU_TILE_ELEMENTS` else."""
     return TILE_ELEMENTS if device.type == "cpu" else GPU_TILE_ELEMENTS
-
-_LOG2E = 1.0 / math.log(2.0)
 
 
 @dataclass(frozen=True)
