@@ -173,7 +173,9 @@ def run_one(cfg: Any, run_dir: Path) -> tuple[dict[str, Any], str]:
 
 def run_summary(final: dict[str, Any], run_dir: Path, task: str, seed: int) -> dict[str, Any]:
     """The numbers of one finished run: last epoch's metrics, best epoch's, time."""
-    keys = ("top1", "top1_sa", "top1_glca") if task == "fgvc" else ("mAP", "rank1", "mINP")
+    from dcal.engine import SCORE_KEYS
+
+    keys = SCORE_KEYS[task]
     main = keys[0]
     evaluated = [r for r in _epoch_records(run_dir) if main in r]
     last_epoch = final["epoch"]

@@ -28,13 +28,14 @@ from dcal.engine.evaluation import (
     resolve_checkpoint,
 )
 from dcal.engine.loop import EpochProgress, NonFiniteLossError, train_one_epoch
-from dcal.engine.run import BEST_METRIC, RunExistsError, fit, read_metrics, seed_everything
+from dcal.engine.run import BEST_METRIC, SCORE_KEYS, RunExistsError, fit, read_metrics, seed_everything
 
 __all__ = [
     "BEST_METRIC",
     "EpochProgress",
     "NonFiniteLossError",
     "RunExistsError",
+    "SCORE_KEYS",
     "TrainStep",
     "autocast",
     "build_criterion",

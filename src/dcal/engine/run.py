@@ -54,6 +54,8 @@ from dcal.engine.loop import EpochProgress, NonFiniteLossError, summarize, train
 from dcal.model.dcal import compile_model
 
 BEST_METRIC = {"fgvc": "top1", "reid": "mAP"}
+# the scores an epoch record carries, the one that picks the best checkpoint first
+SCORE_KEYS = {"fgvc": ("top1", "top1_sa", "top1_glca"), "reid": ("mAP", "rank1", "mINP")}
 TIME_KEYS = ("images_per_s", "train_time_s")  # record values that depend on the machine, not on the run
 # Test hook (tests/test_resume.py): seconds to sleep after each step, so that a test can SIGKILL a run mid-epoch.
 STEP_DELAY_ENV = "DCAL_TEST_STEP_DELAY_S"
@@ -142,7 +144,6 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
         set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
         if main:
             records = _records_until(read_metrics(metrics_path), state)
-        if main:
             where = f" batch {progress.batches + 1} of" if progress else ""
             _log(f"resuming {out_dir} at{where} epoch {start_epoch + 1}/{cfg.train.epochs}")
     step = dist.wrap_ddp(TrainStep(compile_model(model) if cfg.train.compile else model, criterion, cfg, device),
@@ -288,8 +289,7 @@ def _classes(dataset: Dataset) -> list[str] | int:
 
 
 def _summary(record: dict[str, Any], cfg: DictConfig) -> str:
-    keys = ("top1", "top1_sa", "top1_glca") if cfg.task == "fgvc" else ("mAP", "rank1", "mINP")
-    scores = " ".join(f"{k} {record[k]:.2f}" for k in keys if k in record)
+    scores = " ".join(f"{k} {record[k]:.2f}" for k in SCORE_KEYS[cfg.task] if k in record)
     bad = " ".join(f"{k} {record[k]}" for k in ("bad_images", "bad_steps") if record.get(k))
     return (f"epoch {record['epoch'] + 1}/{cfg.train.epochs} loss {record['loss']:.4f} lr {record['lr']:.3e} "
             f"{record['images_per_s']:.1f} img/s {scores} {bad}").rstrip()
