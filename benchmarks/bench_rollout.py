@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from dcal.model import fused_rollout
 from dcal.model.rollout import QueryKey
 
 H, T, D_HEAD = 3, 785, 64
@@ -107,8 +108,13 @@ def candidates(batch: int, use_compile: bool) -> tuple[dict[str, Callable[[], to
     for e in (2**19, 2**20, 2**21):
         cands[f"softmax tiles {e * 4 // 2**10} KiB"] = lambda e=e: qk.left_multiply(r, tile_elements=e)
     cands["batched tiles + lse, exp (first)"] = lambda: _batched_exp(with_lse, r)
-    cands["per problem + lse, exp2 (kept)"] = lambda: with_lse.left_multiply(r, buffer=scratch)
-    cands["  the same, fresh tile per block"] = lambda: with_lse.left_multiply(r)
+    cands["per problem + lse, exp2 (eager)"] = lambda: with_lse.left_multiply(r, buffer=scratch, fused=False)
+    cands["  the same, fresh tile per block"] = lambda: with_lse.left_multiply(r, fused=False)
+    if fused_rollout.available():
+        for rows in (64, 128, 256):
+            cands[f"fused kernel, {rows}-row chunks"] = lambda rows=rows: fused_rollout.left_multiply(
+                q, k, with_lse.lse, r, scale, rows)
+        cands["fused kernel (kept: as DCAL runs it)"] = lambda: with_lse.left_multiply(r)
     cands["transposed flash (one kernel)"] = lambda: _transposed_flash(with_lse, r, v)
     cands["explicit forward (output + map)"] = lambda: _explicit_forward(q, k, v, r)
     if use_compile:

@@ -38,12 +38,12 @@ def test_left_multiply_with_forward_normalisers_equals_softmax_path(tile, buffer
     elements = {"one row": 40, "not dividing": 3 * 40 + 7, "whole problem": 40 * 40, "two problems": 2 * 1600 + 40,
                 "all": 6 * 1600}[tile]
     scratch = {None: None, "too small": torch.empty(10), "larger": torch.full((5000,), float("nan"))}[buffer]
-    got = QueryKey(qk.q, qk.k, lse).left_multiply(r, tile_elements=elements, buffer=scratch)
+    got = QueryKey(qk.q, qk.k, lse).left_multiply(r, tile_elements=elements, buffer=scratch, fused=False)
     torch.testing.assert_close(got, torch.bmm(r.unsqueeze(1), s).squeeze(1), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("with_lse", [False, True])
-def test_left_multiply_applies_the_scale_and_reads_strided_views(with_lse):
+def test_left_multiply_applies_the_scale_and_reads_strided_views(with_lse, rollout_kernel):
     """QueryKey(q, k, scale=c) is softmax(c q kᵀ); q and k may be views into one qkv tensor (never copied)."""
     b, h, t, d, c = 2, 3, 30, 8, 0.35
     qkv = torch.randn(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # timm's layout: q, k, v interleaved per token
@@ -55,6 +55,18 @@ def test_left_multiply_applies_the_scale_and_reads_strided_views(with_lse):
     got = QueryKey(q, k, lse, scale=c).left_multiply(r)
     torch.testing.assert_close(got, torch.bmm(r.unsqueeze(1), s).squeeze(1), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(QueryKey(q, k, lse, scale=c).cls_row(), s[:, 0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture(params=["fused kernel", "eager tiles"])
+def rollout_kernel(request, monkeypatch):
+    """Run a test with the fused CPU kernel (where it builds) and with it turned off (the eager tiles)."""
+    from dcal.model import fused_rollout
+
+    if request.param == "eager tiles":
+        monkeypatch.setattr(fused_rollout, "_state", {"ok": False, "why": "turned off by the test"})
+    elif not fused_rollout.available():
+        pytest.skip(f"the fused rollout kernel is unavailable here: {fused_rollout.why_unavailable()}")
+    return request.param
 
 
 def test_rollout_from_queries_and_keys_equals_rollout_from_maps():
@@ -98,7 +110,7 @@ def test_sa_block_keep_qk_is_timm_block(grad, into):
 
 
 @pytest.mark.parametrize("mode", ["eval", "train", "train+ckpt"])
-def test_model_selection_equals_explicit_attention_path(mode):
+def test_model_selection_equals_explicit_attention_path(mode, rollout_kernel):
     """Same selected local queries and rollout as the explicit-map path (FLOP counting), in every SA path."""
     model = tiny_model(img_size=64).train(mode != "eval")  # N = 16, T = 17
     model.set_grad_checkpointing(mode == "train+ckpt")

@@ -8,7 +8,9 @@ Each S_i (the head-averaged attention probabilities of SA block i) is given eith
 or as the block's queries and keys (:class:`QueryKey`). With queries and keys, r S_i is computed in tiles of
 query rows, r S_i = mean_h Σ_t r_t softmax(q_t Kᵀ/√d), so the B·H·T² probabilities are never written to
 memory: at FGVC resolution (T = 785) writing and re-reading them is what made DCAL inference memory-bound
-(``benchmarks/README.md`` has the measurements).
+(``benchmarks/README.md`` has the measurements). On the CPU, with the forward's softmax normalisers, a compiled
+kernel (:mod:`dcal.model.fused_rollout`) does the same per L2-sized chunk of query rows; the eager tiles here
+are its fallback and the path everywhere else (CUDA, tracing, no normalisers).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from dcal.model import fused_rollout
 
 # Scores per tile (float32): 2^20 = 4 MiB, inside a server CPU's L3. One (image, head) problem at 448 (T = 785,
 # 616 k scores) is one tile; at 256x128 (T = 129) 63 problems are. Measured in benchmarks/bench_rollout.py:
@@ -59,8 +63,14 @@ class QueryKey:
         scores = (self.q[:, :, :1].float() * self.scale) @ self.k.float().transpose(-2, -1)
         return torch.softmax(scores, dim=-1)[:, :, 0].mean(1)
 
-    def left_multiply(self, row: Tensor, tile_elements: int | None = None, buffer: Tensor | None = None) -> Tensor:
+    def left_multiply(self, row: Tensor, tile_elements: int | None = None, buffer: Tensor | None = None,
+                      fused: bool | None = None) -> Tensor:
         """row S, (B, T), for a row vector per image ``row`` (B, T), in tiles of query rows: no B·H·T² tensor.
+
+        On the CPU with the forward's normalisers this runs the fused kernel
+        (:mod:`dcal.model.fused_rollout`: GEMM, exp2 and the weighted row sum per L2-sized chunk, in C++) when
+        it is available; ``fused=False`` forces the eager tiles below, ``fused=True`` requires the kernel.
+        ``tile_elements`` and ``buffer`` concern the eager tiles only.
 
         The B·H (image, head) problems are cut into tiles of g problems times t query rows, g·t·T ≤
         ``tile_elements`` scores (default: :func:`default_tile_elements`), each tile holding whole score rows.
@@ -80,10 +90,18 @@ class QueryKey:
         as the exp2).
         """
         B, H, T, d = self.q.shape
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if fused is None:
+            fused = (self.lse is not None and self.q.device.type == "cpu" and not tracing
+                     and fused_rollout.available())
+        if fused:
+            if self.lse is None:
+                raise ValueError("the fused rollout kernel needs the forward's softmax normalisers (lse)")
+            return fused_rollout.left_multiply(self.q, self.k, self.lse, row, self.scale)
         tile_elements = default_tile_elements(self.q.device) if tile_elements is None else tile_elements
         t = tile_rows(T, tile_elements)
         g = max(1, min(B * H, tile_elements // (t * T)))  # (image, head) problems per tile
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if tracing:
             # a traced graph (ONNX) must not bake the batch into its loop: tiles of query rows only, all images
             # and heads at once, summed out of place (T and so the tiles are fixed by the image size)
             q, kt, r = self._flat(row)

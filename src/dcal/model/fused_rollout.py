@@ -1,0 +1,111 @@
+"""The fused CPU rollout step: r S_i in one compiled kernel per block (``csrc/rollout_cpu.cpp``).
+
+:meth:`dcal.model.rollout.QueryKey.left_multiply` runs it on the CPU when the forward's softmax normalisers are
+known (inference and training with the flash kernel). It computes what the eager tiles compute, r S_i =
+mean_h Σ_t r_t exp(scale q_t·k_j − lse_t), with the same GEMM (BLAS) and the same exp2 (SLEEF, as torch's
+``exp2_``), but per chunk of query rows small enough to stay in L2, with exp2 and the weighted row sum in one
+pass over the chunk and the (image, head, chunk) items spread over the threads: no score tile goes to memory and
+no thread waits for a problem of another (``benchmarks/README.md`` has the measurements).
+
+It is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 20 s on 2 cores, once: the
+library is cached in torch's extension folder, ``TORCH_EXTENSIONS_DIR``), for x86-64 CPUs with AVX2 only. Where
+it cannot be built or loaded, dcal says why once (a warning) and uses the eager tiles, which give the same
+result. ``DCAL_FUSED_ROLLOUT=0`` turns it off; ``DCAL_FUSED_ROLLOUT=1`` makes a failed build an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ENV = "DCAL_FUSED_ROLLOUT"
+SOURCE = Path(__file__).with_name("csrc") / "rollout_cpu.cpp"
+# Query rows per GEMM: a chunk of 128 rows at T = 785 is 400 KB of scores, inside one core's L2 (512 KB on this
+# EPYC, 1-2 MB on recent Xeons); measured in benchmarks/bench_rollout.py against 64 and 256.
+CHUNK_ROWS = 128
+
+_lock = threading.Lock()
+_state: dict[str, str | bool] = {}  # "ok": bool once tried, "why": the reason it is off
+
+
+def _mode() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower()
+    if value not in ("0", "1", "auto"):
+        raise ValueError(f"{ENV} must be 0 (off), 1 (required) or auto, got {value!r}")
+    return value
+
+
+def _build() -> None:
+    """Compile (or find in the cache) and load the library; raises with the reason when that is impossible."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        raise RuntimeError(f"the kernel needs an x86-64 CPU with AVX2, torch reports "
+                           f"{torch.backends.cpu.get_cpu_capability()}")
+    # cpp_extension logs a warning about CUDA_HOME on import in CUDA builds without a CUDA runtime: not ours to show
+    ext_log = logging.getLogger("torch.utils.cpp_extension")
+    level = ext_log.level
+    ext_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        ext_log.setLevel(level)
+    cpp_extension.verify_ninja_availability()
+    # one build per torch and Python version: a library built against other torch headers must not be reused
+    tag = f"torch{torch.__version__}_py{sys.version_info.major}{sys.version_info.minor}"
+    name = "dcal_rollout_cpu_" + "".join(c if c.isalnum() else "_" for c in tag)
+    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+    if not any(folder.glob(f"{name}*.so")):
+        print(f"dcal: building the fused CPU rollout kernel once (about 20 s; cached in {folder})", file=sys.stderr)
+    folder.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False,
+                       verbose=False)
+
+
+def available() -> bool:
+    """Whether the fused kernel is loaded (building it on the first call); see the module docstring."""
+    if "ok" in _state:
+        return bool(_state["ok"])
+    mode = _mode()
+    with _lock:
+        if "ok" not in _state:
+            if mode == "0":
+                _state.update(ok=False, why=f"{ENV}=0")
+                return False
+            try:
+                _build()
+                _state["ok"] = True
+            except Exception as exc:  # no compiler, no ninja, no AVX2, a BLAS without sgemm_: the eager tiles serve
+                _state.update(ok=False, why=f"{type(exc).__name__}: {exc}".strip())
+                if mode == "1":
+                    raise RuntimeError(f"{ENV}=1 but the fused CPU rollout kernel could not be built: "
+                                       f"{_state['why']}") from exc
+                warnings.warn(f"dcal: the fused CPU rollout kernel is unavailable ({_state['why'][:500]}); using "
+                              f"the eager tiles (same result, slower at high resolution). {ENV}=0 silences this.",
+                              RuntimeWarning, stacklevel=2)
+    return bool(_state["ok"])
+
+
+def why_unavailable() -> str | None:
+    """The reason the kernel is off (after :func:`available` said so), else None."""
+    return None if _state.get("ok", True) else str(_state.get("why"))
+
+
+def chunk_rows(num_tokens: int, target: int = CHUNK_ROWS) -> int:
+    """Query rows per GEMM: about ``target``, the T rows split into equal chunks (129 rows: 2 x 65, not 128 + 1)."""
+    return math.ceil(num_tokens / math.ceil(num_tokens / target))
+
+
+def left_multiply(q: Tensor, k: Tensor, lse: Tensor, row: Tensor, scale: float, rows: int | None = None) -> Tensor:
+    """(B, T) mean_h Σ_t row_t exp(scale q_t·k − lse_t) for (B, H, T, d) ``q``, ``k`` (any strides with a unit
+    stride along d), (B, H, T) ``lse`` and (B, T) ``row``, in float32; :func:`available` must be True."""
+    q, k = (t.float() if t.stride(-1) == 1 else t.float().contiguous() for t in (q, k))
+    rows = chunk_rows(q.shape[2]) if rows is None else rows
+    return torch.ops.dcal_rollout.left_multiply(q, k, lse.float(), row.float(), float(scale), rows)
