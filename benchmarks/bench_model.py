@@ -1,8 +1,8 @@
 """DCAL against its compute floor: training/inference time, peak training memory and FLOP ratios, side by side.
 
 One command, one run: ``python benchmarks/bench_model.py [--cases fgvc reid] [--batch N] [--img-size ...]
-[--infer-batches 1 8 32] [--device cpu|cuda] [--reps 5] [--infer-reps 15] [--warmup 2] [--json out.json]
-[--markdown out.md]``.
+[--infer-batches 1 8 32] [--device cpu|cuda] [--no-fused-rollout] [--reps 5] [--infer-reps 15] [--warmup 2]
+[--json out.json] [--markdown out.md]``.
 See ``benchmarks/README.md`` for how to read it.
 
 How it measures (and why):
@@ -74,6 +74,7 @@ VARIANTS: dict[str, tuple[int, int, bool] | None] = {
     "+pwca": (0, 12, False),
     "dcal": (1, 12, False),
     "dcal+ckpt": (1, 12, True),
+    "dcal-eager": (1, 12, False),  # inference with DCAL_FUSED_ROLLOUT=0: what a machine without a compiler runs
 }
 LABELS = {
     "timm": "plain timm",
@@ -82,12 +83,13 @@ LABELS = {
     "+pwca": "DCAL SA+PWCA",
     "dcal": "DCAL full",
     "dcal+ckpt": "DCAL full + grad checkpointing",
+    "dcal-eager": "DCAL, eager rollout tiles",
 }
 ALL_TRAIN = ("timm", "sa", "+glca", "+pwca", "dcal")
 ALL_INFER = ("timm", "sa", "dcal")
 
 CASES = {
-    "fgvc": Case("fgvc", "deit_tiny_patch16_224", "fgvc", (448, 448), 8, 200, ALL_TRAIN, ALL_INFER,
+    "fgvc": Case("fgvc", "deit_tiny_patch16_224", "fgvc", (448, 448), 8, 200, ALL_TRAIN, ALL_INFER + ("dcal-eager",),
                  {"dataset": "cub", "root": str(DATA / "cub100"), "resize": 550}, infer_batches=(1, 8, 32)),
     "reid": Case("reid", "deit_small_patch16_224", "reid", (256, 128), 32, 751, ALL_TRAIN, ALL_INFER,
                  {"dataset": "market1501", "root": str(DATA / "market1501_mini"), "resize": None}),
@@ -150,6 +152,8 @@ def _worker(conn: Any, case: Case, variant: str, threads: int, device_name: str 
     from dcal.losses import DCALLoss, param_groups
     from dcal.model.dcal import autocast
 
+    if variant == "dcal-eager":
+        os.environ["DCAL_FUSED_ROLLOUT"] = "0"  # this process only (spawned), before the first rollout
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = torch.device(device_name)
@@ -409,6 +413,9 @@ def summarise(case: Case, raw: dict[str, Any], flops: dict[str, dict[str, int]])
             (f"inference, batch {b}: DCAL / timm", med_i["dcal"] / med_i["timm"], limit,
              flops["infer"]["dcal"] / flops["infer"]["timm"]),
         ]
+        if "dcal-eager" in med_i:  # no target: the fallback, for comparison
+            targets.append((f"inference, batch {b}: DCAL with eager rollout tiles / timm",
+                            med_i["dcal-eager"] / med_i["timm"], None, flops["infer"]["dcal"] / flops["infer"]["timm"]))
     if {"dcal", "dcal+ckpt"} <= set(med_t):
         # no target: checkpointing trades recomputation (about one more forward) for memory
         targets.append(("memory: checkpointing / without (peak RSS)", mem["dcal+ckpt"] / mem["dcal"], None, 1.0))
@@ -477,6 +484,11 @@ def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    else:  # built (or found in the cache) here, before the variants' processes start and would each wait for it
+        from dcal.model import fused_rollout
+
+        info["rollout"] = ("fused CPU kernel" if fused_rollout.available() else
+                           f"eager tiles ({fused_rollout.why_unavailable()})")
     return info
 
 
@@ -512,6 +524,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="override every case's inference batch sweep (default: fgvc 1 8 32, others their batch)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: bf16 autocast, fused SDPA kernels, synchronised timers, peak CUDA memory")
+    ap.add_argument("--no-fused-rollout", action="store_true",
+                    help="CPU: the eager rollout tiles instead of the fused kernel (sets DCAL_FUSED_ROLLOUT=0)")
     ap.add_argument("--data-items", type=int, default=64, help="images decoded per data-pipeline repetition")
     ap.add_argument("--json", type=Path, default=None, help="write all results as JSON here")
     ap.add_argument("--markdown", type=Path, default=None, help="write the report as markdown here")
@@ -524,6 +538,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    if args.no_fused_rollout:
+        os.environ["DCAL_FUSED_ROLLOUT"] = "0"  # inherited by the variants' spawned processes
     torch.set_num_threads(args.threads)
     command = "python benchmarks/bench_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     machine = machine_info(args.threads, args.device)
@@ -564,7 +580,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "built (activations, gradients, optimizer state, temporaries, allocator high-water)")
     header = [
         f"Machine: {gpu}{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
-        f"(`torch.set_num_threads({args.threads})`), timm {machine['timm']}, Python {machine['python']}; "
+        f"(`torch.set_num_threads({args.threads})`), timm {machine['timm']}, Python {machine['python']}"
+        + (f", rollout: {machine['rollout']}" if "rollout" in machine else "") + "; "
         f"load average before/after: {load_before} / {_loadavg()}; run took {elapsed / 60:.1f} min.",
         "",
         f"Command: `{results['command']}`",

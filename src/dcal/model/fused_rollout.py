@@ -28,8 +28,8 @@ from torch import Tensor
 
 ENV = "DCAL_FUSED_ROLLOUT"
 SOURCE = Path(__file__).with_name("csrc") / "rollout_cpu.cpp"
-# Query rows per GEMM: a chunk of 128 rows at T = 785 is 400 KB of scores, inside one core's L2 (512 KB on this
-# EPYC, 1-2 MB on recent Xeons); measured in benchmarks/bench_rollout.py against 64 and 256.
+# Query rows per GEMM, about: T = 785 is cut into 7 chunks of 113 rows, 358 KB of scores, inside one core's L2
+# (512 KB on this EPYC, 1-2 MB on recent Xeons); measured in benchmarks/bench_rollout.py against 64 and 256.
 CHUNK_ROWS = 128
 
 _lock = threading.Lock()
@@ -67,6 +67,9 @@ def _build() -> None:
     cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False,
                        verbose=False)
+    # shapes for torch.compile's tracing (fake tensors), so that the op stays inside a compiled graph
+    torch.library.register_fake("dcal_rollout::left_multiply")(
+        lambda q, k, lse, row, scale, chunk_rows: q.new_empty(q.shape[0], q.shape[2]))
 
 
 def available() -> bool:
