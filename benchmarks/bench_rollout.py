@@ -11,10 +11,13 @@ r S_i (B, T); times are medians of ``--reps`` interleaved rounds, next to the fu
 * ``softmax tiles``: :meth:`dcal.model.rollout.QueryKey.left_multiply` without the forward's normalisers (the path
   on CUDA, under dropout and while tracing): batched (image, head) problems, a softmax per tile of whole rows;
 * ``batched tiles + lse, exp``: the first CPU version of issue 11, exp(s − lse) on batched problems, fresh tiles;
-* ``per problem + lse, exp2``: what DCAL runs on the CPU (``QueryKey.lse`` given) when one (image, head)
-  problem fills a tile, as here: per problem one ``addmm`` with the normaliser and log₂e folded in, exp2 in place,
-  ``addmv``, one scratch tile for all blocks; also without the shared scratch (a fresh tile per block). At small
-  T (several problems per tile, 256x128) the same runs on flattened batches of problems;
+* ``per problem + lse, exp2 (eager)``: what DCAL runs on the CPU (``QueryKey.lse`` given) without the fused
+  kernel when one (image, head) problem fills a tile, as here: per problem one ``addmm`` with the normaliser and
+  log₂e folded in, exp2 in place, ``addmv``, one scratch tile for all blocks; also without the shared scratch
+  (a fresh tile per block). At small T (several problems per tile, 256x128) the same runs on flattened batches
+  of problems;
+* ``fused kernel``: :mod:`dcal.model.fused_rollout` (what DCAL runs on the CPU where it builds), GEMM, exp2
+  and the weighted row sum per chunk of 64, 128 or 256 query rows, and as DCAL calls it (about 128 rows);
 * ``transposed flash``: one fused kernel per block, keys as queries over the queries with bias log r_t − lse_t;
   its log-sum-exp is log (r S)_j (needs the forward's lse, CPU only);
 * ``explicit forward``: *not* a rollout step but the alternative design, one eager pass per block that computes
