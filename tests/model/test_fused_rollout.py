@@ -41,9 +41,13 @@ def _problem(b: int, h: int, t: int, d: int, scale: float = 0.35, layout: str = 
 
 
 def test_builds_where_a_compiler_exists():
+    """Built from a copy of the source in the cache folder, so that another checkout (a fresh clone) reuses it."""
     _kernel()
     assert fused_rollout.why_unavailable() is None
     assert hasattr(torch.ops.dcal_rollout, "left_multiply")
+    folder = fused_rollout.build_folder()
+    assert (folder / fused_rollout.SOURCE.name).read_text() == fused_rollout.SOURCE.read_text()
+    assert any(folder.glob(f"{folder.name}*.so"))
 
 
 @pytest.mark.parametrize(("b", "h", "t", "d"), [(1, 1, 1, 8), (1, 3, 7, 8), (2, 3, 50, 8), (3, 2, 129, 64),

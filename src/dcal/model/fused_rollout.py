@@ -57,19 +57,35 @@ def _build() -> None:
     finally:
         ext_log.setLevel(level)
     cpp_extension.verify_ninja_availability()
-    # one build per torch and Python version: a library built against other torch headers must not be reused
-    tag = f"torch{torch.__version__}_py{sys.version_info.major}{sys.version_info.minor}"
-    name = "dcal_rollout_cpu_" + "".join(c if c.isalnum() else "_" for c in tag)
-    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+    folder = build_folder()
+    name = folder.name
     if not any(folder.glob(f"{name}*.so")):
         print(f"dcal: building the fused CPU rollout kernel once (about 20 s; cached in {folder})", file=sys.stderr)
     folder.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+    # build from a copy inside the cache folder: ninja rebuilds when a source's path changes, and every checkout
+    # (a fresh clone in CI, another venv) would otherwise compile again; the copy changes only with the source
+    source = folder / SOURCE.name
+    text = SOURCE.read_text()
+    if not source.is_file() or source.read_text() != text:
+        partial = source.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(text)
+        partial.replace(source)  # atomic: processes starting together never read half a file
+    cpp_extension.load(name, [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False,
                        verbose=False)
     # shapes for torch.compile's tracing (fake tensors), so that the op stays inside a compiled graph
     torch.library.register_fake("dcal_rollout::left_multiply")(
         lambda q, k, lse, row, scale, chunk_rows: q.new_empty(q.shape[0], q.shape[2]))
+
+
+def build_folder() -> Path:
+    """Where the library is built and cached: one folder per torch and Python version (a library built against
+    other torch headers must not be reused), under ``TORCH_EXTENSIONS_DIR`` or torch's default extension root."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    tag = f"torch{torch.__version__}_py{sys.version_info.major}{sys.version_info.minor}"
+    name = "dcal_rollout_cpu_" + "".join(c if c.isalnum() else "_" for c in tag)
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
 
 
 def available() -> bool:
