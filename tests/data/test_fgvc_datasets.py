@@ -359,7 +359,8 @@ def test_coarse_task_has_no_mark_and_distinct_classes() -> None:
     from dcal.config import ConfigError, dataset_kwargs, load_config
 
     assert dataset_kwargs(load_config(None, ["data.dataset=synthetic"]))["task"] == "mark"
-    assert dataset_kwargs(load_config(None, ["data.dataset=synthetic", "data.synthetic_task=coarse"]))["task"] == "coarse"
+    coarse = load_config(None, ["data.dataset=synthetic", "data.synthetic_task=coarse"])
+    assert dataset_kwargs(coarse)["task"] == "coarse"
     with pytest.raises(ConfigError, match="data.synthetic_task"):
         load_config(None, ["data.dataset=synthetic", "data.synthetic_task=parts"])
     with pytest.raises(ValueError, match="2..6"):
