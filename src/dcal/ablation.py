@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 from dcal.config import ConfigError, load_config, to_yaml
 
@@ -191,6 +192,22 @@ def run_summary(final: dict[str, Any], run_dir: Path, task: str, seed: int) -> d
     }
 
 
+def _pretrained(recipe: str | Path, out: Path, log: Callable[[str], None]) -> Path:
+    """The ablation's pretrained backbone: ``pretrain/<recipe stem>`` beside the ablation folder ``out`` (so sibling
+    ablations naming the same recipe share it), trained once; its log goes to its train.log."""
+    from dcal.pretrain import CACHE_FOLDER, ensure_pretrained, pretrain_config
+
+    cfg = pretrain_config(recipe, out.parent / CACHE_FOLDER / Path(recipe).stem)
+    folder = Path(cfg.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(folder / "train.log", "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), \
+            contextlib.redirect_stderr(f):
+        ensure_pretrained(cfg, log=print)
+    log(f"pretrained backbone: {folder} ({time.perf_counter() - t0:.0f}s; log in {folder / 'train.log'})")
+    return folder
+
+
 def run_ablation(
     config: str | Path,
     sets: list[str],
@@ -198,13 +215,22 @@ def run_ablation(
     overrides: list[str] | tuple[str, ...] = (),
     output_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    pretrain: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train every variant of ``sets`` on the recipe ``config`` for ``seeds`` seeds; write and return the summary."""
+    """Train every variant of ``sets`` on the recipe ``config`` for ``seeds`` seeds; write and return the summary.
+
+    With a pretraining recipe (``pretrain``, or ``model.pretrain`` in the recipe) every variant and seed
+    fine-tunes from one SA-only backbone trained once into ``pretrain/<recipe stem>`` beside ``OUT``
+    (``dcal.pretrain``)."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     base = load_config(config, overrides)  # bad recipes and overrides fail here, before anything is written
     variants = plan(sets, backbone_depth(base))
     out = Path(output_dir or Path("runs") / f"ablation_{'_'.join(sets)}_{Path(config).stem}")
+    pretrain = pretrain or base.model.pretrain
+    if pretrain:
+        overrides = [*overrides, "model.pretrain=null", f"model.pretrained_file={_pretrained(pretrain, out, log)}"]
+        base = load_config(config, overrides)
     base_seed = base.train.seed
     cfgs, slug_of = {}, {}
     for v in variants:  # every config is checked before the first run starts
@@ -231,8 +257,11 @@ def run_ablation(
                 log(f"[{n}/{total}] {v.name} seed {seed}: {_one_line(done[v.slug, k], base.task)} "
                     f"({how}, {time.perf_counter() - t0:.0f}s)")
             v.runs.append(done[v.slug, k])
+    from dcal.pretrain import describe_backbone
+
     summary = summarize(variants, base.task)
-    summary.update({"recipe": str(config), "overrides": list(overrides), "sets": sets, "seeds": seeds,
+    summary.update({"backbone": describe_backbone(OmegaConf.to_container(base.model)),
+                    "recipe": str(config), "overrides": list(overrides), "sets": sets, "seeds": seeds,
                     "command": " ".join(["dcal", "ablation", *sys.argv[2:]]) if sys.argv[1:2] == ["ablation"] else ""})
     write_outputs(summary, out)
     log(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
@@ -290,6 +319,7 @@ def format_markdown(summary: dict[str, Any]) -> str:
     notes = [
         "",
         f"Mean ± sample std over {seeds} seed(s); Δ = difference of the last-epoch means to the first row.",
+        *([f"Backbone: {summary['backbone']}."] if summary.get("backbone") else []),
         "*Best epoch = the epoch with the highest metric on the evaluation split, i.e. selected on it: optimistic, "
         "for reference only; the last epoch is the number to compare.",
     ]

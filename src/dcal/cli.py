@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", default="table3", help="table3 | selection | pairs | blocks, or several: table3,selection")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant: train.seed, train.seed+1, ...")
     p.add_argument("--output-dir", default=None, help="default: runs/ablation_<sets>_<recipe name>")
+    p.add_argument("--pretrain", default=None, metavar="RECIPE",
+                   help="pretraining recipe: one SA-only backbone, trained once into pretrain/ beside OUTPUT_DIR "
+                        "(reused while unchanged) that each variant and seed fine-tunes from (default: model.pretrain)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every variant, e.g. train.epochs=5")
     return parser
 
@@ -340,7 +343,7 @@ def cmd_ablation(args: argparse.Namespace) -> Any:
     from dcal.ablation import format_markdown, run_ablation
 
     sets = [s.strip() for s in args.set.split(",") if s.strip()]
-    summary = run_ablation(args.config, sets, args.seeds, args.overrides, args.output_dir)
+    summary = run_ablation(args.config, sets, args.seeds, args.overrides, args.output_dir, pretrain=args.pretrain)
     print(format_markdown(summary))
     return summary
 

@@ -40,6 +40,7 @@ class FGVCDataset(Dataset):
         classes: class names; ``targets`` index into it.
         transform: applied to the PIL RGB image.
         root: the folder the dataset was read from (for ``repr``).
+        class_ids: the data set's own id of each class (what ``data.classes`` selects by); default 1..C.
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class FGVCDataset(Dataset):
         classes: Sequence[str],
         transform: Callable | None = None,
         root: str | None = None,
+        class_ids: Sequence[int] | None = None,
     ) -> None:
         if len(paths) != len(targets):
             raise ValueError(f"{len(paths)} paths but {len(targets)} targets")
@@ -59,6 +61,7 @@ class FGVCDataset(Dataset):
         self.paths = list(paths)
         self.targets = [int(t) for t in targets]
         self.classes = list(classes)
+        self.class_ids = list(class_ids) if class_ids is not None else list(range(1, len(self.classes) + 1))
         self.transform = transform
         self.root = root
 
@@ -193,7 +196,8 @@ def _build_cub(root: str, split: str, transform: Callable | None) -> FGVCDataset
     paths = [str(base / "images" / images[i]) for i in ids]
     _check_images_exist("CUB", paths, images_txt)
     targets = [index_of[labels[i]] for i in ids]
-    return FGVCDataset("cub", split, paths, targets, [class_names[c] for c in class_ids], transform, str(base))
+    return FGVCDataset("cub", split, paths, targets, [class_names[c] for c in class_ids], transform, str(base),
+                       class_ids=class_ids)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -486,7 +490,8 @@ class SyntheticFGVC(FGVCDataset):
         self.seed = seed
 
     def load_image(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[index])
+        # by the number in the path, not the position: a class subset (dcal.data.subsets) keeps the paths
+        return Image.fromarray(self.images[int(self.paths[index].rsplit("/", 1)[1])])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -91,8 +91,12 @@ def _check_output_dir(out_dir: Path, resume: bool) -> None:
 def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     """Train (and evaluate every ``train.eval_every`` epochs) as ``cfg`` says; returns the final record.
 
-    Under torchrun every process calls ``fit``; all return the same final record.
+    Under torchrun every process calls ``fit``; all return the same final record. A config naming a pretraining
+    recipe (``model.pretrain``) is first pointed at its pretrained run, trained once if needed (``dcal.pretrain``).
     """
+    from dcal.pretrain import resolve_pretrain
+
+    cfg = resolve_pretrain(cfg)
     info, device = dist.init(cfg.train.device)
     try:
         return _fit(cfg, resume or cfg.train.resume, info, device)
