@@ -223,10 +223,11 @@ def test_broken_check_waits_for_evidence_and_still_stops_an_all_bad_set():
     bad = LoadedBatch(None, torch.empty(0, dtype=torch.long), [("x/bad0.png", "r"), ("x/bad1.png", "r")])
     good = LoadedBatch([torch.randn(2, 3, 32, 32), torch.tensor([0, 1])], torch.arange(2), [])
     # 20 % bad, the first batch all bad: no verdict from 2 images
-    stats = train_one_epoch(model, criterion, [bad] + [good] * 4, optimizer, scheduler, torch.device("cpu"), cfg, 0,
-                            show_bar=False)
-    assert stats["bad_images"] == 2
-    with pytest.raises(BadImageError, match="looks broken"):
+    with pytest.warns(UserWarning) as caught:
+        stats = train_one_epoch(model, criterion, [bad] + [good] * 4, optimizer, scheduler, torch.device("cpu"), cfg,
+                                0, show_bar=False)
+    assert stats["bad_images"] == 2 and "skipped unreadable image x/bad0.png (r)" in str(caught[0].message)
+    with pytest.warns(UserWarning), pytest.raises(BadImageError, match="looks broken"):
         train_one_epoch(model, criterion, [bad] * 3, optimizer, scheduler, torch.device("cpu"), cfg, 0,
                         show_bar=False)
 
