@@ -197,7 +197,7 @@ def _test_images(cfg: Any, num: int) -> tuple[Any, list[str]]:
     if cfg.task == "fgvc":
         titles = [data.classes[it[1]][:14] for it in items]
     else:
-        titles = [f"id {it[1]} cam {it[2]}" for it in items]
+        titles = [f"id {it[1]} cam {it[2] + 1}" for it in items]  # 1-based, as c1 in the file names
     return torch.stack([it[0] for it in items]), titles
 
 
@@ -210,10 +210,12 @@ def cmd_predict(args: argparse.Namespace) -> Any:
     if not preds:
         raise FileNotFoundError(f"no image found in {', '.join(args.paths)}")
     failed = sum(p.error is not None for p in preds)
+    if args.output:  # first: nothing computed is lost if printing fails
+        print(f"wrote {write_predictions(args.output, preds)}")
     if args.output is None or len(preds) <= 100:
         print(predictions_table(preds))
-    if args.output:
-        print(f"wrote {write_predictions(args.output, preds)}")
+    if failed == len(preds):
+        raise ValueError(f"no input could be read: {failed} file(s) failed")
     print(f"{len(preds)} images, {failed} unreadable", file=sys.stderr)
     return preds
 
@@ -363,12 +365,18 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "visualize":
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dcal.config import ConfigError
+    from dcal.errors import error_line
 
     try:
         COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError, ImportError) as e:
-        # user errors (bad config, layout, paths, data, diverged run, a missing optional extra): one clear line
-        print(f"dcal {args.command}: error{_rank_tag()}: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError, ImportError, OSError,
+            RuntimeError) as e:
+        # user errors (bad config, layout, paths, data, diverged run, a missing optional extra) and foreseeable
+        # failures (full disk, read-only folder, a killed loader worker): one clear line; anything else is a bug
+        line = error_line(e)
+        if line is None:
+            raise
+        print(f"dcal {args.command}: error{_rank_tag()}: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; last.pth holds the last checkpoint (continue with --resume)", file=sys.stderr)

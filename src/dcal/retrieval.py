@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
 
+from dcal.data.images import open_rgb, printable, safe_file_name
 from dcal.data.reid import FOLDER_CAMERA_PATTERN, MARKET_PATTERN, VERI_PATTERN
 from dcal.inference import LoadedModel, list_images, run_batches
 from dcal.metrics.reid import compute_distance
@@ -210,7 +211,7 @@ def rank_gallery(query: FeatureSet, gallery: FeatureSet, topk: int = 50, metric:
 
 def ranking_csv(query: FeatureSet, gallery: FeatureSet, ranking: Ranking) -> str:
     """One row per (query, rank): ``query, query_pid, query_camid, rank, gallery, gallery_pid, gallery_camid,
-    distance, match`` (ids and match empty when unknown)."""
+    distance, match`` (ids and match empty when unknown; names :func:`printable`, camids 0-based)."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["query", "query_pid", "query_camid", "rank", "gallery", "gallery_pid", "gallery_camid",
@@ -222,7 +223,7 @@ def ranking_csv(query: FeatureSet, gallery: FeatureSet, ranking: Ranking) -> str
             if g < 0:
                 break
             gid = [gallery.pids[g], gallery.camids[g]] if gallery.has_ids else ["", ""]
-            w.writerow([query.paths[q], *qid, r, gallery.paths[g], *gid, f"{d:.6f}",
+            w.writerow([printable(query.paths[q]), *qid, r, printable(gallery.paths[g]), *gid, f"{d:.6f}",
                         int(ranking.match[q, r - 1]) if ids else ""])
     return buf.getvalue()
 
@@ -233,8 +234,7 @@ GREEN, RED, GREY = (0, 200, 0), (220, 0, 0), (160, 160, 160)
 
 def _cell(path: str, size: tuple[int, int], color: tuple[int, int, int], border: int) -> Image.Image:
     """The image resized to ``size`` (W, H) inside a ``border``-pixel frame of ``color``."""
-    with Image.open(path) as im:
-        tile = im.convert("RGB").resize(size, Image.BILINEAR)
+    tile = open_rgb(path).resize(size, Image.BILINEAR)
     return ImageOps.expand(tile, border=border, fill=color)
 
 
@@ -260,7 +260,8 @@ def ranking_picture(query_path: str, gallery_paths: Sequence[str], matches: Sequ
 def save_ranking_pictures(out_dir: str | Path, query: FeatureSet, gallery: FeatureSet, ranking: Ranking,
                           topk: int = 10, max_queries: int | None = None,
                           cell: tuple[int, int] = (64, 128)) -> list[Path]:
-    """One PNG per query (the first ``max_queries``): ``<out_dir>/<index>_<query name>.png``."""
+    """One PNG per query (the first ``max_queries``): ``<out_dir>/<index>_<query name>.png`` (the name
+    :func:`printable`, shortened with a hash when the file name would pass 255 bytes)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = query.has_ids and gallery.has_ids
@@ -269,7 +270,7 @@ def save_ranking_pictures(out_dir: str | Path, query: FeatureSet, gallery: Featu
         ranks = [g for g in ranking.order[q, :topk] if g >= 0]
         matches = [bool(m) for m in ranking.match[q, : len(ranks)]] if ids else [None] * len(ranks)
         pic = ranking_picture(query.paths[q], [gallery.paths[g] for g in ranks], matches, cell)
-        path = out / f"{q:05d}_{Path(query.paths[q]).stem}.png"
+        path = out / safe_file_name(f"{q:05d}_{Path(query.paths[q]).stem}", ".png")
         pic.save(path)
         saved.append(path)
     return saved

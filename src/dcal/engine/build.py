@@ -156,12 +156,9 @@ def autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContex
 
 
 def resolve_device(cfg: DictConfig) -> torch.device:
-    want = cfg.train.device
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available")
-    return torch.device(want)
+    from dcal.distributed import pick_device
+
+    return pick_device(cfg.train.device, "train.device")
 
 
 def _float32(v: Any) -> Any:
