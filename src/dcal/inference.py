@@ -275,10 +275,14 @@ def csv_text(rows: Iterable[Sequence[Any]]) -> str:
     """CSV of ``rows`` with ``\\n`` line ends; a text cell that starts like a formula gets a leading ``'``
     (OWASP's CSV-injection defence: a file or class name ``=HYPERLINK(...)`` stays text in a spreadsheet)."""
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = csv.writer(buf)  # its \r\n row end makes it quote a cell holding \r (with "\n" alone it would not)
+    lines = []
     for row in rows:
+        buf.seek(0)
+        buf.truncate()
         w.writerow(["'" + c if isinstance(c, str) and c.startswith(CSV_FORMULA_START) else c for c in row])
-    return buf.getvalue()
+        lines.append(buf.getvalue()[:-2] + "\n")
+    return "".join(lines)
 
 
 def predictions_csv(preds: Sequence[Prediction]) -> str:
