@@ -21,7 +21,7 @@ from dcal.config import load_config
 from dcal.engine import fit
 from dcal.inference import Prediction, csv_text, predictions_csv
 from dcal.retrieval import save_ranking_pictures
-from dcal.run_folder import LOCK, RESUMABLE_KEYS, RunLock, RunLockedError, run_content
+from dcal.run_folder import LOCK, RESUMABLE_KEYS, RunLock, RunLockedError, discard_unsaved_start, run_content
 from tests.test_resume import RECIPE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,3 +206,20 @@ def test_stale_ranking_pictures_are_removed(tmp_path):
 
     assert save_ranking_pictures(out, NoIds(), NoIds(), None, max_queries=0) == []  # type: ignore[arg-type]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_only_a_start_without_any_checkpoint_or_record_is_discarded(tmp_path):
+    started = tmp_path / "started"  # killed during its first epoch: config, empty metrics, TensorBoard
+    (started / "tensorboard").mkdir(parents=True)
+    (started / "tensorboard" / "events").write_text("e")
+    (started / "config.yaml").write_text("a: 1\n")
+    (started / "metrics.jsonl").write_text("")
+    (started / "train.log").write_text("log")
+    assert discard_unsaved_start(started) == ["config.yaml", "metrics.jsonl", "tensorboard"]
+    assert [p.name for p in started.iterdir()] == ["train.log"]
+    for kept_name, text in (("metrics.jsonl", '{"epoch": 0}\n'), ("best.pth", "x")):
+        kept = tmp_path / kept_name
+        kept.mkdir()
+        (kept / "config.yaml").write_text("a: 1\n")
+        (kept / kept_name).write_text(text)
+        assert discard_unsaved_start(kept) == [] and len(list(kept.iterdir())) == 2
