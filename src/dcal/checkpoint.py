@@ -44,14 +44,27 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+# read once at import (reading it sets it for a moment, which other threads could see)
+FILE_MODE = 0o666 & ~_read_umask()  # what open() would give a new file; mkstemp's files are 0600
+
+
 def atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp)`` then make ``tmp`` durable and rename it onto ``path`` (readers see old or new, never half)."""
+    """``write(tmp)`` then make ``tmp`` durable and rename it onto ``path`` (readers see old or new, never half).
+
+    The file gets the mode a plain ``open`` would give it (0666 less the umask), not mkstemp's private 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = ""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
         os.close(fd)
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

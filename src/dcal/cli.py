@@ -13,6 +13,22 @@ from typing import Any
 EPILOG = "Config keys are dotted (data.root=..., train.epochs=...); see configs/ and the README."
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A command's parser that takes options after positionals too (``dcal train --config C key=value --resume
+    key=value``): plain argparse ends ``key=value ...`` at the first option and rejects what follows."""
+
+    _inner = False  # parse_known_intermixed_args calls parse_known_args itself: that call is the plain one
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._inner:
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def _add_source(p: argparse.ArgumentParser, overrides: bool = True, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--run", help="a run directory written by 'dcal train' (uses best, else last, weights)")
@@ -45,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dcal import __version__
 
     parser.add_argument("--version", action="version", version=f"dcal {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True, parser_class=_IntermixedParser)
 
     p = sub.add_parser(
         "train", help="train a model from a YAML recipe (FGVC or Re-ID)",
@@ -117,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML recipe every variant starts from")
     p.add_argument("--set", default="table3", help="table3 | selection | pairs | blocks, or several: table3,selection")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant: train.seed, train.seed+1, ...")
-    p.add_argument("--output-dir", default=None, help="default: runs/ablation_<sets>_<recipe name>")
+    p.add_argument("--output-dir", default=None, help="default: runs/ablation_<sets>_<recipe name> (each run goes "
+                   "to DIR/<variant>/seed<k>: output_dir=... is refused)")
     p.add_argument("--pretrain", default=None, metavar="RECIPE",
                    help="pretraining recipe: one SA-only backbone, trained once into pretrain/ beside OUTPUT_DIR "
                         "(reused while unchanged) that each variant and seed fine-tunes from (default: model.pretrain)")
@@ -249,6 +266,7 @@ def cmd_search(args: argparse.Namespace) -> Any:
         FeatureSet,
         cell_size,
         check_compatible,
+        clear_ranking_pictures,
         embed_images,
         file_digest,
         rank_gallery,
@@ -293,6 +311,8 @@ def cmd_search(args: argparse.Namespace) -> Any:
         pics = save_ranking_pictures(out / "visrank", query, gallery, ranking, topk=10, max_queries=n,
                                      cell=cell_size(query))
         print(f"{len(pics)} ranking pictures in {out / 'visrank'}")
+    else:
+        clear_ranking_pictures(out / "visrank")  # an earlier search's pictures would pass for this one's
     return ranking
 
 
@@ -378,9 +398,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dcal {args.command}: error{_rank_tag()}: {line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; last.pth holds the last checkpoint (continue with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # dcal.engine.run.TrainingInterrupted (SIGTERM/SIGINT in training) says where it stopped and what it
+        # saved, and carries the shell's exit code (128 + signal); a plain Ctrl-C elsewhere is 130
+        print(f"dcal {args.command}{_rank_tag()}: {getattr(e, 'message', 'interrupted')}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     return 0
 
 

@@ -269,19 +269,35 @@ def predictions_table(preds: Sequence[Prediction], max_name: int = 24) -> str:
     return "\n".join(lines)
 
 
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may run as a formula (OWASP)
+
+
+def csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    """CSV of ``rows`` with ``\\n`` line ends; a text cell that starts like a formula gets a leading ``'``
+    (OWASP's CSV-injection defence: a file or class name ``=HYPERLINK(...)`` stays text in a spreadsheet)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)  # its \r\n row end makes it quote a cell holding \r (with "\n" alone it would not)
+    lines = []
+    for row in rows:
+        buf.seek(0)
+        buf.truncate()
+        w.writerow(["'" + c if isinstance(c, str) and c.startswith(CSV_FORMULA_START) else c for c in row])
+        lines.append(buf.getvalue()[:-2] + "\n")
+    return "".join(lines)
+
+
 def predictions_csv(preds: Sequence[Prediction]) -> str:
     """One row per input: ``path, error, class_1, index_1, prob_1, ..., class_k, index_k, prob_k``; a path that is
     not UTF-8 is written :func:`printable` (its odd bytes as ``\\xff``)."""
     k = max([len(p.indices) for p in preds] + [0])
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "error"] + [f"{c}_{r}" for r in range(1, k + 1) for c in ("class", "index", "prob")])
+    rows: list[list[Any]] = [["path", "error"] + [f"{c}_{r}" for r in range(1, k + 1)
+                                                  for c in ("class", "index", "prob")]]
     for p in preds:
         cells: list[Any] = []
         for c, i, pr in zip(p.classes, p.indices, p.probabilities, strict=True):
             cells += [printable(c), i, f"{pr:.6f}"]
-        w.writerow([printable(p.source), printable(p.error or "")] + cells + [""] * (3 * k - len(cells)))
-    return buf.getvalue()
+        rows.append([printable(p.source), printable(p.error or "")] + cells + [""] * (3 * k - len(cells)))
+    return csv_text(rows)
 
 
 def predictions_json(preds: Sequence[Prediction]) -> str:

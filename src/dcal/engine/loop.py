@@ -150,8 +150,8 @@ def train_one_epoch(
                 if progress.bad_in_a_row >= cfg.train.max_bad_steps:
                     raise NonFiniteLossError(
                         f"the loss was non-finite for {progress.bad_in_a_row} steps in a row (last at {where}); "
-                        "none of them was applied. Lower train.lr, set train.clip_grad or train.amp=none, and "
-                        "continue with --resume"
+                        "none of them was applied. Set train.clip_grad or train.amp=none and continue with "
+                        "--resume, or lower train.lr and start again (the lr schedule is part of the checkpoint)"
                     )
                 warnings.warn(f"non-finite loss at {where}: step not applied", stacklevel=1)
         scheduler.step()
