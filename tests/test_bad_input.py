@@ -154,8 +154,8 @@ def test_a_checkpoint_of_another_model_lists_the_mismatches(trained, capsys):
     assert "backbone.pos_embed: checkpoint (1, 17, 32) vs model (1, 37, 32)" in err
     wider = "model.timm_kwargs={depth: 2, embed_dim: 48, num_heads: 2, patch_size: 8}"
     assert main([*train_args(data, out, "--resume", wider, batch=6, epochs=2)]) == 2
-    err = capsys.readouterr().err
-    assert "does not fit this model" in err and "checkpoint (32,) vs model (48,)" in err
+    err = capsys.readouterr().err  # --resume compares the configs before it loads the weights
+    assert "model.timm_kwargs: " in err and '"embed_dim": 32' in err and '-> {"depth": 2, "embed_dim": 48' in err
     assert snapshot(out) == kept
 
 
@@ -206,3 +206,100 @@ def write_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "reid.yaml"
     path.write_text(f"data:\n  dataset: market1501\n  root: {tmp_path / 'nowhere'}\n")
     return path
+
+
+def test_broken_check_waits_for_evidence_and_still_stops_an_all_bad_set():
+    from dcal.config import load_config
+    from dcal.data.robust import BadImageError, LoadedBatch
+    from dcal.engine.build import build_criterion, build_model, build_optimizer
+    from dcal.engine.loop import train_one_epoch
+
+    cfg = load_config(overrides=["data.dataset=synthetic", "model.img_size=32", TINY[1], "model.pwca_blocks=2",
+                                 "train.batch_size=2", "train.epochs=1"])
+    model = build_model(cfg, 3)
+    criterion = build_criterion(cfg, model)
+    optimizer = build_optimizer(cfg, model, criterion)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    bad = LoadedBatch(None, torch.empty(0, dtype=torch.long), [("x/bad0.png", "r"), ("x/bad1.png", "r")])
+    good = LoadedBatch([torch.randn(2, 3, 32, 32), torch.tensor([0, 1])], torch.arange(2), [])
+    # 20 % bad, the first batch all bad: no verdict from 2 images
+    with pytest.warns(UserWarning) as caught:
+        stats = train_one_epoch(model, criterion, [bad] + [good] * 4, optimizer, scheduler, torch.device("cpu"), cfg,
+                                0, show_bar=False)
+    assert stats["bad_images"] == 2 and "skipped unreadable image x/bad0.png (r)" in str(caught[0].message)
+    with pytest.warns(UserWarning), pytest.raises(BadImageError, match="looks broken"):
+        train_one_epoch(model, criterion, [bad] * 3, optimizer, scheduler, torch.device("cpu"), cfg, 0,
+                        show_bar=False)
+
+
+def error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("dcal ")]
+
+
+def test_a_bad_image_in_a_loader_worker_is_one_line(tmp_path, capsys):
+    data = write_folder(tmp_path / "data")
+    bad = data / "train" / "beta" / "notes.jpg"
+    bad.write_bytes(BAD_FILES["beta/notes.jpg"])
+    assert main(train_args(data, tmp_path / "run", "data.on_bad_image=error", "train.workers=2")) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert lines[0].startswith(f"dcal train: error: cannot read image {bad} (UnidentifiedImageError")
+    assert lines[0].endswith("set data.on_bad_image=skip to skip such files with a warning")
+
+
+def test_a_killed_loader_worker_is_one_line(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from dcal.data.fgvc import FGVCDataset
+
+    real = FGVCDataset.load_image
+
+    def load_image(self, index):
+        if torch.utils.data.get_worker_info() is not None:  # what the out-of-memory killer does
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, index)
+
+    monkeypatch.setattr(FGVCDataset, "load_image", load_image)
+    data = write_folder(tmp_path / "data")
+    assert main(train_args(data, tmp_path / "run", "train.workers=2")) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "DataLoader worker (pid" in lines[0] and "fewer workers" in lines[0]
+
+
+def test_a_missing_device_is_one_line(trained, capsys):
+    data, out = trained
+    image = str(next((data / "test").rglob("*.png")))
+    want = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    assert main(["predict", "--run", str(out), image, "--device", want]) == 2
+    assert error_lines(capsys) == [f"dcal predict: error: --device={want} " + (
+        f"but this machine has {torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available()
+        else "but no CUDA device is available (use cpu)")]
+    assert main(["predict", "--run", str(out), image, "--device", "gpu"]) == 2
+    assert "--device=gpu: not a device" in error_lines(capsys)[0]
+    if not torch.cuda.is_available():
+        assert main(["eval", "--run", str(out), "train.device=cuda"]) == 2
+        assert "train.device=cuda but no CUDA device" in error_lines(capsys)[0]
+
+
+@pytest.mark.parametrize("code, said", [("ENOSPC", "No space left on device"), ("EROFS", "Read-only file system"),
+                                        ("EACCES", "Permission denied")])
+def test_a_full_disk_or_read_only_folder_is_one_line_naming_the_file(trained, tmp_path, capsys, monkeypatch, code,
+                                                                     said):
+    import errno
+    import os
+
+    data, out = trained
+    number = getattr(errno, code)
+
+    def fsync(fd):  # where a full disk shows up at the latest; no file name, like the real one
+        raise OSError(number, os.strerror(number))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "preds.csv"
+    assert main(["predict", "--run", str(out), str(data / "test"), "--output", str(target)]) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith(f"dcal predict: error: {target}: {said} (")
+    assert not target.exists() and list(tmp_path.glob(".preds.csv.*")) == []  # no half file, no temporary

@@ -1,8 +1,8 @@
-"""Lose at most a few steps: SIGKILL mid-epoch, --resume, same result; atomic checkpoint writes.
+"""Lose at most a few steps: SIGKILL or SIGTERM mid-epoch, --resume, same result; atomic checkpoint writes.
 
-The training process is a real ``python -m dcal train`` subprocess killed with SIGKILL by this test. The test
-hook ``DCAL_TEST_STEP_DELAY_S`` (dcal.engine.run.STEP_DELAY_ENV) only slows each step so that the kill lands
-after the first mid-epoch checkpoint and before the next one.
+The training process is a real ``python -m dcal train`` subprocess killed with SIGKILL (or stopped with SIGTERM,
+SIGINT) by this test. The test hook ``DCAL_TEST_STEP_DELAY_S`` (dcal.engine.run.STEP_DELAY_ENV) only slows each
+step so that the signal lands after the first mid-epoch checkpoint and before the next one.
 """
 
 from __future__ import annotations
@@ -58,10 +58,29 @@ def wait_for(cond, proc: subprocess.Popen, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
-    straight = tmp_path / "straight"
-    uninterrupted = dcal_train(straight)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted run the interrupted ones must equal."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    finish(dcal_train(out))
+    return out
 
+
+def assert_same_run(a_dir: Path, b_dir: Path) -> None:
+    """Bit-identical weights, the same metrics records (times aside)."""
+    a, b = load_file(a_dir / "last.safetensors"), load_file(b_dir / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], **TOL, msg=k)
+    ra, rb = records(a_dir), records(b_dir)
+    assert [(r["epoch"], r.get("step")) for r in rb] == [(r["epoch"], r.get("step")) for r in ra]
+    assert [(0, 2), (0, 4), (0, None), (1, 2), (1, 4), (1, None), (1, None)] == [(r["epoch"], r.get("step"))
+                                                                                   for r in ra]
+    for x, y in zip(ra, rb, strict=True):
+        assert {k: v for k, v in y.items() if k not in TIME_KEYS} == {k: v for k, v in x.items() if k not in TIME_KEYS}
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(straight, tmp_path):
     killed = tmp_path / "killed"
     proc = dcal_train(killed, delay=1.0)
     metrics = killed / "metrics.jsonl"
@@ -75,21 +94,47 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     before = records(killed)
     assert [r.get("step") for r in before] == [2]
 
-    resumed = finish(dcal_train(killed, "--resume"))
+    resumed = finish(dcal_train(killed, "--resume"))  # the killed run's lock is stale: taken over
     assert "resuming" in resumed and "batch 3 of epoch 1/2" in resumed
     assert "eta" in resumed  # progress lines off a terminal: epoch, step, img/s, ETA
-    finish(uninterrupted)
+    assert_same_run(straight, killed)
 
-    a, b = load_file(straight / "last.safetensors"), load_file(killed / "last.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], **TOL, msg=k)
-    ra, rb = records(straight), records(killed)
-    assert [(r["epoch"], r.get("step")) for r in rb] == [(r["epoch"], r.get("step")) for r in ra]
-    assert [(0, 2), (0, 4), (0, None), (1, 2), (1, 4), (1, None), (1, None)] == [(r["epoch"], r.get("step"))
-                                                                                   for r in ra]
-    for x, y in zip(ra, rb, strict=True):
-        assert {k: v for k, v in y.items() if k not in TIME_KEYS} == {k: v for k, v in x.items() if k not in TIME_KEYS}
+
+def test_sigterm_mid_epoch_saves_there_and_resume_equals_uninterrupted(straight, tmp_path):
+    stopped = tmp_path / "stopped"
+    proc = dcal_train(stopped, delay=1.0)
+    metrics = stopped / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and '"step": 2,' in metrics.read_text(), proc)
+    time.sleep(0.5)  # inside the 1 s of step 3: the run finishes that step, saves and stops
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert out.strip().splitlines()[-1] == (f"dcal train: interrupted by SIGTERM at epoch 1 step 3; saved "
+                                            f"{stopped / 'last.pth'}: resume with --resume")
+    state = load_training_state(stopped / "last.pth")
+    assert (state["epoch"], state["progress_per_rank"][0]["batches"]) == (0, 3)
+    assert [r.get("step") for r in records(stopped)] == [2]  # no metrics line for the stop itself
+    assert not (stopped / ".dcal.lock").exists()  # released on the way out
+
+    resumed = finish(dcal_train(stopped, "--resume"))
+    assert "batch 4 of epoch 1/2" in resumed
+    assert_same_run(straight, stopped)
+
+
+def test_a_second_sigint_stops_at_once_and_claims_no_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = dcal_train(out, delay=1.0)
+    for line in proc.stdout:  # the first step's progress line, printed before its 1 s pause
+        if "step 1/6" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, rest[-3000:]
+    assert rest.strip().splitlines()[-1] == ("dcal train: interrupted by SIGINT at once, without saving; no "
+                                             "checkpoint was written")
+    assert not (out / "last.pth").exists()
 
 
 SAVER = """

@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 from dcal.config import ConfigError, load_config, to_yaml
+from dcal.run_folder import CONFIG, LAST, METRICS, discard_unsaved_start
 
 NO_GLCA = {"model.glca_blocks": 0, "eval.fusion": "sa"}
 
@@ -118,6 +120,13 @@ def plan(set_names: list[str], depth: int) -> list[Variant]:
     return variants
 
 
+def check_no_output_dir(overrides: list[str] | tuple[str, ...]) -> None:
+    """``output_dir=`` would send every variant and seed into one folder: the ablation's folder is ``--output-dir``."""
+    if any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides):
+        raise ConfigError("dcal ablation: output_dir=... is not used (each run goes to <ablation folder>/<variant>/"
+                          "seed<k>): give the ablation folder with --output-dir")
+
+
 def _overrides(keys: dict[str, Any]) -> list[str]:
     return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in keys.items()]
 
@@ -127,20 +136,20 @@ def _final_record(run_dir: Path) -> dict[str, Any] | None:
     """The run's ``final`` record, or None while it is unfinished (or absent)."""
     from dcal.engine import read_metrics
 
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(run_dir / METRICS)
     return records[-1] if records and records[-1].get("final") else None
 
 
 def _epoch_records(run_dir: Path) -> list[dict[str, Any]]:
     from dcal.engine import read_metrics
 
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if not r.get("final") and not r.get("partial")]
+    return [r for r in read_metrics(run_dir / METRICS) if not r.get("final") and not r.get("partial")]
 
 
 def _check_same_config(run_dir: Path, cfg: Any) -> None:
     """Refuse a run directory trained with another config; where it lies (``output_dir``) does not count, so a
     moved or copied ablation folder is reused."""
-    saved = run_dir / "config.yaml"
+    saved = run_dir / CONFIG
     if not saved.is_file():
         return
     old, new = yaml.safe_load(saved.read_text(encoding="utf-8")), yaml.safe_load(to_yaml(cfg))
@@ -158,12 +167,12 @@ def run_one(cfg: Any, run_dir: Path) -> tuple[dict[str, Any], str]:
     from dcal.engine import fit
 
     final = _final_record(run_dir)
+    _check_same_config(run_dir, cfg)
     if final is not None:
-        _check_same_config(run_dir, cfg)
         return final, "reused"
-    resume = (run_dir / "last.pth").is_file()
-    if resume:
-        _check_same_config(run_dir, cfg)
+    resume = (run_dir / LAST).is_file()
+    if not resume:
+        discard_unsaved_start(run_dir)  # killed before its first checkpoint: nothing to resume, start again
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
@@ -181,7 +190,7 @@ def run_summary(final: dict[str, Any], run_dir: Path, task: str, seed: int) -> d
     last_epoch = final["epoch"]
     last = next((r for r in evaluated if r["epoch"] == last_epoch), None)
     if last is None:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'}: no {main} recorded for the last epoch ({last_epoch + 1})")
+        raise ValueError(f"{run_dir / METRICS}: no {main} recorded for the last epoch ({last_epoch + 1})")
     best = max(evaluated, key=lambda r: r[main])
     return {
         "seed": seed, "run_dir": str(run_dir), "epochs": last_epoch + 1,
@@ -191,6 +200,22 @@ def run_summary(final: dict[str, Any], run_dir: Path, task: str, seed: int) -> d
     }
 
 
+def _pretrained(recipe: str | Path, out: Path, log: Callable[[str], None]) -> Path:
+    """The ablation's pretrained backbone: ``pretrain/<recipe stem>`` beside the ablation folder ``out`` (so sibling
+    ablations naming the same recipe share it), trained once; its log goes to its train.log."""
+    from dcal.pretrain import CACHE_FOLDER, ensure_pretrained, pretrain_config
+
+    cfg = pretrain_config(recipe, out.parent / CACHE_FOLDER / Path(recipe).stem)
+    folder = Path(cfg.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(folder / "train.log", "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), \
+            contextlib.redirect_stderr(f):
+        ensure_pretrained(cfg, log=print)
+    log(f"pretrained backbone: {folder} ({time.perf_counter() - t0:.0f}s; log in {folder / 'train.log'})")
+    return folder
+
+
 def run_ablation(
     config: str | Path,
     sets: list[str],
@@ -198,13 +223,23 @@ def run_ablation(
     overrides: list[str] | tuple[str, ...] = (),
     output_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    pretrain: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train every variant of ``sets`` on the recipe ``config`` for ``seeds`` seeds; write and return the summary."""
+    """Train every variant of ``sets`` on the recipe ``config`` for ``seeds`` seeds; write and return the summary.
+
+    With a pretraining recipe (``pretrain``, or ``model.pretrain`` in the recipe) every variant and seed
+    fine-tunes from one SA-only backbone trained once into ``pretrain/<recipe stem>`` beside ``OUT``
+    (``dcal.pretrain``)."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    check_no_output_dir(overrides)
     base = load_config(config, overrides)  # bad recipes and overrides fail here, before anything is written
     variants = plan(sets, backbone_depth(base))
     out = Path(output_dir or Path("runs") / f"ablation_{'_'.join(sets)}_{Path(config).stem}")
+    pretrain = pretrain or base.model.pretrain
+    if pretrain:
+        overrides = [*overrides, "model.pretrain=null", f"model.pretrained_file={_pretrained(pretrain, out, log)}"]
+        base = load_config(config, overrides)
     base_seed = base.train.seed
     cfgs, slug_of = {}, {}
     for v in variants:  # every config is checked before the first run starts
@@ -231,8 +266,11 @@ def run_ablation(
                 log(f"[{n}/{total}] {v.name} seed {seed}: {_one_line(done[v.slug, k], base.task)} "
                     f"({how}, {time.perf_counter() - t0:.0f}s)")
             v.runs.append(done[v.slug, k])
+    from dcal.pretrain import describe_backbone
+
     summary = summarize(variants, base.task)
-    summary.update({"recipe": str(config), "overrides": list(overrides), "sets": sets, "seeds": seeds,
+    summary.update({"backbone": describe_backbone(OmegaConf.to_container(base.model)),
+                    "recipe": str(config), "overrides": list(overrides), "sets": sets, "seeds": seeds,
                     "command": " ".join(["dcal", "ablation", *sys.argv[2:]]) if sys.argv[1:2] == ["ablation"] else ""})
     write_outputs(summary, out)
     log(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
@@ -290,6 +328,7 @@ def format_markdown(summary: dict[str, Any]) -> str:
     notes = [
         "",
         f"Mean ± sample std over {seeds} seed(s); Δ = difference of the last-epoch means to the first row.",
+        *([f"Backbone: {summary['backbone']}."] if summary.get("backbone") else []),
         "*Best epoch = the epoch with the highest metric on the evaluation split, i.e. selected on it: optimistic, "
         "for reference only; the last epoch is the number to compare.",
     ]

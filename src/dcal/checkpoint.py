@@ -44,19 +44,37 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+# read once at import (reading it sets it for a moment, which other threads could see)
+FILE_MODE = 0o666 & ~_read_umask()  # what open() would give a new file; mkstemp's files are 0600
+
+
 def atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp)`` then make ``tmp`` durable and rename it onto ``path`` (readers see old or new, never half)."""
+    """``write(tmp)`` then make ``tmp`` durable and rename it onto ``path`` (readers see old or new, never half).
+
+    The file gets the mode a plain ``open`` would give it (0666 less the umask), not mkstemp's private 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    os.close(fd)
+    tmp = ""
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+        os.close(fd)
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:  # a full disk, a read-only folder: name the file meant, not its temporary
+        if e.errno is not None and (e.filename is None or str(e.filename).endswith(TMP_SUFFIX)):
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -105,7 +123,11 @@ def save_training_state(path: str | Path, **state: Any) -> None:
     """Save a training state dict (model, optimizer, scheduler, criterion, epoch, config, ...) + RNG states
     (``state`` may bring its own ``rng``, e.g. every process's)."""
     payload = {"version": CHECKPOINT_VERSION, "rng": rng_state(), **state}
-    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # through Python's file: a full disk is an OSError (ENOSPC), not a C++ error
+            torch.save(payload, f)
+
+    atomic_write(Path(path), write)
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:

@@ -13,6 +13,22 @@ from typing import Any
 EPILOG = "Config keys are dotted (data.root=..., train.epochs=...); see configs/ and the README."
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A command's parser that takes options after positionals too (``dcal train --config C key=value --resume
+    key=value``): plain argparse ends ``key=value ...`` at the first option and rejects what follows."""
+
+    _inner = False  # parse_known_intermixed_args calls parse_known_args itself: that call is the plain one
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._inner:
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def _add_source(p: argparse.ArgumentParser, overrides: bool = True, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--run", help="a run directory written by 'dcal train' (uses best, else last, weights)")
@@ -45,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dcal import __version__
 
     parser.add_argument("--version", action="version", version=f"dcal {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True, parser_class=_IntermixedParser)
 
     p = sub.add_parser(
         "train", help="train a model from a YAML recipe (FGVC or Re-ID)",
@@ -117,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML recipe every variant starts from")
     p.add_argument("--set", default="table3", help="table3 | selection | pairs | blocks, or several: table3,selection")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant: train.seed, train.seed+1, ...")
-    p.add_argument("--output-dir", default=None, help="default: runs/ablation_<sets>_<recipe name>")
+    p.add_argument("--output-dir", default=None, help="default: runs/ablation_<sets>_<recipe name> (each run goes "
+                   "to DIR/<variant>/seed<k>: output_dir=... is refused)")
+    p.add_argument("--pretrain", default=None, metavar="RECIPE",
+                   help="pretraining recipe: one SA-only backbone, trained once into pretrain/ beside OUTPUT_DIR "
+                        "(reused while unchanged) that each variant and seed fine-tunes from (default: model.pretrain)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every variant, e.g. train.epochs=5")
     return parser
 
@@ -194,7 +214,7 @@ def _test_images(cfg: Any, num: int) -> tuple[Any, list[str]]:
     if cfg.task == "fgvc":
         titles = [data.classes[it[1]][:14] for it in items]
     else:
-        titles = [f"id {it[1]} cam {it[2]}" for it in items]
+        titles = [f"id {it[1]} cam {it[2] + 1}" for it in items]  # 1-based, as c1 in the file names
     return torch.stack([it[0] for it in items]), titles
 
 
@@ -207,10 +227,12 @@ def cmd_predict(args: argparse.Namespace) -> Any:
     if not preds:
         raise FileNotFoundError(f"no image found in {', '.join(args.paths)}")
     failed = sum(p.error is not None for p in preds)
+    if args.output:  # first: nothing computed is lost if printing fails
+        print(f"wrote {write_predictions(args.output, preds)}")
     if args.output is None or len(preds) <= 100:
         print(predictions_table(preds))
-    if args.output:
-        print(f"wrote {write_predictions(args.output, preds)}")
+    if failed == len(preds):
+        raise ValueError(f"no input could be read: {failed} file(s) failed")
     print(f"{len(preds)} images, {failed} unreadable", file=sys.stderr)
     return preds
 
@@ -244,6 +266,7 @@ def cmd_search(args: argparse.Namespace) -> Any:
         FeatureSet,
         cell_size,
         check_compatible,
+        clear_ranking_pictures,
         embed_images,
         file_digest,
         rank_gallery,
@@ -288,6 +311,8 @@ def cmd_search(args: argparse.Namespace) -> Any:
         pics = save_ranking_pictures(out / "visrank", query, gallery, ranking, topk=10, max_queries=n,
                                      cell=cell_size(query))
         print(f"{len(pics)} ranking pictures in {out / 'visrank'}")
+    else:
+        clear_ranking_pictures(out / "visrank")  # an earlier search's pictures would pass for this one's
     return ranking
 
 
@@ -340,7 +365,7 @@ def cmd_ablation(args: argparse.Namespace) -> Any:
     from dcal.ablation import format_markdown, run_ablation
 
     sets = [s.strip() for s in args.set.split(",") if s.strip()]
-    summary = run_ablation(args.config, sets, args.seeds, args.overrides, args.output_dir)
+    summary = run_ablation(args.config, sets, args.seeds, args.overrides, args.output_dir, pretrain=args.pretrain)
     print(format_markdown(summary))
     return summary
 
@@ -360,16 +385,24 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "visualize":
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dcal.config import ConfigError
+    from dcal.errors import error_line
 
     try:
         COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError, ImportError) as e:
-        # user errors (bad config, layout, paths, data, diverged run, a missing optional extra): one clear line
-        print(f"dcal {args.command}: error{_rank_tag()}: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError, ImportError, OSError,
+            RuntimeError) as e:
+        # user errors (bad config, layout, paths, data, diverged run, a missing optional extra) and foreseeable
+        # failures (full disk, read-only folder, a killed loader worker): one clear line; anything else is a bug
+        line = error_line(e)
+        if line is None:
+            raise
+        print(f"dcal {args.command}: error{_rank_tag()}: {line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; last.pth holds the last checkpoint (continue with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # dcal.engine.run.TrainingInterrupted (SIGTERM/SIGINT in training) says where it stopped and what it
+        # saved, and carries the shell's exit code (128 + signal); a plain Ctrl-C elsewhere is 130
+        print(f"dcal {args.command}{_rank_tag()}: {getattr(e, 'message', 'interrupted')}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     return 0
 
 

@@ -78,6 +78,12 @@ class DataConfig:
     msmt17_val_in_train: bool = True  # MSMT17: train on train + val (the usual protocol)
     aircraft_annotation_level: str = "variant"  # variant (100) | family (70) | manufacturer (30)
     on_bad_image: str = "skip"  # skip (warn, count, go on; stop if most are bad) | error (stop at the first)
+    # parts of a data set (dcal.data.subsets): FGVC classes / Re-ID identities as a list of ids or names or an
+    # id range string ("1-50", "1-10,20"); null = all. train_splits: the splits whose images are trained on
+    # (FGVC; [train, test] pretrains on every image of the selected classes)
+    classes: Any = None
+    identities: Any = None
+    train_splits: list[str] = field(default_factory=lambda: ["train"])
 
 
 @dataclass
@@ -85,7 +91,10 @@ class ModelConfig:
     backbone: str = "deit_tiny_patch16_224"  # timm model name (optionally with a pretrained tag)
     img_size: Any = 448  # network input: int or [H, W]
     pretrained: bool = False  # load timm's pretrained weights for `backbone`
-    pretrained_file: str | None = None  # or load them from this local file (.pth/.safetensors/.npz)
+    pretrained_file: str | None = None  # or from this local file (.pth/.safetensors/.npz) or dcal train run folder
+    # a pretraining recipe (YAML): its SA-only run is trained once into a cache folder beside the runs, reused
+    # while its config is unchanged, and the backbone fine-tuned from it (dcal.pretrain)
+    pretrain: str | None = None
     glca_blocks: int = 1  # M (0 = no GLCA)
     pwca_blocks: int = 12  # T (0 = no PWCA)
     top_r: float | None = None  # R, fraction of patch tokens used as GLCA queries; None = 0.1 fgvc / 0.3 reid
@@ -388,8 +397,11 @@ def validate(cfg: DictConfig) -> None:
     depth = m.timm_kwargs.get("depth")
     if isinstance(depth, int) and m.pwca_blocks > depth:
         _fail("model.pwca_blocks", f"({m.pwca_blocks}) must be <= the backbone depth ({depth})")
-    if m.pretrained and m.pretrained_file:
-        _fail("model.pretrained_file", "and model.pretrained=true are exclusive: set one")
+    sources = [k for k, v in (("model.pretrained", m.pretrained), ("model.pretrained_file", m.pretrained_file),
+                              ("model.pretrain", m.pretrain)) if v]
+    if len(sources) > 1:
+        _fail(sources[1], f"and {sources[0]} are exclusive: set one source of backbone weights")
+    _check_parts(cfg)
     if not 0.0 <= lo.label_smoothing < 1.0:
         _fail("loss.label_smoothing", f"must be in [0, 1); got {lo.label_smoothing}")
     if lo.fixed_weights is not None and len(lo.fixed_weights) != 3:
@@ -432,6 +444,28 @@ def validate(cfg: DictConfig) -> None:
         _fail("eval.batch_size", f"must be >= 1 or null; got {e.batch_size}")
     if e.fusion != "sa" and m.glca_blocks == 0:
         _fail("eval.fusion", f"is {e.fusion!r} but model.glca_blocks=0 (no GLCA branch): use 'sa'")
+
+
+def _check_parts(cfg: DictConfig) -> None:
+    """``data.classes`` / ``data.identities`` / ``data.train_splits`` well formed and fitting the task."""
+    from dcal.data.subsets import parse_selection
+
+    d = cfg.data
+    for key, spec, task in (("data.classes", d.classes, "fgvc"), ("data.identities", d.identities, "reid")):
+        if spec is None:
+            continue
+        if cfg.task != task:
+            _fail(key, f"selects {'classes' if task == 'fgvc' else 'identities'} of a {task} data set; "
+                       f"data.dataset={d.dataset!r} is {cfg.task}")
+        spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
+        try:
+            parse_selection(spec, key)
+        except ValueError as e:
+            raise ConfigError(f"config key {e}") from None
+    splits = list(d.train_splits)
+    allowed = ("train", "test") if cfg.task == "fgvc" else ("train",)
+    if not splits or len(set(splits)) != len(splits) or not set(splits) <= set(allowed):
+        _fail("data.train_splits", f"must be distinct splits out of {list(allowed)}; got {splits}")
 
 
 def upgrade_saved_config(values: dict[str, Any], source: str) -> dict[str, Any]:

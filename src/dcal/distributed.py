@@ -50,14 +50,32 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
 
 
+def pick_device(want: str | torch.device | None = "auto", key: str = "train.device") -> torch.device:
+    """The device named by ``want`` (``auto``/None: CUDA when available, else the CPU), checked to exist here, so
+    that a missing GPU is one line naming ``key`` rather than a failure deep in the first ``.to()``."""
+    if want is None or str(want) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(want)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{key}={want}: not a device; expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{key}={want} but no CUDA device is available (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{key}={want} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{key}={want} but no MPS device is available (use cpu)")
+    return dev
+
+
 def init(device: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join torchrun's process group (if any) and pick this process's device.
 
     ``device`` is ``train.device`` (auto | cpu | cuda). Under torchrun with CUDA, process ``LOCAL_RANK`` uses
     GPU ``LOCAL_RANK`` and NCCL; on the CPU, gloo. Idempotent: a second call returns the same answer.
     """
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available")
+    pick_device(device, "train.device")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if not launched_by_torchrun():
         return DistInfo(), torch.device("cuda" if use_cuda else "cpu")

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dcal.data.reid import IMAGE_EXTENSIONS
+from dcal.data.images import list_image_files, open_rgb, printable, to_rgb
 from dcal.model import DCAL
 from dcal.model.dcal import fusion_branches
 
@@ -79,9 +79,10 @@ def load_model(run: str | Path | None = None, checkpoint: str | Path | None = No
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``device`` checked to exist (:func:`dcal.distributed.pick_device`); None: CUDA when available, else CPU."""
+    from dcal.distributed import pick_device
+
+    return pick_device(device, "--device")
 
 
 def default_transform(model: DCAL) -> Callable[[Image.Image], Tensor]:
@@ -96,24 +97,24 @@ def default_transform(model: DCAL) -> Callable[[Image.Image], Tensor]:
 
 
 # --------------------------------------------------------------------------------------------- reading
-def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
-
-
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
     """Files as given (any extension: a file that is not an image is reported when read) and, for folders, every
-    image file below them (recursive, sorted). A path that does not exist is kept, to be reported as unreadable."""
+    image file below them (:func:`dcal.data.images.list_image_files`: recursive, sorted, the extensions of
+    ``IMAGE_EXTENSIONS``). A path that does not exist is kept, to be reported as unreadable."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            out += list_image_files(p)
         else:
             out.append(p)
     return out
 
 
 class ImageInputs(Dataset):
-    """Paths and/or PIL images -> ``(tensor or None, index, error)``; never raises on a bad file."""
+    """Paths and/or PIL images -> ``(tensor or None, index, error)``; never raises on a bad file.
+
+    Files are read by :func:`dcal.data.images.open_rgb` (upright by EXIF, 8-bit RGB, a FIFO never opened), as the
+    datasets read them; PIL images are taken as given, converted to RGB the same way."""
 
     def __init__(self, items: Sequence[str | Path | Image.Image], transform: Callable[[Image.Image], Tensor]):
         self.items, self.transform = list(items), transform
@@ -124,10 +125,8 @@ class ImageInputs(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor | None, int, str]:
         item = self.items[i]
         try:
-            if isinstance(item, Image.Image):
-                return self.transform(item.convert("RGB")), i, ""
-            with Image.open(item) as im:
-                return self.transform(im.convert("RGB")), i, ""
+            image = to_rgb(item) if isinstance(item, Image.Image) else open_rgb(item)
+            return self.transform(image), i, ""
         except Exception as e:  # noqa: BLE001 - any decoding/transform failure is reported for this file only
             return None, i, f"{type(e).__name__}: {e}"
 
@@ -257,33 +256,54 @@ def predict(
 
 # ----------------------------------------------------------------------------------------- formatting
 def predictions_table(preds: Sequence[Prediction], max_name: int = 24) -> str:
-    """A plain-text table: one row per input, its top-k as ``name probability``."""
-    width = min(60, max([len(p.source) for p in preds] + [4]))
+    """A plain-text table: one row per input, its top-k as ``name probability`` (names :func:`printable`)."""
+    sources = [printable(p.source) for p in preds]
+    width = min(60, max([len(s) for s in sources] + [4]))
     lines = [f"{'file':<{width}}  top-k (class probability)"]
-    for p in preds:
-        src = p.source if len(p.source) <= width else "…" + p.source[-width + 1:]
-        cells = (f"ERROR {p.error}" if p.error else
-                 "  ".join(f"{c[:max_name]} {pr:.3f}" for c, pr in zip(p.classes, p.probabilities, strict=True)))
+    for p, src in zip(preds, sources, strict=True):
+        src = src if len(src) <= width else "…" + src[-width + 1:]
+        top = zip(p.classes, p.probabilities, strict=True)
+        cells = f"ERROR {printable(p.error)}" if p.error else "  ".join(f"{printable(c)[:max_name]} {pr:.3f}"
+                                                                        for c, pr in top)
         lines.append(f"{src:<{width}}  {cells}")
     return "\n".join(lines)
 
 
-def predictions_csv(preds: Sequence[Prediction]) -> str:
-    """One row per input: ``path, error, class_1, index_1, prob_1, ..., class_k, index_k, prob_k``."""
-    k = max([len(p.indices) for p in preds] + [0])
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may run as a formula (OWASP)
+
+
+def csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    """CSV of ``rows`` with ``\\n`` line ends; a text cell that starts like a formula gets a leading ``'``
+    (OWASP's CSV-injection defence: a file or class name ``=HYPERLINK(...)`` stays text in a spreadsheet)."""
     buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "error"] + [f"{c}_{r}" for r in range(1, k + 1) for c in ("class", "index", "prob")])
+    w = csv.writer(buf)  # its \r\n row end makes it quote a cell holding \r (with "\n" alone it would not)
+    lines = []
+    for row in rows:
+        buf.seek(0)
+        buf.truncate()
+        w.writerow(["'" + c if isinstance(c, str) and c.startswith(CSV_FORMULA_START) else c for c in row])
+        lines.append(buf.getvalue()[:-2] + "\n")
+    return "".join(lines)
+
+
+def predictions_csv(preds: Sequence[Prediction]) -> str:
+    """One row per input: ``path, error, class_1, index_1, prob_1, ..., class_k, index_k, prob_k``; a path that is
+    not UTF-8 is written :func:`printable` (its odd bytes as ``\\xff``)."""
+    k = max([len(p.indices) for p in preds] + [0])
+    rows: list[list[Any]] = [["path", "error"] + [f"{c}_{r}" for r in range(1, k + 1)
+                                                  for c in ("class", "index", "prob")]]
     for p in preds:
         cells: list[Any] = []
         for c, i, pr in zip(p.classes, p.indices, p.probabilities, strict=True):
-            cells += [c, i, f"{pr:.6f}"]
-        w.writerow([p.source, p.error or ""] + cells + [""] * (3 * k - len(cells)))
-    return buf.getvalue()
+            cells += [printable(c), i, f"{pr:.6f}"]
+        rows.append([printable(p.source), printable(p.error or "")] + cells + [""] * (3 * k - len(cells)))
+    return csv_text(rows)
 
 
 def predictions_json(preds: Sequence[Prediction]) -> str:
-    return json.dumps([asdict(p) for p in preds], indent=1)
+    """A list of :class:`Prediction` records, names and classes :func:`printable` as in the CSV."""
+    return json.dumps([{**asdict(p), "source": printable(p.source), "error": p.error and printable(p.error),
+                        "classes": [printable(c) for c in p.classes]} for p in preds], indent=1)
 
 
 def write_predictions(path: str | Path, preds: Sequence[Prediction]) -> Path:

@@ -17,9 +17,7 @@ evaluating.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import re
 import warnings
@@ -32,8 +30,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
 
+from dcal.data.images import open_rgb, printable, safe_file_name
 from dcal.data.reid import FOLDER_CAMERA_PATTERN, MARKET_PATTERN, VERI_PATTERN
-from dcal.inference import LoadedModel, list_images, run_batches
+from dcal.inference import LoadedModel, csv_text, list_images, run_batches
 from dcal.metrics.reid import compute_distance
 
 FEATURE_FORMAT = "dcal-features"
@@ -210,11 +209,9 @@ def rank_gallery(query: FeatureSet, gallery: FeatureSet, topk: int = 50, metric:
 
 def ranking_csv(query: FeatureSet, gallery: FeatureSet, ranking: Ranking) -> str:
     """One row per (query, rank): ``query, query_pid, query_camid, rank, gallery, gallery_pid, gallery_camid,
-    distance, match`` (ids and match empty when unknown)."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["query", "query_pid", "query_camid", "rank", "gallery", "gallery_pid", "gallery_camid",
-                "distance", "match"])
+    distance, match`` (ids and match empty when unknown; names :func:`printable`, camids 0-based)."""
+    rows: list[list[Any]] = [["query", "query_pid", "query_camid", "rank", "gallery", "gallery_pid",
+                              "gallery_camid", "distance", "match"]]
     ids = query.has_ids and gallery.has_ids
     for q in range(len(query)):
         qid = [query.pids[q], query.camids[q]] if query.has_ids else ["", ""]
@@ -222,9 +219,9 @@ def ranking_csv(query: FeatureSet, gallery: FeatureSet, ranking: Ranking) -> str
             if g < 0:
                 break
             gid = [gallery.pids[g], gallery.camids[g]] if gallery.has_ids else ["", ""]
-            w.writerow([query.paths[q], *qid, r, gallery.paths[g], *gid, f"{d:.6f}",
-                        int(ranking.match[q, r - 1]) if ids else ""])
-    return buf.getvalue()
+            rows.append([printable(query.paths[q]), *qid, r, printable(gallery.paths[g]), *gid, f"{d:.6f}",
+                         int(ranking.match[q, r - 1]) if ids else ""])
+    return csv_text(rows)
 
 
 # --------------------------------------------------------------------------------------------- pictures
@@ -233,8 +230,7 @@ GREEN, RED, GREY = (0, 200, 0), (220, 0, 0), (160, 160, 160)
 
 def _cell(path: str, size: tuple[int, int], color: tuple[int, int, int], border: int) -> Image.Image:
     """The image resized to ``size`` (W, H) inside a ``border``-pixel frame of ``color``."""
-    with Image.open(path) as im:
-        tile = im.convert("RGB").resize(size, Image.BILINEAR)
+    tile = open_rgb(path).resize(size, Image.BILINEAR)
     return ImageOps.expand(tile, border=border, fill=color)
 
 
@@ -260,8 +256,11 @@ def ranking_picture(query_path: str, gallery_paths: Sequence[str], matches: Sequ
 def save_ranking_pictures(out_dir: str | Path, query: FeatureSet, gallery: FeatureSet, ranking: Ranking,
                           topk: int = 10, max_queries: int | None = None,
                           cell: tuple[int, int] = (64, 128)) -> list[Path]:
-    """One PNG per query (the first ``max_queries``): ``<out_dir>/<index>_<query name>.png``."""
+    """One PNG per query (the first ``max_queries``): ``<out_dir>/<index>_<query name>.png`` (the name
+    :func:`printable`, shortened with a hash when the file name would pass 255 bytes); the pictures of an earlier
+    search into ``out_dir`` are removed first (they would pass for this one's)."""
     out = Path(out_dir)
+    clear_ranking_pictures(out)
     out.mkdir(parents=True, exist_ok=True)
     ids = query.has_ids and gallery.has_ids
     saved = []
@@ -269,10 +268,18 @@ def save_ranking_pictures(out_dir: str | Path, query: FeatureSet, gallery: Featu
         ranks = [g for g in ranking.order[q, :topk] if g >= 0]
         matches = [bool(m) for m in ranking.match[q, : len(ranks)]] if ids else [None] * len(ranks)
         pic = ranking_picture(query.paths[q], [gallery.paths[g] for g in ranks], matches, cell)
-        path = out / f"{q:05d}_{Path(query.paths[q]).stem}.png"
+        path = out / safe_file_name(f"{q:05d}_{Path(query.paths[q]).stem}", ".png")
         pic.save(path)
         saved.append(path)
     return saved
+
+
+def clear_ranking_pictures(out_dir: str | Path) -> list[Path]:
+    """Delete the ``*.png`` in ``out_dir`` (an earlier search's pictures); returns them."""
+    old = sorted(Path(out_dir).glob("*.png"))
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
 
 
 def cell_size(features: FeatureSet, height: int = 128) -> tuple[int, int]:

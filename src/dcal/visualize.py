@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from dcal.data.images import printable  # noqa: E402
 from dcal.mechanism import pwca_attention  # noqa: E402
 from dcal.model import DCAL  # noqa: E402
 from dcal.model.attention import _probs, q_and_kv  # noqa: E402
@@ -154,7 +155,8 @@ def save_attention_figure(path: str | Path, images: np.ndarray, rows: Sequence[d
     h, w = images.shape[1:3]
     for j in range(n):
         axes[0, j].imshow(images[j])
-        axes[0, j].set_title(titles[j] if titles else f"image {j}", fontsize=8)
+        # printable: a title from a file name that is not UTF-8 cannot be drawn as it is
+        axes[0, j].set_title(printable(titles[j]) if titles else f"image {j}", fontsize=8)
         for i, row in enumerate(rows, start=1):
             ax = axes[i, j]
             ax.imshow(row["images"][j])

@@ -23,9 +23,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dcal.data.errors import DatasetFormatError
+from dcal.data.images import IMAGE_EXTENSIONS, list_image_files, list_subfolders, open_rgb
 
 SPLITS = ("train", "test")
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 AIRCRAFT_LEVELS = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
 
 
@@ -40,6 +40,7 @@ class FGVCDataset(Dataset):
         classes: class names; ``targets`` index into it.
         transform: applied to the PIL RGB image.
         root: the folder the dataset was read from (for ``repr``).
+        class_ids: the data set's own id of each class (what ``data.classes`` selects by); default 1..C.
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class FGVCDataset(Dataset):
         classes: Sequence[str],
         transform: Callable | None = None,
         root: str | None = None,
+        class_ids: Sequence[int] | None = None,
     ) -> None:
         if len(paths) != len(targets):
             raise ValueError(f"{len(paths)} paths but {len(targets)} targets")
@@ -59,6 +61,7 @@ class FGVCDataset(Dataset):
         self.paths = list(paths)
         self.targets = [int(t) for t in targets]
         self.classes = list(classes)
+        self.class_ids = list(class_ids) if class_ids is not None else list(range(1, len(self.classes) + 1))
         self.transform = transform
         self.root = root
 
@@ -70,9 +73,8 @@ class FGVCDataset(Dataset):
         return len(self.targets)
 
     def load_image(self, index: int) -> Image.Image:
-        """The sample's image as PIL RGB, before ``transform``."""
-        with Image.open(self.paths[index]) as im:
-            return im.convert("RGB")
+        """The sample's image as upright 8-bit PIL RGB (:func:`dcal.data.images.open_rgb`), before ``transform``."""
+        return open_rgb(self.paths[index])
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image = self.load_image(index)
@@ -193,7 +195,8 @@ def _build_cub(root: str, split: str, transform: Callable | None) -> FGVCDataset
     paths = [str(base / "images" / images[i]) for i in ids]
     _check_images_exist("CUB", paths, images_txt)
     targets = [index_of[labels[i]] for i in ids]
-    return FGVCDataset("cub", split, paths, targets, [class_names[c] for c in class_ids], transform, str(base))
+    return FGVCDataset("cub", split, paths, targets, [class_names[c] for c in class_ids], transform, str(base),
+                       class_ids=class_ids)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -302,31 +305,19 @@ def _build_aircraft(
 # image folder
 
 
-def _list_images(folder: Path) -> list[str]:
-    return sorted(
-        str(p)
-        for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
-    )
-
-
-def _class_dirs(folder: Path) -> list[str]:
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
 def _build_folder(root: str, split: str, transform: Callable | None) -> FGVCDataset:
     """``root/train/<class>/*`` and ``root/test/<class>/*``; classes are the train sub-folders, sorted."""
     base = Path(root).expanduser()
     train_dir = base / "train"
     if not train_dir.is_dir():
         raise DatasetFormatError(f"folder: missing {train_dir}; expected root/train/<class>/<image files>")
-    classes = _class_dirs(train_dir)
+    classes = list_subfolders(train_dir)
     if not classes:
         raise DatasetFormatError(f"folder: {train_dir} has no class sub-folders; expected train/<class>/...")
     split_dir = base / split
     if not split_dir.is_dir():
         raise DatasetFormatError(f"folder: missing {split_dir}; expected root/{split}/<class>/<image files>")
-    present = _class_dirs(split_dir)
+    present = classes if split == "train" else list_subfolders(split_dir)
     unknown = sorted(set(present) - set(classes))
     if unknown:
         raise DatasetFormatError(
@@ -335,11 +326,12 @@ def _build_folder(root: str, split: str, transform: Callable | None) -> FGVCData
     index_of = {c: i for i, c in enumerate(classes)}
     paths, targets = [], []
     for cls in present:
-        files = _list_images(split_dir / cls)
+        # a link below a class folder into the split (another class, or a loop) is not followed
+        files = [str(p) for p in list_image_files(split_dir / cls, tree=split_dir)]
         paths += files
         targets += [index_of[cls]] * len(files)
     if not paths:
-        raise DatasetFormatError(f"folder: no images ({', '.join(IMG_EXTENSIONS)}) under {split_dir}")
+        raise DatasetFormatError(f"folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}")
     return FGVCDataset("folder", split, paths, targets, classes, transform, str(base))
 
 
@@ -547,7 +539,8 @@ class SyntheticFGVC(FGVCDataset):
         self.task = task
 
     def load_image(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[index])
+        # by the number in the path, not the position: a class subset (dcal.data.subsets) keeps the paths
+        return Image.fromarray(self.images[int(self.paths[index].rsplit("/", 1)[1])])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from torch.utils.data import Dataset
+
+from dcal.data.images import IMAGE_EXTENSIONS, list_image_files, list_subfolders, open_rgb
 
 __all__ = [
     "REID_NAMES",
@@ -42,7 +43,6 @@ __all__ = [
 
 REID_NAMES = ("market1501", "dukemtmc", "msmt17", "veri", "reid_folder")
 REID_SPLITS = ("train", "query", "gallery")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 MARKET_PATTERN = re.compile(r"([-\d]+)_c(\d)")
 VERI_PATTERN = re.compile(r"([\d]+)_c(\d\d\d)")
@@ -69,14 +69,6 @@ class EmptySplitError(ReIDDatasetError):
 
 class NoCommonIdentityError(ReIDDatasetError):
     """No query identity can be found in the gallery (under another camera), so nothing can be evaluated."""
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and _is_image(p.name))
 
 
 class ReIDDataset(Dataset):
@@ -125,8 +117,7 @@ class ReIDDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
-        with Image.open(self.paths[index]) as im:
-            image = im.convert("RGB")
+        image = open_rgb(self.paths[index])
         if self.transform is not None:
             image = self.transform(image)
         return image, self.pids[index], self.camids[index]
@@ -201,7 +192,7 @@ def _parse_named_dir(
     """(path, pid, 0-based camid) of every image in ``folder`` whose name ``pattern`` parses as (pid, camera);
     junk pid -1 is skipped; a name that does not parse, or an out-of-range pid/camera, is an error naming it."""
     samples = []
-    for path in _list_images(folder):
+    for path in list_image_files(folder, recursive=False):
         m = pattern.search(path.name)
         if m is None:
             raise ReIDFileNameError(
@@ -330,15 +321,14 @@ def _reid_folder(
         raise ReIDFolderNotFoundError(
             f"reid_folder: {folder} does not exist; expected {base}/{{train,query,gallery}}/<pid>/<image>"
         )
+    loose = list_image_files(folder, recursive=False)
+    if loose:
+        raise ReIDFileNameError(
+            f"reid_folder: {loose[0]} lies directly in {folder}; put each image in a sub-folder named "
+            "after its integer identity: <split>/<pid>/<image>"
+        )
     samples = []
-    for entry in sorted(folder.iterdir()):
-        if entry.is_file():
-            if _is_image(entry.name):
-                raise ReIDFileNameError(
-                    f"reid_folder: {entry} lies directly in {folder}; put each image in a sub-folder named "
-                    "after its integer identity: <split>/<pid>/<image>"
-                )
-            continue
+    for entry in (folder / name for name in list_subfolders(folder)):
         if not re.fullmatch(r"-?\d+", entry.name):
             raise ReIDFileNameError(
                 f"reid_folder: identity folder {entry} is not an integer; name identity folders by their "
@@ -347,7 +337,7 @@ def _reid_folder(
         pid = int(entry.name)
         if pid == -1:
             continue
-        for path in _list_images(entry):
+        for path in list_image_files(entry, recursive=False):
             m = FOLDER_CAMERA_PATTERN.search(path.stem)
             if m is not None:
                 camid = int(m.group(1)) - camera_base

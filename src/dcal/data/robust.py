@@ -4,8 +4,9 @@ A corrupt, truncated, zero-byte or non-image file inside a dataset should not ki
 ``on_bad_image="skip"`` (``data.on_bad_image``) :class:`SkipBadImages` returns a :class:`BadItem` naming the
 file instead of raising; :func:`collate_skipping_bad` leaves such items out of the batch and hands their names
 to the training loop, which warns, counts them in the epoch's record and stops if most files are bad (a
-broken folder must not look like an empty epoch). With ``"error"`` the first bad file stops the run with
-:class:`BadImageError` naming it.
+broken folder must not look like an empty epoch): mid-epoch once at least :data:`MIN_IMAGES_TO_JUDGE` images were
+read (a few bad files drawn together early are no evidence), and at the end of the epoch over all it read. With
+``"error"`` the first bad file stops the run with :class:`BadImageError` naming it.
 
 Every item of the wrapped dataset is ``(index, sample)`` so that evaluation knows which samples survived
 (Re-ID needs the pid and camera of each kept feature).
@@ -21,6 +22,9 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 ON_BAD_IMAGE = ("skip", "error")
+# images read before a mid-epoch "looks broken" verdict: with 20 % bad files the chance that more than half of
+# 50 are bad is below 1e-5, while a folder where everything is bad still stops within the first 50 images
+MIN_IMAGES_TO_JUDGE = 50
 # what PIL and the transforms raise on a file that is not a readable image (UnidentifiedImageError and
 # "image file is truncated" are OSErrors; some decoders raise SyntaxError/ValueError on corrupt headers)
 BAD_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -82,8 +86,10 @@ def collate_skipping_bad(items: Sequence[tuple[int, Any] | BadItem]) -> LoadedBa
     return LoadedBatch(data, torch.tensor([i for i, _ in good], dtype=torch.long), bad)
 
 
-def check_bad_fraction(n_bad: int, n_seen: int, examples: Sequence[str], what: str, min_seen: int) -> None:
-    """Stop when most images seen so far are bad (after at least ``min_seen`` of them): a broken folder."""
+def check_bad_fraction(n_bad: int, n_seen: int, examples: Sequence[str], what: str,
+                       min_seen: int = MIN_IMAGES_TO_JUDGE) -> None:
+    """Stop when more than half of the images seen so far are bad, once at least ``min_seen`` were seen (pass 1
+    at the end of an epoch: all it read is the evidence): a broken folder."""
     if n_seen >= min_seen and n_bad * 2 > n_seen:
         shown = ", ".join(examples[:3]) + (" ..." if len(examples) > 3 else "")
         raise BadImageError(

@@ -13,8 +13,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from dcal.config import dataset_kwargs
 from dcal.data import build_dataset
+from dcal.data.errors import DatasetFormatError
 from dcal.data.robust import SkipBadImages, collate_skipping_bad
 from dcal.data.samplers import RandomIdentitySampler, ShardedShuffleSampler, ShardSampler
+from dcal.data.subsets import merge_splits, select_classes, select_identities
 from dcal.data.transforms import build_transforms_from_config
 from dcal.losses import DCALLoss, LossOutput, param_groups
 from dcal.model import DCAL, create_model
@@ -24,18 +26,32 @@ from dcal.model.dcal import autocast as model_autocast
 def build_datasets(cfg: DictConfig, train: bool = True) -> dict[str, Dataset]:
     """``train`` + ``test`` (FGVC) or ``train`` + ``query`` + ``gallery`` (Re-ID); layout errors surface here,
     before any training starts."""
-    kw = dataset_kwargs(cfg)
     test_tf = build_transforms_from_config(cfg, train=False)
     splits = ("test",) if cfg.task == "fgvc" else ("query", "gallery")
-    sets = {s: build_dataset(cfg.data.dataset, cfg.data.root, s, transform=test_tf, **kw) for s in splits}
+    sets = {s: _split(cfg, s, test_tf) for s in splits}
     if train:
         tf = build_transforms_from_config(cfg, train=True)
-        sets = {"train": build_dataset(cfg.data.dataset, cfg.data.root, "train", transform=tf, **kw), **sets}
+        sets = {"train": merge_splits([_split(cfg, s, tf) for s in cfg.data.train_splits]), **sets}
     if cfg.task == "reid":
         from dcal.data.reid import check_query_gallery
 
         check_query_gallery(sets["query"], sets["gallery"])
     return sets
+
+
+def _split(cfg: DictConfig, split: str, transform: Any) -> Dataset:
+    """One split, restricted to ``data.classes`` / ``data.identities``."""
+    d = cfg.data
+    dataset = build_dataset(d.dataset, d.root, split, transform=transform, **dataset_kwargs(cfg))
+    plain = lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v  # noqa: E731
+    try:
+        if d.classes is not None:
+            return select_classes(dataset, plain(d.classes))
+        if d.identities is not None:
+            return select_identities(dataset, plain(d.identities))
+    except ValueError as e:
+        raise DatasetFormatError(f"{e} (data.root={d.root})") from None
+    return dataset
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> DCAL:
@@ -140,12 +156,9 @@ def autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContex
 
 
 def resolve_device(cfg: DictConfig) -> torch.device:
-    want = cfg.train.device
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available")
-    return torch.device(want)
+    from dcal.distributed import pick_device
+
+    return pick_device(cfg.train.device, "train.device")
 
 
 def _float32(v: Any) -> Any:

@@ -158,7 +158,7 @@ def load_for_eval(run: str | None = None, checkpoint: str | None = None,
         state, config_yaml = ckpt["model"], ckpt["config"]
     cfg = load_config(None, overrides, values=upgrade_saved_config(yaml.safe_load(config_yaml), str(path)))
     # weights come from the checkpoint: do not download or read pre-trained backbones again
-    cfg.model.pretrained, cfg.model.pretrained_file = False, None
+    cfg.model.pretrained, cfg.model.pretrained_file, cfg.model.pretrain = False, None, None
     head = "backbone.head.weight" if cfg.task == "fgvc" else "sa_neck.classifier.weight"
     if head not in state:
         raise ValueError(f"checkpoint {str(path)!r} has no {head!r}: not a dcal {cfg.task} model")

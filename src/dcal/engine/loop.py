@@ -99,7 +99,8 @@ def train_one_epoch(
     ``on_step(progress)`` runs after every batch, on every process.
 
     Bad input: unreadable images were left out of the batch by the loader (``LoadedBatch.bad``): each is warned
-    about by name and counted; when most images read are bad the epoch stops with ``BadImageError``. A batch
+    about by name and counted; when more than half of the images read are bad (mid-epoch: of at least
+    ``MIN_IMAGES_TO_JUDGE``; at its end: of the epoch) the epoch stops with ``BadImageError``. A batch
     left with fewer than 2 images (PWCA needs a partner) is skipped on every process. A non-finite loss is not
     applied (all processes agree on it); ``train.max_bad_steps`` of them in a row raise
     :class:`NonFiniteLossError` naming epoch and step. The lr schedule follows the batch position either way.
@@ -122,8 +123,7 @@ def train_one_epoch(
             progress.bad_images += 1
             if len(progress.bad_examples) < MAX_BAD_EXAMPLES:
                 progress.bad_examples.append(path)
-        check_bad_fraction(progress.bad_images, progress.read_images, progress.bad_examples, "training",
-                           min_seen=cfg.train.batch_size)
+        check_bad_fraction(progress.bad_images, progress.read_images, progress.bad_examples, "training")
         if not all_agree(n_good >= 2, device):
             progress.skipped_batches += 1
         else:
@@ -150,8 +150,8 @@ def train_one_epoch(
                 if progress.bad_in_a_row >= cfg.train.max_bad_steps:
                     raise NonFiniteLossError(
                         f"the loss was non-finite for {progress.bad_in_a_row} steps in a row (last at {where}); "
-                        "none of them was applied. Lower train.lr, set train.clip_grad or train.amp=none, and "
-                        "continue with --resume"
+                        "none of them was applied. Set train.clip_grad or train.amp=none and continue with "
+                        "--resume, or lower train.lr and start again (the lr schedule is part of the checkpoint)"
                     )
                 warnings.warn(f"non-finite loss at {where}: step not applied", stacklevel=1)
         scheduler.step()

@@ -18,17 +18,21 @@ import datetime
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from dcal import distributed as dist
+from dcal import run_folder
 from dcal.checkpoint import (
     atomic_write_text,
     export_weights,
@@ -39,7 +43,7 @@ from dcal.checkpoint import (
     save_training_state,
     set_rng_state,
 )
-from dcal.config import to_yaml
+from dcal.config import default_config, to_yaml, upgrade_saved_config
 from dcal.engine.build import (
     TrainStep,
     build_criterion,
@@ -52,6 +56,7 @@ from dcal.engine.build import (
 from dcal.engine.evaluation import evaluate
 from dcal.engine.loop import EpochProgress, NonFiniteLossError, summarize, train_one_epoch
 from dcal.model.dcal import compile_model
+from dcal.run_folder import ResumeConfigError, RunExistsError, RunLock, run_content
 
 BEST_METRIC = {"fgvc": "top1", "reid": "mAP"}
 # the scores an epoch record carries, the one that picks the best checkpoint first
@@ -61,8 +66,56 @@ TIME_KEYS = ("images_per_s", "train_time_s")  # record values that depend on the
 STEP_DELAY_ENV = "DCAL_TEST_STEP_DELAY_S"
 
 
-class RunExistsError(FileExistsError):
-    """output_dir already holds a run and --resume was not given."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """The run stopped on SIGTERM/SIGINT; ``message`` says where and what was saved, ``exit_code`` is the shell's
+    128 + signal number (143, 130)."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum, self.message = signum, message
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _StopSignals:
+    """SIGTERM (what schedulers send before killing) and SIGINT (Ctrl-C) ask the run to stop after the current
+    optimizer step: the handler only records the signal; the run saves and stops at the next :meth:`agreed`.
+    A second signal stops at once (KeyboardInterrupt). Handlers exist only in the main thread of the process
+    that installed them (forked data-loading workers inherit them and ignore the signal: the run ends them)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def agreed(self, device: torch.device) -> int:
+        """The signal that stops every process now (0: go on). Collective: every process calls it at the same
+        points, so that all stop after the same step (a signal may reach one process only)."""
+        if not dist.env_world_size() > 1:
+            return self.signum
+        count, total = dist.all_reduce_sum([1.0 if self.signum else 0.0, float(self.signum)], device)
+        return self.signum or (round(total / count) if count else 0)
 
 
 def seed_everything(seed: int) -> None:
@@ -77,22 +130,58 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _check_output_dir(out_dir: Path, resume: bool) -> None:
-    last_path = out_dir / "last.pth"
-    if last_path.exists() and not resume:
-        raise RunExistsError(
-            f"{out_dir} already holds a run ({last_path.name}); pass --resume to continue it or choose "
-            f"another output_dir (output_dir=...)"
-        )
-    if resume and not last_path.exists():
+def check_run_folder(out_dir: Path, cfg: DictConfig, resume: bool, owned: bool = False) -> dict[str, Any] | None:
+    """Whether ``cfg`` may train into ``out_dir`` (read-only). Returns the final record of a finished run that
+    ``--resume`` has nothing to add to; raises :class:`RunLockedError` (another process trains there),
+    :class:`RunExistsError` (a run without ``--resume``), ``FileNotFoundError`` (``--resume`` with no
+    ``last.pth``) or :class:`ResumeConfigError` (``--resume`` with keys that change what was trained).
+    ``owned``: this process holds the folder's lock (else another one must not)."""
+    if not owned:
+        RunLock(out_dir).check()
+    last_path = out_dir / run_folder.LAST
+    if not resume:
+        found = run_content(out_dir)
+        if found and last_path.exists():
+            raise RunExistsError(f"{out_dir} already holds a run ({', '.join(found)}); pass --resume to continue "
+                                 "it or train into another output_dir=")
+        if found:
+            raise RunExistsError(f"{out_dir} already holds (the start of) a run ({', '.join(found)}) with no "
+                                 f"{run_folder.LAST} to resume from; train into another output_dir= or remove them")
+        return None
+    if not last_path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint {last_path} to continue from")
+    saved_path = out_dir / run_folder.CONFIG
+    saved = (saved_path.read_text(encoding="utf-8") if saved_path.is_file()
+             else load_training_state(last_path)["config"])
+    changes = run_folder.config_changes(upgrade_saved_config(yaml.safe_load(saved), str(saved_path)),
+                                        yaml.safe_load(to_yaml(cfg)), OmegaConf.to_container(default_config()))
+    if changes:
+        raise ResumeConfigError(
+            f"--resume: {out_dir} was trained with other values of keys that may not change on resume: "
+            f"{'; '.join(changes)} (keep the saved values, or train into another output_dir=)"
+        )
+    records = read_metrics(out_dir / run_folder.METRICS)
+    final = records[-1] if records and records[-1].get("final") else None
+    if final is None:
+        return None
+    done = final["epoch"] + 1
+    if done > cfg.train.epochs:
+        raise ResumeConfigError(f"--resume: train.epochs={cfg.train.epochs} but {out_dir} has trained {done} "
+                                f"epochs already (train.epochs may grow on resume, not shrink)")
+    return final if done == cfg.train.epochs else None
 
 
 def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     """Train (and evaluate every ``train.eval_every`` epochs) as ``cfg`` says; returns the final record.
 
-    Under torchrun every process calls ``fit``; all return the same final record.
+    Under torchrun every process calls ``fit``; all return the same final record. Rank 0 owns ``output_dir``
+    (:class:`dcal.run_folder.RunLock`) from before its first write to the end. SIGTERM/SIGINT stop the run after
+    the current step with a checkpoint: :class:`TrainingInterrupted`. A config naming a pretraining recipe
+    (``model.pretrain``) is first pointed at its pretrained run, trained once if needed (``dcal.pretrain``).
     """
+    from dcal.pretrain import resolve_pretrain
+
+    cfg = resolve_pretrain(cfg)
     info, device = dist.init(cfg.train.device)
     try:
         return _fit(cfg, resume or cfg.train.resume, info, device)
@@ -101,16 +190,51 @@ def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
 
 
 def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.device) -> dict[str, Any]:
-    main = info.is_main
     out_dir = Path(cfg.output_dir)
-    last_path = out_dir / "last.pth"
-    dist.on_main(lambda: _check_output_dir(out_dir, resume))
+
+    def finished(owned: bool) -> dict[str, Any] | None:
+        final = dist.on_main(lambda: check_run_folder(out_dir, cfg, resume, owned))
+        if final is not None and info.is_main:
+            _log(f"{out_dir}: already finished ({final['epoch'] + 1} epochs); nothing to do")
+        return final
+
+    final = finished(owned=False)  # fail (or finish) fast, before the data is read
+    if final is not None:
+        return final
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     seed_everything(cfg.train.seed + info.rank)  # DeiT: per-process seed (drop-path, pairs); DDP syncs weights
     sets = build_datasets(cfg)  # dataset layout errors surface before anything is written
+    lock = RunLock(out_dir)
+    dist.on_main(lock.acquire)  # rank 0 only; a refusal reaches every process
+    try:
+        final = finished(owned=True)  # again, now that no other process can write there
+        if final is not None:
+            return final
+        with _StopSignals() as stops:
+            try:
+                return _train(cfg, resume, info, device, sets, stops)
+            except TrainingInterrupted:
+                raise
+            except KeyboardInterrupt:  # a second signal, or a KeyboardInterrupt from elsewhere
+                last = out_dir / run_folder.LAST
+                kept = (f"{last} holds the last checkpoint written: resume with --resume" if last.exists()
+                        else "no checkpoint was written")
+                name = signal.Signals(stops.signum or signal.SIGINT).name
+                raise TrainingInterrupted(stops.signum or signal.SIGINT,
+                                          f"interrupted by {name} at once, without saving; {kept}") from None
+    finally:
+        if info.is_main:
+            lock.release()
+
+
+def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.device, sets: dict[str, Dataset],
+           stops: _StopSignals) -> dict[str, Any]:
+    main = info.is_main
+    out_dir = Path(cfg.output_dir)
+    last_path = out_dir / run_folder.LAST
     num_classes = cfg.data.num_classes or sets["train"].num_classes
     model = build_model(cfg, num_classes).to(device)
     if cfg.train.grad_checkpointing:
@@ -129,7 +253,8 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
     progress: EpochProgress | None = None
     metric_name = BEST_METRIC[cfg.task]
     records: list[dict[str, Any]] = []
-    metrics_path = out_dir / "metrics.jsonl"
+    record: dict[str, Any] = {}
+    metrics_path = out_dir / run_folder.METRICS
     if resume:
         state = load_training_state(last_path)
         load_model_state(model, state["model"], last_path)
@@ -140,6 +265,10 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
             scaler.load_state_dict(state["scaler"])
         best, best_epoch = state["best"], state["best_epoch"]
         start_epoch, progress = _resume_position(state, info)
+        if start_epoch + (progress is not None) > cfg.train.epochs:
+            raise ResumeConfigError(f"--resume: train.epochs={cfg.train.epochs} but {last_path} is in epoch "
+                                    f"{start_epoch + 1} (train.epochs may grow on resume, not shrink)")
+        record = state.get("record") or {}  # a run killed before its final record ends with this epoch's
         rngs = state.get("rng_per_rank") or [state["rng"]]
         set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
         if main:
@@ -152,7 +281,7 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out_dir)
-        atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
+        atomic_write_text(out_dir / run_folder.CONFIG, to_yaml(cfg))
         _write_jsonl(metrics_path, records)
         writer = _tensorboard(out_dir)
         _log(f"{cfg.task}: {len(sets['train'])} training images, {num_classes} classes; model {cfg.model.backbone} "
@@ -172,68 +301,92 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
             "progress_per_rank": dist.gather_objects(position.as_dict()) if position is not None else None,
         }
 
+    def interrupted(signum: int, where: str) -> TrainingInterrupted:
+        return TrainingInterrupted(signum, f"interrupted by {signal.Signals(signum).name} {where}; saved "
+                                           f"{last_path}: resume with --resume")
+
     step_delay = float(os.environ.get(STEP_DELAY_ENV, "0"))
     t0 = time.perf_counter()
     total_steps = (cfg.train.epochs - start_epoch) * steps_per_epoch - (progress.batches if progress else 0)
     eta = _Eta(total_steps)
-    record: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.train.epochs):
+    try:
+        for epoch in range(start_epoch, cfg.train.epochs):
 
-        def on_step(p: EpochProgress, epoch: int = epoch) -> None:
-            eta.tick()
-            if main and not sys.stderr.isatty() and p.batches % cfg.train.log_every == 0:
-                rate = p.seen * info.world_size / max(p.elapsed, 1e-9)
-                _log(f"epoch {epoch + 1}/{cfg.train.epochs} step {p.batches}/{steps_per_epoch} loss "
-                     f"{p.sums.get('loss', math.nan) / max(p.steps, 1):.4f} {rate:.1f} img/s eta {eta}")
-            every = cfg.train.save_every_steps
-            if every and p.batches % every == 0 and p.batches < steps_per_epoch:
-                partial = {"epoch": epoch, "step": p.batches, "partial": True, **summarize(p, device)}
-                state = state_for(epoch, partial, p)
-                if main:
-                    save_training_state(last_path, **state)
-                    _append_jsonl(metrics_path, partial)
-            if step_delay:
-                time.sleep(step_delay)
+            def on_step(p: EpochProgress, epoch: int = epoch) -> None:
+                eta.tick()
+                if main and not sys.stderr.isatty() and p.batches % cfg.train.log_every == 0:
+                    rate = p.seen * info.world_size / max(p.elapsed, 1e-9)
+                    _log(f"epoch {epoch + 1}/{cfg.train.epochs} step {p.batches}/{steps_per_epoch} loss "
+                         f"{p.sums.get('loss', math.nan) / max(p.steps, 1):.4f} {rate:.1f} img/s eta {eta}")
+                if step_delay:
+                    time.sleep(step_delay)
+                if p.batches >= steps_per_epoch:
+                    return  # the epoch's own checkpoint follows (a signal now stops after it)
+                every = cfg.train.save_every_steps
+                saved = bool(every) and p.batches % every == 0
+                if saved:
+                    partial = {"epoch": epoch, "step": p.batches, "partial": True, **summarize(p, device)}
+                    state = state_for(epoch, partial, p)
+                    if main:
+                        save_training_state(last_path, **state)
+                        _append_jsonl(metrics_path, partial)
+                signum = stops.agreed(device)  # collective: once per step, on every process
+                if not signum:
+                    return
+                if not saved:
+                    # the same checkpoint as save_every_steps', but no metrics line: a resumed run's
+                    # metrics.jsonl is the uninterrupted one's (the record only tells resume where it stands)
+                    partial = {"epoch": epoch, "step": p.batches, "partial": True, "interrupted": True,
+                               **summarize(p, device)}
+                    state = state_for(epoch, partial, p)
+                    if main:
+                        save_training_state(last_path, **state)
+                raise interrupted(signum, f"at epoch {epoch + 1} step {p.batches}")
 
-        loader = train_loader(cfg, sets["train"], epoch, start_batch=progress.batches if progress else 0)
-        try:
-            stats = train_one_epoch(model, criterion, loader, optimizer, scheduler, device, cfg, epoch, scaler,
-                                    step=step, progress=progress, on_step=on_step, show_bar=main)
-        except NonFiniteLossError as e:
-            kept = f"the last good checkpoint is {last_path}" if last_path.exists() else "no checkpoint was written"
-            raise NonFiniteLossError(f"{e} ({kept})") from None
-        progress = None
-        record = {"epoch": epoch, **stats}
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            record.update(evaluate(model, sets, device, cfg))
-        improved = metric_name in record and record[metric_name] > best
-        if improved:
-            best, best_epoch = record[metric_name], epoch
-        # one training state per epoch, written to every file that wants it
-        state = state_for(epoch, record, None)
-        if main:
+            loader = train_loader(cfg, sets["train"], epoch, start_batch=progress.batches if progress else 0)
+            try:
+                stats = train_one_epoch(model, criterion, loader, optimizer, scheduler, device, cfg, epoch, scaler,
+                                        step=step, progress=progress, on_step=on_step, show_bar=main)
+            except NonFiniteLossError as e:
+                kept = f"the last good checkpoint is {last_path}" if last_path.exists() else "no checkpoint was written"
+                raise NonFiniteLossError(f"{e} ({kept})") from None
+            progress = None
+            record = {"epoch": epoch, **stats}
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+                record.update(evaluate(model, sets, device, cfg))
+            improved = metric_name in record and record[metric_name] > best
             if improved:
-                save_training_state(out_dir / "best.pth", **state)
-                export_weights(out_dir / "best.safetensors", model, to_yaml(cfg),
-                               {"classes": _classes(sets["train"]), "epoch": epoch, metric_name: best})
-            save_training_state(last_path, **state)
-            if cfg.train.save_every and (epoch + 1) % cfg.train.save_every == 0:
-                save_training_state(out_dir / f"epoch{epoch + 1:04d}.pth", **state)
-            _append_jsonl(metrics_path, record)
-            if writer is not None:
-                for k, v in record.items():
-                    if isinstance(v, (int, float)) and k != "epoch":
-                        writer.add_scalar(k, v, epoch + 1)
-            _log(_summary(record, cfg))
-    final = {"final": True, "epoch": cfg.train.epochs - 1, f"best_{metric_name}": best, "best_epoch": best_epoch,
-             "train_time_s": time.perf_counter() - t0,
-             **{k: v for k, v in record.items() if k not in ("epoch",)}}
-    if main:
-        export_weights(out_dir / "last.safetensors", model, to_yaml(cfg), {"classes": _classes(sets["train"])})
-        _append_jsonl(metrics_path, final)
+                best, best_epoch = record[metric_name], epoch
+            # one training state per epoch, written to every file that wants it
+            state = state_for(epoch, record, None)
+            if main:
+                if improved:
+                    save_training_state(out_dir / run_folder.BEST, **state)
+                    export_weights(out_dir / run_folder.BEST_WEIGHTS, model, to_yaml(cfg),
+                                   {"classes": _classes(sets["train"]), "epoch": epoch, metric_name: best})
+                save_training_state(last_path, **state)
+                if cfg.train.save_every and (epoch + 1) % cfg.train.save_every == 0:
+                    save_training_state(out_dir / run_folder.epoch_checkpoint(epoch + 1), **state)
+                _append_jsonl(metrics_path, record)
+                if writer is not None:
+                    for k, v in record.items():
+                        if isinstance(v, (int, float)) and k != "epoch":
+                            writer.add_scalar(k, v, epoch + 1)
+                _log(_summary(record, cfg))
+            signum = stops.agreed(device) if epoch + 1 < cfg.train.epochs else 0  # the last: just finish
+            if signum:
+                raise interrupted(signum, f"after epoch {epoch + 1}")
+        final = {"final": True, "epoch": cfg.train.epochs - 1, f"best_{metric_name}": best, "best_epoch": best_epoch,
+                 "train_time_s": time.perf_counter() - t0,
+                 **{k: v for k, v in record.items() if k not in ("epoch", "step", "partial", "interrupted")}}
+        if main:
+            export_weights(out_dir / run_folder.LAST_WEIGHTS, model, to_yaml(cfg),
+                           {"classes": _classes(sets["train"])})
+            _append_jsonl(metrics_path, final)
+            _log(f"done: best {metric_name} {best:.2f} at epoch {best_epoch + 1}; checkpoints in {out_dir}")
+    finally:
         if writer is not None:
             writer.close()
-        _log(f"done: best {metric_name} {best:.2f} at epoch {best_epoch + 1}; checkpoints in {out_dir}")
     dist.barrier()
     return final
 
@@ -245,7 +398,8 @@ def _resume_position(state: dict[str, Any], info: dist.DistInfo) -> tuple[int, E
         return state["epoch"] + 1, None
     if len(per_rank) != info.world_size:
         raise ValueError(
-            f"last.pth was written mid-epoch by {len(per_rank)} process(es) and this run has {info.world_size}: "
+            f"{run_folder.LAST} was written mid-epoch by {len(per_rank)} process(es) and this run has "
+            f"{info.world_size}: "
             "resume with the same number of processes (the batches already seen are per-process shares)"
         )
     return state["epoch"], EpochProgress(**per_rank[info.rank])
@@ -262,7 +416,7 @@ def _records_until(records: list[dict[str, Any]], state: dict[str, Any]) -> list
     mine = state.get("record") or {}
     end = _position(mine) if mine else (state["epoch"], math.inf)
     kept = [r for r in records if _position(r) <= end]  # a finished run's final record stays: it is history
-    if mine and all(_position(r) != end or r.get("final") for r in kept):
+    if mine and not mine.get("interrupted") and all(_position(r) != end or r.get("final") for r in kept):
         kept.append(mine)
     return kept
 
@@ -300,7 +454,7 @@ def _tensorboard(out_dir: Path) -> Any:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional (pip install dcal[tensorboard])
         return None
-    return SummaryWriter(str(out_dir / "tensorboard"))
+    return SummaryWriter(str(out_dir / run_folder.TENSORBOARD))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

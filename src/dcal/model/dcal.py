@@ -518,8 +518,16 @@ def set_patch_stride(vit: VisionTransformer, stride: int) -> None:
 
 def load_pretrained_file(vit: VisionTransformer, path: str | Path) -> None:
     """Load a local timm-format ViT checkpoint into ``vit``: resample position embeddings to the model's grid,
-    drop the classifier (it belongs to the pre-training task), and fail loudly on any other mismatch."""
+    drop the classifier (it belongs to the pre-training task), and fail loudly on any other mismatch.
+
+    ``path`` may be a ``dcal train`` run folder: its ``last.safetensors`` (the last epoch's weights, never a
+    checkpoint selected on an evaluation split) gives the backbone (``dcal.pretrain``)."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / "last.safetensors").is_file():
+            raise FileNotFoundError(f"pretrained_file {str(path)!r} is a folder without last.safetensors: not a "
+                                    "finished dcal train run")
+        path = path / "last.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"pretrained_file {str(path)!r} does not exist")
     if path.suffix == ".npz":

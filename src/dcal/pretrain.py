@@ -1,0 +1,149 @@
+"""Pretraining as a first-class step: train an SA-only backbone once, cache it, fine-tune every run from it.
+
+The paper never trains DCAL from scratch: every result fine-tunes a pretrained backbone, whose attention is
+already structured when GLCA's rollout selection and PWCA's distractor first see it. Where no pretrained weights
+can be downloaded, dcal makes its own: a recipe names a pretraining recipe (``model.pretrain: FILE.yaml``, or
+``dcal ablation --pretrain FILE.yaml``), and
+
+* :func:`pretrain_config` loads that recipe as an **SA-only** run (no GLCA, no PWCA: only the backbone is kept)
+  writing into a cache folder beside the runs;
+* :func:`ensure_pretrained` trains it there once, **reuses** it while its config is unchanged, **resumes** it
+  when it was interrupted, and **refuses** a folder holding a run of another config (naming the keys that
+  differ; delete the folder to retrain);
+* :func:`resolve_pretrain` points ``model.pretrained_file`` at that run folder, from which
+  ``dcal.model.load_pretrained_file`` takes the backbone of the **last** epoch (``last.safetensors``: never
+  a checkpoint selected on an evaluation split).
+
+Every variant and seed of an ablation fine-tunes from the same checkpoint; their seeds vary the fine-tuning only
+(the pretraining run has the seed of its own recipe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dcal.config import ConfigError, default_config, load_config, to_yaml
+
+SA_ONLY = ("model.glca_blocks=0", "model.pwca_blocks=0", "eval.fusion=sa")
+CACHE_FOLDER = "pretrain"  # beside the runs: <parent of output_dir (or of the ablation folder)>/pretrain/<stem>
+
+
+def pretrain_config(recipe: str | Path, output_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """The pretraining recipe as an SA-only config writing to ``output_dir``."""
+    recipe = Path(recipe)
+    try:
+        cfg = load_config(recipe, [*overrides, *SA_ONLY, f"output_dir={output_dir}"])
+    except ConfigError as e:
+        raise ConfigError(f"pretraining recipe {recipe}: {e}") from None
+    if cfg.model.pretrain:
+        raise ConfigError(f"pretraining recipe {recipe} names model.pretrain itself: chains of pretraining runs are "
+                          "not supported (set model.pretrained_file to the earlier run's folder instead)")
+    return cfg
+
+
+def _comparable(config_yaml: str) -> dict[str, Any]:
+    values = yaml.safe_load(config_yaml) or {}
+    values.pop("output_dir", None)  # a moved or copied cache folder is still the same run
+    return values
+
+
+_ABSENT = object()
+
+
+def _differences(old: Any, new: Any, default: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every differing key; a key the saved config lacks counts as its default value (a
+    key added by a later dcal version does not make a cached run stale)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            d = default.get(k, _ABSENT) if isinstance(default, dict) else _ABSENT
+            o = old.get(k, d)
+            out += _differences(o, new.get(k, _ABSENT), d, f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def pretrain_state(cfg: Any) -> str:
+    """``"absent"``, ``"finished"`` or ``"started"`` for the run folder ``cfg.output_dir``; raises
+    ``FileExistsError`` when it holds a run of another config."""
+    from dcal.engine import read_metrics
+
+    folder = Path(cfg.output_dir)
+    saved = folder / "config.yaml"
+    if not saved.is_file():
+        return "absent"
+    diff = _differences(_comparable(saved.read_text(encoding="utf-8")), _comparable(to_yaml(cfg)),
+                        _comparable(to_yaml(default_config())))
+    if diff:
+        raise FileExistsError(
+            f"{folder} holds a pretraining run of another config ({'; '.join(diff[:6])}"
+            f"{' ...' if len(diff) > 6 else ''}): delete that folder to pretrain again with the new recipe, or "
+            "restore the recipe it was trained with"
+        )
+    records = read_metrics(folder / "metrics.jsonl")
+    if records and records[-1].get("final") and (folder / "last.safetensors").is_file():
+        return "finished"
+    return "started" if (folder / "last.pth").is_file() else "absent"
+
+
+def ensure_pretrained(cfg: Any, log: Callable[[str], None] = print) -> Path:
+    """Train the SA-only run ``cfg`` (see :func:`pretrain_config`) unless it is already there; returns its folder.
+
+    Reuses a finished run of the same config, resumes an interrupted one, trains a new one; refuses a folder
+    holding a run of another config. Under torchrun only a finished run can be used (pretrain it first, in one
+    process or as its own torchrun command), since the processes would each start the same training.
+    """
+    from dcal import distributed
+    from dcal.engine import fit
+
+    folder = Path(cfg.output_dir)
+    state = pretrain_state(cfg)
+    if state == "finished":
+        log(f"pretrained backbone: reusing {folder} (finished, same config)")
+        return folder
+    if distributed.env_world_size() > 1:
+        raise RuntimeError(f"the pretraining run {folder} is {state == 'started' and 'unfinished' or 'missing'}: "
+                           f"run it first (dcal train --config RECIPE output_dir={folder} "
+                           "model.glca_blocks=0 model.pwca_blocks=0 eval.fusion=sa), then start torchrun again")
+    resume = state == "started"
+    log(f"pretrained backbone: {'resuming' if resume else 'training'} the SA-only run {folder} "
+        f"({cfg.train.epochs} epochs of {cfg.data.dataset})")
+    fit(cfg, resume=resume)
+    return folder
+
+
+def resolve_pretrain(cfg: Any, folder: str | Path | None = None, log: Callable[[str], None] = print) -> Any:
+    """``cfg`` with ``model.pretrain`` (a recipe) replaced by ``model.pretrained_file`` = its pretrained run folder,
+    which is trained first if needed; ``folder`` defaults to ``<parent of output_dir>/pretrain/<recipe stem>``.
+    A config without ``model.pretrain`` is returned as it is."""
+    recipe = cfg.model.pretrain
+    if not recipe:
+        return cfg
+    folder = Path(folder) if folder is not None else Path(cfg.output_dir).parent / CACHE_FOLDER / Path(recipe).stem
+    run = ensure_pretrained(pretrain_config(recipe, folder), log)
+    cfg = cfg.copy()
+    cfg.model.pretrain, cfg.model.pretrained_file = None, str(run)
+    return cfg
+
+
+def describe_backbone(model: dict[str, Any]) -> str:
+    """One line saying where a run's backbone weights came from (for reports and ablation tables), from the
+    ``model`` section of its config as a plain dict."""
+    name, source = model.get("backbone"), model.get("pretrained_file")
+    if source:
+        saved = Path(source) / "config.yaml"
+        if saved.is_file():
+            p = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+            d, t = p.get("data") or {}, p.get("train") or {}
+            part = f", classes {d['classes']}" if d.get("classes") is not None else ""
+            splits = "+".join(d.get("train_splits") or ["train"])
+            return (f"{name} pretrained SA-only by dcal in {source} ({d.get('dataset')} {splits}{part}, "
+                    f"{t.get('epochs')} epochs, seed {t.get('seed')})")
+        return f"{name} with weights from {source}"
+    if model.get("pretrained"):
+        return f"{name} with timm's pretrained weights"
+    return f"{name} from scratch (random initialisation)"
