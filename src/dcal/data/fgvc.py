@@ -538,9 +538,18 @@ class SyntheticFGVC(FGVCDataset):
         self.seed = seed
         self.task = task
 
-    def load_image(self, index: int) -> Image.Image:
+    def _number(self, index: int) -> int:
         # by the number in the path, not the position: a class subset (dcal.data.subsets) keeps the paths
-        return Image.fromarray(self.images[int(self.paths[index].rsplit("/", 1)[1])])
+        return int(self.paths[index].rsplit("/", 1)[1])
+
+    def load_image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[self._number(index)])
+
+    def mark_box(self, index: int) -> tuple[int, int, int]:
+        """Sample ``index``'s mark as ``(y0, x0, m)`` in pixels of the generated image (task ``mark`` only)."""
+        if self.mark_boxes is None:
+            raise ValueError(f"synthetic: the {self.task!r} task has no class mark")
+        return self.mark_boxes[self._number(index)]
 
 
 # ----------------------------------------------------------------------------------------------------------
