@@ -36,9 +36,44 @@ def test_report_of_one_run(fgvc_run, tmp_path):
     assert cells["last top1_glca"] == f"{epochs[-1]['top1_glca']:.2f}" and cells["epochs"] == "2/2"
     assert cells["train time (min)"] != "-" and cells["finished"] == "True"
     assert "`model.top_r`: 0.10" in md and "![training curves](curves.png)" in md
+    assert "## Started from\n\n- `deit_tiny_patch16_224` from scratch" in md
+    # the mechanism: a folder set has no mark, but the run has PWCA: its last share per block
+    share = epochs[-1]["pwca_share"]
+    assert "mark hit" not in md and f"per block {100 * share[0]:.1f}, {100 * share[1]:.1f} (%" in md
     with Image.open(out / "curves.png") as im:
-        assert im.size == (1800, 420)  # four panels, 18 x 4.2 inches at 100 dpi
+        # four panels, the mechanism and PWCA's share per block: 6 x 4.5 x 4.2 inches at 100 dpi
+        assert im.size == (2700, 420)
     assert _ink(out / "curves.png") > 0.02
+
+
+def test_report_mechanism_panel_and_starting_point(fgvc_run, tmp_path):
+    """Mark hits of the three selections and the PWCA share are drawn per epoch and listed for the last one; the
+    starting point names a pretraining run's dataset."""
+    run, _ = fgvc_run
+    fake = tmp_path / "run"
+    shutil.copytree(run, fake)
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    (pre / "config.yaml").write_text(yaml.safe_dump({"data": {"dataset": "synthetic", "synthetic_task": "coarse"}}))
+    cfg = yaml.safe_load((fake / "config.yaml").read_text())
+    cfg["model"]["pretrained_file"] = str(pre)
+    (fake / "config.yaml").write_text(yaml.safe_dump(cfg))
+    lines = [json.loads(x) for x in (fake / "metrics.jsonl").read_text().splitlines()]
+    for r in lines:
+        if "top1" in r:
+            r.update(mark_hit_rollout=40.0 + r["epoch"], mark_hit_last_layer=30.0, mark_hit_chance=5.25)
+    (fake / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    plain = tmp_path / "plain"
+    assert main(["report", str(run), "--output-dir", str(plain)]) == 0
+    assert main(["report", str(fake), "--output-dir", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "rollout 41.0%, last layer 30.0%, chance 5.2%" in md  # epoch 2's values
+    assert f"pretrained by the dcal run `{pre}` (on synthetic (coarse task))" in md
+    # the mark-hit curves add ink to the mechanism panel (the fifth of six)
+    with Image.open(plain / "curves.png") as a, Image.open(tmp_path / "rep" / "curves.png") as b:
+        panel = (4 * 450, 0, 5 * 450, 420)
+        ink = [float((np.asarray(im.convert("L").crop(panel)) < 250).mean()) for im in (a, b)]
+    assert ink[1] > ink[0] + 0.005
 
 
 def test_report_overlays_runs_and_lists_config_differences(fgvc_run, reid_run, tmp_path):

@@ -37,6 +37,7 @@ TOP_R_DEFAULT = {"fgvc": 0.1, "reid": 0.3}
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.random_erasing_mode": ("pixel", "mean"),
     "data.aircraft_annotation_level": ("variant", "family", "manufacturer"),
+    "data.synthetic_task": ("mark", "coarse"),
     "model.query_selection": ("rollout", "random", "last_layer"),
     "model.pair_strategy": ("random", "intra", "inter", "mix", "noise"),
     "model.glca_pool": ("mean", "cls"),
@@ -73,6 +74,7 @@ class DataConfig:
     synthetic_test_per_class: int = 30
     synthetic_image_size: int = 64
     synthetic_seed: int = 0
+    synthetic_task: str = "mark"  # mark (fine-grained: classes differ in a small mark) | coarse (shape x texture)
     msmt17_val_in_train: bool = True  # MSMT17: train on train + val (the usual protocol)
     aircraft_annotation_level: str = "variant"  # variant (100) | family (70) | manufacturer (30)
     on_bad_image: str = "skip"  # skip (warn, count, go on; stop if most are bad) | error (stop at the first)
@@ -507,6 +509,7 @@ def dataset_kwargs(cfg: DictConfig) -> dict[str, Any]:
             "test_per_class": d.synthetic_test_per_class,
             "image_size": d.synthetic_image_size,
             "seed": d.synthetic_seed,
+            "task": d.synthetic_task,
         }
     if d.dataset == "aircraft":
         return {"annotation_level": d.aircraft_annotation_level}

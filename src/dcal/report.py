@@ -3,8 +3,11 @@
 
 Reads what ``dcal train`` writes: ``metrics.jsonl`` (one record per epoch, then a ``final`` record) and
 ``config.yaml``. Curves: loss per branch (and the total), the learned loss weights, the learning rate, and top-1
-per branch (FGVC) or mAP / rank-1 (Re-ID). The summary gives best and last epoch, training time and throughput,
-and the config: the main keys of one run, or for several runs the keys in which they differ.
+per branch (FGVC) or mAP / rank-1 (Re-ID); for FGVC runs that measured it, the mechanism (:mod:`dcal.mechanism`):
+the mark hits of the rollout, last-layer and chance selections and PWCA's mean distractor share per epoch, and
+the per-block share of the last evaluated epoch. The summary gives best and last epoch, training time and
+throughput, what each backbone started from (a pretrained file or run, timm's weights, or from scratch), the last
+mechanism values, and the config: the main keys of one run, or for several runs the keys in which they differ.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from dcal.visualize import save_figure  # sets the Agg backend: files only, no d
 BRANCHES = ("sa", "glca", "pwca")
 SCORES = {"fgvc": ("top1", "top1_sa", "top1_glca"), "reid": ("mAP", "rank1")}
 BEST = {"fgvc": "top1", "reid": "mAP"}
+# dcal.mechanism's per-epoch numbers: mark hits in %, the PWCA share as a fraction (plotted in % beside them)
+MARK_HITS = ("mark_hit_rollout", "mark_hit_last_layer", "mark_hit_chance")
+PWCA_SHARE = "pwca_share_mean"
 SUMMARY_KEYS = ("task", "data.dataset", "model.backbone", "model.img_size", "model.top_r", "model.glca_blocks",
                 "model.pwca_blocks", "train.epochs", "train.batch_size", "train.optimizer", "train.lr", "train.amp")
 
@@ -75,13 +81,24 @@ def read_runs(runs: Sequence[str | Path]) -> list[RunLog]:
     return logs
 
 
-def _series(log: RunLog, key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["epoch"] + 1, r[key]) for r in log.epochs if isinstance(r.get(key), (int, float))]
+def _series(log: RunLog, key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
+    pts = [(r["epoch"] + 1, scale * r[key]) for r in log.epochs if isinstance(r.get(key), (int, float))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def last_with(log: RunLog, key: str) -> dict[str, Any] | None:
+    """The last epoch record that has ``key`` (the last evaluated epoch, for evaluation keys)."""
+    return next((r for r in reversed(log.epochs) if key in r), None)
+
+
+def _has_mechanism(log: RunLog) -> bool:
+    return any(k in r for r in log.epochs for k in (*MARK_HITS, PWCA_SHARE))
+
+
 def plot_curves(logs: Sequence[RunLog], path: str | Path) -> Path:
-    """Four panels (loss per branch, loss weights, lr, scores); one colour per run, one line style per series."""
+    """Four panels (loss per branch, loss weights, lr, scores), then, when a run measured them, the mechanism
+    (mark hits of the three selections and PWCA's mean distractor share, in %) and PWCA's share per block in the
+    last evaluated epoch (bars); one colour per run, one line style per series."""
     task = logs[0].task
     panels = [
         ("loss", ["loss", *(f"loss_{b}" for b in BRANCHES)]),
@@ -89,13 +106,18 @@ def plot_curves(logs: Sequence[RunLog], path: str | Path) -> Path:
         ("learning rate", ["lr"]),
         ("test score (%)", list(SCORES[task])),
     ]
+    if any(_has_mechanism(log) for log in logs):
+        panels.append(("mechanism (%): mark hits, PWCA share", [*MARK_HITS, PWCA_SHARE]))
+    per_block = [(log, last_with(log, "pwca_share")) for log in logs]
+    per_block = [(log, r) for log, r in per_block if r is not None]
     styles = ["-", "--", ":", "-."]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    for ax, (title, keys) in zip(axes, panels, strict=True):
+    n = len(panels) + bool(per_block)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4.2), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels, strict=False):
         for r, log in enumerate(logs):
             for s, key in enumerate(keys):
-                x, y = _series(log, key)
+                x, y = _series(log, key, 100.0 if key == PWCA_SHARE else 1.0)
                 if x:
                     label = key if len(logs) == 1 else f"{log.label}: {key}"
                     ax.plot(x, y, styles[s % len(styles)], color=colors[r % len(colors)], marker="." if len(x) < 30
@@ -106,6 +128,18 @@ def plot_curves(logs: Sequence[RunLog], path: str | Path) -> Path:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
         if ax.lines:
             ax.legend(fontsize=7)
+    if per_block:
+        ax = axes[0, -1]
+        width = 0.8 / len(per_block)
+        for r, (log, rec) in enumerate(per_block):
+            shares = [100.0 * v for v in rec["pwca_share"]]
+            ax.bar([i + 1 + (r - (len(per_block) - 1) / 2) * width for i in range(len(shares))], shares, width,
+                   color=colors[logs.index(log) % len(colors)], label=f"{log.label} (epoch {rec['epoch'] + 1})")
+        ax.axhline(50.0, color="grey", linewidth=0.8, linestyle=":")  # what a self-pair would give
+        ax.set_title("PWCA share per block, last epoch (%)")
+        ax.set_xlabel("pair-wise block")
+        ax.set_xticks(range(1, max(len(rec["pwca_share"]) for _, rec in per_block) + 1))
+        ax.legend(fontsize=7)
     fig.suptitle(", ".join(log.label for log in logs), fontsize=10)
     return save_figure(fig, path, dpi=100)
 
@@ -150,12 +184,61 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
             *("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows)]
 
 
+def started_from(config: dict[str, Any]) -> str:
+    """What a run's backbone started from, from its ``config.yaml``: ``model.pretrained_file`` (a checkpoint,
+    or a ``dcal train`` run folder, whose dataset is named), timm's pretrained weights of ``model.backbone``, or
+    from scratch."""
+    model = config.get("model") or {}
+    backbone = model.get("backbone", "?")
+    file = model.get("pretrained_file")
+    if file:
+        run_config = Path(file) / "config.yaml"
+        if run_config.is_file():
+            data = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("data") or {}
+            dataset = data.get("dataset", "?")
+            if dataset == "synthetic":
+                dataset += f" ({data.get('synthetic_task', 'mark')} task)"
+            return f"`{backbone}` pretrained by the dcal run `{file}` (on {dataset})"
+        return f"`{backbone}` from the pretrained file `{file}`"
+    if model.get("pretrained"):
+        return f"`{backbone}` with timm's pretrained weights"
+    return f"`{backbone}` from scratch (random initialisation)"
+
+
+def mechanism_lines(log: RunLog) -> list[str]:
+    """The last evaluated epoch's mechanism values of ``log`` as Markdown list items (none if not measured)."""
+    lines = []
+    rec = last_with(log, MARK_HITS[0])
+    if rec is not None:
+        lines.append(f"- mark hit of the ⌈R·N⌉ selected patches (epoch {rec['epoch'] + 1}): rollout "
+                     f"{rec['mark_hit_rollout']:.1f}%, last layer {rec['mark_hit_last_layer']:.1f}%, chance "
+                     f"{rec['mark_hit_chance']:.1f}%")
+    rec = last_with(log, "pwca_share")
+    if rec is not None:
+        blocks = ", ".join(f"{100 * v:.1f}" for v in rec["pwca_share"])
+        lines.append(f"- PWCA share of the target CLS attention on the distractor (epoch {rec['epoch'] + 1}): mean "
+                     f"{100 * rec[PWCA_SHARE]:.1f}%, per block {blocks} (%; a self-pair gives 50)")
+    images = (last_with(log, "mechanism_images") or {}).get("mechanism_images")
+    if lines and images:
+        lines.append(f"- measured on the first {images} test images")
+    return lines
+
+
 def summary_markdown(logs: Sequence[RunLog], curves: str | None = None) -> str:
     """The Markdown summary (``curves``: the PNG's file name, embedded when given)."""
     lines = ["# Training report", ""]
     lines += _table([run_summary(log) for log in logs]) + [""]
     if curves:
         lines += [f"![training curves]({curves})", ""]
+    lines += ["## Started from", ""]
+    lines += [f"- {log.label}: {started_from(log.config)}" if len(logs) > 1 else f"- {started_from(log.config)}"
+              for log in logs] + [""]
+    mechanism = [(log, mechanism_lines(log)) for log in logs]
+    if any(m for _, m in mechanism):
+        lines += ["## Mechanism (last evaluated epoch)", ""]
+        for log, m in mechanism:
+            if m:
+                lines += ([f"{log.label}:", ""] if len(logs) > 1 else []) + m + [""]
     flats = [_flat(log.config) for log in logs]
     if len(logs) == 1:
         lines += ["## Config", "", *(f"- `{k}`: {_fmt(flats[0].get(k))}" for k in SUMMARY_KEYS if k in flats[0]),

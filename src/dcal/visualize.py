@@ -25,8 +25,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dcal.data.images import printable  # noqa: E402
+from dcal.mechanism import pwca_attention  # noqa: E402
 from dcal.model import DCAL  # noqa: E402
-from dcal.model.attention import pwca_block, q_and_kv, qkv  # noqa: E402
+from dcal.model.attention import _probs, q_and_kv  # noqa: E402
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -59,11 +60,6 @@ def patch_maps(model: DCAL, scores: torch.Tensor, size: Sequence[int]) -> np.nda
     return ((maps - lo) / (hi - lo).clamp_min(1e-12)).cpu().numpy()
 
 
-def _softmax_attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / √d): (B, H, Tq, Tk), explicit (for pictures only)."""
-    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-
-
 @torch.no_grad()
 def glca_attention(model: DCAL, images: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Attention probabilities of the first GLCA block, (B, H, Q, T): its queries (``model.glca_queries``: the
@@ -77,7 +73,7 @@ def glca_attention(model: DCAL, images: torch.Tensor) -> tuple[torch.Tensor, int
     queries = model.glca_queries(x_prev, selected)
     blk = model.glca_blocks[0]
     q, k, _ = q_and_kv(blk.attn, blk.norm1(queries), blk.norm1(x_prev))
-    return _softmax_attention(blk.attn, q, k), selected.shape[1]
+    return _probs(blk.attn, q, k), selected.shape[1]
 
 
 def glca_attention_maps(model: DCAL, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -89,40 +85,24 @@ def glca_attention_maps(model: DCAL, images: torch.Tensor) -> tuple[np.ndarray, 
     return patch_maps(model, scores, images.shape[-2:]), scores.cpu().numpy()
 
 
-@torch.no_grad()
 def pwca_attention_maps(model: DCAL, images: torch.Tensor, pairs: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """The PWCA attention of each target image's CLS token over the concatenated keys of the target and its
-    distractor (Eq. 4), in the last PWCA block (T), averaged over heads (Fig. 3b/4b).
-
-    The PWCA stream is run as in training (blocks 1..T pair-wise, weights shared with SA) but in eval mode (no
-    dropout). ``pairs[i]`` is the distractor of image ``i`` (default: the next image in the batch).
+    distractor (Eq. 4), in the last PWCA block (T), averaged over heads (Fig. 3b/4b), from
+    :func:`dcal.mechanism.pwca_attention` (the PWCA stream as in training, in eval mode). ``pairs[i]`` is the
+    distractor of image ``i`` (default: the next image in the batch).
 
     Returns ``target`` and ``distractor`` (B, H, W) maps in [0, 1] (each over its own image's patches),
     ``share`` (B,): the fraction of the CLS attention that goes to the distractor's tokens in block T, and
     ``share_mean`` (B,): that fraction averaged over the T pair-wise blocks.
     """
-    T = model.cfg.pwca_blocks
-    if not T:
-        raise ValueError("the model has no PWCA block (pwca_blocks=0)")
-    model.eval()
-    b = images.shape[0]
-    if pairs is None:
-        pairs = torch.roll(torch.arange(b, device=images.device), -1)
-    x = model._embed(images)
-    n_tok = x.shape[1]
-    shares = []
-    for blk in model.backbone.blocks[:T]:
-        q, k, _ = qkv(blk.attn, blk.norm1(x))
-        cls_row = _softmax_attention(blk.attn, q[:, :, :1], torch.cat([k, k[pairs]], dim=2)).mean(dim=1)[:, 0]
-        shares.append(cls_row[:, n_tok:].sum(-1))
-        x = pwca_block(blk, x, pairs)
-    size = images.shape[-2:]
+    pw = pwca_attention(model, images, pairs)
+    n_tok, size = pw.num_tokens, images.shape[-2:]
     return {
-        "target": patch_maps(model, cls_row[:, 1:n_tok], size),
-        "distractor": patch_maps(model, cls_row[:, n_tok + 1:], size),
-        "share": shares[-1].cpu().numpy(),
-        "share_mean": torch.stack(shares).mean(0).cpu().numpy(),
-        "pairs": pairs.cpu().numpy(),
+        "target": patch_maps(model, pw.cls_row[:, 1:n_tok], size),
+        "distractor": patch_maps(model, pw.cls_row[:, n_tok + 1:], size),
+        "share": pw.shares[-1].cpu().numpy(),
+        "share_mean": pw.shares.mean(0).cpu().numpy(),
+        "pairs": pw.pairs.cpu().numpy(),
     }
 
 

@@ -11,7 +11,16 @@ from PIL import Image
 
 from dcal.data import build_dataset
 from dcal.data.errors import DatasetFormatError
-from dcal.data.fgvc import SyntheticFGVC, build_fgvc_dataset, render_synthetic, sample_synthetic_params
+from dcal.data.fgvc import (
+    COARSE_CLASSES,
+    COARSE_SHAPES,
+    SyntheticFGVC,
+    build_fgvc_dataset,
+    object_mask,
+    render_synthetic,
+    sample_coarse_params,
+    sample_synthetic_params,
+)
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -309,6 +318,53 @@ def test_synthetic_class_means_nearly_equal() -> None:
     test_colour = held_out.images.astype(np.float64).mean(axis=(1, 2))
     pred = np.argmin(((test_colour[:, None, :] - class_colour[None]) ** 2).sum(-1), axis=1)
     assert (pred == np.asarray(held_out.targets)).mean() < 0.27  # chance = 1/6
+
+
+def test_synthetic_mark_boxes_are_where_the_class_pattern_is() -> None:
+    ds = SyntheticFGVC("test", num_classes=3, test_per_class=2, image_size=32, seed=1)
+    assert ds.task == "mark" and len(ds.mark_boxes) == len(ds)
+    y0, x0, m = ds.mark_boxes[0]
+    again = render_synthetic(sample_synthetic_params(np.random.default_rng([1, 1]), 32), ds.targets[0])
+    assert np.array_equal(ds.images[0], again)  # the boxes are the images' own parameters
+    assert 0 <= y0 <= 32 - m and 0 <= x0 <= 32 - m
+
+
+def test_coarse_task_has_no_mark_and_distinct_classes() -> None:
+    ds = build_dataset("synthetic", None, "train", num_classes=6, train_per_class=3, image_size=48, task="coarse")
+    assert ds.mark_boxes is None and ds.classes == list(COARSE_CLASSES) and ds.targets[:6] == list(range(6))
+    assert not np.array_equal(ds.images, SyntheticFGVC("train", train_per_class=3, image_size=48).images)
+    rng = np.random.default_rng(0)
+    for label in range(6):
+        params = sample_coarse_params(rng, 48, label)
+        assert params["mark_box"] is None
+        # no mark: the mark colours are drawn nowhere (changing them changes no pixel)
+        other = {**params, "mark_dark": params["mark_dark"] + 60, "mark_light": params["mark_light"] - 60}
+        assert np.array_equal(render_synthetic(params, label), render_synthetic(other, label))
+    # the classes are learnable in principle: for one pose the three shapes cover clearly different pixels ...
+    yy, xx = np.mgrid[0:48, 0:48] + 0.5
+    u, v = xx - 24.0, yy - 24.0
+    masks = [object_mask(shape, u, v, 15.0, 15.0) for shape in COARSE_SHAPES]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert (masks[i] ^ masks[j]).sum() > 0.15 * (masks[i] | masks[j]).sum()  # circle vs square: 18%
+    # ... and the stripes class lays a strong grating over the background only (same scene otherwise)
+    smooth = sample_coarse_params(np.random.default_rng(5), 48, 0)
+    striped = sample_coarse_params(np.random.default_rng(5), 48, 1)
+    diff = render_synthetic(striped, 1).astype(float) - render_synthetic(smooth, 0).astype(float)
+    changed = np.abs(diff).sum(-1) > 0
+    assert 0.3 < changed.mean() < 0.95 and diff[changed].std() > 15  # object and distractors untouched
+    with pytest.raises(ValueError, match="task"):
+        SyntheticFGVC("train", task="parts")
+    # the config key: data.synthetic_task, checked against its choices
+    from dcal.config import ConfigError, dataset_kwargs, load_config
+
+    assert dataset_kwargs(load_config(None, ["data.dataset=synthetic"]))["task"] == "mark"
+    coarse = load_config(None, ["data.dataset=synthetic", "data.synthetic_task=coarse"])
+    assert dataset_kwargs(coarse)["task"] == "coarse"
+    with pytest.raises(ConfigError, match="data.synthetic_task"):
+        load_config(None, ["data.dataset=synthetic", "data.synthetic_task=parts"])
+    with pytest.raises(ValueError, match="2..6"):
+        SyntheticFGVC("train", num_classes=7, task="coarse")
 
 
 # ----------------------------------------------------------------------------------------------------------

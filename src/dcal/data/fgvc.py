@@ -336,10 +336,15 @@ def _build_folder(root: str, split: str, transform: Callable | None) -> FGVCData
 
 
 # ----------------------------------------------------------------------------------------------------------
-# synthetic fine-grained demo set
+# synthetic fine-grained demo set (task ``mark``) and its generic pre-training set (task ``coarse``)
 
 MARK_FRACTION = 0.22  # side of the class mark relative to the image side
 N_DISTRACTORS = 2  # solid squares of the mark's size, placed anywhere
+SYNTHETIC_TASKS = ("mark", "coarse")
+COARSE_SHAPES = ("ellipse", "rectangle", "triangle")
+COARSE_TEXTURES = ("smooth", "stripes")
+# coarse class k: shape k // 2, background texture k % 2
+COARSE_CLASSES = tuple(f"{shape}_{texture}" for shape in COARSE_SHAPES for texture in COARSE_TEXTURES)
 
 SYNTHETIC_PATTERNS = (
     "horizontal_stripes",
@@ -417,24 +422,60 @@ def sample_synthetic_params(rng: np.random.Generator, size: int) -> dict[str, An
     }
 
 
+def sample_coarse_params(rng: np.random.Generator, size: int, label: int) -> dict[str, Any]:
+    """Parameters of one image of the ``coarse`` task, class ``label`` (shape ``label // 2``, texture
+    ``label % 2``, see :data:`COARSE_CLASSES`): the same random scene as :func:`sample_synthetic_params`
+    (background, object pose and colour, distractor squares, gain) with the object's shape and, for ``stripes``,
+    a striped background set by the class, and no class mark (``mark_box`` None)."""
+    params = sample_synthetic_params(rng, size)
+    stripes = {"angle": rng.uniform(0, math.pi), "period": rng.uniform(0.08, 0.16) * size,
+               "amplitude": rng.uniform(25, 45)}
+    return {**params, "shape": COARSE_SHAPES[label // len(COARSE_TEXTURES)],
+            "stripes": stripes if COARSE_TEXTURES[label % len(COARSE_TEXTURES)] == "stripes" else None,
+            "mark_box": None, "distractor_size": params["mark_box"][2]}
+
+
+def object_mask(shape: str, u: np.ndarray, v: np.ndarray, a: float, b: float) -> np.ndarray:
+    """Inside-mask of the object in its own frame (``u`` along the long axis ``a``, ``v`` along ``b``):
+    ``ellipse`` with semi-axes a, b; ``rectangle`` with half-sides 0.85 a, 0.85 b; ``triangle`` with its apex
+    at v = -1.1 b and its base of half-width 1.1 a at v = 1.1 b (areas 3.1, 2.9 and 2.4 a·b)."""
+    if shape == "ellipse":
+        return (u / a) ** 2 + (v / b) ** 2 <= 1.0
+    if shape == "rectangle":
+        return (np.abs(u) <= 0.85 * a) & (np.abs(v) <= 0.85 * b)
+    if shape == "triangle":
+        h = 1.1 * b
+        return (v <= h) & (np.abs(u) <= 1.1 * a * (v + h) / (2 * h))
+    raise ValueError(f"synthetic: unknown object shape {shape!r}; expected one of {COARSE_SHAPES}")
+
+
 def render_synthetic(params: dict[str, Any], label: int) -> np.ndarray:
-    """Render one ``(S, S, 3)`` uint8 image: textured background, a large jittered ellipse, two solid
-    distractor squares and, on the object, the class mark drawn in a random dark and a random light colour."""
+    """Render one ``(S, S, 3)`` uint8 image: textured background (striped when ``params['stripes']`` says so),
+    a large jittered object (``params['shape']``, default ellipse), two solid distractor squares and, on the
+    object, the class mark drawn in a random dark and a random light colour (none when ``mark_box`` is None:
+    the ``coarse`` task, whose class is in the shape and texture instead)."""
     img = params["background"].copy()
     s = img.shape[0]
     cx, cy, a, b, theta = params["object"]
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+    stripes = params.get("stripes")
+    if stripes is not None:
+        phase = xx * math.cos(stripes["angle"]) + yy * math.sin(stripes["angle"])
+        img = img + (stripes["amplitude"] * np.sin(2 * math.pi * phase / stripes["period"]))[..., None]
     u = (xx - cx) * math.cos(theta) + (yy - cy) * math.sin(theta)
     v = -(xx - cx) * math.sin(theta) + (yy - cy) * math.cos(theta)
-    inside = (u / a) ** 2 + (v / b) ** 2 <= 1.0
+    inside = object_mask(params.get("shape", "ellipse"), u, v, a, b)
     gx, gy = params["shading"]
     shade = 1.0 + gx * (xx - cx) / s + gy * (yy - cy) / s
     img[inside] = (params["object_colour"][None, None, :] * shade[..., None])[inside]
-    y0, x0, m = params["mark_box"]
+    box = params["mark_box"]
+    d = box[2] if box is not None else params["distractor_size"]
     for dy0, dx0, colour in params["distractors"]:
-        img[dy0 : dy0 + m, dx0 : dx0 + m] = colour
-    mask = synthetic_mark(label, m)
-    img[y0 : y0 + m, x0 : x0 + m] = np.where(mask[..., None], params["mark_dark"], params["mark_light"])
+        img[dy0 : dy0 + d, dx0 : dx0 + d] = colour
+    if box is not None:
+        y0, x0, m = box
+        mask = synthetic_mark(label, m)
+        img[y0 : y0 + m, x0 : x0 + m] = np.where(mask[..., None], params["mark_dark"], params["mark_light"])
     img = img * params["gain"][None, None, :]
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -442,12 +483,21 @@ def render_synthetic(params: dict[str, Any], label: int) -> np.ndarray:
 class SyntheticFGVC(FGVCDataset):
     """A procedurally generated fine-grained set for demos and smoke tests (no files, no download).
 
-    All classes share the global appearance (random textured background, a large ellipse of random colour,
-    pose and shading, two solid distractor squares, per-channel gain); they differ only in the pattern of a
-    small two-colour mark (about 5% of the image) placed at a random spot on the object. The mark's dark and
-    light colours are random and class-independent, so no colour statistic predicts the class: a model has
-    to find the mark and read its pattern. Images are generated in memory at construction, deterministically
-    from ``seed``; train and test use different random streams.
+    Task ``mark`` (default): all classes share the global appearance (random textured background, a large
+    ellipse of random colour, pose and shading, two solid distractor squares, per-channel gain); they differ only
+    in the pattern of a small two-colour mark (about 5% of the image) placed at a random spot on the object. The
+    mark's dark and light colours are random and class-independent, so no colour statistic predicts the class:
+    a model has to find the mark and read its pattern. ``mark_boxes[i]`` is image ``i``'s mark as ``(y0, x0, m)``
+    (top, left, side in pixels of the generated ``image_size`` image), so that what a model attends to can be
+    scored against it (:mod:`dcal.mechanism`).
+
+    Task ``coarse``: a generic pre-training set drawn by the same renderer without any mark: the class is the
+    object's shape (ellipse, rectangle, triangle) times the background's texture (smooth, stripes), up to 6
+    classes (:data:`COARSE_CLASSES`); ``mark_boxes`` is None. A model trained on it learns the scene's generic
+    features and nothing about the marks.
+
+    Images are generated in memory at construction, deterministically from ``seed``; train and test, and the
+    two tasks, use different random streams.
     """
 
     def __init__(
@@ -459,23 +509,34 @@ class SyntheticFGVC(FGVCDataset):
         image_size: int = 64,
         seed: int = 0,
         transform: Callable | None = None,
+        task: str = "mark",
     ) -> None:
-        if not 2 <= num_classes <= len(SYNTHETIC_PATTERNS):
-            raise ValueError(f"synthetic: num_classes must be in 2..{len(SYNTHETIC_PATTERNS)}, got {num_classes}")
+        if task not in SYNTHETIC_TASKS:
+            raise ValueError(f"synthetic: task must be one of {SYNTHETIC_TASKS}, got {task!r}")
+        names = SYNTHETIC_PATTERNS if task == "mark" else COARSE_CLASSES
+        if not 2 <= num_classes <= len(names):
+            raise ValueError(f"synthetic: num_classes must be in 2..{len(names)} for task {task!r}, got {num_classes}")
         if image_size < 24:
             raise ValueError(f"synthetic: image_size must be >= 24, got {image_size}")
         per_class = train_per_class if split == "train" else test_per_class
         if per_class < 1:
             raise ValueError(f"synthetic: {split}_per_class must be >= 1, got {per_class}")
-        rng = np.random.default_rng([seed, SPLITS.index(split)])
+        # the mark task keeps its original stream (its images do not change); coarse has its own
+        rng = np.random.default_rng([seed, SPLITS.index(split)] + ([1] if task == "coarse" else []))
         # interleaved labels 0,1,..,C-1,0,1,.. so that any prefix is balanced
         targets = [i % num_classes for i in range(num_classes * per_class)]
-        self.images = np.stack([render_synthetic(sample_synthetic_params(rng, image_size), t) for t in targets])
+        if task == "mark":
+            params = [sample_synthetic_params(rng, image_size) for _ in targets]
+        else:
+            params = [sample_coarse_params(rng, image_size, t) for t in targets]
+        self.images = np.stack([render_synthetic(p, t) for p, t in zip(params, targets, strict=True)])
+        self.mark_boxes: list[tuple[int, int, int]] | None = (
+            [p["mark_box"] for p in params] if task == "mark" else None)
         paths = [f"synthetic://{split}/{i:06d}" for i in range(len(targets))]
-        classes = list(SYNTHETIC_PATTERNS[:num_classes])
-        super().__init__("synthetic", split, paths, targets, classes, transform, root=None)
+        super().__init__("synthetic", split, paths, targets, list(names[:num_classes]), transform, root=None)
         self.image_size = image_size
         self.seed = seed
+        self.task = task
 
     def load_image(self, index: int) -> Image.Image:
         # by the number in the path, not the position: a class subset (dcal.data.subsets) keeps the paths
@@ -500,7 +561,7 @@ def build_fgvc_dataset(
         transform: applied to each PIL RGB image.
         **kwargs: ``aircraft``: ``annotation_level`` (variant|family|manufacturer, default variant);
             ``synthetic``: ``num_classes`` (6), ``train_per_class`` (100), ``test_per_class`` (30),
-            ``image_size`` (64), ``seed`` (0).
+            ``image_size`` (64), ``seed`` (0), ``task`` (``mark`` | ``coarse``, see :class:`SyntheticFGVC`).
 
     Raises:
         DatasetFormatError: the layout on disk is not the one expected (missing or malformed index file,
@@ -508,7 +569,7 @@ def build_fgvc_dataset(
     """
     _check_split(name, split)
     allowed = {"aircraft": {"annotation_level"}, "synthetic": {"num_classes", "train_per_class",
-               "test_per_class", "image_size", "seed"}}.get(name, set())
+               "test_per_class", "image_size", "seed", "task"}}.get(name, set())
     extra = sorted(set(kwargs) - allowed)
     if extra:
         raise TypeError(f"{name}: unexpected keyword argument(s) {extra}; accepted: {sorted(allowed)}")

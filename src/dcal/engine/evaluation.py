@@ -20,6 +20,7 @@ from dcal.checkpoint import load_model_state, load_training_state, read_export
 from dcal.distributed import all_gather_cat, all_reduce_sum, broadcast_object
 from dcal.engine.build import autocast, build_datasets, build_model, eval_loader, resolve_device
 from dcal.engine.loop import unpack_batch
+from dcal.mechanism import evaluate_mechanism
 from dcal.model import DCAL
 from dcal.model.dcal import fusion_branches
 
@@ -116,7 +117,9 @@ def evaluate_reid_model(
 
 def evaluate(model: DCAL, sets: dict[str, Dataset], device: torch.device, cfg: DictConfig) -> dict[str, Any]:
     if cfg.task == "fgvc":
-        return evaluate_fgvc(model, eval_loader(cfg, sets["test"]), device, cfg)
+        # with the scores, what the cross-attentions do (mark hits of the selections, PWCA's distractor share)
+        return {**evaluate_fgvc(model, eval_loader(cfg, sets["test"]), device, cfg),
+                **evaluate_mechanism(model, sets["test"], device, cfg)}
     return evaluate_reid_model(model, sets["query"], sets["gallery"], device, cfg)
 
 
