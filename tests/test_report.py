@@ -36,7 +36,7 @@ def test_report_of_one_run(fgvc_run, tmp_path):
     assert cells["last top1_glca"] == f"{epochs[-1]['top1_glca']:.2f}" and cells["epochs"] == "2/2"
     assert cells["train time (min)"] != "-" and cells["finished"] == "True"
     assert "`model.top_r`: 0.10" in md and "![training curves](curves.png)" in md
-    assert "## Started from\n\n- `deit_tiny_patch16_224` from scratch" in md
+    assert "## Started from\n\n- deit_tiny_patch16_224 from scratch" in md
     # the mechanism: a folder set has no mark, but the run has PWCA: its last share per block
     share = epochs[-1]["pwca_share"]
     assert "mark hit" not in md and f"per block {100 * share[0]:.1f}, {100 * share[1]:.1f} (%" in md
@@ -68,7 +68,7 @@ def test_report_mechanism_panel_and_starting_point(fgvc_run, tmp_path):
     assert main(["report", str(fake), "--output-dir", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "rollout 41.0%, last layer 30.0%, chance 5.2%" in md  # epoch 2's values
-    assert f"pretrained by the dcal run `{pre}` (on synthetic (coarse task))" in md
+    assert f"pretrained SA-only by dcal in {pre} (synthetic train, coarse task," in md
     # the mark-hit curves add ink to the mechanism panel (the fifth of six)
     with Image.open(plain / "curves.png") as a, Image.open(tmp_path / "rep" / "curves.png") as b:
         panel = (4 * 450, 0, 5 * 450, 420)

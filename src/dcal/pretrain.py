@@ -140,6 +140,8 @@ def describe_backbone(model: dict[str, Any]) -> str:
             p = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
             d, t = p.get("data") or {}, p.get("train") or {}
             part = f", classes {d['classes']}" if d.get("classes") is not None else ""
+            if d.get("dataset") == "synthetic":
+                part += f", {d.get('synthetic_task', 'mark')} task"
             splits = "+".join(d.get("train_splits") or ["train"])
             return (f"{name} pretrained SA-only by dcal in {source} ({d.get('dataset')} {splits}{part}, "
                     f"{t.get('epochs')} epochs, seed {t.get('seed')})")

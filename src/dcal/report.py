@@ -21,6 +21,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import yaml
 
+from dcal.pretrain import describe_backbone
 from dcal.visualize import save_figure  # sets the Agg backend: files only, no display on servers
 
 BRANCHES = ("sa", "glca", "pwca")
@@ -184,27 +185,6 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
             *("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows)]
 
 
-def started_from(config: dict[str, Any]) -> str:
-    """What a run's backbone started from, from its ``config.yaml``: ``model.pretrained_file`` (a checkpoint,
-    or a ``dcal train`` run folder, whose dataset is named), timm's pretrained weights of ``model.backbone``, or
-    from scratch."""
-    model = config.get("model") or {}
-    backbone = model.get("backbone", "?")
-    file = model.get("pretrained_file")
-    if file:
-        run_config = Path(file) / "config.yaml"
-        if run_config.is_file():
-            data = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("data") or {}
-            dataset = data.get("dataset", "?")
-            if dataset == "synthetic":
-                dataset += f" ({data.get('synthetic_task', 'mark')} task)"
-            return f"`{backbone}` pretrained by the dcal run `{file}` (on {dataset})"
-        return f"`{backbone}` from the pretrained file `{file}`"
-    if model.get("pretrained"):
-        return f"`{backbone}` with timm's pretrained weights"
-    return f"`{backbone}` from scratch (random initialisation)"
-
-
 def mechanism_lines(log: RunLog) -> list[str]:
     """The last evaluated epoch's mechanism values of ``log`` as Markdown list items (none if not measured)."""
     lines = []
@@ -231,8 +211,9 @@ def summary_markdown(logs: Sequence[RunLog], curves: str | None = None) -> str:
     if curves:
         lines += [f"![training curves]({curves})", ""]
     lines += ["## Started from", ""]
-    lines += [f"- {log.label}: {started_from(log.config)}" if len(logs) > 1 else f"- {started_from(log.config)}"
-              for log in logs] + [""]
+    started = [describe_backbone(log.config.get("model") or {}) for log in logs]
+    lines += [f"- {log.label}: {s}" if len(logs) > 1 else f"- {s}" for log, s in zip(logs, started, strict=True)]
+    lines += [""]
     mechanism = [(log, mechanism_lines(log)) for log in logs]
     if any(m for _, m in mechanism):
         lines += ["## Mechanism (last evaluated epoch)", ""]
