@@ -161,15 +161,3 @@ def test_fp16_on_cpu_is_refused_clearly(folder_data, recipe, tmp_path, capsys):
         pytest.skip("fp16 is allowed on CUDA")
     assert main(train_args(recipe, folder_data, tmp_path / "fp16", "train.amp=fp16")) == 2
     assert "bf16" in capsys.readouterr().err
-
-
-def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
-    out = tmp_path / "demo"
-    args = ["demo", "--output-dir", str(out), "train.epochs=1", "data.synthetic_train_per_class=20",
-            "data.synthetic_test_per_class=5"]
-    assert main(args) == 0
-    printed = capsys.readouterr().out
-    assert "SA only" in printed and "DCAL" in printed and "GLCA branch" in printed
-    summary = json.loads((out / "summary.json").read_text())
-    assert {"top1", "top1_sa"} <= set(summary["sa_only"]) and "top1_glca" in summary["dcal"]
-    assert (out / "rollout.png").stat().st_size > 1000

@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source(p)
     p.add_argument("--json", help="also write the metrics to this JSON file")
 
-    p = sub.add_parser("demo", help="train SA-only and DCAL on a generated fine-grained set (CPU, minutes)")
-    p.add_argument("--output-dir", default="runs/demo", help="where both runs and the picture go")
+    p = sub.add_parser("demo", help="pretrain a small ViT, fine-tune SA-only and DCAL on a generated fine-grained "
+                       "set (CPU, minutes)")
+    p.add_argument("--output-dir", default="runs/demo", help="where the runs and the picture go")
+    p.add_argument("--fresh", action="store_true", help="replace the demo's own runs (else finished ones are reused)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
 
     p = sub.add_parser("visualize", help="attention pictures: SA rollout + GLCA queries, GLCA and PWCA attention")
@@ -164,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> Any:
 def cmd_demo(args: argparse.Namespace) -> Any:
     from dcal.demo import run_demo
 
-    return run_demo(args.output_dir, args.overrides)
+    return run_demo(args.output_dir, args.overrides, fresh=args.fresh)
 
 
 def cmd_visualize(args: argparse.Namespace) -> Any:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from dcal.config import load_config
+from dcal.pretrain import SA_ONLY
 
 # The embedded default: a 6-block, 96-dim ViT with 8x8 patches (64 tokens at 64x64), the same for both stages.
 DEMO_OVERRIDES = [
@@ -56,16 +57,14 @@ DEMO_OVERRIDES = [
     "train.workers=0",
     "train.seed=0",
 ]
-# stage 1 only: the generic task, SA only (an SA-only backbone is what a pretrained checkpoint is)
-PRETRAIN_OVERRIDES = ["data.synthetic_task=coarse", "model.glca_blocks=0", "model.pwca_blocks=0", "eval.fusion=sa"]
-SA_ONLY = ["model.glca_blocks=0", "model.pwca_blocks=0", "eval.fusion=sa"]
 VARIANTS = ("sa_only", "dcal")
 DEMO_FILES = ("rollout.png", "summary.json")  # besides the runs: what --fresh removes
+FRESH_HINT = "run `dcal demo --fresh` to replace the demo's runs (or choose another --output-dir)"
 
 
-def pretrain_config(output_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+def demo_pretrain_config(output_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Stage 1's config: the demo ViT, SA-only, on the ``coarse`` task, writing to ``output_dir/pretrain``."""
-    return load_config(None, [*DEMO_OVERRIDES, *overrides, *PRETRAIN_OVERRIDES,
+    return load_config(None, [*DEMO_OVERRIDES, *overrides, "data.synthetic_task=coarse", *SA_ONLY,
                               f"output_dir={Path(output_dir) / 'pretrain'}"])
 
 
@@ -74,7 +73,7 @@ def demo_config(output_dir: str | Path, variant: str, overrides: list[str] | tup
     ``mark`` task, writing to ``output_dir/variant``."""
     if variant not in VARIANTS:
         raise ValueError(f"demo variant must be one of {VARIANTS}, got {variant!r}")
-    blocks = SA_ONLY if variant == "sa_only" else []
+    blocks = list(SA_ONLY) if variant == "sa_only" else []
     return load_config(None, [*DEMO_OVERRIDES, *overrides, *blocks, "data.synthetic_task=mark",
                               f"model.pretrained_file={Path(output_dir) / 'pretrain'}",
                               f"output_dir={Path(output_dir) / variant}"])
@@ -110,6 +109,23 @@ def mechanism_line(sa: dict[str, Any], dc: dict[str, Any]) -> str:
     return "mechanism (first test images): " + "; ".join(parts) if parts else ""
 
 
+def fine_tune(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train the run ``cfg`` into its ``output_dir``, or, when a run is there, continue it (``fit`` with resume:
+    a finished run is reused as it is, an interrupted one resumed, one of another config refused); returns its
+    final record."""
+    from dcal.engine import fit
+    from dcal.run_folder import ResumeConfigError
+
+    folder = Path(cfg.output_dir)
+    if not (folder / "last.pth").is_file():
+        return fit(cfg)
+    log(f"{folder} holds a run: reusing it if finished, resuming it if not")
+    try:
+        return fit(cfg, resume=True)
+    except ResumeConfigError as e:
+        raise ResumeConfigError(f"{e}; {FRESH_HINT}") from None
+
+
 def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[str, ...] = (),
              num_images: int = 6, fresh: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Pretrain (or reuse) the backbone, fine-tune (or reuse) SA-only and DCAL from it, print their test
@@ -118,7 +134,8 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
     own runs."""
     from dcal.data.transforms import config_mean_std
     from dcal.engine import build_datasets, load_for_eval
-    from dcal.pretrain import ensure_pretrained, train_or_reuse
+    from dcal.pretrain import ensure_pretrained, pretrain_state
+    from dcal.run_folder import RunLockedError
     from dcal.visualize import attention_rows, denormalize, rollout_maps, save_attention_figure
 
     output_dir = Path(output_dir)
@@ -128,13 +145,26 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
             f"--fresh: no demo runs in {output_dir} yet")
     t0 = time.perf_counter()
     log("\n=== stage 1: pretraining the ViT SA-only on the generic coarse task (shape x texture, no marks) ===")
-    ensure_pretrained(pretrain_config(output_dir, overrides), log=log)
+    pre = demo_pretrain_config(output_dir, overrides)
+    try:
+        if pretrain_state(pre) != "finished":
+            # fine-tuning runs of an earlier backbone (the demo's own) would be reused: they go
+            stale = [output_dir / v for v in VARIANTS if (output_dir / v).is_dir()]
+            for folder in stale:
+                shutil.rmtree(folder)
+            if stale:
+                log(f"a new backbone: removed the fine-tuning runs of the old one ({', '.join(map(str, stale))})")
+        ensure_pretrained(pre, log=log)
+    except RunLockedError:
+        raise  # another process trains there: nothing to replace
+    except FileExistsError as e:  # a pretraining run of another config
+        raise FileExistsError(f"{e}; {FRESH_HINT}") from None
     results = {}
     for variant in VARIANTS:
         cfg = demo_config(output_dir, variant, overrides)
-        log(f"\n=== stage 2, {variant}: fine-tuning from {cfg.model.pretrained_file} on the mark task, "
+        log(f"\n=== stage 2, {variant}: fine-tuning {cfg.model.pretrained_file} on the mark task, "
             f"{cfg.model.glca_blocks} GLCA block(s), {cfg.model.pwca_blocks} PWCA block(s) ===")
-        results[variant] = train_or_reuse(cfg, log=log)
+        results[variant] = fine_tune(cfg, log=log)
     sa, dc = results["sa_only"], results["dcal"]
     lines = [
         "",

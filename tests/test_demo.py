@@ -1,0 +1,77 @@
+"""dcal demo: both stages at a tiny size, the second run reuses every run, a stale config is refused with the way
+out, --fresh removes the demo's own runs and nothing else; its configs match configs/demo*.yaml."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from dcal.cli import main
+from dcal.config import to_yaml
+from dcal.demo import demo_config, demo_pretrain_config, remove_demo_runs
+
+# a 2-block ViT on 60 + 60 generated 32-pixel images, one epoch per stage
+TINY = ["train.epochs=1", "data.synthetic_train_per_class=10", "data.synthetic_test_per_class=4",
+        "data.synthetic_image_size=32", "data.resize=36", "model.img_size=32",
+        "model.timm_kwargs={depth: 2, embed_dim: 48, num_heads: 3, patch_size: 8}", "model.pwca_blocks=2"]
+
+
+def test_demo_stage_configs():
+    pre = demo_pretrain_config("runs/x", TINY)
+    assert (pre.data.synthetic_task, pre.model.glca_blocks, pre.model.pwca_blocks) == ("coarse", 0, 0)
+    assert pre.output_dir == "runs/x/pretrain"
+    sa, dc = demo_config("runs/x", "sa_only", TINY), demo_config("runs/x", "dcal", TINY)
+    for cfg in (sa, dc):
+        assert cfg.data.synthetic_task == "mark" and cfg.model.pretrained_file == "runs/x/pretrain"
+    assert (sa.model.glca_blocks, sa.model.pwca_blocks, dc.model.glca_blocks, dc.model.pwca_blocks) == (0, 0, 1, 2)
+    # one recipe: the variants differ in the blocks (and SA-only's fusion) only
+    same = {k for k in dc.train if sa.train[k] != dc.train[k]}
+    assert not same and sa.data == dc.data and pre.train == dc.train
+
+
+def test_demo_trains_then_reuses_then_refuses_a_stale_config(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output-dir", str(out), *TINY]) == 0
+    first = capsys.readouterr().out
+    assert "training the SA-only run" in first and "SA only" in first and "GLCA branch" in first
+    assert "mechanism (first test images): mark hit of the top-R patches" in first and "PWCA share" in first
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"top1", "top1_sa", "mark_hit_rollout"} <= set(summary["sa_only"]) and "pwca_share" in summary["dcal"]
+    assert (out / "rollout.png").stat().st_size > 1000
+    metrics = {v: (out / v / "metrics.jsonl").read_text() for v in ("pretrain", "sa_only", "dcal")}
+
+    assert main(["demo", "--output-dir", str(out), *TINY]) == 0
+    second = capsys.readouterr().out
+    assert "pretrained backbone: reusing" in second and second.count("already finished") == 2
+    assert "fgvc:" not in second  # nothing trained
+    assert {v: (out / v / "metrics.jsonl").read_text() for v in metrics} == metrics
+
+    assert main(["demo", "--output-dir", str(out), *TINY, "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs: 1 -> 2" in err and "dcal demo --fresh" in err
+
+
+def test_fresh_removes_the_demo_runs_only(tmp_path):
+    for name in ("pretrain", "sa_only", "dcal", "mine"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("{}\n")
+    for name in ("rollout.png", "summary.json", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    removed = remove_demo_runs(tmp_path)
+    assert sorted(p.name for p in removed) == ["dcal", "pretrain", "rollout.png", "sa_only", "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
+    assert remove_demo_runs(tmp_path) == []
+
+
+def test_a_stale_run_is_refused_before_training(tmp_path, capsys):
+    """A pretraining folder of another config stops the demo at once, naming the key and --fresh."""
+    cfg = demo_pretrain_config(tmp_path, TINY)
+    saved = yaml.safe_load(to_yaml(cfg))
+    saved["train"]["seed"] = 7
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["demo", "--output-dir", str(tmp_path), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "train.seed: 7 -> 0" in err and "dcal demo --fresh" in err
+    assert sorted(p.name for p in (tmp_path / "pretrain").iterdir()) == ["config.yaml"]  # nothing written
