@@ -45,14 +45,16 @@ def test_committed_files_match_the_generator() -> None:
         dataset, backbone = path.stem.split("_", 1)
         stride = 12 if backbone.endswith("_stride12") else None
         assert path.read_text() == gen.reid_recipe(dataset, backbone.removesuffix("_stride12"), stride), path
-    assert (CONFIGS / "demo.yaml").read_text() == gen.DEMO.format(**gen.DEMO_VALUES)
+    for stage in ("demo_pretrain", "demo"):
+        assert (CONFIGS / f"{stage}.yaml").read_text() == gen.demo_recipe(stage), stage
 
 
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_yaml_loads_and_validates(path: Path) -> None:
     cfg = load_config(path)
     by_folder = {"fgvc": "fgvc", "reid": "reid"}
-    by_file = {"demo": "fgvc", "cub100_small_vit": "fgvc", "mars_mini_small_vit": "reid"}
+    by_file = {"demo": "fgvc", "cub100_small_vit": "fgvc", "mars_mini_small_vit": "reid", "cub51_100_pretrain": "fgvc",
+               "cub1_50_finetune": "fgvc", "mars_mini_finetune": "reid", "demo_pretrain": "fgvc"}
     assert cfg.task == by_folder.get(path.parent.name, by_file.get(path.stem))
     assert cfg.train.lr > 0 and 0 < cfg.model.top_r <= 1
     if path.parent.name == "fgvc":
@@ -178,8 +180,9 @@ def test_dataset_kwargs_and_demo() -> None:
 
 
 def test_demo_recipe_file_matches_the_embedded_demo() -> None:
-    """configs/demo.yaml (for `dcal train`) and dcal.demo's embedded default (for `dcal demo`) must not drift."""
-    from dcal.demo import demo_config
+    """configs/demo_pretrain.yaml and configs/demo.yaml (for `dcal train`) and dcal.demo's embedded stages (for
+    `dcal demo`) must not drift; demo.yaml names the pretraining recipe where the demo names its run folder."""
+    from dcal.demo import demo_config, demo_pretrain_config
 
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
@@ -190,7 +193,11 @@ def test_demo_recipe_file_matches_the_embedded_demo() -> None:
                 out[prefix + k] = v
         return out
 
-    recipe = flat(OmegaConf.to_container(load_config(CONFIGS / "demo.yaml")))
-    embedded = flat(OmegaConf.to_container(demo_config("runs/demo", "dcal")))
-    differing = {k for k in recipe if recipe[k] != embedded[k]} - {"output_dir", "train.log_every"}
-    assert not differing, {k: (recipe[k], embedded[k]) for k in differing}
+    ignored = {"output_dir", "train.log_every", "model.pretrain", "model.pretrained_file"}
+    for stage, embedded_cfg in (("demo_pretrain", demo_pretrain_config("runs/demo")),
+                                ("demo", demo_config("runs/demo", "dcal"))):
+        recipe = flat(OmegaConf.to_container(load_config(CONFIGS / f"{stage}.yaml")))
+        embedded = flat(OmegaConf.to_container(embedded_cfg))
+        differing = {k for k in recipe if recipe[k] != embedded[k]} - ignored
+        assert not differing, (stage, {k: (recipe[k], embedded[k]) for k in differing})
+    assert load_config(CONFIGS / "demo.yaml").model.pretrain == "configs/demo_pretrain.yaml"
