@@ -31,6 +31,10 @@ def build_datasets(cfg: DictConfig, train: bool = True) -> dict[str, Dataset]:
     if train:
         tf = build_transforms_from_config(cfg, train=True)
         sets = {"train": build_dataset(cfg.data.dataset, cfg.data.root, "train", transform=tf, **kw), **sets}
+        if sets["train"].num_classes < 2:  # a classifier of one class learns nothing (and its loss is 0)
+            kind = "class(es)" if cfg.task == "fgvc" else "identity(ies)"
+            raise ValueError(f"training set in {cfg.data.root} has {sets['train'].num_classes} {kind}: at least 2 "
+                             "are needed")
     if cfg.task == "reid":
         from dcal.data.reid import check_query_gallery
 
