@@ -504,7 +504,8 @@ def validate(cfg: DictConfig) -> None:
             close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             _fail(key, f"must be one of {', '.join(choices)}; got {value!r}{hint}")
-    for key in _float_keys():  # NaN passes every `x <= 0` check below, inf most of them
+    # NaN passes every `x <= 0` check below, inf most of them; base_lr first: a derived train.lr comes from it
+    for key in sorted(_float_keys(), key=lambda k: k != "train.base_lr"):
         value = OmegaConf.select(cfg, key)
         items = [] if value is None else list(value) if OmegaConf.is_list(value) else [value]
         if not all(math.isfinite(v) for v in items):
