@@ -6,6 +6,7 @@ from __future__ import annotations
 import pathlib
 import resource
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,7 @@ def test_timm_kwargs_typo_suggests_the_key():
     ("{num_heads: true}", "num_heads' expects int"),
     ("{img_size: 64}", "use model.img_size"),
     ("{class_token: false}", "class_token' is not an allowed timm argument"),
+    ("{embed_dim: 50, num_heads: 3}", r"embed_dim' \(50\) must be divisible by num_heads \(3\)"),
 ])
 def test_timm_kwargs_types_and_ranges(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -367,6 +369,24 @@ def test_damaged_model_files_get_one_line(tmp_path, tiny, capsys, kind, match):
     for argv in (["eval", "--checkpoint", str(path)], ["predict", "--checkpoint", str(path), str(tmp_path)]):
         err = one_line_error(capsys, argv)
         assert str(path) in err and match in err
+
+
+def test_a_compressed_pth_cannot_expand_beyond_its_size(tmp_path, tiny, capsys):
+    """torch.load inflates deflated zip entries: 40 MB of zeros in a ~50 kB file. torch.save never compresses,
+    so such a file is refused before torch.load, as a checkpoint and as a pretrained_file."""
+    values, model = tiny
+    plain, path = tmp_path / "plain.pth", tmp_path / "deflated.pth"
+    torch.save({"model": {**model.state_dict(), "pad": torch.zeros(10_000_000)}, "config": yaml.safe_dump(values)},
+               plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        for entry in src.infolist():
+            out.writestr(entry.filename, src.read(entry.filename))
+    assert path.stat().st_size < 1 << 20
+    err = one_line_error(capsys, ["eval", "--checkpoint", str(path)])
+    assert str(path) in err and "holds compressed entries" in err
+    with pytest.raises(ValueError, match=r"pretrained_file '.*deflated\.pth' holds compressed entries"):
+        dcal.create_model("deit_tiny_patch16_224", num_classes=3, img_size=32, depth=2, embed_dim=48, num_heads=3,
+                          pwca_blocks=2, pretrained_file=path)
 
 
 def test_a_pth_with_code_is_refused_naming_weights_only(tmp_path, capsys):

@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -115,12 +116,32 @@ def error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
+def check_torch_archive(path: Path, what: str = "checkpoint", require_zip: bool = True) -> None:
+    """Refuse a ``torch.save`` zip archive whose entries are compressed or larger in all than the file: torch.save
+    stores them uncompressed, and torch.load inflates compressed ones, so such a file could make a few kilobytes
+    allocate gigabytes. ``require_zip``: also refuse files that are not zip archives (empty, truncated, the
+    pre-1.6 format, another format)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        if require_zip:
+            raise ValueError(f"{what} {str(path)!r} is truncated or not a PyTorch checkpoint (not the zip archive "
+                             f"torch.save writes: {error_line(e)})") from e
+        return
+    compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if compressed or sum(e.file_size for e in entries) > path.stat().st_size:
+        raise ValueError(f"{what} {str(path)!r} holds compressed entries ({', '.join(compressed[:3]) or 'sizes'}"
+                         "): not written by torch.save; refused, it could expand far beyond its size")
+
+
 def load_training_state(path: str | Path) -> dict[str, Any]:
     """A ``.pth`` training checkpoint, read with ``torch.load(weights_only=True)`` (no code runs); a file that is
-    not one (empty, truncated, another format, pickled objects) is refused in one line naming it."""
+    not one (empty, truncated, another format, compressed, pickled objects) is refused in one line naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    check_torch_archive(path)
     try:
         with torch.serialization.safe_globals(_OLD_RNG_GLOBALS):
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -231,13 +252,16 @@ class StoredModel:
             raise FileNotFoundError(f"checkpoint {str(self.path)!r} does not exist")
         self._state: dict[str, torch.Tensor] | None = None
         if self.path.suffix == ".safetensors":
-            meta = safetensors_metadata(self.path)
+            try:
+                with safe_open(str(self.path), framework="pt") as f:
+                    meta = dict(f.metadata() or {})
+                    self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            except Exception as e:  # noqa: BLE001 - SafetensorError (header), OSError: re-raised naming the file
+                raise _safetensors_error(self.path, e) from e
             if "config" not in meta:
                 raise ValueError(f"{str(self.path)!r} has no dcal config in its metadata (not written by dcal train)")
             self.config_yaml = meta["config"]
             self.extra = export_extra(self.path, meta)
-            with safe_open(str(self.path), framework="pt") as f:
-                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         else:
             ckpt = load_training_state(self.path)
             self._state, self.config_yaml, self.extra = ckpt["model"], ckpt["config"], {}

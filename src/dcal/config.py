@@ -304,7 +304,8 @@ def read_yaml(text: str, source: str) -> dict[str, Any]:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{source} is not a valid dcal config: {problem}{where}") from None
     if values is None:
-        raise ConfigError(f"{source} is empty: expected a mapping of config sections (data:, model:, train:, ...)")
+        raise ConfigError(f"{source} is empty (no keys, perhaps cut short): expected a mapping of config sections "
+                          "(data:, model:, train:, ...); write {} to take every default")
     if not isinstance(values, dict):
         raise ConfigError(f"{source} holds a YAML {type(values).__name__}, expected a mapping of config sections "
                           "(data:, model:, train:, ...)")
@@ -403,6 +404,7 @@ def _size(value: Any, key: str, allow_none: bool) -> int | list[int] | None:
         if allow_none:
             return None
         raise ConfigError(f"config key {key!r} expects int or [H, W], got None")
+
     def side(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_IMG_SIDE
 
@@ -494,6 +496,9 @@ def check_timm_kwargs(kwargs: Any, key: str = "model.timm_kwargs") -> None:
             _fail(dotted, f"expects {kind.__name__}{null}, got {value!r}")
         if not (math.isfinite(value) and low <= value <= high):
             _fail(dotted, f"must be in [{low}, {high}]{null}; got {value!r}")
+    dim, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
+    if dim is not None and heads is not None and dim % heads:
+        _fail(f"{key}.embed_dim", f"({dim}) must be divisible by num_heads ({heads})")
 
 
 def validate(cfg: DictConfig) -> None:

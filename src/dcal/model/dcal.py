@@ -30,7 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dcal.checkpoint import error_line
+from dcal.checkpoint import check_torch_archive, error_line
 from dcal.model.attention import (
     check_block,
     explicit_attention_active,
@@ -546,6 +546,8 @@ def load_pretrained_file(vit: VisionTransformer, path: str | Path) -> None:
                              f"({error_line(e)})") from e
         _reset_head(vit)
         return
+    if path.suffix != ".safetensors":
+        check_torch_archive(path, "pretrained_file", require_zip=False)  # older .pth formats are left to torch
     try:
         state = timm.models.load_state_dict(str(path), weights_only=True)
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
