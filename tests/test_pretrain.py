@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from dcal.ablation import run_ablation
 from dcal.config import load_config
-from dcal.model.dcal import create_model, load_pretrained_file
+from dcal.engine.build import build_model
 from dcal.pretrain import describe_backbone, ensure_pretrained, pretrain_config, resolve_pretrain
+from dcal.run_folder import backbone_weights
 
 DATA = ("data: {dataset: synthetic, root: unused, resize: 36, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25], "
         "synthetic_num_classes: 3, synthetic_train_per_class: 6, synthetic_test_per_class: 2, "
@@ -63,8 +64,7 @@ def test_finetuning_starts_from_the_last_epoch_backbone(recipes, tmp_path):
     cfg = resolve_pretrain(load_config(fine, [f"output_dir={tmp_path / 'runs' / 'ft'}"]), log=print)
     run = tmp_path / "runs" / "pretrain" / "pre"
     assert cfg.model.pretrain is None and cfg.model.pretrained_file == str(run)
-    model = create_model("deit_tiny_patch16_224", num_classes=7, img_size=32, depth=2, embed_dim=32, num_heads=2,
-                         patch_size=8, pwca_blocks=2, pretrained_file=cfg.model.pretrained_file)
+    model = build_model(load_config(fine, ["model.pretrain=null", f"model.pretrained_file={run}"]), 7)
     saved = load_file(str(run / "last.safetensors"))
     for k, v in model.backbone.state_dict().items():
         if not k.startswith("head."):
@@ -74,10 +74,8 @@ def test_finetuning_starts_from_the_last_epoch_backbone(recipes, tmp_path):
 
 
 def test_pretrained_file_folder_without_export_is_refused(tmp_path):
-    vit = create_model("deit_tiny_patch16_224", num_classes=2, img_size=32, depth=1, embed_dim=32, num_heads=2,
-                       pwca_blocks=1, patch_size=8).backbone
     with pytest.raises(FileNotFoundError, match="without last.safetensors"):
-        load_pretrained_file(vit, tmp_path)
+        backbone_weights(tmp_path)
 
 
 def test_ablation_fine_tunes_every_variant_from_one_backbone(recipes, tmp_path):

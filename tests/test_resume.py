@@ -35,7 +35,7 @@ TOL = dict(rtol=0.0, atol=0.0)  # bit-exact: same ops, same order, same RNG stre
 def dcal_train(out: Path, *extra: str, delay: float = 0.0) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), STEP_DELAY_ENV: str(delay)}
     recipe = out.parent / "recipe.yaml"
-    recipe.write_text("# all keys are given on the command line\n")
+    recipe.write_text("{}  # all keys are given on the command line\n")
     cmd = [sys.executable, "-m", "dcal", "train", "--config", str(recipe), f"output_dir={out}", *RECIPE, *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

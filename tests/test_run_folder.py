@@ -30,7 +30,7 @@ ONE_EPOCH = [*RECIPE, "train.epochs=1", "train.save_every_steps=0"]
 
 def train(out: Path, *extra: str) -> int:
     recipe = out.parent / "recipe.yaml"
-    recipe.write_text("# all keys are given on the command line\n")
+    recipe.write_text("{}  # all keys are given on the command line\n")
     return main(["train", "--config", str(recipe), f"output_dir={out}", *ONE_EPOCH, *extra])
 
 

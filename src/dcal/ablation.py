@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from dcal.config import ConfigError, load_config, to_yaml
+from dcal.config import ConfigError, load_config, read_yaml, to_yaml
 from dcal.run_folder import CONFIG, LAST, METRICS, discard_unsaved_start
 
 NO_GLCA = {"model.glca_blocks": 0, "eval.fusion": "sa"}
@@ -152,7 +152,7 @@ def _check_same_config(run_dir: Path, cfg: Any) -> None:
     saved = run_dir / CONFIG
     if not saved.is_file():
         return
-    old, new = yaml.safe_load(saved.read_text(encoding="utf-8")), yaml.safe_load(to_yaml(cfg))
+    old, new = read_yaml(saved.read_text(encoding="utf-8"), str(saved)), yaml.safe_load(to_yaml(cfg))
     old.pop("output_dir", None)
     new.pop("output_dir", None)
     if old != new:

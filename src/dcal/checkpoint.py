@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -130,44 +132,94 @@ def save_training_state(path: str | Path, **state: Any) -> None:
     atomic_write(Path(path), write)
 
 
+def error_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none (``EOFError()``)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def check_torch_archive(path: Path, what: str = "checkpoint", require_zip: bool = True) -> None:
+    """Refuse a ``torch.save`` zip archive whose entries are compressed or larger in all than the file: torch.save
+    stores them uncompressed, and torch.load inflates compressed ones, so such a file could make a few kilobytes
+    allocate gigabytes. ``require_zip``: also refuse files that are not zip archives (empty, truncated, the
+    pre-1.6 format, another format)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        if require_zip:
+            raise ValueError(f"{what} {str(path)!r} is truncated or not a PyTorch checkpoint (not the zip archive "
+                             f"torch.save writes: {error_line(e)})") from e
+        return
+    compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if compressed or sum(e.file_size for e in entries) > path.stat().st_size:
+        raise ValueError(f"{what} {str(path)!r} holds compressed entries ({', '.join(compressed[:3]) or 'sizes'}"
+                         "): not written by torch.save; refused, it could expand far beyond its size")
+
+
 def load_training_state(path: str | Path) -> dict[str, Any]:
+    """A ``.pth`` training checkpoint, read with ``torch.load(weights_only=True)`` (no code runs); a file that is
+    not one (empty, truncated, another format, compressed, pickled objects) is refused in one line naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    check_torch_archive(path)
     try:
         with torch.serialization.safe_globals(_OLD_RNG_GLOBALS):
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise ValueError(f"checkpoint {str(path)!r} is truncated or not a PyTorch checkpoint "
+                             f"({error_line(e)})") from e
         raise ValueError(
-            f"checkpoint {str(path)!r} could not be read safely (weights_only=True: tensors and plain values only; "
-            f"files of dcal < 0.2 or of other tools may hold pickled objects): {str(e).splitlines()[0]}"
+            f"checkpoint {str(path)!r} holds pickled objects other than tensors and plain values; refused "
+            "(weights_only=True loading: files of dcal < 0.2 or of other tools may hold them)"
         ) from e
+    except Exception as e:  # noqa: BLE001 - zip/pickle/EOF errors of a damaged file, re-raised naming it
+        raise ValueError(f"checkpoint {str(path)!r} is truncated or not a PyTorch checkpoint "
+                         f"({error_line(e)})") from e
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {str(path)!r} is not a dcal training checkpoint: it holds a "
                          f"{type(state).__name__}")
     missing = [k for k in ("model", "config") if k not in state]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} is not a dcal training checkpoint: it lacks {missing}")
+    model, config = state["model"], state["config"]
+    if not isinstance(config, str) or not isinstance(model, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise ValueError(f"checkpoint {str(path)!r} is not a dcal training checkpoint: 'model' must map names to "
+                         "tensors and 'config' must be YAML text")
     return state
+
+
+def mismatches(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """What keeps a state of tensor ``shapes`` from loading into ``model``: the keys the state lacks or has in
+    excess and every shape that differs (state vs model), as message parts; empty when it fits."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(own) - set(shapes))
+    unexpected = sorted(set(shapes) - set(own))
+    differ = [f"{k}: checkpoint {shapes[k]} vs model {own[k]}" for k in own if k in shapes and shapes[k] != own[k]]
+    return [f"{len(items)} {what}: " + ", ".join(items[:MAX_LISTED]) +
+            (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
+            for what, items in (("shape mismatch(es)", differ), ("key(s) missing from the checkpoint", missing),
+                                ("unexpected key(s) in the checkpoint", unexpected)) if items]
+
+
+def check_fits(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], source: str | Path) -> None:
+    """A :class:`CheckpointMismatchError` listing :func:`mismatches` unless a state of ``shapes`` fits ``model``
+    (which may live on the ``meta`` device: only shapes are compared)."""
+    parts = mismatches(model, shapes)
+    if parts:
+        raise CheckpointMismatchError(
+            f"checkpoint {str(source)!r} does not fit this model (another backbone, image size or class count?): "
+            + " | ".join(parts)
+        )
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
     """``model.load_state_dict(state)``, or a :class:`CheckpointMismatchError` that lists every key the
     checkpoint lacks or has in excess and every shape that differs (checkpoint vs model)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f"{len(items)} {what}: " + ", ".join(items[:MAX_LISTED]) +
-                 (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
-                 for what, items in (("shape mismatch(es)", shapes), ("key(s) missing from the checkpoint", missing),
-                                     ("unexpected key(s) in the checkpoint", unexpected)) if items]
-        raise CheckpointMismatchError(
-            f"checkpoint {str(source)!r} does not fit this model (another backbone, image size or class count?): "
-            + " | ".join(parts)
-        )
+    check_fits(model, {k: tuple(v.shape) for k, v in state.items()}, source)
     model.load_state_dict(state)
 
 
@@ -186,14 +238,71 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadat
     return path
 
 
+def _safetensors_error(path: Path, e: Exception) -> ValueError:
+    return ValueError(f"weights file {str(path)!r} is truncated or not a safetensors file ({error_line(e)})")
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a ``.safetensors`` file (no tensor is read); a damaged file is refused naming it."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - SafetensorError (header), OSError: re-raised naming the file
+        raise _safetensors_error(path, e) from e
+
+
+def export_extra(path: str | Path, meta: dict[str, str]) -> dict[str, Any]:
+    """The ``extra`` mapping :func:`export_weights` stored (class names, ...), checked."""
+    try:
+        extra = json.loads(meta.get("extra", "{}"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"weights file {str(path)!r}: its 'extra' metadata is not JSON ({e})") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"weights file {str(path)!r}: its 'extra' metadata is not a JSON object")
+    return extra
+
+
+class StoredModel:
+    """A model file's config text and tensor shapes, read without reading a ``.safetensors`` file's tensors: the
+    model it describes can be checked against the shapes (on the ``meta`` device) before any memory is spent, so
+    a small file cannot make dcal allocate more than it holds. :meth:`state_dict` then reads the tensors."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"checkpoint {str(self.path)!r} does not exist")
+        self._state: dict[str, torch.Tensor] | None = None
+        if self.path.suffix == ".safetensors":
+            try:
+                with safe_open(str(self.path), framework="pt") as f:
+                    meta = dict(f.metadata() or {})
+                    self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            except Exception as e:  # noqa: BLE001 - SafetensorError (header), OSError: re-raised naming the file
+                raise _safetensors_error(self.path, e) from e
+            if "config" not in meta:
+                raise ValueError(f"{str(self.path)!r} has no dcal config in its metadata (not written by dcal train)")
+            self.config_yaml = meta["config"]
+            self.extra = export_extra(self.path, meta)
+        else:
+            ckpt = load_training_state(self.path)
+            self._state, self.config_yaml, self.extra = ckpt["model"], ckpt["config"], {}
+            self.shapes = {k: tuple(v.shape) for k, v in self._state.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self._state is None:
+            try:
+                with safe_open(str(self.path), framework="pt") as f:
+                    self._state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+            except Exception as e:  # noqa: BLE001 - the file changed or a tensor is damaged
+                raise _safetensors_error(self.path, e) from e
+        return self._state
+
+
 def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
     """(state dict, config YAML, extra) of a file written by :func:`export_weights`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if "config" not in meta:
-            raise ValueError(f"{str(path)!r} has no dcal config in its metadata (not written by dcal train)")
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
-    return state, meta["config"], json.loads(meta.get("extra", "{}"))
+    stored = StoredModel(path)
+    return stored.state_dict(), stored.config_yaml, stored.extra

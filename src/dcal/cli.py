@@ -29,6 +29,13 @@ class _IntermixedParser(argparse.ArgumentParser):
             self._inner = False
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: an int >= 1."""
+    if not text.strip().lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expects an int >= 1, got {text!r}")
+    return int(text)
+
+
 def _add_source(p: argparse.ArgumentParser, overrides: bool = True, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--run", help="a run directory written by 'dcal train' (uses best, else last, weights)")
@@ -85,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("visualize", help="attention pictures: SA rollout + GLCA queries, GLCA and PWCA attention")
     _add_source(p)
-    p.add_argument("--num-images", type=int, default=8)
+    p.add_argument("--num-images", type=_at_least_one, default=8)
     p.add_argument("--images", nargs="+", default=None, help="your own image files/folders (default: test images)")
     p.add_argument("--output", default=None, help="PNG path (default: <run>/rollout.png or ./rollout.png)")
 
@@ -107,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", required=True, help="query folder, or a features file from 'dcal embed'")
     p.add_argument("--gallery", required=True, help="gallery folder, or a features file from 'dcal embed'")
     p.add_argument("--output-dir", default="search", help="ranking.csv, metrics.json, visrank/ (default ./search)")
-    p.add_argument("--max-rank", type=int, default=50, help="ranked gallery items per query in the CSV")
+    p.add_argument("--max-rank", type=_at_least_one, default=50, help="ranked gallery items per query in the CSV")
     p.add_argument("--num-vis", type=int, default=100, help="queries drawn with their top-10 (-1: all, 0: none)")
     p.add_argument("--metric", default="euclidean", choices=("euclidean", "cosine"))
     p.add_argument("--save-gallery", help="also save the gallery features here, to reuse them in later searches")

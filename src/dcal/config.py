@@ -13,6 +13,11 @@ matches), then derives the task defaults:
 
 and validates choices and ranges. The result is a read-only-keyed (struct) ``DictConfig``; its values after
 derivation are what a run used, so :func:`save_config` writes a file that reloads to the same config.
+
+Recipes and the configs stored in checkpoints are untrusted text, read the same way (:func:`read_yaml`,
+:func:`load_saved_config`): YAML without anchors/aliases or duplicate keys, no OmegaConf interpolation
+(``${...}``), ``model.backbone`` a plain timm model name, ``model.timm_kwargs`` an allow-list of architecture keys
+(:data:`TIMM_KWARGS`: nothing that makes timm read a file or the network), every number finite and in range.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,6 +58,41 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.reid_feature": ("before_bn", "after_bn"),
     "eval.metric": ("euclidean", "cosine"),
 }
+
+# A timm model name, optionally with a pretrained tag (``vit_base_patch16_224.augreg_in21k``): no ``hf-hub:`` /
+# ``local-dir:`` prefix, no path, so that the name alone never makes timm read a file or a hub config.
+BACKBONE_NAME = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)?")
+MAX_BLOCKS = 128  # depth and model.glca_blocks: ViT-22B has 48 blocks
+MAX_IMG_SIDE = 8192  # model.img_size / data.resize sides (8192 / 16 = 512 x 512 patches, beyond any attention)
+MAX_SYNTHETIC_BYTES = 4 << 30  # the synthetic set is generated in memory at construction
+
+# model.timm_kwargs: key -> (type, low, high, nullable); ints and floats in [low, high] (floats finite), bools as
+# bools. Only architecture keys of timm's VisionTransformer that DCAL can use: nothing that loads (checkpoint_path,
+# pretrained_cfg, pretrained_cfg_overlay, cache_dir, ...: timm would read, even unpickle, another file), nothing
+# DCAL refuses (class_token, global_pool, reg_tokens, dynamic_img_size, patch_drop_rate), no callables.
+TIMM_KWARGS: dict[str, tuple[type, float, float, bool]] = {
+    "depth": (int, 1, MAX_BLOCKS, False),
+    "embed_dim": (int, 1, 16384, False),
+    "num_heads": (int, 1, 256, False),
+    "patch_size": (int, 1, 1024, False),
+    "mlp_ratio": (float, 1e-3, 64.0, False),
+    "qkv_bias": (bool, 0, 0, False),
+    "qk_norm": (bool, 0, 0, False),
+    "proj_bias": (bool, 0, 0, False),
+    "scale_attn_norm": (bool, 0, 0, False),
+    "scale_mlp_norm": (bool, 0, 0, False),
+    "init_values": (float, 1e-12, 10.0, True),  # layer scale; null = none
+    "no_embed_class": (bool, 0, 0, False),
+    "pre_norm": (bool, 0, 0, False),
+    "final_norm": (bool, 0, 0, False),
+    "fc_norm": (bool, 0, 0, True),  # null = timm's default for the pooling
+    "drop_rate": (float, 0.0, 0.999, False),
+    "pos_drop_rate": (float, 0.0, 0.999, False),
+    "proj_drop_rate": (float, 0.0, 0.999, False),
+    "attn_drop_rate": (float, 0.0, 0.999, False),
+}
+OWN_KEYS = {"img_size": "model.img_size", "drop_path_rate": "model.drop_path_rate", "num_classes": "data.num_classes",
+            "pretrained": "model.pretrained"}  # timm arguments that have their own config key
 
 
 class ConfigError(ValueError):
@@ -236,6 +278,65 @@ def _annotation_of(dotted: str) -> Any:
     return tp
 
 
+class _StrictYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors/aliases (a few nested aliases expand to billions of nodes) and
+    duplicate keys (the later one would silently replace a whole earlier section)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.MarkedYAMLError(problem="anchors and aliases (&name, *name) are not allowed",
+                                       problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        self.flatten_mapping(node)  # merge keys (<<) first: SafeLoader does the same before constructing
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                break
+            if duplicate:
+                raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str, source: str) -> dict[str, Any]:
+    """A config mapping from YAML ``text`` (a recipe or a config stored in a checkpoint, named ``source`` in
+    errors), read with :class:`_StrictYamlLoader`; empty text, a list or a scalar are refused in one line."""
+    try:
+        values = yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source} is not a valid dcal config: {problem}{where}") from None
+    if values is None:
+        raise ConfigError(f"{source} is empty (no keys, perhaps cut short): expected a mapping of config sections "
+                          "(data:, model:, train:, ...); write {} to take every default")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source} holds a YAML {type(values).__name__}, expected a mapping of config sections "
+                          "(data:, model:, train:, ...)")
+    return values
+
+
+def _refuse_interpolation(values: Any, source: str, prefix: str = "") -> None:
+    """OmegaConf would resolve ``${...}`` (``${oc.env:HOME}`` reads the environment) and treat ``???`` as a missing
+    value on access: refused in every string of a layer, naming the dotted key."""
+    if isinstance(values, dict):
+        for key, value in values.items():
+            _refuse_interpolation(value, source, f"{prefix}{key}.")
+    elif isinstance(values, list | tuple):
+        for i, value in enumerate(values):
+            _refuse_interpolation(value, source, f"{prefix.rstrip('.')}[{i}].")
+    elif isinstance(values, str) and ("${" in values or values == "???"):
+        raise ConfigError(f"{source}: config key {prefix.rstrip('.')!r} is {values!r}: OmegaConf interpolation "
+                          "(${...}) and '???' are not allowed in dcal configs; write the value itself")
+
+
 def _merge(base: DictConfig, values: dict[str, Any]) -> DictConfig:
     try:
         return OmegaConf.merge(base, values)  # type: ignore[return-value]
@@ -284,23 +385,24 @@ def load_config(
     Raises:
         ConfigError: unknown key, wrong type, value out of its choices or range (message names the key).
     """
-    layers: list[Any] = []
+    layers: list[tuple[str, Any]] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                layers.append(yaml.safe_load(f))
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    layers.append(values)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} could not be read: {e}") from None
+        layers.append((f"config file {path}", read_yaml(text, f"config file {path}")))
+    layers.append(("the stored config", values))
     if overrides:
-        layers.append(parse_overrides(list(overrides)))
+        layers.append(("the overrides", parse_overrides(list(overrides))))
     cfg = default_config()
-    for layer in layers:
+    for source, layer in layers:
         if layer is not None:
             _check_keys(DCALConfig, layer)
+            _refuse_interpolation(layer, source)
             cfg = _merge(cfg, layer)
     derive(cfg)
     validate(cfg)
@@ -313,13 +415,17 @@ def _size(value: Any, key: str, allow_none: bool) -> int | list[int] | None:
         if allow_none:
             return None
         raise ConfigError(f"config key {key!r} expects int or [H, W], got None")
+
+    def side(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_IMG_SIDE
+
     if OmegaConf.is_list(value) or isinstance(value, list | tuple):
         items = list(value)
-        if len(items) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
+        if len(items) == 2 and all(side(v) for v in items):
             return items
-    elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    elif side(value):
         return value
-    raise ConfigError(f"config key {key!r} expects a positive int or [H, W], got {value!r}")
+    raise ConfigError(f"config key {key!r} expects an int in [1, {MAX_IMG_SIDE}] or [H, W] of them, got {value!r}")
 
 
 def derive(cfg: DictConfig) -> DictConfig:
@@ -355,14 +461,71 @@ def _fail(key: str, msg: str) -> None:
     raise ConfigError(f"config key {key!r} {msg}")
 
 
+def _float_keys(cls: type = DCALConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of every float field (``float``, ``float or null``, ``list of float``)."""
+    keys = []
+    for name, tp in _fields(cls).items():
+        sub = _section_class(tp)
+        if sub is not None:
+            keys += _float_keys(sub, f"{prefix}{name}.")
+        elif float in (tp, *typing.get_args(tp)) or list[float] in typing.get_args(tp):
+            keys.append(prefix + name)
+    return keys
+
+
+def check_backbone_name(name: Any, key: str = "model.backbone") -> None:
+    """A timm model name (optionally ``.tag``), nothing timm would resolve through a hub, a folder or a file."""
+    if not isinstance(name, str) or not BACKBONE_NAME.fullmatch(name):
+        _fail(key, f"must be a timm model name, optionally with a pretrained tag (e.g. "
+                   f"'vit_base_patch16_224.augreg_in21k'): lowercase letters, digits, '_' and one '.'; no 'hf-hub:', "
+                   f"'local-dir:' or path; got {name!r}")
+
+
+def check_timm_kwargs(kwargs: Any, key: str = "model.timm_kwargs") -> None:
+    """``kwargs`` holds only :data:`TIMM_KWARGS` keys, each of its type and in its range."""
+    if not isinstance(kwargs, dict):
+        _fail(key, f"expects a mapping of timm architecture arguments, got {kwargs!r}")
+    allowed = ", ".join(TIMM_KWARGS)
+    for name, value in kwargs.items():
+        dotted = f"{key}.{name}"
+        if name in OWN_KEYS:
+            _fail(dotted, f"is not allowed: use {OWN_KEYS[name]}")
+        if name not in TIMM_KWARGS:
+            close = _close_keys(str(name), list(TIMM_KWARGS))
+            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+            _fail(dotted, f"is not an allowed timm argument{hint}; allowed: {allowed}")
+        kind, low, high, nullable = TIMM_KWARGS[name]
+        if value is None and nullable:
+            continue
+        null = " or null" if nullable else ""
+        if kind is bool:
+            if not isinstance(value, bool):
+                _fail(dotted, f"expects true or false{null}, got {value!r}")
+            continue
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool)) or not numeric:
+            _fail(dotted, f"expects {kind.__name__}{null}, got {value!r}")
+        if not (math.isfinite(value) and low <= value <= high):
+            _fail(dotted, f"must be in [{low}, {high}]{null}; got {value!r}")
+    dim, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
+    if dim is not None and heads is not None and dim % heads:
+        _fail(f"{key}.embed_dim", f"({dim}) must be divisible by num_heads ({heads})")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check choices and ranges of a derived config."""
+    """Check choices, finiteness and ranges of a derived config."""
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             _fail(key, f"must be one of {', '.join(choices)}; got {value!r}{hint}")
+    # NaN passes every `x <= 0` check below, inf most of them; base_lr first: a derived train.lr comes from it
+    for key in sorted(_float_keys(), key=lambda k: k != "train.base_lr"):
+        value = OmegaConf.select(cfg, key)
+        items = [] if value is None else list(value) if OmegaConf.is_list(value) else [value]
+        if not all(math.isfinite(v) for v in items):
+            _fail(key, f"must be finite; got {items if OmegaConf.is_list(value) else value}")
     d, m, lo, t, e = cfg.data, cfg.model, cfg.loss, cfg.train, cfg.eval
     for key, value in (("data.hflip", d.hflip), ("data.random_erasing", d.random_erasing)):
         if not 0.0 <= value <= 1.0:
@@ -374,26 +537,38 @@ def validate(cfg: DictConfig) -> None:
             _fail(key, f"needs 3 values (RGB) or null; got {list(value)}")
     if d.std is not None and min(d.std) <= 0:
         _fail("data.std", "must be positive")
-    if d.num_classes is not None and d.num_classes < 1:
-        _fail("data.num_classes", f"must be >= 1 or null; got {d.num_classes}")
+    if d.num_classes is not None and d.num_classes < 2:
+        _fail("data.num_classes", f"must be >= 2 or null (one class leaves nothing to tell apart); got {d.num_classes}")
+    if d.dataset == "synthetic":
+        if not 24 <= d.synthetic_image_size <= 1024:
+            _fail("data.synthetic_image_size", f"must be in [24, 1024]; got {d.synthetic_image_size}")
+        for key in ("synthetic_train_per_class", "synthetic_test_per_class"):
+            if d[key] < 1:
+                _fail(f"data.{key}", f"must be >= 1; got {d[key]}")
+        size = d.synthetic_num_classes * max(d.synthetic_train_per_class, d.synthetic_test_per_class) * (
+            3 * d.synthetic_image_size**2)
+        if size > MAX_SYNTHETIC_BYTES:
+            _fail("data.synthetic_train_per_class", f"and synthetic_test_per_class, synthetic_num_classes, "
+                  f"synthetic_image_size ask for a {size / 2**30:.1f} GiB generated set; at most "
+                  f"{MAX_SYNTHETIC_BYTES >> 30} GiB (it is generated in memory)")
+    if d.synthetic_seed < 0:
+        _fail("data.synthetic_seed", f"must be >= 0; got {d.synthetic_seed}")
     if cfg.task == "fgvc" and d.resize is not None:
         img = [m.img_size] * 2 if isinstance(m.img_size, int) else list(m.img_size)
         rs = [d.resize] * 2 if isinstance(d.resize, int) else list(d.resize)
         if rs[0] < img[0] or rs[1] < img[1]:
             _fail("data.resize", f"({d.resize}) must be >= model.img_size ({m.img_size}): it is cropped to it")
-    if m.glca_blocks < 0:
-        _fail("model.glca_blocks", f"must be >= 0; got {m.glca_blocks}")
-    if m.pwca_blocks < 0:
-        _fail("model.pwca_blocks", f"must be >= 0; got {m.pwca_blocks}")
+    check_backbone_name(m.backbone)
+    check_timm_kwargs(OmegaConf.to_container(m.timm_kwargs))
+    for key, value in (("model.glca_blocks", m.glca_blocks), ("model.pwca_blocks", m.pwca_blocks)):
+        if not 0 <= value <= MAX_BLOCKS:
+            _fail(key, f"must be in [0, {MAX_BLOCKS}]; got {value}")
     if m.patch_stride is not None and m.patch_stride < 1:
         _fail("model.patch_stride", f"must be >= 1 (at most the patch size) or null; got {m.patch_stride}")
     if not 0.0 < m.top_r <= 1.0:
         _fail("model.top_r", f"is a fraction in (0, 1]; got {m.top_r}")
     if not 0.0 <= m.drop_path_rate < 1.0:
         _fail("model.drop_path_rate", f"must be in [0, 1); got {m.drop_path_rate}")
-    reserved = sorted(set(m.timm_kwargs) & {"img_size", "drop_path_rate", "num_classes", "pretrained"})
-    if reserved:
-        _fail("model.timm_kwargs", f"must not set {reserved}: use their own config keys")
     depth = m.timm_kwargs.get("depth")
     if isinstance(depth, int) and m.pwca_blocks > depth:
         _fail("model.pwca_blocks", f"({m.pwca_blocks}) must be <= the backbone depth ({depth})")
@@ -404,22 +579,29 @@ def validate(cfg: DictConfig) -> None:
     _check_parts(cfg)
     if not 0.0 <= lo.label_smoothing < 1.0:
         _fail("loss.label_smoothing", f"must be in [0, 1); got {lo.label_smoothing}")
-    if lo.fixed_weights is not None and len(lo.fixed_weights) != 3:
-        _fail("loss.fixed_weights", f"needs 3 values [sa, glca, pwca]; got {list(lo.fixed_weights)}")
+    if lo.triplet_margin < 0:
+        _fail("loss.triplet_margin", f"must be >= 0; got {lo.triplet_margin}")
+    if lo.fixed_weights is not None:
+        weights = list(lo.fixed_weights)
+        if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+            _fail("loss.fixed_weights", f"needs 3 values [sa, glca, pwca], each >= 0, not all 0; got {weights}")
     if t.epochs < 1:
         _fail("train.epochs", f"must be >= 1; got {t.epochs}")
     if t.batch_size < 1:
         _fail("train.batch_size", f"must be >= 1; got {t.batch_size}")
-    if t.lr <= 0:
-        _fail("train.lr", f"must be > 0; got {t.lr}")
-    if t.base_lr <= 0:
-        _fail("train.base_lr", f"must be > 0; got {t.base_lr}")
+    for key in ("lr", "base_lr", "step_gamma"):
+        if t[key] <= 0:
+            _fail(f"train.{key}", f"must be > 0; got {t[key]}")
     if t.weight_decay < 0:
         _fail("train.weight_decay", f"must be >= 0; got {t.weight_decay}")
     if t.warmup_epochs < 0:
         _fail("train.warmup_epochs", f"must be >= 0; got {t.warmup_epochs}")
+    if any(s < 0 for s in t.step_epochs):
+        _fail("train.step_epochs", f"must be epochs >= 0; got {list(t.step_epochs)}")
     if t.workers < 0:
         _fail("train.workers", f"must be >= 0; got {t.workers}")
+    if not 0 <= t.seed < 2**31:
+        _fail("train.seed", f"must be in [0, 2**31); got {t.seed}")
     if t.clip_grad is not None and t.clip_grad <= 0:
         _fail("train.clip_grad", f"must be > 0 or null; got {t.clip_grad}")
     if cfg.task == "reid":
@@ -480,6 +662,27 @@ def upgrade_saved_config(values: dict[str, Any], source: str) -> dict[str, Any]:
             source,
         )
     return values
+
+
+WEIGHT_SOURCES = ("pretrained", "pretrained_file", "pretrain")  # model keys that would load or train a backbone
+
+
+def load_saved_config(text: str, source: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config stored in a checkpoint (YAML ``text`` from file ``source``) with ``overrides``, for rebuilding
+    its model: read and checked like a recipe; its ``model.pretrained`` / ``model.pretrained_file`` /
+    ``model.pretrain`` are never acted on (the weights come from the checkpoint, so a checkpoint cannot make dcal
+    download, read or train anything else). Errors name ``source``."""
+    try:
+        values = upgrade_saved_config(read_yaml(text, "its stored config"), source)
+        model = values.get("model")
+        if isinstance(model, dict):
+            values = {**values, "model": {k: v for k, v in model.items() if k not in WEIGHT_SOURCES}}
+        cfg = load_config(None, overrides, values=values)
+    except ConfigError as e:
+        raise ConfigError(f"checkpoint {source!r}: {e}") from None
+    # an override cannot turn them back on either
+    cfg.model.pretrained, cfg.model.pretrained_file, cfg.model.pretrain = False, None, None
+    return cfg
 
 
 def to_yaml(cfg: DictConfig) -> str:

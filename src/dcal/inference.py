@@ -53,14 +53,13 @@ class LoadedModel:
 def checkpoint_classes(path: Path) -> list[str] | None:
     """Class names saved by ``dcal train`` in a ``.safetensors`` export (for a ``.pth``, in the exports beside it);
     None when no file holds names (e.g. Re-ID runs, whose classes are training identities)."""
-    from safetensors import safe_open
+    from dcal.checkpoint import export_extra, safetensors_metadata
 
     candidates = [path] if path.suffix == ".safetensors" else []
     candidates += [path.parent / n for n in ("best.safetensors", "last.safetensors")]
     for p in candidates:
         if p.is_file():
-            with safe_open(str(p), framework="pt") as f:
-                classes = json.loads((f.metadata() or {}).get("extra", "{}")).get("classes")
+            classes = export_extra(p, safetensors_metadata(p)).get("classes")
             if isinstance(classes, list):
                 return [str(c) for c in classes]
     return None

@@ -198,24 +198,23 @@ def evaluate_mechanism(model: DCAL, dataset: Dataset, device: torch.device, cfg:
     """The mechanism numbers of the module doc on the first ``num_images`` test images, in chunks of the
     evaluation batch size (each PWCA chunk pairs its own images, so chunks hold at least 2 images).
 
-    Mark hits need a dataset with marks (the synthetic ``mark`` set, or a class subset of it: its ``mark_box``
-    and ``image_size``); the PWCA share needs ``pwca_blocks`` > 0 and 2 images. Returns ``{}`` when neither
-    applies.
+    Mark hits need a dataset with ``mark_boxes`` and ``image_size`` (the synthetic ``mark`` set); the PWCA share
+    needs ``pwca_blocks`` > 0 and 2 images. Returns ``{}`` when neither applies.
     """
-    has_marks = getattr(dataset, "mark_boxes", None) is not None
+    boxes = getattr(dataset, "mark_boxes", None)
     has_pwca = model.cfg.pwca_blocks > 0
-    if not has_marks and not has_pwca:
+    if boxes is None and not has_pwca:
         return {}
     images, indices = _subset_images(dataset, num_images, cfg)
-    if len(indices) < (1 if has_marks else 2):
+    if len(indices) < (1 if boxes is not None else 2):
         return {}
     model.eval()
     chunks = max(1, math.ceil(len(indices) / (cfg.eval.batch_size or cfg.train.batch_size)))
     if has_pwca:
         chunks = min(chunks, len(indices) // 2)
     out: dict[str, Any] = {"mechanism_images": len(indices)}
-    if has_marks:
-        on_mark = on_mark_patches(model, [dataset.mark_box(i) for i in indices], dataset.image_size, cfg.model.img_size,
+    if boxes is not None:
+        on_mark = on_mark_patches(model, [boxes[i] for i in indices], dataset.image_size, cfg.model.img_size,
                                   cfg.data.resize)
         hits = [selection_mark_hits(model, part.to(device), mark) for part, mark in
                 zip(images.tensor_split(chunks), on_mark.tensor_split(chunks), strict=True)]

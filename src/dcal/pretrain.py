@@ -24,9 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
+from omegaconf import OmegaConf
 
-from dcal.config import ConfigError, default_config, load_config, to_yaml
+from dcal.config import ConfigError, default_config, load_config, read_yaml
+from dcal.run_folder import CONFIG, LAST, LAST_WEIGHTS, METRICS, config_changes
 
 SA_ONLY = ("model.glca_blocks=0", "model.pwca_blocks=0", "eval.fusion=sa")
 CACHE_FOLDER = "pretrain"  # beside the runs: <parent of output_dir (or of the ablation folder)>/pretrain/<stem>
@@ -45,49 +46,28 @@ def pretrain_config(recipe: str | Path, output_dir: str | Path, overrides: list[
     return cfg
 
 
-def _comparable(config_yaml: str) -> dict[str, Any]:
-    values = yaml.safe_load(config_yaml) or {}
-    values.pop("output_dir", None)  # a moved or copied cache folder is still the same run
-    return values
-
-
-_ABSENT = object()
-
-
-def _differences(old: Any, new: Any, default: Any, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every differing key; a key the saved config lacks counts as its default value (a
-    key added by a later dcal version does not make a cached run stale)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new), key=str):
-            d = default.get(k, _ABSENT) if isinstance(default, dict) else _ABSENT
-            o = old.get(k, d)
-            out += _differences(o, new.get(k, _ABSENT), d, f"{prefix}{k}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
 def pretrain_state(cfg: Any) -> str:
     """``"absent"``, ``"finished"`` or ``"started"`` for the run folder ``cfg.output_dir``; raises
     ``FileExistsError`` when it holds a run of another config."""
     from dcal.engine import read_metrics
 
     folder = Path(cfg.output_dir)
-    saved = folder / "config.yaml"
+    saved = folder / CONFIG
     if not saved.is_file():
         return "absent"
-    diff = _differences(_comparable(saved.read_text(encoding="utf-8")), _comparable(to_yaml(cfg)),
-                        _comparable(to_yaml(default_config())))
+    # a moved or copied cache folder is still the same run; a key added by a later dcal counts as its default
+    diff = config_changes(read_yaml(saved.read_text(encoding="utf-8"), str(saved)), OmegaConf.to_container(cfg),
+                          OmegaConf.to_container(default_config()), may_change=("output_dir",))
     if diff:
         raise FileExistsError(
             f"{folder} holds a pretraining run of another config ({'; '.join(diff[:6])}"
             f"{' ...' if len(diff) > 6 else ''}): delete that folder to pretrain again with the new recipe, or "
             "restore the recipe it was trained with"
         )
-    records = read_metrics(folder / "metrics.jsonl")
-    if records and records[-1].get("final") and (folder / "last.safetensors").is_file():
+    records = read_metrics(folder / METRICS)
+    if records and records[-1].get("final") and (folder / LAST_WEIGHTS).is_file():
         return "finished"
-    return "started" if (folder / "last.pth").is_file() else "absent"
+    return "started" if (folder / LAST).is_file() else "absent"
 
 
 def ensure_pretrained(cfg: Any, log: Callable[[str], None] = print) -> Path:
@@ -135,9 +115,9 @@ def describe_backbone(model: dict[str, Any]) -> str:
     ``model`` section of its config as a plain dict."""
     name, source = model.get("backbone"), model.get("pretrained_file")
     if source:
-        saved = Path(source) / "config.yaml"
+        saved = Path(source) / CONFIG
         if saved.is_file():
-            p = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+            p = read_yaml(saved.read_text(encoding="utf-8"), str(saved))
             d, t = p.get("data") or {}, p.get("train") or {}
             part = f", classes {d['classes']}" if d.get("classes") is not None else ""
             if d.get("dataset") == "synthetic":

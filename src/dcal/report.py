@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
-import yaml
 
+from dcal.config import read_yaml
 from dcal.pretrain import describe_backbone
 from dcal.visualize import save_figure  # sets the Agg backend: files only, no display on servers
 
@@ -59,7 +59,7 @@ def read_run(run: str | Path, label: str | None = None) -> RunLog:
 
     records = read_metrics(metrics)
     config_path = run / "config.yaml"
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config = read_yaml(config_path.read_text(encoding="utf-8"), str(config_path)) if config_path.is_file() else {}
     epochs = [r for r in records if not r.get("final")]
     if not epochs:
         raise ValueError(f"{metrics} holds no epoch record yet")

@@ -87,16 +87,30 @@ def discard_unsaved_start(folder: str | Path) -> list[str]:
     return found
 
 
-def config_changes(saved: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every key outside :data:`RESUMABLE_KEYS` whose value differs (nested dicts as
-    dotted keys). A key the saved config lacks (added by a later dcal) is compared with its default."""
+def backbone_weights(path: str | Path) -> Path:
+    """The file ``model.pretrained_file`` names: the file itself, or for a ``dcal train`` run folder its
+    :data:`LAST_WEIGHTS` (the last epoch's weights, never a checkpoint selected on an evaluation split)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / LAST_WEIGHTS).is_file():
+            raise FileNotFoundError(f"model.pretrained_file {str(path)!r} is a folder without {LAST_WEIGHTS}: not a "
+                                    "finished dcal train run")
+        return path / LAST_WEIGHTS
+    return path
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any],
+                   may_change: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
+    """``key: old -> new`` for every key outside ``may_change`` (default :data:`RESUMABLE_KEYS`; ``section.*``
+    covers a section) whose value differs (nested dicts as dotted keys). A key the saved config lacks (added by a
+    later dcal) is compared with its default."""
     a, b = {**_flatten(defaults), **_flatten(saved)}, _flatten(new)
-    return [f"{key}: {_show(a.get(key, _ABSENT))} -> {_show(b.get(key, _ABSENT))}"
-            for key in sorted(set(a) | set(b)) if not _resumable(key) and a.get(key, _ABSENT) != b.get(key, _ABSENT)]
+    return [f"{key}: {_show(a.get(key, _ABSENT))} -> {_show(b.get(key, _ABSENT))}" for key in sorted(set(a) | set(b))
+            if not _matches(key, may_change) and a.get(key, _ABSENT) != b.get(key, _ABSENT)]
 
 
-def _resumable(key: str) -> bool:
-    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUMABLE_KEYS)
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in patterns)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

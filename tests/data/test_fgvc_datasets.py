@@ -327,13 +327,6 @@ def test_synthetic_mark_boxes_are_where_the_class_pattern_is() -> None:
     again = render_synthetic(sample_synthetic_params(np.random.default_rng([1, 1]), 32), ds.targets[0])
     assert np.array_equal(ds.images[0], again)  # the boxes are the images' own parameters
     assert 0 <= y0 <= 32 - m and 0 <= x0 <= 32 - m
-    # a class subset keeps each sample's own box (looked up by the image, not the position)
-    from dcal.data.subsets import select_classes
-
-    sub = select_classes(ds, [2, 3])
-    assert sub.targets[:2] == [0, 1] and sub.mark_box(0) == ds.mark_boxes[1] and sub.mark_box(1) == ds.mark_boxes[2]
-    with pytest.raises(ValueError, match="no class mark"):
-        SyntheticFGVC("test", test_per_class=1, task="coarse").mark_box(0)
 
 
 def test_coarse_task_has_no_mark_and_distinct_classes() -> None:

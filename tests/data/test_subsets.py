@@ -37,6 +37,7 @@ def test_synthetic_subset_keeps_each_image():
         j = full.paths.index(path)
         assert full.targets[j] == sub.targets[i] + 1
         assert np.array_equal(np.asarray(sub.load_image(i)), np.asarray(full.load_image(j)))
+        assert sub.mark_boxes[i] == full.mark_boxes[j]
 
 
 @needs_shared

@@ -530,26 +530,26 @@ class SyntheticFGVC(FGVCDataset):
         else:
             params = [sample_coarse_params(rng, image_size, t) for t in targets]
         self.images = np.stack([render_synthetic(p, t) for p, t in zip(params, targets, strict=True)])
-        self.mark_boxes: list[tuple[int, int, int]] | None = (
-            [p["mark_box"] for p in params] if task == "mark" else None)
+        self._mark_boxes = [p["mark_box"] for p in params] if task == "mark" else None
         paths = [f"synthetic://{split}/{i:06d}" for i in range(len(targets))]
         super().__init__("synthetic", split, paths, targets, list(names[:num_classes]), transform, root=None)
         self.image_size = image_size
         self.seed = seed
         self.task = task
 
-    def _number(self, index: int) -> int:
+    def _generated(self, index: int) -> int:
         # by the number in the path, not the position: a class subset (dcal.data.subsets) keeps the paths
         return int(self.paths[index].rsplit("/", 1)[1])
 
     def load_image(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[self._number(index)])
+        return Image.fromarray(self.images[self._generated(index)])
 
-    def mark_box(self, index: int) -> tuple[int, int, int]:
-        """Sample ``index``'s mark as ``(y0, x0, m)`` in pixels of the generated image (task ``mark`` only)."""
-        if self.mark_boxes is None:
-            raise ValueError(f"synthetic: the {self.task!r} task has no class mark")
-        return self.mark_boxes[self._number(index)]
+    @property
+    def mark_boxes(self) -> list[tuple[int, int, int]] | None:
+        """Each sample's mark as ``(y0, x0, m)``; None for the coarse task."""
+        if self._mark_boxes is None:
+            return None
+        return [self._mark_boxes[self._generated(i)] for i in range(len(self.paths))]
 
 
 # ----------------------------------------------------------------------------------------------------------

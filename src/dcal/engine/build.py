@@ -21,6 +21,7 @@ from dcal.data.transforms import build_transforms_from_config
 from dcal.losses import DCALLoss, LossOutput, param_groups
 from dcal.model import DCAL, create_model
 from dcal.model.dcal import autocast as model_autocast
+from dcal.run_folder import backbone_weights
 
 
 def build_datasets(cfg: DictConfig, train: bool = True) -> dict[str, Dataset]:
@@ -32,6 +33,10 @@ def build_datasets(cfg: DictConfig, train: bool = True) -> dict[str, Dataset]:
     if train:
         tf = build_transforms_from_config(cfg, train=True)
         sets = {"train": merge_splits([_split(cfg, s, tf) for s in cfg.data.train_splits]), **sets}
+        if sets["train"].num_classes < 2:  # a classifier of one class learns nothing (and its loss is 0)
+            kind = "class(es)" if cfg.task == "fgvc" else "identity(ies)"
+            raise ValueError(f"training set in {cfg.data.root} has {sets['train'].num_classes} {kind}: at least 2 "
+                             "are needed")
     if cfg.task == "reid":
         from dcal.data.reid import check_query_gallery
 
@@ -66,7 +71,7 @@ def build_model(cfg: DictConfig, num_classes: int) -> DCAL:
         glca_blocks=m.glca_blocks,
         pwca_blocks=m.pwca_blocks,
         pretrained=m.pretrained,
-        pretrained_file=m.pretrained_file,
+        pretrained_file=backbone_weights(m.pretrained_file) if m.pretrained_file else None,
         query_selection=m.query_selection,
         pair_strategy=m.pair_strategy,
         glca_pool=m.glca_pool,

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from dcal.checkpoint import load_model_state, load_training_state, read_export
+from dcal.checkpoint import StoredModel, check_fits, load_model_state
 from dcal.distributed import all_gather_cat, all_reduce_sum, broadcast_object
 from dcal.engine.build import autocast, build_datasets, build_model, eval_loader, resolve_device
 from dcal.engine.loop import unpack_batch
@@ -145,25 +145,27 @@ def resolve_checkpoint(run: str | Path | None = None, checkpoint: str | Path | N
 def load_for_eval(run: str | None = None, checkpoint: str | None = None,
                   overrides: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, DCAL]:
     """Config and model of a finished run (``run`` dir: its best, else last, checkpoint) or of a checkpoint file
-    (``.pth`` training state or ``.safetensors`` export); ``overrides`` may change data/eval keys."""
-    import yaml
+    (``.pth`` training state or ``.safetensors`` export); ``overrides`` may change data/eval keys.
 
-    from dcal.config import load_config, upgrade_saved_config
+    The file is untrusted input: its stored config is checked like a recipe (:func:`load_saved_config`: no code,
+    no download, no file named in it is read) and the model it describes is built on the ``meta`` device and
+    compared with the file's tensor shapes before the real model is allocated, so a small file cannot ask for a
+    large model."""
+    from dcal.config import load_saved_config
 
     path = resolve_checkpoint(run, checkpoint)
-    if path.suffix == ".safetensors":
-        state, config_yaml, _ = read_export(path)
-    else:
-        ckpt = load_training_state(path)
-        state, config_yaml = ckpt["model"], ckpt["config"]
-    cfg = load_config(None, overrides, values=upgrade_saved_config(yaml.safe_load(config_yaml), str(path)))
-    # weights come from the checkpoint: do not download or read pre-trained backbones again
-    cfg.model.pretrained, cfg.model.pretrained_file, cfg.model.pretrain = False, None, None
+    stored = StoredModel(path)
+    cfg = load_saved_config(stored.config_yaml, str(path), overrides)
     head = "backbone.head.weight" if cfg.task == "fgvc" else "sa_neck.classifier.weight"
-    if head not in state:
-        raise ValueError(f"checkpoint {str(path)!r} has no {head!r}: not a dcal {cfg.task} model")
-    model = build_model(cfg, int(state[head].shape[0]))
-    load_model_state(model, state, path)
+    shape = stored.shapes.get(head)
+    if shape is None or len(shape) != 2 or shape[0] < 1:
+        raise ValueError(f"checkpoint {str(path)!r} has no {head!r} of shape (classes, width): not a dcal "
+                         f"{cfg.task} model")
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        skeleton = build_model(cfg, shape[0])
+    check_fits(skeleton, stored.shapes, path)
+    model = build_model(cfg, shape[0])
+    load_model_state(model, stored.state_dict(), path)
     return cfg, model
 
 

@@ -30,6 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from dcal.checkpoint import check_torch_archive, error_line
 from dcal.model.attention import (
     check_block,
     explicit_attention_active,
@@ -48,6 +49,9 @@ QUERY_SELECTIONS = ("rollout", "random", "last_layer")
 FUSIONS = ("sa+glca", "sa", "glca")
 GLCA_POOLS = ("mean", "cls")
 DEFAULT_TOP_R = {"fgvc": 0.1, "reid": 0.3}
+# timm.create_model arguments that read a file or the network (timm <= 1.0.25 reads checkpoint_path with
+# torch.load(weights_only=False), which runs the file's code); dcal loads weights itself (pretrained_file)
+TIMM_LOADING_KWARGS = frozenset({"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"})
 
 
 @dataclass
@@ -454,10 +458,16 @@ def create_model(
     :func:`set_patch_stride`); pretrained weights are then loaded after the change, so the position embedding
     is resampled once, straight from the checkpoint's grid to the overlapping one. ``glca_pool``: see
     :class:`DCALConfig`. Extra keyword arguments go to ``timm.create_model`` (e.g. ``drop_path_rate``;
-    ``depth``/``embed_dim`` for tiny test models).
+    ``depth``/``embed_dim`` for tiny test models), except those that make timm read a file (``checkpoint_path``,
+    ``pretrained_cfg``, ...: timm may unpickle it; use ``pretrained_file``). Configs restrict them further
+    (``dcal.config.TIMM_KWARGS``).
     """
     if pretrained and pretrained_file:
         raise ValueError("give either pretrained=True (timm hub weights) or pretrained_file=PATH, not both")
+    loading = sorted(set(timm_kwargs) & TIMM_LOADING_KWARGS)
+    if loading:
+        raise ValueError(f"timm arguments {loading} make timm read files (possibly unpickling them); "
+                         "use pretrained_file=PATH (read as weights only) instead")
     cfg = DCALConfig(
         task=task,
         num_classes=num_classes,
@@ -470,13 +480,17 @@ def create_model(
     )
     img_size = tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
     strided = patch_stride is not None
-    vit = timm.create_model(
-        backbone,
-        pretrained=pretrained and not strided,
-        num_classes=num_classes if task == "fgvc" else 0,
-        img_size=img_size,
-        **timm_kwargs,
-    )
+    try:
+        vit = timm.create_model(
+            backbone,
+            pretrained=pretrained and not strided,
+            num_classes=num_classes if task == "fgvc" else 0,
+            img_size=img_size,
+            **timm_kwargs,
+        )
+    except (AssertionError, TypeError, ValueError, RuntimeError) as e:  # unknown name, bad argument, width/heads
+        args = f" with {timm_kwargs}" if timm_kwargs else ""
+        raise ValueError(f"timm could not build {backbone!r}{args}: {error_line(e)}") from e
     if strided:
         set_patch_stride(vit, patch_stride)
         if pretrained:  # timm's own hub loading, now that the grid is the overlapping one
@@ -518,41 +532,51 @@ def set_patch_stride(vit: VisionTransformer, stride: int) -> None:
 
 def load_pretrained_file(vit: VisionTransformer, path: str | Path) -> None:
     """Load a local timm-format ViT checkpoint into ``vit``: resample position embeddings to the model's grid,
-    drop the classifier (it belongs to the pre-training task), and fail loudly on any other mismatch.
-
-    ``path`` may be a ``dcal train`` run folder: its ``last.safetensors`` (the last epoch's weights, never a
-    checkpoint selected on an evaluation split) gives the backbone (``dcal.pretrain``)."""
+    drop the classifier (it belongs to the pre-training task), and fail loudly on any other mismatch. A dcal
+    checkpoint (keys ``backbone.*``) gives its backbone."""
     path = Path(path)
-    if path.is_dir():
-        if not (path / "last.safetensors").is_file():
-            raise FileNotFoundError(f"pretrained_file {str(path)!r} is a folder without last.safetensors: not a "
-                                    "finished dcal train run")
-        path = path / "last.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"pretrained_file {str(path)!r} does not exist")
     if path.suffix == ".npz":
-        # big_vision / original JAX checkpoints: timm's own reader (resamples pos_embed itself)
-        vit.load_pretrained(str(path))
+        # big_vision / original JAX checkpoints: timm's own reader (resamples pos_embed itself); it reads them with
+        # np.load's default allow_pickle=False, so an .npz cannot run code either
+        try:
+            vit.load_pretrained(str(path))
+        except Exception as e:  # noqa: BLE001 - re-raised with the file named
+            raise ValueError(f"pretrained_file {str(path)!r}: not a big_vision/JAX ViT .npz of this backbone "
+                             f"({error_line(e)})") from e
         _reset_head(vit)
         return
+    if path.suffix != ".safetensors":
+        check_torch_archive(path, "pretrained_file", require_zip=False)  # older .pth formats are left to torch
     try:
         state = timm.models.load_state_dict(str(path), weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise TypeError("it holds no mapping of names to tensors")
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"pretrained_file {str(path)!r}: could not read a state dict ({e})") from e
+        raise ValueError(f"pretrained_file {str(path)!r}: could not read a state dict ({error_line(e)})") from e
     if any(k.startswith("backbone.") for k in state):  # a dcal checkpoint: keep only the backbone
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     filter_fn = getattr(sys.modules[type(vit).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
-        state = filter_fn(state, vit)
+        try:
+            state = filter_fn(state, vit)
+        except Exception as e:  # noqa: BLE001 - timm's filter on a checkpoint of another shape
+            raise ValueError(f"pretrained_file {str(path)!r} does not match the backbone ({error_line(e)})") from e
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dist."))}
-    missing, unexpected = vit.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("head")]
-    if missing or unexpected:
+    own = vit.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith("head")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
         raise ValueError(
-            f"pretrained_file {str(path)!r} does not match the backbone: "
+            f"pretrained_file {str(path)!r} does not match the backbone (another width, depth or patch size?): "
             f"missing keys {missing[:8]}{'…' if len(missing) > 8 else ''}, "
-            f"unexpected keys {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}"
+            f"unexpected keys {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}, "
+            f"shapes (file vs model) {shapes[:4]}{'…' if len(shapes) > 4 else ''}"
         )
+    vit.load_state_dict(state, strict=False)
     _reset_head(vit)
 
 
