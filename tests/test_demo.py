@@ -35,7 +35,7 @@ def test_demo_trains_then_reuses_then_refuses_a_stale_config(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(out), *TINY]) == 0
     first = capsys.readouterr().out
     assert "training the SA-only run" in first and "SA only" in first and "GLCA branch" in first
-    assert "mechanism (first test images): mark hit of the top-R patches" in first and "PWCA share" in first
+    assert "mechanism (first 24 test images): mark hit of the top-R patches" in first and "PWCA share" in first
     summary = json.loads((out / "summary.json").read_text())
     assert {"top1", "top1_sa", "mark_hit_rollout"} <= set(summary["sa_only"]) and "pwca_share" in summary["dcal"]
     assert (out / "rollout.png").stat().st_size > 1000

@@ -106,7 +106,8 @@ def mechanism_line(sa: dict[str, Any], dc: dict[str, Any]) -> str:
     if "pwca_share_mean" in dc:
         parts.append(f"DCAL's PWCA share on the distractor {100 * dc['pwca_share_mean']:.1f} % "
                      f"(mean of {len(dc['pwca_share'])} blocks)")
-    return "mechanism (first test images): " + "; ".join(parts) if parts else ""
+    where = f"first {dc['mechanism_images']} test images" if "mechanism_images" in dc else "test images"
+    return f"mechanism ({where}): " + "; ".join(parts) if parts else ""
 
 
 def fine_tune(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
