@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 SUBMODULES = (
     "ablation", "checkpoint", "cli", "config", "data", "demo", "distributed", "engine", "export", "inference",
-    "losses", "metrics", "model", "report", "retrieval", "run_folder", "visualize",
+    "losses", "mechanism", "metrics", "model", "pretrain", "report", "retrieval", "run_folder", "visualize",
 )
 # public name -> the module that defines it
 _ATTRIBUTES = {
