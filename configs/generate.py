@@ -22,7 +22,8 @@ BACKBONES = {
 FGVC_BACKBONES = ("deit_tiny", "deit_small", "deit_base", "vit_base", "r50_vit_base")
 REID_BACKBONES = ("deit_tiny", "deit_small", "deit_base", "vit_base")
 # Re-ID backbones that also get a stride-12 (overlapping patches, TransReID) recipe: the paper's Re-ID FLOPs
-# (41.1 G for ViT-B at 256x256) match stride 12 (SPEC §7); the standard split stays the default
+# (41.1 G for ViT-B at 256x256) match stride 12 (docs/design.md, Overlapping patches); the standard split stays
+# the default
 REID_STRIDE12_BACKBONES = ("deit_base", "vit_base")
 
 # dataset -> (root placeholder, what the root must hold)
@@ -61,7 +62,7 @@ model:
   glca_blocks: 1  # M = 1
   pwca_blocks: 12  # T = 12
   top_r: 0.1  # R = 10% of the tokens as GLCA local queries
-  glca_pool: mean  # GLCA feature = mean of the local queries' normed outputs (SPEC §3)
+  glca_pool: mean  # GLCA feature = mean of the local queries' normed outputs (docs/design.md, GLCA)
   drop_path_rate: 0.1  # stochastic depth
 loss:
   label_smoothing: 0.0  # standard cross-entropy
@@ -87,7 +88,7 @@ def reid_recipe(dataset: str, backbone: str, stride: int | None = None) -> str:
     name = f"{dataset}_{backbone}" + (f"_stride{stride}" if stride else "")
     if stride:
         grid = ((size[0] - 16) // stride + 1, (size[1] - 16) // stride + 1)
-        stride_line = (f"{stride}  # overlapping 16x16 patches (TransReID, SPEC §7): {grid[0]} x {grid[1]} = "
+        stride_line = (f"{stride}  # overlapping 16x16 patches (TransReID, docs/design.md): {grid[0]} x {grid[1]} = "
                        f"{grid[0] * grid[1]} tokens")
     else:
         stride_line = "null  # the standard non-overlapping 16x16 split (a _stride12 recipe has the overlapping one)"
@@ -118,7 +119,7 @@ data:
   glca_blocks: 1  # M = 1
   pwca_blocks: 12  # T = 12
   top_r: 0.3  # R = 30% of the tokens as GLCA local queries
-  glca_pool: mean  # GLCA feature = mean of the local queries' normed outputs (SPEC §3)
+  glca_pool: mean  # GLCA feature = mean of the local queries' normed outputs (docs/design.md, GLCA)
   drop_path_rate: 0.0  # the paper names stochastic depth for FGVC only
 loss:
   label_smoothing: 0.0  # ID loss: cross-entropy on the BNNeck output

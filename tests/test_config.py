@@ -31,7 +31,7 @@ def test_recipe_files_cover_tables_1_and_2() -> None:
     backbones = ["deit_tiny", "deit_small", "deit_base", "vit_base"]
     assert fgvc == {f"{d}_{b}" for d in ("cub", "cars", "aircraft") for b in backbones + ["r50_vit_base"]}
     reid_datasets = ("market1501", "dukemtmc", "msmt17", "veri")
-    stride12 = {f"{d}_{b}_stride12" for d in reid_datasets for b in ("deit_base", "vit_base")}  # SPEC §7
+    stride12 = {f"{d}_{b}_stride12" for d in reid_datasets for b in ("deit_base", "vit_base")}  # docs/design.md
     assert reid == {f"{d}_{b}" for d in reid_datasets for b in backbones} | stride12
     assert (CONFIGS / "demo.yaml").is_file()
 

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 SUBMODULES = (
-    "ablation", "checkpoint", "cli", "config", "data", "demo", "distributed", "engine", "errors", "export", "inference",
-    "losses", "mechanism", "metrics", "model", "pretrain", "report", "retrieval", "run_folder", "visualize",
+    "ablation", "checkpoint", "cli", "config", "data", "demo", "distributed", "engine", "errors", "export",
+    "inference", "losses", "mechanism", "metrics", "model", "pretrain", "report", "retrieval", "run_folder",
+    "visualize",
 )
 # public name -> the module that defines it
 _ATTRIBUTES = {

@@ -6,7 +6,7 @@ GLCA means ``eval.fusion=sa`` without the user saying so). Sets:
 
 * ``table3``: SA only, +GLCA, +PWCA, DCAL (the paper's Table 3 rows);
 * ``selection``: how GLCA's local queries are chosen: rollout, random, last layer only, and ``glca_pool=cls``
-  (the CLS-token reading of GLCA, under which the selection has no effect: SPEC §3);
+  (the CLS-token reading of GLCA, under which the selection has no effect: docs/design.md, GLCA);
 * ``pairs``: the PWCA distractor (Table 4): random, intra-class, inter-class, 1:1 mix, Gaussian noise;
 * ``blocks``: the number of GLCA blocks M and PWCA blocks T (Fig. 2).
 

@@ -143,8 +143,8 @@ class ModelConfig:
     drop_path_rate: float = 0.1  # stochastic depth
     query_selection: str = "rollout"  # rollout | random | last_layer (ablation)
     pair_strategy: str = "random"  # PWCA distractor: random | intra | inter | mix | noise (Table 4)
-    glca_pool: str = "mean"  # GLCA feature: mean of the local queries' outputs (SPEC §3) | cls (earlier reading)
-    patch_stride: int | None = None  # < patch size: TransReID's overlapping patches (SPEC §7); None = patch size
+    glca_pool: str = "mean"  # GLCA feature: mean of the local queries' outputs (docs/design.md, GLCA) | cls (earlier)
+    patch_stride: int | None = None  # < patch size: TransReID's overlapping patches (docs/design.md); None = patch size
     # extra timm.create_model arguments, e.g. {depth: 4, embed_dim: 96, num_heads: 3, patch_size: 8} for a
     # small from-scratch ViT (the demo); drop_path_rate and img_size have their own keys
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -653,7 +653,7 @@ def _check_parts(cfg: DictConfig) -> None:
 def upgrade_saved_config(values: dict[str, Any], source: str) -> dict[str, Any]:
     """A config read back from a checkpoint, with the keys that older dcal versions did not write set to what
     those versions did: no ``model.glca_pool`` means the model was trained with the CLS-token GLCA feature
-    (before SPEC §3's revision), so it loads as ``cls`` and says so in one line."""
+    (before the revised GLCA of docs/design.md), so it loads as ``cls`` and says so in one line."""
     model = values.get("model")
     if isinstance(model, dict) and "glca_pool" not in model:
         values = {**values, "model": {**model, "glca_pool": "cls"}}

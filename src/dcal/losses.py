@@ -1,4 +1,4 @@
-"""DCAL losses: per-branch losses combined with learnable uncertainty weights (SPEC "Heads and losses").
+"""DCAL losses: per-branch losses combined with learnable uncertainty weights (docs/design.md, Heads and losses).
 
 FGVC: cross-entropy per branch. Re-ID: cross-entropy on the BNNeck logits + batch-hard triplet on the feature
 before BN, per branch. PWCA's target is SA's (the distractor is only noise for the attention).

@@ -1,4 +1,4 @@
-"""What DCAL's cross-attentions do, measured: the numbers behind the paper's claims, at every evaluation (FGVC).
+"""What DCAL's cross-attentions do, measured: the numbers behind the paper's claims, at every evaluation.
 
 * **Selection on the discriminative part** (GLCA, Eq. 2-3): on the generated set
   (``data.dataset=synthetic``, task ``mark``) the class lives in a small mark whose box is known. The share of

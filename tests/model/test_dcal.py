@@ -1,4 +1,4 @@
-"""The model against the paper's equations and SPEC.md, with slow references written here."""
+"""The model against the paper's equations and docs/design.md, with slow references written here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GLCA (paper Eq. 3) as revised SPEC §3 reads it, against slow per-image references written here.
+"""GLCA (paper Eq. 3) as docs/design.md (GLCA) reads it, against slow per-image references written here.
 
 ``glca_pool='mean'`` (default): the ⌈R·N⌉ selected patch tokens of x_(L-1) are the queries, all tokens of x_(L-1)
 the keys/values, and the feature is the mean of the queries' normed outputs, so the rollout's selection shapes
@@ -103,7 +103,7 @@ def test_mean_pool_selection_changes_the_glca_logits(m):
 
 @pytest.mark.parametrize("m", [1, 2])
 def test_cls_pool_selection_has_no_effect(m):
-    """SPEC §3 as it read before: the CLS output never reads the local queries, for any M (pinned)."""
+    """The earlier CLS reading (docs/design.md, GLCA): the CLS output never reads the local queries, any M."""
     model = tiny_model(img_size=64, top_r=0.25, glca_blocks=m, glca_pool="cls").eval()
     perturb_glca(model)
     x = images(size=64)

@@ -1,4 +1,5 @@
-"""TransReID's overlapping patch embedding (SPEC §7): grid, weight loading, SA-only equals a reference."""
+"""TransReID's overlapping patch embedding (docs/design.md, Overlapping patches): grid, weight loading, SA-only
+equals a reference."""
 
 from __future__ import annotations
 

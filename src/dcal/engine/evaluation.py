@@ -116,11 +116,13 @@ def evaluate_reid_model(
 
 
 def evaluate(model: DCAL, sets: dict[str, Dataset], device: torch.device, cfg: DictConfig) -> dict[str, Any]:
+    """The scores and, with them, what the cross-attentions do (:mod:`dcal.mechanism`: mark hits of the
+    selections on the generated set, PWCA's distractor share on the first test / query images)."""
     if cfg.task == "fgvc":
-        # with the scores, what the cross-attentions do (mark hits of the selections, PWCA's distractor share)
         return {**evaluate_fgvc(model, eval_loader(cfg, sets["test"]), device, cfg),
                 **evaluate_mechanism(model, sets["test"], device, cfg)}
-    return evaluate_reid_model(model, sets["query"], sets["gallery"], device, cfg)
+    return {**evaluate_reid_model(model, sets["query"], sets["gallery"], device, cfg),
+            **evaluate_mechanism(model, sets["query"], device, cfg)}
 
 
 # --------------------------------------------------------------------------------------------- eval only

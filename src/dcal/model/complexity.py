@@ -65,7 +65,7 @@ class Row:
     num_classes: int
     img_size: int | tuple[int, int]
     paper: dict[str, tuple[float, float]]  # variant -> (params M, FLOPs G) from the paper's Table 3
-    patch_stride: int | None = None  # 12: TransReID's overlapping patches (SPEC §7)
+    patch_stride: int | None = None  # 12: TransReID's overlapping patches (docs/design.md)
 
 
 TABLE3 = [
@@ -75,7 +75,8 @@ TABLE3 = [
         {"baseline": (81.6, 41.1), "+GLCA": (88.4, 42.4), "+PWCA": (81.6, 41.1), "DCAL": (88.4, 42.4)}),
     Row("MSMT17, ViT-B 256x128", "vit_base_patch16_224", "reid", 1041, (256, 128),
         {"baseline": (81.6, 20.5), "+GLCA": (88.4, 21.3), "+PWCA": (81.6, 20.5), "DCAL": (88.4, 21.3)}),
-    # the same Re-ID rows with overlapping patches: the paper's Re-ID FLOPs match these (SPEC §7)
+    # the same Re-ID rows with overlapping patches: the paper's Re-ID FLOPs match these
+    # (docs/design.md, Overlapping patches)
     Row("VeRi-776, ViT-B 256x256, stride 12", "vit_base_patch16_224", "reid", 576, (256, 256),
         {"baseline": (81.6, 41.1), "+GLCA": (88.4, 42.4), "+PWCA": (81.6, 41.1), "DCAL": (88.4, 42.4)}, 12),
     Row("MSMT17, ViT-B 256x128, stride 12", "vit_base_patch16_224", "reid", 1041, (256, 128),

@@ -1,4 +1,4 @@
-"""The DCAL model: one timm Vision Transformer, three streams (SA, GLCA, PWCA), as ``SPEC.md`` fixes them.
+"""The DCAL model: one timm Vision Transformer, three streams (SA, GLCA, PWCA), as docs/design.md reads them.
 
 Read top to bottom:
 
@@ -7,7 +7,7 @@ Read top to bottom:
   norm and head included) and adds
     - GLCA (Eq. 3): M blocks, each a copy of SA block L, run in parallel with block L on its input x_(L-1);
       queries = the top ⌈R·N⌉ patches by attention rollout (Eq. 2), keys/values = all tokens of x_(L-1); own
-      final norm and head; the GLCA feature is the mean of the local queries' normed outputs (SPEC §3).
+      final norm and head; the GLCA feature is the mean of the local queries' normed outputs (docs/design.md, GLCA).
     - PWCA (Eq. 4): a second pass through the *shared* SA blocks in training only, where each image's queries
       attend over its own and a distractor's keys/values (same stream, same layer); SA's norm and head.
 * ``create_model`` – builds the timm backbone (hub tag or local checkpoint) and the DCAL wrapper.
@@ -67,7 +67,7 @@ class DCALConfig:
         query_selection: ``rollout`` (Eq. 2), ``random``, or ``last_layer`` (the CLS attention of SA block L
             alone, without accumulation: the paper's "penultimate layer only" ablation).
         pair_strategy: ``random`` | ``intra`` | ``inter`` | ``mix`` | ``noise`` (see ``dcal.model.pairs``).
-        glca_pool: how the GLCA feature is read (SPEC §3). ``mean`` (default): the queries are the ⌈R·N⌉
+        glca_pool: how the GLCA feature is read (docs/design.md, GLCA). ``mean`` (default): the queries are the ⌈R·N⌉
             selected patch tokens and the feature is the mean of their normed GLCA outputs, so the selection
             shapes the feature. ``cls``: the earlier reading, the CLS token joins the queries and its output is
             the feature; each query's output depends only on itself and the global keys/values, so there the
@@ -454,13 +454,13 @@ def create_model(
     ``pretrained=True`` loads timm's weights for the name (e.g. ``vit_base_patch16_224.augreg_in21k``);
     ``pretrained_file`` loads a local timm-format checkpoint (.pth/.bin/.safetensors, or .npz for the
     big_vision/JAX ViTs) with the position embedding resampled to ``img_size`` and the classifier dropped.
-    ``patch_stride`` below the patch size gives TransReID's overlapping patch embedding (SPEC §7, see
-    :func:`set_patch_stride`); pretrained weights are then loaded after the change, so the position embedding
-    is resampled once, straight from the checkpoint's grid to the overlapping one. ``glca_pool``: see
-    :class:`DCALConfig`. Extra keyword arguments go to ``timm.create_model`` (e.g. ``drop_path_rate``;
-    ``depth``/``embed_dim`` for tiny test models), except those that make timm read a file (``checkpoint_path``,
-    ``pretrained_cfg``, ...: timm may unpickle it; use ``pretrained_file``). Configs restrict them further
-    (``dcal.config.TIMM_KWARGS``).
+    ``patch_stride`` below the patch size gives TransReID's overlapping patch embedding (docs/design.md,
+    Overlapping patches; see :func:`set_patch_stride`); pretrained weights are then loaded after the change, so
+    the position embedding is resampled once, straight from the checkpoint's grid to the overlapping one.
+    ``glca_pool``: see :class:`DCALConfig`. Extra keyword arguments go to ``timm.create_model`` (e.g.
+    ``drop_path_rate``; ``depth``/``embed_dim`` for tiny test models), except those that make timm read a file
+    (``checkpoint_path``, ``pretrained_cfg``, ...: timm may unpickle it; use ``pretrained_file``). Configs restrict
+    them further (``dcal.config.TIMM_KWARGS``).
     """
     if pretrained and pretrained_file:
         raise ValueError("give either pretrained=True (timm hub weights) or pretrained_file=PATH, not both")
@@ -507,10 +507,11 @@ def create_model(
 
 
 def set_patch_stride(vit: VisionTransformer, stride: int) -> None:
-    """TransReID's overlapping patch embedding (SPEC §7): the same patch kernel (and its weights) slid with
-    ``stride`` < patch size, no padding, so the grid is ((H - p) // s + 1, (W - p) // s + 1): 21x10 at 256x128
-    and 21x21 at 256x256 with p = 16, s = 12. The position embedding is resampled (bicubic, CLS kept) to that
-    grid, as timm does for a new image size; weights loaded afterwards are resampled to it by timm's filter."""
+    """TransReID's overlapping patch embedding (docs/design.md, Overlapping patches): the same patch kernel (and
+    its weights) slid with ``stride`` < patch size, no padding, so the grid is ((H - p) // s + 1,
+    (W - p) // s + 1): 21x10 at 256x128 and 21x21 at 256x256 with p = 16, s = 12. The position embedding is
+    resampled (bicubic, CLS kept) to that grid, as timm does for a new image size; weights loaded afterwards are
+    resampled to it by timm's filter."""
     pe = vit.patch_embed
     ph, pw = pe.patch_size
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= min(ph, pw):

@@ -1,4 +1,4 @@
-"""Distractor pairing for PWCA (SPEC §5): which image of the batch each image is paired with.
+"""Distractor pairing for PWCA (docs/design.md, Pairs): which image of the batch each image is paired with.
 
 ``random`` is the paper's default: a fresh random permutation of the batch with no fixed point (a uniform
 random derangement, by rejection: on average e ≈ 2.7 draws of ``randperm``). The Table 4 ablations draw a
