@@ -63,7 +63,15 @@ def test_table_is_the_last_epochs_of_the_runs(ablation):
             last.append(records[-2]["top1"])
         assert row["last_top1"] == pytest.approx(mean_std(last))
         assert row["delta_top1"] == pytest.approx(row["last_top1"][0] - summary["rows"][0]["last_top1"][0])
+        # the mechanism columns: the last epoch's PWCA share (only where there is PWCA) and mark hit, over seeds
+        shares = [json.loads(open(f"{run['run_dir']}/metrics.jsonl").readlines()[-2]).get("pwca_share_mean")
+                  for run in row["runs"]]
+        expected = mean_std([100 * x for x in shares]) if None not in shares else None
+        assert row["pwca_share_mean"] == (pytest.approx(expected) if expected else None)
+        assert (expected is None) == (row["variant"] in ("SA only", "+GLCA"))
+        assert row["mark_hit_rollout"] is not None
     md = (out / "ablation.md").read_text()
+    assert "PWCA share on the distractor (%) | mark hit, rollout (%)" in md
     first = summary["rows"][0]
     assert f"| SA only | {first['last_top1'][0]:.2f} ± {first['last_top1'][1]:.2f} | +0.00 |" in md
     assert json.loads((out / "ablation.json").read_text())["rows"][3]["variant"] == "DCAL"

@@ -195,6 +195,7 @@ def run_summary(final: dict[str, Any], run_dir: Path, task: str, seed: int) -> d
     return {
         "seed": seed, "run_dir": str(run_dir), "epochs": last_epoch + 1,
         "last": {k: last[k] for k in keys if k in last},
+        "mechanism": {k: last[k] for k in MECHANISM_KEYS if k in last},
         "best": {k: best[k] for k in keys if k in best}, "best_epoch": best["epoch"] + 1,
         "train_time_s": final.get("train_time_s", math.nan),
     }
@@ -302,6 +303,9 @@ def summarize(variants: list[Variant], task: str) -> dict[str, Any]:
             row[f"last_{m}"] = mean_std([r["last"][m] for r in v.runs])
             row[f"best_{m}"] = mean_std([r["best"][m] for r in v.runs])
         row["train_time_s"] = mean_std([r["train_time_s"] for r in v.runs])
+        for k, (_, scale) in MECHANISM_COLUMNS.items():
+            values = [r.get("mechanism", {}).get(k) for r in v.runs]
+            row[k] = mean_std([scale * x for x in values]) if None not in values else None
         rows.append(row)
     for row in rows:
         for m in metrics:
@@ -310,19 +314,28 @@ def summarize(variants: list[Variant], task: str) -> dict[str, Any]:
 
 
 LABEL = {"top1": "top-1", "mAP": "mAP", "rank1": "rank-1"}
+# the last epoch's mechanism numbers (dcal.mechanism) and learned loss weights kept per run; the first ones are
+# table columns (label, scale to %) where every run of a row has them
+MECHANISM_KEYS = ("pwca_share_mean", "mark_hit_rollout", "mark_hit_last_layer", "mark_hit_chance", "pwca_share",
+                  "weight_sa", "weight_glca", "weight_pwca")
+MECHANISM_COLUMNS = {"pwca_share_mean": ("PWCA share on the distractor (%)", 100.0),
+                     "mark_hit_rollout": ("mark hit, rollout (%)", 1.0)}
 
 
 def format_markdown(summary: dict[str, Any]) -> str:
     metrics, rows = summary["metrics"], summary["rows"]
     seeds = len(rows[0]["runs"]) if rows else 0
     head = ["variant"] + [f"{LABEL[m]} last epoch" for m in metrics] + [f"Δ {LABEL[m]}" for m in metrics]
-    head += [f"{LABEL[m]} best epoch*" for m in metrics] + ["time / run", "keys"]
+    mech = [k for k in MECHANISM_COLUMNS if any(r.get(k) for r in rows)]
+    head += [f"{LABEL[m]} best epoch*" for m in metrics] + [MECHANISM_COLUMNS[k][0] for k in mech]
+    head += ["time / run", "keys"]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 2) + " --- |"]
     for r in rows:
         cells = [r["variant"]]
         cells += [f"{r[f'last_{m}'][0]:.2f} ± {r[f'last_{m}'][1]:.2f}" for m in metrics]
         cells += [f"{r[f'delta_{m}']:+.2f}" for m in metrics]
         cells += [f"{r[f'best_{m}'][0]:.2f} ± {r[f'best_{m}'][1]:.2f}" for m in metrics]
+        cells += [f"{r[k][0]:.1f} ± {r[k][1]:.1f}" if r.get(k) else "-" for k in mech]
         cells += [f"{r['train_time_s'][0]:.0f} s", ", ".join(f"{k}={v}" for k, v in r["keys"].items())]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
@@ -331,6 +344,8 @@ def format_markdown(summary: dict[str, Any]) -> str:
         *([f"Backbone: {summary['backbone']}."] if summary.get("backbone") else []),
         "*Best epoch = the epoch with the highest metric on the evaluation split, i.e. selected on it: optimistic, "
         "for reference only; the last epoch is the number to compare.",
+        *(["PWCA share: of the target CLS token's attention, the part on the distractor's tokens, mean over the "
+           "pair-wise blocks, on the first test images (dcal.mechanism; a self-pair gives 50)."] if mech else []),
     ]
     if summary.get("command"):
         notes.append(f"Command: `{summary['command']}`")
