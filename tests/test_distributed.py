@@ -82,7 +82,9 @@ def test_ddp_step_equals_one_process_with_twice_the_batch(tmp_path):
     assert grads.keys() == ddp["grads"].keys() and any(k.startswith("criterion.") for k in grads)
     for k, g in grads.items():
         torch.testing.assert_close(ddp["grads"][k], g, **GRAD_TOL, msg=k)
-    assert ddp["eval"] == pytest.approx(whole)  # sharded evaluation counts every test image once
+    # sharded evaluation counts every test image once; the mechanism (first test images) is each process's own
+    assert ddp["eval"].pop("pwca_share") == pytest.approx(whole.pop("pwca_share"))
+    assert ddp["eval"] == pytest.approx(whole)
 
 
 def test_two_process_reid_run_writes_one_set_of_files(tmp_path, market_data):  # noqa: F811 - the fixture

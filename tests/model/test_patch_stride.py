@@ -74,13 +74,20 @@ def test_stride_12_loads_a_stride_16_checkpoint_file(stride16_checkpoint):
     check_loaded(model, src)
 
 
-def test_stride_12_through_timms_pretrained_loading(stride16_checkpoint):
-    """``pretrained=True`` goes through timm's own loader (here pointed at a local file, as timm's
-    ``pretrained_cfg_overlay=dict(file=...)`` allows) after the stride is set."""
+def test_stride_12_through_timms_pretrained_loading(stride16_checkpoint, monkeypatch):
+    """``pretrained=True`` goes through timm's own hub loader (its download replaced by the local checkpoint:
+    no network here; ``pretrained_cfg_overlay``, which could point timm at a file, is refused by dcal) after the
+    stride is set."""
+    import timm.models._builder as builder
+    from safetensors.torch import load_file
+
     src, path = stride16_checkpoint
+    asked = []
+    monkeypatch.setattr(builder, "load_state_dict_from_hf",
+                        lambda loc, *a, **k: asked.append(loc) or load_file(str(path)))
     model = dcal.create_model("deit_tiny_patch16_224", task="reid", num_classes=4, img_size=(256, 128),
-                              patch_stride=12, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                              pwca_blocks=2, **ARCH)
+                              patch_stride=12, pretrained=True, pwca_blocks=2, **ARCH)
+    assert asked and "deit_tiny_patch16_224" in str(asked[0])
     check_loaded(model, src)
 
 
