@@ -132,7 +132,7 @@ def save_training_state(path: str | Path, **state: Any) -> None:
     atomic_write(Path(path), write)
 
 
-def error_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type when it has none (``EOFError()``)."""
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
@@ -149,7 +149,7 @@ def check_torch_archive(path: Path, what: str = "checkpoint", require_zip: bool 
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         if require_zip:
             raise ValueError(f"{what} {str(path)!r} is truncated or not a PyTorch checkpoint (not the zip archive "
-                             f"torch.save writes: {error_line(e)})") from e
+                             f"torch.save writes: {first_line(e)})") from e
         return
     compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
     if compressed or sum(e.file_size for e in entries) > path.stat().st_size:
@@ -170,14 +170,14 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         if "weights only load failed" not in str(e).lower():
             raise ValueError(f"checkpoint {str(path)!r} is truncated or not a PyTorch checkpoint "
-                             f"({error_line(e)})") from e
+                             f"({first_line(e)})") from e
         raise ValueError(
             f"checkpoint {str(path)!r} holds pickled objects other than tensors and plain values; refused "
             "(weights_only=True loading: files of dcal < 0.2 or of other tools may hold them)"
         ) from e
     except Exception as e:  # noqa: BLE001 - zip/pickle/EOF errors of a damaged file, re-raised naming it
         raise ValueError(f"checkpoint {str(path)!r} is truncated or not a PyTorch checkpoint "
-                         f"({error_line(e)})") from e
+                         f"({first_line(e)})") from e
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {str(path)!r} is not a dcal training checkpoint: it holds a "
                          f"{type(state).__name__}")
@@ -239,7 +239,7 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadat
 
 
 def _safetensors_error(path: Path, e: Exception) -> ValueError:
-    return ValueError(f"weights file {str(path)!r} is truncated or not a safetensors file ({error_line(e)})")
+    return ValueError(f"weights file {str(path)!r} is truncated or not a safetensors file ({first_line(e)})")
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:

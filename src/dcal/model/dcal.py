@@ -30,7 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dcal.checkpoint import check_torch_archive, error_line
+from dcal.checkpoint import check_torch_archive, first_line
 from dcal.model.attention import (
     check_block,
     explicit_attention_active,
@@ -490,7 +490,7 @@ def create_model(
         )
     except (AssertionError, TypeError, ValueError, RuntimeError) as e:  # unknown name, bad argument, width/heads
         args = f" with {timm_kwargs}" if timm_kwargs else ""
-        raise ValueError(f"timm could not build {backbone!r}{args}: {error_line(e)}") from e
+        raise ValueError(f"timm could not build {backbone!r}{args}: {first_line(e)}") from e
     if strided:
         set_patch_stride(vit, patch_stride)
         if pretrained:  # timm's own hub loading, now that the grid is the overlapping one
@@ -545,7 +545,7 @@ def load_pretrained_file(vit: VisionTransformer, path: str | Path) -> None:
             vit.load_pretrained(str(path))
         except Exception as e:  # noqa: BLE001 - re-raised with the file named
             raise ValueError(f"pretrained_file {str(path)!r}: not a big_vision/JAX ViT .npz of this backbone "
-                             f"({error_line(e)})") from e
+                             f"({first_line(e)})") from e
         _reset_head(vit)
         return
     if path.suffix != ".safetensors":
@@ -555,7 +555,7 @@ def load_pretrained_file(vit: VisionTransformer, path: str | Path) -> None:
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise TypeError("it holds no mapping of names to tensors")
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"pretrained_file {str(path)!r}: could not read a state dict ({error_line(e)})") from e
+        raise ValueError(f"pretrained_file {str(path)!r}: could not read a state dict ({first_line(e)})") from e
     if any(k.startswith("backbone.") for k in state):  # a dcal checkpoint: keep only the backbone
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     filter_fn = getattr(sys.modules[type(vit).__module__], "checkpoint_filter_fn", None)
@@ -563,7 +563,7 @@ def load_pretrained_file(vit: VisionTransformer, path: str | Path) -> None:
         try:
             state = filter_fn(state, vit)
         except Exception as e:  # noqa: BLE001 - timm's filter on a checkpoint of another shape
-            raise ValueError(f"pretrained_file {str(path)!r} does not match the backbone ({error_line(e)})") from e
+            raise ValueError(f"pretrained_file {str(path)!r} does not match the backbone ({first_line(e)})") from e
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dist."))}
     own = vit.state_dict()
     missing = [k for k in own if k not in state and not k.startswith("head")]
