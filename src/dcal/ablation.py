@@ -32,11 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import OmegaConf
 
-from dcal.config import ConfigError, load_config, read_yaml, to_yaml
-from dcal.run_folder import CONFIG, LAST, METRICS, discard_unsaved_start
+from dcal.config import ConfigError, default_config, load_config, to_yaml
+from dcal.run_folder import LAST, METRICS, discard_unsaved_start, final_record, other_config_changes, read_metrics
 
 NO_GLCA = {"model.glca_blocks": 0, "eval.fusion": "sa"}
 
@@ -132,33 +131,18 @@ def _overrides(keys: dict[str, Any]) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------------- running
-def _final_record(run_dir: Path) -> dict[str, Any] | None:
-    """The run's ``final`` record, or None while it is unfinished (or absent)."""
-    from dcal.engine import read_metrics
-
-    records = read_metrics(run_dir / METRICS)
-    return records[-1] if records and records[-1].get("final") else None
-
-
 def _epoch_records(run_dir: Path) -> list[dict[str, Any]]:
-    from dcal.engine import read_metrics
-
     return [r for r in read_metrics(run_dir / METRICS) if not r.get("final") and not r.get("partial")]
 
 
 def _check_same_config(run_dir: Path, cfg: Any) -> None:
     """Refuse a run directory trained with another config; where it lies (``output_dir``) does not count, so a
-    moved or copied ablation folder is reused."""
-    saved = run_dir / CONFIG
-    if not saved.is_file():
-        return
-    old, new = read_yaml(saved.read_text(encoding="utf-8"), str(saved)), yaml.safe_load(to_yaml(cfg))
-    old.pop("output_dir", None)
-    new.pop("output_dir", None)
-    if old != new:
+    moved or copied ablation folder is reused (:func:`dcal.run_folder.other_config_changes`)."""
+    diff = other_config_changes(run_dir, OmegaConf.to_container(cfg), OmegaConf.to_container(default_config()))
+    if diff:
         raise FileExistsError(
-            f"{run_dir} holds a run with another config than this ablation asks for (compare its config.yaml); "
-            "remove it or write the ablation to another --output-dir"
+            f"{run_dir} holds a run with another config than this ablation asks for ({'; '.join(diff[:6])}"
+            f"{' ...' if len(diff) > 6 else ''}); remove it or write the ablation to another --output-dir"
         )
 
 
@@ -166,7 +150,7 @@ def run_one(cfg: Any, run_dir: Path) -> tuple[dict[str, Any], str]:
     """Train (or reuse, or resume) one run; its own log goes to ``run_dir/train.log``."""
     from dcal.engine import fit
 
-    final = _final_record(run_dir)
+    final = final_record(run_dir)
     _check_same_config(run_dir, cfg)
     if final is not None:
         return final, "reused"

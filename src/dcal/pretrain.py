@@ -27,7 +27,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dcal.config import ConfigError, default_config, load_config, read_yaml
-from dcal.run_folder import CONFIG, LAST, LAST_WEIGHTS, METRICS, config_changes
+from dcal.run_folder import CONFIG, LAST, LAST_WEIGHTS, final_record, other_config_changes
 
 SA_ONLY = ("model.glca_blocks=0", "model.pwca_blocks=0", "eval.fusion=sa")
 CACHE_FOLDER = "pretrain"  # beside the runs: <parent of output_dir (or of the ablation folder)>/pretrain/<stem>
@@ -49,23 +49,18 @@ def pretrain_config(recipe: str | Path, output_dir: str | Path, overrides: list[
 def pretrain_state(cfg: Any) -> str:
     """``"absent"``, ``"finished"`` or ``"started"`` for the run folder ``cfg.output_dir``; raises
     ``FileExistsError`` when it holds a run of another config."""
-    from dcal.engine import read_metrics
-
     folder = Path(cfg.output_dir)
-    saved = folder / CONFIG
-    if not saved.is_file():
+    if not (folder / CONFIG).is_file():
         return "absent"
-    # a moved or copied cache folder is still the same run; a key added by a later dcal counts as its default
-    diff = config_changes(read_yaml(saved.read_text(encoding="utf-8"), str(saved)), OmegaConf.to_container(cfg),
-                          OmegaConf.to_container(default_config()), may_change=("output_dir",))
+    # a key added by a later dcal counts as its default
+    diff = other_config_changes(folder, OmegaConf.to_container(cfg), OmegaConf.to_container(default_config()))
     if diff:
         raise FileExistsError(
             f"{folder} holds a pretraining run of another config ({'; '.join(diff[:6])}"
             f"{' ...' if len(diff) > 6 else ''}): delete that folder to pretrain again with the new recipe, or "
             "restore the recipe it was trained with"
         )
-    records = read_metrics(folder / METRICS)
-    if records and records[-1].get("final") and (folder / LAST_WEIGHTS).is_file():
+    if final_record(folder) is not None and (folder / LAST_WEIGHTS).is_file():
         return "finished"
     return "started" if (folder / LAST).is_file() else "absent"
 

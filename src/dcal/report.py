@@ -55,7 +55,7 @@ def read_run(run: str | Path, label: str | None = None) -> RunLog:
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise FileNotFoundError(f"{run} is not a dcal run: {metrics} does not exist")
-    from dcal.engine import read_metrics  # the engine's reader: a cut last line dropped, other bad lines named
+    from dcal.run_folder import read_metrics  # a cut last line dropped, other bad lines named
 
     records = read_metrics(metrics)
     config_path = run / "config.yaml"

@@ -71,6 +71,40 @@ def run_content(folder: str | Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name in RUN_FILES or EPOCH_CHECKPOINT.fullmatch(p.name))
 
 
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a ``metrics.jsonl`` (none if it does not exist).
+
+    Records are appended one fsynced line at a time, so a kill can cut only the last line: an undecodable last
+    line is dropped (resume rewrites the file without it). Any other line that is not a JSON record is damage
+    and raises ``ValueError`` naming the file and line, rather than silently losing an epoch.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == last:
+                break
+            raise ValueError(f"{path}:{n}: not a JSON record ({e}); only the last line may be cut by a kill") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object (one record per line), got {type(record).__name__}")
+        out.append(record)
+    return out
+
+
+def final_record(folder: str | Path) -> dict[str, Any] | None:
+    """The run's ``final`` record (the last line of its :data:`METRICS`), or None while it is unfinished or absent."""
+    records = read_metrics(Path(folder) / METRICS)
+    return records[-1] if records and records[-1].get("final") else None
+
+
 def discard_unsaved_start(folder: str | Path) -> list[str]:
     """Delete the files of a run that was killed before it saved anything (``config.yaml``, an empty
     ``metrics.jsonl``, ``tensorboard/``: nothing to resume or lose); returns their names, [] (and deletes
@@ -107,6 +141,19 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any], defaults: dict[st
     a, b = {**_flatten(defaults), **_flatten(saved)}, _flatten(new)
     return [f"{key}: {_show(a.get(key, _ABSENT))} -> {_show(b.get(key, _ABSENT))}" for key in sorted(set(a) | set(b))
             if not _matches(key, may_change) and a.get(key, _ABSENT) != b.get(key, _ABSENT)]
+
+
+def other_config_changes(folder: str | Path, new: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """:func:`config_changes` between the run in ``folder`` (its :data:`CONFIG`; [] when there is none) and
+    ``new``, where only ``output_dir`` may differ: is it the same run (a moved or copied folder still is)? For reusing
+    a finished run's numbers or weights as they are (an ablation's runs, a cached pretraining)."""
+    from dcal.config import read_yaml
+
+    saved = Path(folder) / CONFIG
+    if not saved.is_file():
+        return []
+    return config_changes(read_yaml(saved.read_text(encoding="utf-8"), str(saved)), new, defaults,
+                          may_change=("output_dir",))
 
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:

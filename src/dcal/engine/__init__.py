@@ -28,7 +28,8 @@ from dcal.engine.evaluation import (
     resolve_checkpoint,
 )
 from dcal.engine.loop import EpochProgress, NonFiniteLossError, train_one_epoch
-from dcal.engine.run import BEST_METRIC, SCORE_KEYS, RunExistsError, fit, read_metrics, seed_everything
+from dcal.engine.run import BEST_METRIC, SCORE_KEYS, RunExistsError, fit, seed_everything
+from dcal.run_folder import read_metrics
 
 __all__ = [
     "BEST_METRIC",

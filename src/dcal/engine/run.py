@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
@@ -43,7 +42,7 @@ from dcal.checkpoint import (
     save_training_state,
     set_rng_state,
 )
-from dcal.config import default_config, to_yaml, upgrade_saved_config
+from dcal.config import default_config, read_yaml, to_yaml, upgrade_saved_config
 from dcal.engine.build import (
     TrainStep,
     build_criterion,
@@ -56,7 +55,7 @@ from dcal.engine.build import (
 from dcal.engine.evaluation import evaluate
 from dcal.engine.loop import EpochProgress, NonFiniteLossError, summarize, train_one_epoch
 from dcal.model.dcal import compile_model
-from dcal.run_folder import ResumeConfigError, RunExistsError, RunLock, run_content
+from dcal.run_folder import ResumeConfigError, RunExistsError, RunLock, read_metrics, run_content
 
 BEST_METRIC = {"fgvc": "top1", "reid": "mAP"}
 # the scores an epoch record carries, the one that picks the best checkpoint first
@@ -153,15 +152,14 @@ def check_run_folder(out_dir: Path, cfg: DictConfig, resume: bool, owned: bool =
     saved_path = out_dir / run_folder.CONFIG
     saved = (saved_path.read_text(encoding="utf-8") if saved_path.is_file()
              else load_training_state(last_path)["config"])
-    changes = run_folder.config_changes(upgrade_saved_config(yaml.safe_load(saved), str(saved_path)),
-                                        yaml.safe_load(to_yaml(cfg)), OmegaConf.to_container(default_config()))
+    changes = run_folder.config_changes(upgrade_saved_config(read_yaml(saved, str(saved_path)), str(saved_path)),
+                                        OmegaConf.to_container(cfg), OmegaConf.to_container(default_config()))
     if changes:
         raise ResumeConfigError(
             f"--resume: {out_dir} was trained with other values of keys that may not change on resume: "
             f"{'; '.join(changes)} (keep the saved values, or train into another output_dir=)"
         )
-    records = read_metrics(out_dir / run_folder.METRICS)
-    final = records[-1] if records and records[-1].get("final") else None
+    final = run_folder.final_record(out_dir)
     if final is None:
         return None
     done = final["epoch"] + 1
@@ -455,33 +453,6 @@ def _tensorboard(out_dir: Path) -> Any:
     except ImportError:  # tensorboard is optional (pip install dcal[tensorboard])
         return None
     return SummaryWriter(str(out_dir / run_folder.TENSORBOARD))
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` (none if it does not exist).
-
-    Records are appended one fsynced line at a time, so a kill can cut only the last line: an undecodable last
-    line is dropped (resume rewrites the file without it). Any other line that is not a JSON record is damage
-    and raises ``ValueError`` naming the file and line, rather than silently losing an epoch.
-    """
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
-    out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == last:
-                break
-            raise ValueError(f"{path}:{n}: not a JSON record ({e}); only the last line may be cut by a kill") from e
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object (one record per line), got {type(record).__name__}")
-        out.append(record)
-    return out
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
