@@ -54,9 +54,10 @@ def checkpoint_classes(path: Path) -> list[str] | None:
     """Class names saved by ``dcal train`` in a ``.safetensors`` export (for a ``.pth``, in the exports beside it);
     None when no file holds names (e.g. Re-ID runs, whose classes are training identities)."""
     from dcal.checkpoint import export_extra, safetensors_metadata
+    from dcal.run_folder import BEST_WEIGHTS, LAST_WEIGHTS
 
     candidates = [path] if path.suffix == ".safetensors" else []
-    candidates += [path.parent / n for n in ("best.safetensors", "last.safetensors")]
+    candidates += [path.parent / n for n in (BEST_WEIGHTS, LAST_WEIGHTS)]
     for p in candidates:
         if p.is_file():
             classes = export_extra(p, safetensors_metadata(p)).get("classes")

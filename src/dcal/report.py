@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 
 from dcal.config import read_yaml
 from dcal.pretrain import describe_backbone
+from dcal.run_folder import CONFIG, METRICS, read_metrics
 from dcal.visualize import save_figure  # sets the Agg backend: files only, no display on servers
 
 BRANCHES = ("sa", "glca", "pwca")
@@ -52,13 +53,11 @@ class RunLog:
 def read_run(run: str | Path, label: str | None = None) -> RunLog:
     """Load ``metrics.jsonl`` and ``config.yaml`` of a run directory (clear errors naming the file)."""
     run = Path(run)
-    metrics = run / "metrics.jsonl"
+    metrics = run / METRICS
     if not metrics.is_file():
         raise FileNotFoundError(f"{run} is not a dcal run: {metrics} does not exist")
-    from dcal.run_folder import read_metrics  # a cut last line dropped, other bad lines named
-
-    records = read_metrics(metrics)
-    config_path = run / "config.yaml"
+    records = read_metrics(metrics)  # a cut last line dropped, other bad lines named
+    config_path = run / CONFIG
     config = read_yaml(config_path.read_text(encoding="utf-8"), str(config_path)) if config_path.is_file() else {}
     epochs = [r for r in records if not r.get("final")]
     if not epochs:

@@ -23,6 +23,7 @@ from dcal.engine.loop import unpack_batch
 from dcal.mechanism import evaluate_mechanism
 from dcal.model import DCAL
 from dcal.model.dcal import fusion_branches
+from dcal.run_folder import BEST, BEST_WEIGHTS, LAST, LAST_WEIGHTS
 
 
 def _batches(loader: Iterable) -> Iterable[tuple[Any, torch.Tensor | None, int]]:
@@ -126,7 +127,7 @@ def evaluate(model: DCAL, sets: dict[str, Dataset], device: torch.device, cfg: D
 
 
 # --------------------------------------------------------------------------------------------- eval only
-RUN_CHECKPOINTS = ("best.safetensors", "best.pth", "last.safetensors", "last.pth")  # a run's files, in preference
+RUN_CHECKPOINTS = (BEST_WEIGHTS, BEST, LAST_WEIGHTS, LAST)  # a run's files, in preference
 
 
 def resolve_checkpoint(run: str | Path | None = None, checkpoint: str | Path | None = None) -> Path:
