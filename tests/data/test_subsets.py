@@ -40,6 +40,14 @@ def test_synthetic_subset_keeps_each_image():
         assert sub.mark_boxes[i] == full.mark_boxes[j]
 
 
+def test_a_huge_range_is_refused_before_it_is_expanded():
+    # hostile input: a stored config or recipe must not make dcal build a list of billions of ids
+    with pytest.raises(ValueError, match="selects more than 1,000,000 ids"):
+        parse_selection("1-999999999999", "k")
+    with pytest.raises(ConfigError, match="data.classes"):
+        load_config(None, ["data.classes=5-4000000000"])
+
+
 @needs_shared
 def test_cub_class_split_is_disjoint_and_reindexed():
     ft = build_datasets(load_config(None, [*CUB, "data.classes=1-50"]))
