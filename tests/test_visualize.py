@@ -10,7 +10,7 @@ from PIL import Image
 
 from dcal.cli import main
 from dcal.model.attention import _finish_block, attn_output, q_and_kv
-from dcal.visualize import glca_attention, glca_attention_maps, pwca_attention_maps
+from dcal.visualize import glca_attention_maps, pwca_attention_maps
 from tests.conftest import tiny_model
 
 
@@ -23,21 +23,25 @@ def model():
 def test_glca_probabilities_reproduce_the_glca_block(pool):
     model = tiny_model(img_size=32, patch_size=8, top_r=0.25, glca_pool=pool).eval()
     images = torch.randn(3, 3, 32, 32)
-    probs, n_local = glca_attention(model, images)
-    assert n_local == 4 and probs.shape[-1] == 17  # 16 patches x 25%; CLS + 16 tokens of x_(L-1)
+    selected, probs = model.glca_attention(images)
+    n_local = selected.shape[1]
+    assert n_local == 4 and probs.shape == (3, 4 + (pool == "cls"), 17)  # 16 patches x 25%; CLS + 16 tokens
     with torch.no_grad():
-        x_prev, _, att = model._sa_stream(model._embed(images), need_attn=True)
-        selected = model._select(att, 3, images.device)
+        x0, rope = model._embed(images)
+        x_prev, x, att = model._sa_stream(x0, rope, need_attn=True)
+        assert torch.equal(model._select(att, x), selected)
         queries = model.glca_queries(x_prev, selected)
         blk = model.glca_blocks[0]
         hq = blk.norm1(queries)
-        _, _, v = q_and_kv(blk.attn, hq, blk.norm1(x_prev))
-        mine = _finish_block(blk, queries, attn_output(blk.attn, probs @ v, hq))
+        q, k, v = q_and_kv(blk.attn, hq, blk.norm1(x_prev))
+        per_head = ((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        torch.testing.assert_close(per_head.mean(dim=1), probs, atol=1e-6, rtol=1e-5)
+        mine = _finish_block(blk, queries, attn_output(blk.attn, per_head @ v, hq))
         torch.testing.assert_close(mine, model._glca_stream(x_prev, selected), atol=1e-5, rtol=1e-5)
     maps, scores = glca_attention_maps(model, images)
     assert maps.shape == (3, 32, 32) and scores.shape == (3, 16)
     assert maps.min() == 0.0 and maps.max() == pytest.approx(1.0)
-    np.testing.assert_allclose(scores, probs[:, :, -4:, 1:].mean(dim=(1, 2)).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(scores, probs[:, -n_local:, 1:].mean(dim=1).numpy(), rtol=1e-6)
 
 
 def test_pwca_split_between_target_and_distractor(model):

@@ -31,8 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from dcal.data.transforms import _hw
 from dcal.model import DCAL
-from dcal.model.attention import _probs, pwca_block, qkv
-from dcal.model.rollout import cls_attention_row, rollout_cls_row, select_top
+from dcal.model.rollout import select_top
 
 MECHANISM_IMAGES = 64  # the fixed test subset: the first images of the test set
 SELECTIONS = ("rollout", "last_layer")
@@ -98,12 +97,11 @@ def mark_hit_chance(on_mark: Tensor) -> Tensor:
 
 @torch.no_grad()
 def selection_scores(model: DCAL, images: Tensor) -> dict[str, Tensor]:
-    """From one SA pass: the CLS row of the attention rollout (Eq. 2) and of the last block's attention alone
-    (the ``last_layer`` ablation), each (B, N) over the patch tokens; the scores ``model``'s own
-    ``query_selection`` would rank (GLCA takes the top ⌈R·N⌉)."""
+    """The pooled feature's row of the attention rollout (Eq. 2) and of the last block's attention alone (the
+    ``last_layer`` ablation), each (B, N) over the patch tokens; the scores ``model``'s own ``query_selection``
+    would rank (GLCA takes the top ⌈R·N⌉)."""
     model.eval()
-    _, _, attentions = model._sa_stream(model._embed(images), need_attn=True)
-    return {"rollout": rollout_cls_row(attentions)[:, 1:], "last_layer": cls_attention_row(attentions[-1])[:, 1:]}
+    return {name: model.selection_scores(images, name) for name in ("rollout", "last_layer")}
 
 
 def on_mark_patches(model: DCAL, boxes: Sequence[Sequence[int]], source_size: int,
@@ -126,21 +124,30 @@ def selection_mark_hits(model: DCAL, images: Tensor, on_mark: Tensor) -> dict[st
 # ------------------------------------------------------------------------------------------ PWCA's share
 @dataclass
 class PWCAAttention:
-    """The target CLS token's PWCA attention over the concatenated keys ``[own tokens; distractor tokens]``.
+    """The target's PWCA attention over the concatenated keys ``[own tokens; distractor tokens]``, read at the
+    pooled feature's query: the class token's, or the patch mean for a backbone without one
+    (:meth:`dcal.model.DCAL.pwca_attention`).
 
     Attributes:
-        shares: (T, B), per pair-wise block, the fraction of the head-mean CLS attention on the distractor.
-        cls_row: (B, 2·n) block T's head-mean CLS row (n tokens each, CLS first in both halves).
+        shares: (T, B), per pair-wise block, the fraction of the head-mean attention on the distractor.
+        cls_row: (B, 2·n) block T's head-mean row (n = P + N tokens each, the P prefix tokens first in both halves).
         pairs: (B,) the distractor of each image.
+        num_prefix_tokens: P.
     """
 
     shares: Tensor
     cls_row: Tensor
     pairs: Tensor
+    num_prefix_tokens: int = 1
 
     @property
     def num_tokens(self) -> int:
         return self.cls_row.shape[1] // 2
+
+    def patch_rows(self) -> tuple[Tensor, Tensor]:
+        """Block T's attention on the target's N patches and on the distractor's, each (B, N)."""
+        n, p = self.num_tokens, self.num_prefix_tokens
+        return self.cls_row[:, p:n], self.cls_row[:, n + p:]
 
 
 def fixed_derangement(batch: int, device: torch.device | None = None) -> Tensor:
@@ -160,15 +167,10 @@ def pwca_attention(model: DCAL, images: Tensor, pairs: Tensor | None = None) -> 
     model.eval()
     if pairs is None:
         pairs = fixed_derangement(images.shape[0], images.device)
-    x = model._embed(images)
-    n_tok = x.shape[1]
-    shares, cls_row = [], None
-    for blk in model.backbone.blocks[: model.cfg.pwca_blocks]:
-        q, k, _ = qkv(blk.attn, blk.norm1(x))
-        cls_row = _probs(blk.attn, q[:, :, :1], torch.cat([k, k[pairs]], dim=2)).mean(dim=1)[:, 0]
-        shares.append(cls_row[:, n_tok:].sum(-1))
-        x = pwca_block(blk, x, pairs)
-    return PWCAAttention(torch.stack(shares), cls_row, pairs)
+    rows = model.pwca_attention(images, pairs)
+    n_tok = rows[-1].shape[1] // 2
+    shares = torch.stack([row[:, n_tok:].sum(-1) for row in rows])
+    return PWCAAttention(shares, rows[-1], pairs, model.num_prefix_tokens)
 
 
 def pwca_share(model: DCAL, images: Tensor, pairs: Tensor | None = None) -> Tensor:

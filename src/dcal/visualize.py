@@ -27,7 +27,6 @@ import torch.nn.functional as F  # noqa: E402
 from dcal.data.images import printable  # noqa: E402
 from dcal.mechanism import pwca_attention  # noqa: E402
 from dcal.model import DCAL  # noqa: E402
-from dcal.model.attention import _probs, q_and_kv  # noqa: E402
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -60,28 +59,14 @@ def patch_maps(model: DCAL, scores: torch.Tensor, size: Sequence[int]) -> np.nda
     return ((maps - lo) / (hi - lo).clamp_min(1e-12)).cpu().numpy()
 
 
-@torch.no_grad()
-def glca_attention(model: DCAL, images: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Attention probabilities of the first GLCA block, (B, H, Q, T): its queries (``model.glca_queries``: the
-    selected patch tokens, and CLS first with ``glca_pool='cls'``) over the T tokens of x_(L-1); and how many of the
-    Q queries are local (the last ones)."""
-    if not model.cfg.glca_blocks:
-        raise ValueError("the model has no GLCA block (glca_blocks=0)")
-    model.eval()
-    x_prev, _, attentions = model._sa_stream(model._embed(images), need_attn=model.cfg.query_selection != "random")
-    selected = model._select(attentions, images.shape[0], images.device)
-    queries = model.glca_queries(x_prev, selected)
-    blk = model.glca_blocks[0]
-    q, k, _ = q_and_kv(blk.attn, blk.norm1(queries), blk.norm1(x_prev))
-    return _probs(blk.attn, q, k), selected.shape[1]
-
-
 def glca_attention_maps(model: DCAL, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """What GLCA's local queries look at (Fig. 3a): the first GLCA block's attention over the N patch tokens of
-    x_(L-1), averaged over the selected local queries (a CLS query, when the model has one, is left out) and the
-    heads. Returns the (B, H, W) maps in [0, 1] and the raw (B, N) means."""
-    probs, n_local = glca_attention(model, images)
-    scores = probs[:, :, -n_local:].mean(dim=(1, 2))[:, 1:]
+    x_(L-1), averaged over the selected local queries (a class-token query, with ``glca_pool='cls'``, is left out)
+    and the heads (:meth:`dcal.model.DCAL.glca_attention`). Returns the (B, H, W) maps in [0, 1] and the raw (B, N)
+    means."""
+    model.eval()
+    selected, probs = model.glca_attention(images)
+    scores = probs[:, -selected.shape[1]:].mean(dim=1)[:, model.num_prefix_tokens:]
     return patch_maps(model, scores, images.shape[-2:]), scores.cpu().numpy()
 
 
@@ -96,10 +81,11 @@ def pwca_attention_maps(model: DCAL, images: torch.Tensor, pairs: torch.Tensor |
     ``share_mean`` (B,): that fraction averaged over the T pair-wise blocks.
     """
     pw = pwca_attention(model, images, pairs)
-    n_tok, size = pw.num_tokens, images.shape[-2:]
+    target, distractor = pw.patch_rows()
+    size = images.shape[-2:]
     return {
-        "target": patch_maps(model, pw.cls_row[:, 1:n_tok], size),
-        "distractor": patch_maps(model, pw.cls_row[:, n_tok + 1:], size),
+        "target": patch_maps(model, target, size),
+        "distractor": patch_maps(model, distractor, size),
         "share": pw.shares[-1].cpu().numpy(),
         "share_mean": pw.shares.mean(0).cpu().numpy(),
         "pairs": pw.pairs.cpu().numpy(),

@@ -350,9 +350,12 @@ def test_defaults_and_config_errors():
         tiny_model(top_r=0.0)
     with pytest.raises(ValueError, match="query_selection"):
         tiny_model(query_selection="penultimate")
-    with pytest.raises(ValueError, match="class token"):
+    with pytest.raises(ValueError, match="class token"):  # glca_pool='cls' needs one (issue 19: avg pool works)
         dcal.create_model("deit_tiny_patch16_224", num_classes=2, img_size=32, depth=1, class_token=False,
-                          global_pool="avg")
+                          global_pool="avg", pwca_blocks=1, glca_pool="cls")
+    with pytest.raises(ValueError, match="global_pool='max'"):
+        dcal.create_model("deit_tiny_patch16_224", num_classes=2, img_size=32, depth=1, global_pool="max",
+                          pwca_blocks=1)
     with pytest.raises(ValueError, match="not both"):
         dcal.create_model("deit_tiny_patch16_224", num_classes=2, pretrained=True, pretrained_file="x.pth")
 

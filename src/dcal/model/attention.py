@@ -6,8 +6,9 @@ DCAL needs three variants of one timm block, all sharing (or copying) its weight
 * global-local cross-attention (Eq. 3): a few query tokens against all keys/values,
 * pair-wise cross-attention (Eq. 4): each image's queries against its own and a distractor's keys/values.
 
-Each function reproduces timm's ``Block.forward`` exactly (pre-norm, layer scale, drop path, optional
-attention-output norm and gate), so that with the same weights and inputs the outputs are those of timm.
+Each function reproduces timm's ``Block.forward`` / ``EvaBlock.forward`` exactly (pre-norm, layer scale, drop path,
+optional attention-output norm and gate, Eva's separate q/v biases, rotary embeddings on the patch tokens,
+grouped key/value heads), so that with the same weights and inputs the outputs are those of timm.
 Only :func:`sa_block_with_probs` materialises attention probabilities (the FLOP counter's path: torch's flop
 counter does not see fused attention on the CPU, so :func:`explicit_attention` makes every attention explicit);
 everywhere else attention runs in ``F.scaled_dot_product_attention`` (fused kernels), and the rollout gets each
@@ -21,8 +22,10 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from timm.layers import AttentionRope, apply_rot_embed_cat
+from timm.models.eva import EvaAttention, EvaBlock
 from timm.models.vision_transformer import Attention, Block
-from torch import Tensor
+from torch import Tensor, nn
 
 from dcal.model.rollout import QueryKey
 
@@ -40,61 +43,144 @@ def explicit_attention() -> Iterator[None]:
         _FORCE_EXPLICIT = previous
 
 
-def check_block(block: torch.nn.Module, where: str) -> None:
-    """Raise a clear error when a backbone block is not the standard pre-norm timm ``Block``."""
-    if not isinstance(block, Block) or not isinstance(block.attn, Attention):
+# The pre-norm blocks and attention modules whose forward the functions below reproduce: timm's ViT block, and
+# the Eva block (EVA-02, DINOv3, PE) with Eva's attention or the rotary attention with grouped key/value heads.
+BLOCKS = (Block, EvaBlock)
+ATTENTIONS = (Attention, EvaAttention, AttentionRope)
+
+
+def check_block(block: nn.Module, where: str) -> None:
+    """Raise a clear error when a backbone block is not one whose forward this module reproduces."""
+    if not isinstance(block, BLOCKS) or not isinstance(block.attn, ATTENTIONS):
         raise TypeError(
-            f"{where}: DCAL needs timm's standard pre-norm vision_transformer.Block with Attention, "
-            f"got {type(block).__name__} with {type(getattr(block, 'attn', None)).__name__}"
+            f"{where}: DCAL needs a pre-norm timm block (vision_transformer.Block or eva.EvaBlock) with Attention, "
+            f"EvaAttention or AttentionRope, got {type(block).__name__} with "
+            f"{type(getattr(block, 'attn', None)).__name__}"
         )
 
 
-def _heads(attn: Attention, x: Tensor) -> Tensor:
+Attn = Attention | EvaAttention | AttentionRope
+
+
+def _attn_dim(attn: Attn) -> int:
+    return attn.num_heads * attn.head_dim
+
+
+def _kv_heads(attn: Attn) -> int:
+    return getattr(attn, "num_kv_heads", attn.num_heads)
+
+
+def _heads(x: Tensor, heads: int, head_dim: int) -> Tensor:
     """(B, T, H*d) -> (B, H, T, d)."""
     B, T, _ = x.shape
-    return x.reshape(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
+    return x.reshape(B, T, heads, head_dim).transpose(1, 2)
 
 
-def qkv(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Queries, keys and values of already-normed tokens ``x``, each (B, H, T, d), as timm computes them."""
-    B, T, _ = x.shape
-    q, k, v = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
+def _fused_bias(attn: Attn) -> Tensor | None:
+    """The bias of the fused qkv projection: the Linear's own, or Eva's q/k/v biases (k's a zero buffer)."""
+    if getattr(attn, "q_bias", None) is not None:
+        return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    return attn.qkv.bias if type(attn.qkv) is nn.Linear else None
 
 
-def _project(attn: Attention, x: Tensor, part: slice) -> Tensor:
-    """Rows ``part`` of the fused qkv projection applied to ``x``: (B, T, len(part))."""
-    w, b = attn.qkv.weight, attn.qkv.bias
-    return F.linear(x, w[part], None if b is None else b[part])
+def _project(attn: Attn, x: Tensor, start: int, stop: int) -> Tensor:
+    """Columns ``start:stop`` of the fused qkv projection applied to ``x``: (B, T, stop - start). Only those rows
+    of the weight run; a projection that is not a plain Linear (an adapter around it) runs whole and is sliced."""
+    lin, bias = attn.qkv, _fused_bias(attn)
+    whole = (start, stop) == (0, 3 * _attn_dim(attn))
+    if type(lin) is nn.Linear:
+        weight = lin.weight if whole else lin.weight[start:stop]
+        return F.linear(x, weight, None if bias is None else (bias if whole else bias[start:stop]))
+    y = lin(x)
+    y = y if whole else y[..., start:stop]
+    extra = getattr(attn, "q_bias", None) is not None  # Eva: the biases live beside the projection
+    return y + bias[start:stop] if extra else y
 
 
-def q_and_kv(attn: Attention, x_query: Tensor, x_context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _qkv_separate(attn: Attn, x: Tensor, which: str) -> Tensor:
+    return getattr(attn, f"{which}_proj")(x)
+
+
+def rotate(attn: Attn, t: Tensor, rope: Tensor | None, prefix: int | None = None) -> Tensor:
+    """Rotary embedding of queries or keys ``t`` (B, H, T, d) as timm applies it: the first ``prefix`` tokens (the
+    attention's prefix tokens by default: class token and registers) keep no phase, the others ``rope``'s."""
+    if rope is None:
+        return t
+    prefix = attn.num_prefix_tokens if prefix is None else prefix
+    half = getattr(attn, "rotate_half", False)
+    if prefix == 0:
+        return apply_rot_embed_cat(t, rope, half=half)
+    return torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], rope, half=half)], dim=2)
+
+
+def _repeat_kv(attn: Attn, t: Tensor) -> Tensor:
+    groups = attn.num_heads // _kv_heads(attn)
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def _split_qkv(attn: Attn, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    B, T, _ = y.shape
+    return y.reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _finish_qkv(attn: Attn, q: Tensor, k: Tensor, v: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        q, k = rotate(attn, q, rope).type_as(v), rotate(attn, k, rope).type_as(v)
+    return q, _repeat_kv(attn, k), _repeat_kv(attn, v)
+
+
+def qkv(attn: Attn, x: Tensor, rope: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and values of already-normed tokens ``x``, each (B, H, T, d), as timm computes them: q/k
+    norms, then the rotary phases ``rope`` (Eva) on the patch tokens, key/value heads repeated for grouped heads."""
+    if attn.qkv is None:
+        kv_heads = _kv_heads(attn)
+        q = _heads(_qkv_separate(attn, x, "q"), attn.num_heads, attn.head_dim)
+        k = _heads(_qkv_separate(attn, x, "k"), kv_heads, attn.head_dim)
+        v = _heads(_qkv_separate(attn, x, "v"), kv_heads, attn.head_dim)
+    else:
+        q, k, v = _split_qkv(attn, _project(attn, x, 0, 3 * _attn_dim(attn)))
+    return _finish_qkv(attn, q, k, v, rope)
+
+
+def q_and_kv(attn: Attn, x_query: Tensor, x_context: Tensor, rope: Tensor | None = None,
+             query_rope: Tensor | None = None, query_prefix: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Queries from ``x_query`` and keys/values from ``x_context`` with the rows of one qkv projection.
 
-    Slicing the fused weight avoids projecting queries for the context tokens that GLCA never uses.
+    Slicing the fused weight avoids projecting queries for the context tokens that GLCA never uses. Rotary
+    embeddings: the context's patch tokens take ``rope`` (their own positions), the queries after the first
+    ``query_prefix`` take ``query_rope`` (each query its own patch's phase, gathered by the caller).
     """
-    dim = attn.attn_dim
-    q = _project(attn, x_query, slice(0, dim))
-    kv = _project(attn, x_context, slice(dim, 3 * dim))
-    B, T, _ = x_context.shape
-    k, v = kv.reshape(B, T, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    return attn.q_norm(_heads(attn, q)), attn.k_norm(k), v
+    dim, heads, d = _attn_dim(attn), attn.num_heads, attn.head_dim
+    kv_heads = _kv_heads(attn)
+    if attn.qkv is None:
+        q = _qkv_separate(attn, x_query, "q")
+        k, v = _qkv_separate(attn, x_context, "k"), _qkv_separate(attn, x_context, "v")
+    else:
+        q = _project(attn, x_query, 0, dim)
+        k, v = _project(attn, x_context, dim, 3 * dim).chunk(2, dim=-1)
+    q, k, v = attn.q_norm(_heads(q, heads, d)), attn.k_norm(_heads(k, kv_heads, d)), _heads(v, kv_heads, d)
+    if query_rope is not None:
+        q = rotate(attn, q, query_rope, prefix=query_prefix).type_as(v)
+    if rope is not None:
+        k = rotate(attn, k, rope).type_as(v)
+    return q, _repeat_kv(attn, k), _repeat_kv(attn, v)
 
 
-def _probs(attn: Attention, q: Tensor, k: Tensor) -> Tensor:
+def attention_probs(attn: Attn, q: Tensor, k: Tensor) -> Tensor:
     """Attention probabilities softmax(q kᵀ / √d), (B, H, Tq, Tk)."""
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
-def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def attend(attn: Attn, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q kᵀ / √d) v with timm's attention dropout; fused unless :func:`explicit_attention`."""
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     if not _FORCE_EXPLICIT:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    return attn.attn_drop(_probs(attn, q, k)) @ v
+    return attn.attn_drop(attention_probs(attn, q, k)) @ v
 
 
-def attend_with_lse(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
+def attend_with_lse(attn: Attn, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
     """:func:`attend`, plus the (B, H, T) log-sum-exp of each score row where the fused kernel returns it.
 
     On the CPU ``F.scaled_dot_product_attention`` runs ``aten._scaled_dot_product_flash_attention_for_cpu``,
@@ -110,19 +196,28 @@ def attend_with_lse(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> tuple[T
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
 
 
-def attn_output(attn: Attention, o: Tensor, x_query: Tensor) -> Tensor:
+def attn_output(attn: Attn, o: Tensor, x_query: Tensor) -> Tensor:
     """(B, H, T, d) attention result -> projected (B, T, D): timm's norm, optional gate, proj, dropout."""
     B, _, T, _ = o.shape
-    o = attn.norm(o.transpose(1, 2).reshape(B, T, attn.attn_dim))
+    o = attn.norm(o.transpose(1, 2).reshape(B, T, _attn_dim(attn)))
     if getattr(attn, "gate", None) is not None:
         o = o * attn.gate(x_query).sigmoid()
     return attn.proj_drop(attn.proj(o))
 
 
-def _finish_block(block: Block, x: Tensor, attn_out: Tensor) -> Tensor:
-    """Residual + MLP half of timm's ``Block.forward``."""
-    x = x + block.drop_path1(block.ls1(attn_out))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+def _layer_scale(block: Block | EvaBlock, i: int, t: Tensor) -> Tensor:
+    """Layer scale of branch ``i``: ``Block``'s ``ls1``/``ls2`` modules, ``EvaBlock``'s ``gamma_1``/``gamma_2``."""
+    ls = getattr(block, f"ls{i}", None)
+    if ls is not None:
+        return ls(t)
+    gamma = getattr(block, f"gamma_{i}", None)
+    return t if gamma is None else gamma * t
+
+
+def _finish_block(block: Block | EvaBlock, x: Tensor, attn_out: Tensor) -> Tensor:
+    """Residual + MLP half of timm's ``Block.forward`` / ``EvaBlock.forward``."""
+    x = x + block.drop_path1(_layer_scale(block, 1, attn_out))
+    return x + block.drop_path2(_layer_scale(block, 2, block.mlp(block.norm2(x))))
 
 
 def explicit_attention_active() -> bool:
@@ -130,7 +225,8 @@ def explicit_attention_active() -> bool:
     return _FORCE_EXPLICIT
 
 
-def sa_block_with_probs(block: Block, x: Tensor, cls_row_only: bool = False) -> tuple[Tensor, Tensor]:
+def sa_block_with_probs(block: Block | EvaBlock, x: Tensor, cls_row_only: bool = False,
+                        rope: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """timm ``Block.forward`` with explicit attention, also returning head-averaged probabilities.
 
     Returns the block output (B, T, D) and the detached attention S averaged over heads (B, T, T), the input
@@ -140,90 +236,93 @@ def sa_block_with_probs(block: Block, x: Tensor, cls_row_only: bool = False) -> 
     """
     attn = block.attn
     h = block.norm1(x)
-    q, k, v = qkv(attn, h)
-    probs = _probs(attn, q, k)
+    q, k, v = qkv(attn, h, rope)
+    probs = attention_probs(attn, q, k)
     o = attn.attn_drop(probs) @ v
     probs = probs.detach()
     s = probs[:, :, 0].mean(dim=1) if cls_row_only else probs.mean(dim=1)
     return _finish_block(block, x, attn_output(attn, o, h)), s
 
 
-def qkv_into(attn: Attention, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def qkv_into(attn: Attn, x: Tensor, out: Tensor, rope: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`qkv` with the projection written into ``out`` (≥ B·T rows of 3·H·d floats): the same ``addmm`` as
     ``nn.Linear`` on the flattened tokens, so the same bits. Falls back to :func:`qkv` (``out`` unused) under
-    autograd (``out=`` has no derivative), when the projection is not a plain ``nn.Linear``, or when the dtypes
-    differ (autocast)."""
+    autograd (``out=`` has no derivative), when the projection is not one plain fused ``nn.Linear``, or when the
+    dtypes differ (autocast)."""
     B, T, D = x.shape
     lin = attn.qkv
     rows = out[: B * T] if out.dim() == 2 and out.shape[0] >= B * T else None
-    same_dtype = x.dtype == lin.weight.dtype == out.dtype and not torch.is_autocast_enabled(x.device.type)
-    plain = type(lin) is torch.nn.Linear and not torch.is_grad_enabled()
+    plain = type(lin) is nn.Linear and not torch.is_grad_enabled()
+    same_dtype = plain and x.dtype == lin.weight.dtype == out.dtype and not torch.is_autocast_enabled(x.device.type)
     if not plain or rows is None or rows.shape[1] != lin.out_features or not same_dtype:
-        return qkv(attn, x)
-    if lin.bias is None:
+        return qkv(attn, x, rope)
+    bias = _fused_bias(attn)
+    if bias is None:
         torch.mm(x.reshape(B * T, D), lin.weight.t(), out=rows)
     else:
-        torch.addmm(lin.bias, x.reshape(B * T, D), lin.weight.t(), out=rows)
-    q, k, v = rows.view(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
+        torch.addmm(bias, x.reshape(B * T, D), lin.weight.t(), out=rows)
+    return _finish_qkv(attn, *_split_qkv(attn, rows.view(B, T, -1)), rope)
 
 
-def sa_block_keep_qk(block: Block, x: Tensor, qkv_out: Tensor | None = None) -> tuple[Tensor, QueryKey]:
+def sa_block_keep_qk(block: Block | EvaBlock, x: Tensor, qkv_out: Tensor | None = None,
+                     rope: Tensor | None = None) -> tuple[Tensor, QueryKey]:
     """timm ``Block.forward`` (fused attention, same ops in the same order) that also hands out the block's
-    queries and keys (detached) for the rollout: S_i is applied to the rollout row later, in tiles, by
-    :meth:`QueryKey.left_multiply`, instead of being written out here (B·H·T² values per block).
+    queries and keys (detached, rotary phases applied) for the rollout: S_i is applied to the rollout row later,
+    in tiles, by :meth:`QueryKey.left_multiply`, instead of being written out here (B·H·T² values per block).
 
-    The queries and keys are views into the block's qkv projection, neither scaled nor copied (the scale is
-    applied inside the rollout's score product); under autograd the attention backward keeps that projection
-    anyway. ``qkv_out`` (inference): where to write the projection (:func:`qkv_into`), so that a caller can
-    reuse the memory across calls (``DCAL`` does on the CPU: fresh pages for L projections cost 3-5 % of an
-    inference at 448, measured).
+    Without rotary embeddings the queries and keys are views into the block's qkv projection, neither scaled nor
+    copied (the scale is applied inside the rollout's score product). ``qkv_out`` (inference): where to write
+    the projection (:func:`qkv_into`), so that a caller can reuse the memory across calls.
     """
     attn = block.attn
     h = block.norm1(x)
-    q, k, v = qkv(attn, h) if qkv_out is None else qkv_into(attn, h, qkv_out)
+    q, k, v = qkv(attn, h, rope) if qkv_out is None else qkv_into(attn, h, qkv_out, rope)
     o, lse = attend_with_lse(attn, q, k, v)
     out = _finish_block(block, x, attn_output(attn, o, h))
     return out, QueryKey(q.detach(), k.detach(), None if lse is None else lse.detach(), attn.scale)
 
 
 @torch.no_grad()
-def sa_query_key(block: Block, x: Tensor) -> QueryKey:
+def sa_query_key(block: Block | EvaBlock, x: Tensor, rope: Tensor | None = None) -> QueryKey:
     """Queries and keys of SA ``block`` at its input ``x``, recomputed without autograd (checkpointed training).
 
     Only the query and key rows of the qkv projection run.
     """
     attn = block.attn
     h = block.norm1(x)
-    dim = attn.attn_dim
-    q = attn.q_norm(_heads(attn, _project(attn, h, slice(0, dim))))
-    k = attn.k_norm(_heads(attn, _project(attn, h, slice(dim, 2 * dim))))
+    q, k, _ = q_and_kv(attn, h, h, rope, rope, attn.num_prefix_tokens if rope is not None else 0)
     return QueryKey(q, k, scale=attn.scale)
 
 
-def glca_block(block: Block, queries: Tensor, context: Tensor) -> Tensor:
-    """Global-local cross-attention block (Eq. 3): ``queries`` (B, 1+k, D) attend over ``context`` (B, T, D).
+def glca_block(block: Block | EvaBlock, queries: Tensor, context: Tensor, rope: Tensor | None = None,
+               query_rope: Tensor | None = None, query_prefix: int = 0) -> Tensor:
+    """Global-local cross-attention block (Eq. 3): ``queries`` (B, k, D) attend over ``context`` (B, T, D).
 
     A full pre-norm block whose residuals and MLP act on the query tokens only; the same LayerNorm
-    ``norm1`` normalises queries and context, as it would in self-attention.
+    ``norm1`` normalises queries and context, as it would in self-attention. Rotary embeddings (Eva): the
+    context's patch tokens carry ``rope``, the queries after the first ``query_prefix`` (a class token with
+    ``glca_pool='cls'``) ``query_rope``: each local query the phase of its own patch position.
     """
     attn = block.attn
     hq, hc = block.norm1(queries), block.norm1(context)
-    q, k, v = q_and_kv(attn, hq, hc)
+    q, k, v = q_and_kv(attn, hq, hc, rope, query_rope, query_prefix)
     return _finish_block(block, queries, attn_output(attn, attend(attn, q, k, v), hq))
 
 
-def pwca_block(block: Block, x: Tensor, pairs: Tensor | None, noise: bool = False) -> Tensor:
+def pwca_block(block: Block | EvaBlock, x: Tensor, pairs: Tensor | None, noise: bool = False,
+               rope: Tensor | None = None) -> Tensor:
     """Pair-wise cross-attention block (Eq. 4) with the block's own (shared) weights.
 
     Image ``i`` attends with its queries over ``[K_i; K_pairs[i]]`` and ``[V_i; V_pairs[i]]``: one softmax over
-    all 2T keys. Keys/values of the distractor come from the same stream and layer, and gradients flow into
-    both images. With ``noise=True`` the distractor's keys/values are Gaussian noise with the per-image,
-    per-head mean and standard deviation of the image's own keys/values (the paper's "I_2 from noise").
+    all 2T keys, prefix tokens (class token, registers) included. Keys/values of the distractor come from the
+    same stream and layer, and gradients flow into both images; with rotary embeddings each image's keys carry
+    their own patches' phases (the same grid). With ``noise=True`` the distractor's keys/values are Gaussian noise
+    with the per-image, per-head mean and standard deviation of the image's own keys/values (the paper's "I_2
+    from noise").
     """
     attn = block.attn
     h = block.norm1(x)
-    q, k, v = qkv(attn, h)
+    q, k, v = qkv(attn, h, rope)
     if noise:
         k2, v2 = _gaussian_like(k), _gaussian_like(v)
     else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,17 +33,28 @@ from torch.utils.checkpoint import checkpoint
 
 from dcal.checkpoint import check_torch_archive, first_line
 from dcal.model.attention import (
-    check_block,
+    attention_probs,
     explicit_attention_active,
     glca_block,
     pwca_block,
+    q_and_kv,
+    qkv,
     sa_block_keep_qk,
     sa_block_with_probs,
     sa_query_key,
 )
+from dcal.model.backbone import (
+    Backbone,
+    block_rope,
+    check_backbone,
+    embed,
+    gather_rope,
+    pooled_feature,
+    pooling_weights,
+)
 from dcal.model.heads import BNNeck
 from dcal.model.pairs import PAIR_STRATEGIES, sample_pairs
-from dcal.model.rollout import QueryKey, cls_attention_row, num_local_queries, rollout_cls_row, select_top
+from dcal.model.rollout import QueryKey, attention_row, num_local_queries, rollout_row, select_top
 
 TASKS = ("fgvc", "reid")
 QUERY_SELECTIONS = ("rollout", "random", "last_layer")
@@ -113,13 +125,18 @@ class DCAL(nn.Module):
     :meth:`embed` and :meth:`cls_rollout`.
     """
 
-    def __init__(self, backbone: VisionTransformer, cfg: DCALConfig) -> None:
+    def __init__(self, backbone: Backbone, cfg: DCALConfig, build: dict[str, Any] | None = None) -> None:
         super().__init__()
-        _check_backbone(backbone)
+        check_backbone(backbone)
         depth = len(backbone.blocks)
         if cfg.pwca_blocks > depth:
             raise ValueError(f"pwca_blocks (T) = {cfg.pwca_blocks} exceeds the backbone's {depth} blocks")
+        if cfg.glca_pool == "cls" and backbone.cls_token is None:
+            raise ValueError("glca_pool='cls' reads the GLCA output of the class token; this backbone has none "
+                             "(use glca_pool='mean')")
         self.cfg = cfg
+        # how create_model built the backbone (timm name, patch stride, timm arguments): what model_config saves
+        self.build = dict(build or {})
         self.backbone = backbone
         self.grad_checkpointing = False
         dim = backbone.embed_dim
@@ -153,6 +170,11 @@ class DCAL(nn.Module):
         return self.backbone.patch_embed.num_patches
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """P: the class token (if any) and the registers, ahead of the N patch tokens."""
+        return self.backbone.num_prefix_tokens
+
+    @property
     def num_local_queries(self) -> int:
         return num_local_queries(self.cfg.top_r, self.num_patches)
 
@@ -180,10 +202,9 @@ class DCAL(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def _embed(self, images: Tensor) -> Tensor:
-        """Patch embedding, CLS, (resampled) position embedding: timm's steps before the blocks."""
-        bb = self.backbone
-        return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
+    def _embed(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """timm's steps before the blocks: the (B, T, D) tokens and, for rotary backbones, the patches' phases."""
+        return embed(self.backbone, images)
 
     @contextlib.contextmanager
     def _qkv_workspace(self, x: Tensor, need_attn: bool) -> Iterator[Tensor | None]:
@@ -214,80 +235,93 @@ class DCAL(nn.Module):
             self.__dict__["_kept_qkv"] = ws
 
     def _sa_stream(
-        self, x: Tensor, need_attn: bool, workspace: Tensor | None = None
+        self, x: Tensor, rope: Tensor | None, need_attn: bool, workspace: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Sequence[Tensor | QueryKey]]:
         """SA blocks 1..L. Returns x_(L-1) (GLCA's input), x_L, and, if asked, what the rollout needs of each
         block's head-averaged attention S_1 … S_L.
 
         Every block runs timm's fused attention (the same ops as ``Block.forward``, so SA is the backbone) and
         hands out its queries and keys (:class:`QueryKey`); the rollout then applies each S_i to its row vector in
-        tiles of query rows, so the L (B, H, T, T) probability tensors are never written (they made inference at
-        T = 785 memory-bound and 1.5-2.3x slower than timm, see benchmarks/README.md). With gradient checkpointing
-        only the block inputs (kept by the checkpoints anyway) are stored and the queries/keys are recomputed,
-        one block at a time, when the rollout reads them. Under :func:`explicit_attention` (FLOP counting) each
-        block computes S explicitly, one softmax for output and S, block L its CLS row only. ``workspace``
+        tiles of query rows, so the L (B, H, T, T) probability tensors are never written (benchmarks/README.md).
+        With gradient checkpointing only the block inputs (kept by the checkpoints anyway) are stored and the
+        queries/keys are recomputed, one block at a time, when the rollout reads them. Under
+        :func:`explicit_attention` (FLOP counting) each block computes S explicitly, one softmax for output and S,
+        block L its class-token row only where the rollout starts from it. ``workspace``
         (:meth:`_qkv_workspace`): where block i writes its qkv projection, row i.
         """
         blocks = self.backbone.blocks
         explicit = need_attn and explicit_attention_active()
         recompute = need_attn and not explicit and self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        token_row = self.backbone.global_pool == "token"
         attentions: list[Tensor | QueryKey] = []
         x_prev = x
         for i, blk in enumerate(blocks):
             x_prev = x
+            r = block_rope(self.backbone, rope, i)
             if explicit:
-                x, attn = self._run(sa_block_with_probs, blk, x, i == len(blocks) - 1)
+                x, attn = self._run(sa_block_with_probs, blk, x, token_row and i == len(blocks) - 1, r)
             elif need_attn and not recompute:
-                x, attn = sa_block_keep_qk(blk, x, None if workspace is None else workspace[i])
+                x, attn = sa_block_keep_qk(blk, x, None if workspace is None else workspace[i], r)
             else:
                 attn = x  # the block input (recompute) or nothing needed
-                x = self._run(blk, x)
+                x = self._run(blk, x) if r is None else self._run(_block_with_rope, blk, x, r)
             if need_attn:
                 attentions.append(attn)
         if recompute:
-            return x_prev, x, _RecomputedQueryKey(blocks, attentions)
+            return x_prev, x, _RecomputedQueryKey(self.backbone, attentions, rope)
         return x_prev, x, attentions
 
-    def _select(self, attentions: Sequence[Tensor | QueryKey], batch: int, device: torch.device) -> Tensor:
+    def _scores(self, attentions: Sequence[Tensor | QueryKey], x: Tensor, selection: str) -> Tensor:
+        """Per-patch scores (B, N) of a selection (``rollout`` or ``last_layer``) from the SA blocks' attention and
+        the last block's tokens x (B, T, D) (attention pooling reads its row from them)."""
+        start = pooling_weights(self.backbone, x)
+        row = rollout_row(attentions, start) if selection == "rollout" else attention_row(attentions[-1], start)
+        return row[:, self.num_prefix_tokens:]
+
+    def _select(self, attentions: Sequence[Tensor | QueryKey], x: Tensor) -> Tensor:
+        """GLCA's local queries: the top ⌈R·N⌉ patches (B, k) by the configured selection; prefix tokens never."""
         k, n = self.num_local_queries, self.num_patches
         if self.cfg.query_selection == "random":
-            scores = torch.rand(batch, n, device=device)
-        elif self.cfg.query_selection == "last_layer":
-            scores = cls_attention_row(attentions[-1])[:, 1:]
+            scores = torch.rand(x.shape[0], n, device=x.device)
         else:
-            scores = rollout_cls_row(attentions)[:, 1:]
+            scores = self._scores(attentions, x, self.cfg.query_selection)
         return select_top(scores, k)
 
     def glca_queries(self, x_prev: Tensor, selected: Tensor) -> Tensor:
-        """GLCA's query tokens taken from x_(L-1): the selected patches (B, k, D), preceded by CLS with
-        ``glca_pool='cls'`` (B, 1+k, D). ``selected`` indexes the N patch tokens (CLS excluded)."""
+        """GLCA's query tokens taken from x_(L-1): the selected patches (B, k, D), preceded by the class token with
+        ``glca_pool='cls'`` (B, 1+k, D). ``selected`` indexes the N patch tokens (prefix tokens excluded)."""
         dim = x_prev.shape[-1]
-        local = torch.gather(x_prev, 1, (selected + 1).unsqueeze(-1).expand(-1, -1, dim))
+        local = torch.gather(x_prev, 1, (selected + self.num_prefix_tokens).unsqueeze(-1).expand(-1, -1, dim))
         return torch.cat([x_prev[:, :1], local], dim=1) if self.cfg.glca_pool == "cls" else local
 
-    def _glca_stream(self, x_prev: Tensor, selected: Tensor) -> Tensor:
-        """M GLCA blocks (Eq. 3): the query tokens attend over all tokens of x_(L-1); block m > 1 takes block
-        m-1's output tokens as queries and the same x_(L-1) as keys/values. Returns the query tokens' outputs."""
+    def _glca_stream(self, x_prev: Tensor, selected: Tensor, rope: Tensor | None = None) -> Tensor:
+        """M GLCA blocks (Eq. 3): the query tokens attend over all T tokens of x_(L-1) (registers included); block
+        m > 1 takes block m-1's output tokens as queries and the same x_(L-1) as keys/values. Rotary phases: those
+        of SA block L (each GLCA block is its copy), each local query its own patch's. Returns the query outputs."""
         q = self.glca_queries(x_prev, selected)
+        r = block_rope(self.backbone, rope, len(self.backbone.blocks) - 1)
+        q_rope, q_prefix = gather_rope(r, selected), int(self.cfg.glca_pool == "cls")
         for blk in self.glca_blocks:
-            q = self._run(glca_block, blk, q, x_prev)
+            q = self._run(glca_block, blk, q, x_prev, r, q_rope, q_prefix)
         return q
 
-    def _pwca_stream(self, x: Tensor, pairs: Tensor | None) -> Tensor:
+    def _pwca_stream(self, x: Tensor, rope: Tensor | None, pairs: Tensor | None) -> Tensor:
         """Second pass through the shared SA blocks; blocks 1..T pair-wise (Eq. 4), T+1..L self-attention."""
         noise = self.cfg.pair_strategy == "noise"
         for i, blk in enumerate(self.backbone.blocks):
+            r = block_rope(self.backbone, rope, i)
             if i < self.cfg.pwca_blocks:
-                x = self._run(pwca_block, blk, x, pairs, noise)
+                x = self._run(pwca_block, blk, x, pairs, noise, r)
             else:
-                x = self._run(blk, x)
+                x = self._run(blk, x) if r is None else self._run(_block_with_rope, blk, x, r)
         return x
 
     # ------------------------------------------------------------------------------------------ heads
     def _head(self, branch: str, tokens: Tensor, out: dict[str, Any]) -> None:
-        """The branch's feature and classifier (PWCA uses SA's). SA/PWCA: the normed CLS token. GLCA: its own
-        final norm on every output token (as the backbone's norm is applied), then the mean over the local
-        queries (``glca_pool='mean'``) or the CLS output (``'cls'``)."""
+        """The branch's feature and classifier (PWCA uses SA's). SA/PWCA: the backbone's own pooled feature (class
+        token, patch mean or attention pooling, with its norms). GLCA: its own final norm on every output token
+        (as the backbone's norm is applied), then the mean over the local queries (``glca_pool='mean'``) or the
+        class token's output (``'cls'``), then its own ``fc_norm``."""
         bb = self.backbone
         if branch == "glca":
             if self.cfg.glca_pool == "mean":
@@ -295,7 +329,7 @@ class DCAL(nn.Module):
             else:
                 feature = self.glca_fc_norm(self.glca_norm(tokens[:, 0]))
         else:
-            feature = bb.fc_norm(bb.norm(tokens[:, 0]))
+            feature = pooled_feature(bb, tokens)
         out["features"][branch] = feature
         if self.cfg.task == "fgvc":
             head = self.glca_head if branch == "glca" else bb.head
@@ -330,15 +364,15 @@ class DCAL(nn.Module):
         if self.cfg.task == "reid":
             out["bn_features"] = {}
 
-        x0 = self._embed(images)
+        x0, rope = self._embed(images)
         need_attn = use_glca and self.cfg.query_selection != "random"
         with self._qkv_workspace(x0, need_attn) as workspace:
-            x_prev, x, attentions = self._sa_stream(x0, need_attn, workspace)
-            selected = self._select(attentions, images.shape[0], images.device) if use_glca else None
+            x_prev, x, attentions = self._sa_stream(x0, rope, need_attn, workspace)
+            selected = self._select(attentions, x) if use_glca else None
             del attentions  # queries/keys (inference) or block-input references: not needed any more
         self._head("sa", x, out)
         if selected is not None:
-            self._head("glca", self._glca_stream(x_prev, selected), out)
+            self._head("glca", self._glca_stream(x_prev, selected, rope), out)
             out["selected"] = selected
         if use_pwca:
             if self.cfg.pair_strategy == "noise":
@@ -347,7 +381,7 @@ class DCAL(nn.Module):
                 pairs = sample_pairs(self.cfg.pair_strategy, images.shape[0], targets, images.device)
             else:
                 pairs = _check_pairs(pairs, images.shape[0], images.device)
-            self._head("pwca", self._pwca_stream(x0, pairs), out)
+            self._head("pwca", self._pwca_stream(x0, rope, pairs), out)
             out["pairs"] = pairs
         return out
 
@@ -370,45 +404,85 @@ class DCAL(nn.Module):
         return torch.cat([out[key][b] for b in parts], dim=-1)
 
     @torch.no_grad()
-    def cls_rollout(self, images: Tensor) -> Tensor:
-        """CLS row of the SA attention rollout over the N patch tokens, (B, N) (for pictures and tests)."""
-        x0 = self._embed(images)
+    def selection_scores(self, images: Tensor, selection: str = "rollout") -> Tensor:
+        """Per-patch scores (B, N) that rank GLCA's local queries: the pooled feature's row of the attention
+        rollout (``'rollout'``, Eq. 2) or of the last SA block alone (``'last_layer'``), over the N patches."""
+        if selection not in ("rollout", "last_layer"):
+            raise ValueError(f"selection must be 'rollout' or 'last_layer', got {selection!r}")
+        x0, rope = self._embed(images)
         with self._qkv_workspace(x0, need_attn=True) as workspace:
-            return rollout_cls_row(self._sa_stream(x0, True, workspace)[2])[:, 1:]
+            _, x, attentions = self._sa_stream(x0, rope, True, workspace)
+            return self._scores(attentions, x, selection)
+
+    def cls_rollout(self, images: Tensor) -> Tensor:
+        """The rollout's patch scores (B, N): :meth:`selection_scores` (kept under its first name)."""
+        return self.selection_scores(images)
+
+    @torch.no_grad()
+    def glca_attention(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The first GLCA block's attention: the selected patches (B, k) and the head-averaged probabilities of
+        its queries over the T tokens of x_(L-1), (B, q, T) (q = k, or 1 + k with ``glca_pool='cls'``)."""
+        if not self.cfg.glca_blocks:
+            raise ValueError("the model has no GLCA block (glca_blocks=0)")
+        x0, rope = self._embed(images)
+        need_attn = self.cfg.query_selection != "random"
+        with self._qkv_workspace(x0, need_attn) as workspace:
+            x_prev, x, attentions = self._sa_stream(x0, rope, need_attn, workspace)
+            selected = self._select(attentions, x)
+        blk = self.glca_blocks[0]
+        r = block_rope(self.backbone, rope, len(self.backbone.blocks) - 1)
+        q, k, _ = q_and_kv(blk.attn, blk.norm1(self.glca_queries(x_prev, selected)), blk.norm1(x_prev), r,
+                           gather_rope(r, selected), int(self.cfg.glca_pool == "cls"))
+        return selected, attention_probs(blk.attn, q, k).mean(dim=1)
+
+    @torch.no_grad()
+    def pwca_attention(self, images: Tensor, pairs: Tensor, query_weights: Tensor | None = None) -> list[Tensor]:
+        """The PWCA stream's attention for the pairing ``pairs`` (B,), per pair-wise block: the head-averaged
+        probabilities (B, 2T) of the pooled feature's query over [own tokens; distractor's tokens]. The query is
+        the class token's, or the mean over the rows ``query_weights`` (B, T) weighs (default: the patch mean, for
+        backbones pooled without a class token). Runs in the model's current mode."""
+        if not self.cfg.pwca_blocks:
+            raise ValueError("the model has no PWCA block (pwca_blocks=0)")
+        pairs = _check_pairs(pairs, images.shape[0], images.device)
+        x, rope = self._embed(images)
+        rows: list[Tensor] = []
+        for i, blk in enumerate(self.backbone.blocks[: self.cfg.pwca_blocks]):
+            r = block_rope(self.backbone, rope, i)
+            q, k, _ = qkv(blk.attn, blk.norm1(x), r)
+            probs = attention_probs(blk.attn, q, torch.cat([k, k[pairs]], dim=2)).mean(dim=1)  # (B, T, 2T)
+            if query_weights is None and self.backbone.cls_token is not None:
+                rows.append(probs[:, 0])
+            else:
+                w = query_weights if query_weights is not None else _patch_mean(x.shape[0], x.shape[1],
+                                                                                self.num_prefix_tokens, x.device)
+                rows.append(torch.bmm(w.unsqueeze(1).to(probs.dtype), probs).squeeze(1))
+            x = pwca_block(blk, x, pairs, False, r)
+        return rows
 
 
 # ------------------------------------------------------------------------------------------- helpers
 class _RecomputedQueryKey(Sequence[QueryKey]):
     """Queries and keys of the SA blocks, each recomputed (no grad) from its block input when indexed."""
 
-    def __init__(self, blocks: nn.ModuleList, inputs: list[Tensor]) -> None:
-        self.blocks, self.inputs = blocks, inputs
+    def __init__(self, backbone: Backbone, inputs: list[Tensor], rope: Tensor | None) -> None:
+        self.backbone, self.inputs, self.rope = backbone, inputs, rope
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def __getitem__(self, i: int) -> QueryKey:  # type: ignore[override]
         i = range(len(self))[i]
-        return sa_query_key(self.blocks[i], self.inputs[i])
+        return sa_query_key(self.backbone.blocks[i], self.inputs[i], block_rope(self.backbone, self.rope, i))
 
 
-def _check_backbone(backbone: nn.Module) -> None:
-    name = getattr(getattr(backbone, "pretrained_cfg", None), "get", lambda *_: None)("architecture") or type(
-        backbone
-    ).__name__
-    if not isinstance(backbone, VisionTransformer):
-        raise TypeError(f"backbone {name!r}: DCAL needs a timm VisionTransformer, got {type(backbone).__name__}")
-    if backbone.cls_token is None or backbone.num_prefix_tokens != 1:
-        raise ValueError(
-            f"backbone {name!r}: DCAL needs exactly one class token and no register tokens "
-            f"(has cls_token={backbone.cls_token is not None}, num_prefix_tokens={backbone.num_prefix_tokens})"
-        )
-    if backbone.global_pool != "token":
-        raise ValueError(f"backbone {name!r}: DCAL reads the CLS token; create it with global_pool='token'")
-    if getattr(backbone, "dynamic_img_size", False):
-        raise ValueError(f"backbone {name!r}: dynamic_img_size is not supported; pass img_size instead")
-    for i, blk in enumerate(backbone.blocks):
-        check_block(blk, f"backbone {name!r} block {i}")
+def _block_with_rope(block: nn.Module, x: Tensor, rope: Tensor) -> Tensor:
+    return block(x, rope=rope)
+
+
+def _patch_mean(batch: int, tokens: int, prefix: int, device: torch.device) -> Tensor:
+    w = torch.zeros(batch, tokens, device=device)
+    w[:, prefix:] = 1.0 / (tokens - prefix)
+    return w
 
 
 def _check_pairs(pairs: Tensor, batch: int, device: torch.device) -> Tensor:
@@ -480,13 +554,17 @@ def create_model(
     )
     img_size = tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
     strided = patch_stride is not None
+    if timm_kwargs.get("dynamic_img_size"):
+        raise ValueError("dynamic_img_size=True is not supported: DCAL needs a fixed img_size (N and ⌈R·N⌉ are fixed "
+                         "for training, export and batching)")
+    fixed = _fix_image_size(backbone, timm_kwargs)
     try:
         vit = timm.create_model(
             backbone,
             pretrained=pretrained and not strided,
             num_classes=num_classes if task == "fgvc" else 0,
             img_size=img_size,
-            **timm_kwargs,
+            **fixed,
         )
     except (AssertionError, TypeError, ValueError, RuntimeError) as e:  # unknown name, bad argument, width/heads
         args = f" with {timm_kwargs}" if timm_kwargs else ""
@@ -499,11 +577,28 @@ def create_model(
                                         filter_fn=filter_fn)
     if pretrained_file is not None:
         load_pretrained_file(vit, pretrained_file)
-    model = DCAL(vit, cfg)
-    model.backbone_name = backbone
-    model.patch_stride = patch_stride
-    model.timm_kwargs = {"img_size": img_size, **timm_kwargs}
-    return model
+    build = {"backbone": backbone, "patch_stride": patch_stride, "timm_kwargs": {"img_size": img_size, **timm_kwargs}}
+    return DCAL(vit, cfg, build)
+
+
+def _fix_image_size(backbone: str, timm_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``timm_kwargs`` with ``dynamic_img_size=False`` for the architectures that take it (VisionTransformer, Eva),
+    saying so once where the architecture defaults to dynamic sizes (DINOv3): DCAL needs N fixed at creation.
+
+    The default is read from a parameter-free build on the meta device (no memory, no weights)."""
+    if "dynamic_img_size" in timm_kwargs:
+        return timm_kwargs
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(backbone, pretrained=False, **timm_kwargs)
+    except Exception:  # noqa: BLE001 - the real build below reports what is wrong
+        return timm_kwargs
+    if not hasattr(probe, "dynamic_img_size"):
+        return timm_kwargs  # not a ViT: DCAL's own check names what it needs
+    if probe.dynamic_img_size:
+        warnings.warn(f"{backbone}: built with dynamic_img_size=False (its default is True): DCAL needs a fixed "
+                      "img_size", UserWarning, stacklevel=3)
+    return {**timm_kwargs, "dynamic_img_size": False}
 
 
 def set_patch_stride(vit: VisionTransformer, stride: int) -> None:
@@ -512,6 +607,9 @@ def set_patch_stride(vit: VisionTransformer, stride: int) -> None:
     (W - p) // s + 1): 21x10 at 256x128 and 21x21 at 256x256 with p = 16, s = 12. The position embedding is
     resampled (bicubic, CLS kept) to that grid, as timm does for a new image size; weights loaded afterwards are
     resampled to it by timm's filter."""
+    if not isinstance(vit, VisionTransformer):
+        raise ValueError(f"patch_stride is supported for timm VisionTransformer backbones only, not "
+                         f"{type(vit).__name__} (its rotary phases are built for the standard patch grid)")
     pe = vit.patch_embed
     ph, pw = pe.patch_size
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= min(ph, pw):
@@ -590,11 +688,11 @@ def _reset_head(vit: VisionTransformer) -> None:
 
 def model_config(model: DCAL) -> dict[str, Any]:
     """Everything needed to rebuild ``model`` with :func:`create_model` (saved in checkpoints)."""
-    kwargs = dict(getattr(model, "timm_kwargs", {}))
+    kwargs = dict(model.build.get("timm_kwargs", {}))
     if isinstance(kwargs.get("img_size"), tuple):
         kwargs["img_size"] = list(kwargs["img_size"])
-    return {"backbone": getattr(model, "backbone_name", None), **asdict(model.cfg),
-            "patch_stride": getattr(model, "patch_stride", None), **kwargs}
+    return {"backbone": model.build.get("backbone"), **asdict(model.cfg),
+            "patch_stride": model.build.get("patch_stride"), **kwargs}
 
 
 # -------------------------------------------------------------------------------------------- speed options

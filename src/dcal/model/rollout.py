@@ -176,36 +176,57 @@ def cls_attention_row(attention: Tensor | QueryKey) -> Tensor:
     return attention if attention.dim() == 2 else attention[:, 0]
 
 
-def _left_multiply(row: Tensor, attention: Tensor | QueryKey, buffer: Tensor) -> Tensor:
+def _left_multiply(row: Tensor, attention: Tensor | QueryKey, buffer: Tensor | None = None) -> Tensor:
     if isinstance(attention, QueryKey):
         return attention.left_multiply(row, buffer=buffer)
     return torch.bmm(row.unsqueeze(1), attention.to(row.dtype)).squeeze(1)
 
 
-def rollout_cls_row(attentions: Sequence[Tensor | QueryKey]) -> Tensor:
-    """CLS row of the attention rollout.
+def attention_row(attention: Tensor | QueryKey, start: Tensor | None = None) -> Tensor:
+    """r₀ S of one block, (B, T): the class token's row (``start=None``) or the row vector ``start`` (B, T) times
+    the head-averaged attention (the paper's "last layer only" selection, for any pooling)."""
+    if start is None:
+        return cls_attention_row(attention)
+    return _left_multiply(start.float(), attention)
+
+
+def rollout_row(attentions: Sequence[Tensor | QueryKey], start: Tensor | None = None) -> Tensor:
+    """The pooled feature's row of the attention rollout (Eq. 2): r₀ Ŝ_L = r₀ S̄_L S̄_(L-1) … S̄_1.
 
     Args:
-        attentions: S_1 … S_L of the SA blocks in forward order, CLS token first, each either the head-averaged
-            probabilities (B, T, T) or a :class:`QueryKey`. Layer L may also be given as its CLS row only (B, T).
-            Any indexable sequence: items are read once each, last first.
+        attentions: S_1 … S_L of the SA blocks in forward order, each either the head-averaged probabilities
+            (B, T, T) or a :class:`QueryKey`; with ``start=None`` layer L may also be given as its class-token row
+            only (B, T). Any indexable sequence: items are read once each, last first.
+        start: r₀ (B, T), how the pooled feature weighs the tokens of x_L: None for the class token (e₀, token
+            pooling), the patches' uniform weights for average pooling, the pooling attention's probabilities
+            for attention pooling (docs/design.md, "Backbones").
 
     Returns:
-        (B, T) float32: the first row of Ŝ_L, a probability vector over CLS and the patch tokens.
+        (B, T) float32, a probability vector over all T tokens (prefix tokens first).
     """
     if not attentions:
         raise ValueError("rollout needs the attention of at least one block")
     last = attentions[-1]
     # float32 even under autocast: the rollout decides which patches GLCA sees, bf16 scores would reorder them
     with torch.autocast(device_type=(last.q if isinstance(last, QueryKey) else last).device.type, enabled=False):
-        row = 0.5 * cls_attention_row(last).float()
-        row[:, 0] += 0.5  # e₀ᵀ S̄_L = 0.5 e₀ᵀ S_L + 0.5 e₀ᵀ
         # one tile's scratch for all blocks (untouched pages cost nothing until a tile uses them)
-        buffer = torch.empty(default_tile_elements(row.device), dtype=torch.float32, device=row.device)
+        device = (last.q if isinstance(last, QueryKey) else last).device
+        buffer = torch.empty(default_tile_elements(device), dtype=torch.float32, device=device)
+        if start is None:
+            row = 0.5 * cls_attention_row(last).float()
+            row[:, 0] += 0.5  # e₀ᵀ S̄_L = 0.5 e₀ᵀ S_L + 0.5 e₀ᵀ
+        else:
+            start = start.float()
+            row = 0.5 * _left_multiply(start, last, buffer) + 0.5 * start
         # By index, from L-1 down: a lazy sequence (checkpointed training) then computes one block at a time.
         for i in range(len(attentions) - 2, -1, -1):
             row = 0.5 * _left_multiply(row, attentions[i], buffer) + 0.5 * row
     return row
+
+
+def rollout_cls_row(attentions: Sequence[Tensor | QueryKey]) -> Tensor:
+    """CLS row of the attention rollout: :func:`rollout_row` for a class-token (token-pooled) backbone."""
+    return rollout_row(attentions)
 
 
 def num_local_queries(top_r: float, num_patches: int) -> int:
