@@ -91,3 +91,22 @@ def test_onnx_batch_axis_at_448_where_the_rollout_tiles(tmp_path):
         res = compare_with_onnxruntime(model, path, torch.randn(batch, 3, 448, 448))
         assert res["same_selection"], res
         assert res["max_abs_diff"] < 1e-5, res
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_reg4_dinov2", "eva02_tiny_patch14_224", "vit_small_patch16_dinov3",
+                                  "vit_base_patch16_siglip_224"])
+def test_onnx_of_register_rotary_and_pooled_backbones(tmp_path, name):
+    """Registers (DINOv2-reg), rotary phases (EVA-02; DINOv3 with registers too) and attention pooling (SigLIP)
+    export and run in onnxruntime like the class-token ViT."""
+    import warnings
+
+    from dcal.export import compare_with_onnxruntime, export_onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DINOv3's dynamic_img_size notice
+        model = dcal.create_model(name, num_classes=3, img_size=32, patch_size=8, depth=2, embed_dim=48,
+                                  num_heads=2, pwca_blocks=2, top_r=0.25).eval()
+    path = export_onnx(model, tmp_path / "m.onnx")
+    res = compare_with_onnxruntime(model, path, torch.randn(3, 3, 32, 32))
+    assert res["same_selection"], res
+    assert res["max_abs_diff"] < 1e-5, res

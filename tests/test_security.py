@@ -165,7 +165,9 @@ def test_timm_kwargs_typo_suggests_the_key():
     ("{mlp_ratio: .nan}", "mlp_ratio' must be in"),
     ("{num_heads: true}", "num_heads' expects int"),
     ("{img_size: 64}", "use model.img_size"),
-    ("{class_token: false}", "class_token' is not an allowed timm argument"),
+    ("{dynamic_img_size: true}", "dynamic_img_size' is not an allowed timm argument"),
+    ("{global_pool: max}", r"global_pool' must be one of \['token', 'avg', 'map'\]"),
+    ("{reg_tokens: 65}", r"reg_tokens' must be in \[0, 64\]"),
     ("{embed_dim: 50, num_heads: 3}", r"embed_dim' \(50\) must be divisible by num_heads \(3\)"),
 ])
 def test_timm_kwargs_types_and_ranges(kwargs, match):
@@ -174,17 +176,21 @@ def test_timm_kwargs_types_and_ranges(kwargs, match):
 
 
 def test_every_allowed_timm_kwarg_builds_a_model():
-    """The allow-list names only arguments timm's VisionTransformer takes and DCAL runs with."""
+    """The allow-list names only arguments timm's VisionTransformer (or, for its registers, Eva) takes and DCAL
+    runs with."""
     values = {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "mlp_ratio": 2.0, "qkv_bias": False,
               "qk_norm": True, "proj_bias": False, "scale_attn_norm": True, "scale_mlp_norm": True,
               "init_values": 1e-5, "no_embed_class": True, "pre_norm": True, "final_norm": True, "fc_norm": None,
-              "drop_rate": 0.1, "pos_drop_rate": 0.1, "proj_drop_rate": 0.1, "attn_drop_rate": 0.1}
-    assert set(values) == set(TIMM_KWARGS)
-    cfg = load_config(None, ["model.img_size=32", "model.pwca_blocks=1",
-                             "model.timm_kwargs=" + yaml.safe_dump(values, default_flow_style=True).strip()])
-    model = build_model(cfg, 3).train()
-    out = model(torch.randn(2, 3, 32, 32))
-    assert set(out["logits"]) == {"sa", "glca", "pwca"}
+              "drop_rate": 0.1, "pos_drop_rate": 0.1, "proj_drop_rate": 0.1, "attn_drop_rate": 0.1,
+              "class_token": True, "reg_tokens": 2, "global_pool": "avg"}
+    eva = {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "num_reg_tokens": 2}
+    assert set(values) | set(eva) == set(TIMM_KWARGS)
+    for backbone, kwargs in (("deit_tiny_patch16_224", values), ("eva02_tiny_patch14_224", eva)):
+        cfg = load_config(None, ["model.img_size=32", "model.pwca_blocks=1", f"model.backbone={backbone}",
+                                 "model.timm_kwargs=" + yaml.safe_dump(kwargs, default_flow_style=True).strip()])
+        model = build_model(cfg, 3).train()
+        out = model(torch.randn(2, 3, 32, 32))
+        assert set(out["logits"]) == {"sa", "glca", "pwca"}
 
 
 def test_a_small_file_cannot_ask_for_a_large_model(tmp_path, tiny, monkeypatch):

@@ -67,10 +67,14 @@ MAX_IMG_SIDE = 8192  # model.img_size / data.resize sides (8192 / 16 = 512 x 512
 MAX_SYNTHETIC_BYTES = 4 << 30  # the synthetic set is generated in memory at construction
 
 # model.timm_kwargs: key -> (type, low, high, nullable); ints and floats in [low, high] (floats finite), bools as
-# bools. Only architecture keys of timm's VisionTransformer that DCAL can use: nothing that loads (checkpoint_path,
-# pretrained_cfg, pretrained_cfg_overlay, cache_dir, ...: timm would read, even unpickle, another file), nothing
-# DCAL refuses (class_token, global_pool, reg_tokens, dynamic_img_size, patch_drop_rate), no callables.
+# bools, strings one of TIMM_STRING_CHOICES. Only architecture keys of timm's VisionTransformer / Eva that DCAL can
+# use: nothing that loads (checkpoint_path, pretrained_cfg, pretrained_cfg_overlay, cache_dir, ...: timm would
+# read, even unpickle, another file), nothing DCAL refuses (dynamic_img_size, patch_drop_rate), no callables.
 TIMM_KWARGS: dict[str, tuple[type, float, float, bool]] = {
+    "class_token": (bool, 0, 0, False),
+    "reg_tokens": (int, 0, 64, False),  # VisionTransformer's registers
+    "num_reg_tokens": (int, 0, 64, False),  # Eva's
+    "global_pool": (str, 0, 0, False),
     "depth": (int, 1, MAX_BLOCKS, False),
     "embed_dim": (int, 1, 16384, False),
     "num_heads": (int, 1, 256, False),
@@ -91,6 +95,7 @@ TIMM_KWARGS: dict[str, tuple[type, float, float, bool]] = {
     "proj_drop_rate": (float, 0.0, 0.999, False),
     "attn_drop_rate": (float, 0.0, 0.999, False),
 }
+TIMM_STRING_CHOICES = {"global_pool": ("token", "avg", "map")}  # the poolings dcal.model.backbone supports
 OWN_KEYS = {"img_size": "model.img_size", "drop_path_rate": "model.drop_path_rate", "num_classes": "data.num_classes",
             "pretrained": "model.pretrained"}  # timm arguments that have their own config key
 
@@ -501,6 +506,10 @@ def check_timm_kwargs(kwargs: Any, key: str = "model.timm_kwargs") -> None:
         if kind is bool:
             if not isinstance(value, bool):
                 _fail(dotted, f"expects true or false{null}, got {value!r}")
+            continue
+        if kind is str:
+            if value not in TIMM_STRING_CHOICES[name]:
+                _fail(dotted, f"must be one of {list(TIMM_STRING_CHOICES[name])}{null}, got {value!r}")
             continue
         numeric = isinstance(value, int | float) and not isinstance(value, bool)
         if kind is int and (not isinstance(value, int) or isinstance(value, bool)) or not numeric:

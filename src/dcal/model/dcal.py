@@ -27,6 +27,7 @@ from typing import Any
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -582,22 +583,23 @@ def create_model(
 
 
 def _fix_image_size(backbone: str, timm_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``timm_kwargs`` with ``dynamic_img_size=False`` for the architectures that take it (VisionTransformer, Eva),
-    saying so once where the architecture defaults to dynamic sizes (DINOv3): DCAL needs N fixed at creation.
+    """``timm_kwargs`` with ``dynamic_img_size=False``, saying so where the architecture defaults to dynamic sizes
+    (DINOv3): DCAL needs N fixed at creation. Other families than VisionTransformer and Eva are refused here.
 
-    The default is read from a parameter-free build on the meta device (no memory, no weights)."""
-    if "dynamic_img_size" in timm_kwargs:
-        return timm_kwargs
+    The architecture is read from a parameter-free build on the meta device (no memory, no weights)."""
     try:
         with torch.device("meta"):
             probe = timm.create_model(backbone, pretrained=False, **timm_kwargs)
     except Exception:  # noqa: BLE001 - the real build below reports what is wrong
         return timm_kwargs
-    if not hasattr(probe, "dynamic_img_size"):
-        return timm_kwargs  # not a ViT: DCAL's own check names what it needs
+    if not isinstance(probe, (VisionTransformer, Eva)):  # before img_size= makes timm fail less clearly
+        raise TypeError(f"backbone {backbone!r}: DCAL needs a timm VisionTransformer or Eva, "
+                        f"got {type(probe).__name__}")
     if probe.dynamic_img_size:
         warnings.warn(f"{backbone}: built with dynamic_img_size=False (its default is True): DCAL needs a fixed "
                       "img_size", UserWarning, stacklevel=3)
+    if "dynamic_img_size" in timm_kwargs:
+        return timm_kwargs
     return {**timm_kwargs, "dynamic_img_size": False}
 
 
