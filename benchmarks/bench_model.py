@@ -93,6 +93,10 @@ CASES = {
                  {"dataset": "cub", "root": str(DATA / "cub100"), "resize": 550}, infer_batches=(1, 8, 32)),
     "reid": Case("reid", "deit_small_patch16_224", "reid", (256, 128), 32, 751, ALL_TRAIN, ALL_INFER,
                  {"dataset": "market1501", "root": str(DATA / "market1501_mini"), "resize": None}),
+    # A 2024-era backbone with registers (issue 19): DINOv2-reg ViT-S/14 at 448, 1,024 patches + 5 prefix tokens
+    # (class token + 4 registers), the same variants and ratios as the DeiT case (slow on a CPU: opt-in).
+    "dinov2reg": Case("dinov2reg", "vit_small_patch14_reg4_dinov2", "fgvc", (448, 448), 4, 200, ALL_TRAIN,
+                      ALL_INFER + ("dcal-eager",), infer_batches=(1, 8)),
     # Memory saving of activation checkpointing on the largest model at the FGVC resolution (slow: opt-in).
     "vitb448-ckpt": Case("vitb448-ckpt", "vit_base_patch16_224", "fgvc", (448, 448), 2, 200, ("dcal", "dcal+ckpt")),
 }
