@@ -29,10 +29,13 @@ def test_recipe_files_cover_tables_1_and_2() -> None:
     fgvc = {p.stem for p in FGVC_YAML}
     reid = {p.stem for p in REID_YAML}
     backbones = ["deit_tiny", "deit_small", "deit_base", "vit_base"]
-    assert fgvc == {f"{d}_{b}" for d in ("cub", "cars", "aircraft") for b in backbones + ["r50_vit_base"]}
+    modern = ["dinov2_vits14_reg", "dinov2_vitb14_reg", "dinov3_vits16", "dinov3_vitb16", "eva02_s14", "eva02_b14"]
+    assert fgvc == ({f"{d}_{b}" for d in ("cub", "cars", "aircraft") for b in backbones + ["r50_vit_base"]}
+                    | {f"cub_{b}" for b in modern})
     reid_datasets = ("market1501", "dukemtmc", "msmt17", "veri")
     stride12 = {f"{d}_{b}_stride12" for d in reid_datasets for b in ("deit_base", "vit_base")}  # docs/design.md
-    assert reid == {f"{d}_{b}" for d in reid_datasets for b in backbones} | stride12
+    assert reid == ({f"{d}_{b}" for d in reid_datasets for b in backbones} | stride12
+                    | {f"msmt17_{b}" for b in modern})
     assert (CONFIGS / "demo.yaml").is_file()
 
 
@@ -84,7 +87,8 @@ def test_reid_recipe_values(path: Path) -> None:
     assert t["lr"] == 0.008 and t["scheduler"] == "cosine" and t["epochs"] == 120
     assert t["batch_size"] == 64 and t["num_instances"] == 4
     assert m["top_r"] == 0.3 and m["glca_blocks"] == 1 and m["pwca_blocks"] == 12 and m["pretrained"] is True
-    assert m["img_size"] == ([256, 256] if d["dataset"] == "veri" else [256, 128])
+    patch14 = "patch14" in m["backbone"]  # the paper's size cut to whole 14-pixel patches
+    assert m["img_size"] == ([256, 256] if d["dataset"] == "veri" else [252, 126] if patch14 else [256, 128])
     assert m["glca_pool"] == "mean"
     assert m["patch_stride"] == (12 if path.stem.endswith("_stride12") else None)
     assert d["hflip"] == 0.5 and d["pad"] == 10 and d["random_erasing"] == 0.5
@@ -97,6 +101,12 @@ def test_backbone_names() -> None:
         "deit_base": "deit_base_patch16_224",
         "vit_base": "vit_base_patch16_224.augreg_in21k",
         "r50_vit_base": "vit_base_r50_s16_224.orig_in21k",
+        "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
+        "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
+        "dinov3_vits16": "vit_small_patch16_dinov3.lvd1689m",
+        "dinov3_vitb16": "vit_base_patch16_dinov3.lvd1689m",
+        "eva02_s14": "eva02_small_patch14_336.mim_in22k_ft_in1k",
+        "eva02_b14": "eva02_base_patch14_448.mim_in22k_ft_in22k_in1k",
     }
     for path in FGVC_YAML + REID_YAML:
         backbone = path.stem.split("_", 1)[1].removesuffix("_stride12")
@@ -201,3 +211,32 @@ def test_demo_recipe_file_matches_the_embedded_demo() -> None:
         differing = {k for k in recipe if recipe[k] != embedded[k]} - ignored
         assert not differing, (stage, {k: (recipe[k], embedded[k]) for k in differing})
     assert load_config(CONFIGS / "demo.yaml").model.pretrain == "configs/demo_pretrain.yaml"
+
+
+MODERN_YAML = [p for p in FGVC_YAML + REID_YAML if p.stem.split("_", 1)[1] in _generator().MODERN_BACKBONES]
+
+
+@pytest.mark.parametrize("path", MODERN_YAML, ids=lambda p: p.stem)
+def test_modern_backbone_recipes_build_and_run(path: Path) -> None:
+    """Each recipe for a register / rotary backbone builds (its architecture, 2 blocks deep, random weights: no
+    download here) and runs DCAL at the recipe's input size; the Table 3 runner finds its depth."""
+    import warnings
+
+    import torch
+
+    from dcal.ablation import backbone_depth
+    from dcal.engine.build import build_model
+
+    cfg = load_config(path)
+    assert backbone_depth(cfg) == 12
+    small = load_config(path, ["model.pretrained=false", "model.timm_kwargs.depth=2", "model.pwca_blocks=2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DINOv3's dynamic_img_size notice
+        model = build_model(small, 5).eval()
+    h, w = (small.model.img_size, small.model.img_size) if isinstance(small.model.img_size, int) \
+        else small.model.img_size
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, h, w))
+    patch = 14 if "patch14" in small.model.backbone else 16
+    assert model.num_patches == (h // patch) * (w // patch) and h % patch == 0 and w % patch == 0
+    assert out["selected"].shape == (1, model.num_local_queries)
