@@ -64,6 +64,8 @@ def qkv(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _project(attn: Attention, x: Tensor, part: slice) -> Tensor:
     """Rows ``part`` of the fused qkv projection applied to ``x``: (B, T, len(part))."""
+    if type(attn.qkv) is not torch.nn.Linear:  # wrapped (LoRA adapters, dcal.model.finetune): its own forward
+        return attn.qkv(x)[..., part]
     w, b = attn.qkv.weight, attn.qkv.bias
     return F.linear(x, w[part], None if b is None else b[part])
 
