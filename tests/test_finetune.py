@@ -203,6 +203,27 @@ def test_depth_checked_when_built_and_missing_peft_named(monkeypatch):
     apply_finetune(tiny_model(), freeze_blocks=1)  # freezing alone needs no peft
 
 
+def test_benchmark_finetune_variants_and_their_ratios():
+    from dataclasses import replace
+
+    from tests.test_bench_model import load_bench
+
+    bench = load_bench()
+    case = replace(bench.CASES["finetune"], arch="deit_tiny_patch16_224", img_size=(32, 32))
+    frozen, lora = bench.build_variant(case, "dcal-freeze"), bench.build_variant(case, "dcal-lora")
+    assert frozen.freeze_blocks == 6 and not frozen.backbone.blocks[5].attn.qkv.weight.requires_grad
+    assert lora.lora_settings.rank == bench.LORA_RANK and hasattr(lora.backbone.blocks[0].attn.qkv, "lora_A")
+    variants = case.train_variants
+    raw = {"train_s": {v: [t] for v, t in zip(variants, (2.0, 1.0, 1.5), strict=True)}, "infer_s": {},
+           "memory": {v: {"train_peak_mb": m, "saved_mb": m, "trainable_params": n}
+                      for v, m, n in zip(variants, (100.0, 40.0, 30.0), (1000, 500, 100), strict=True)}}
+    flops = {"train": dict.fromkeys(variants, 1), "infer": {}}
+    rows = {t["what"]: t["measured"] for t in bench.summarise(case, raw, flops)["targets"]}
+    assert rows["memory: LoRA r=8 (backbone frozen) / full fine-tuning (peak)"] == 0.3
+    assert rows["trainable parameters: first half of the blocks frozen / full fine-tuning"] == 0.5
+    assert rows["train: first half of the blocks frozen / full fine-tuning"] == 0.5
+
+
 # ------------------------------------------------------------------------------------------ tiny runs
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
