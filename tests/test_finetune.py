@@ -149,6 +149,25 @@ def test_hand_merge_equals_peft_merge():
     torch.testing.assert_close(merged["backbone.blocks.1.mlp.fc1.weight"], layer.base_layer.weight, atol=1e-6, rtol=0)
 
 
+def test_stored_factors_are_checked_before_merging():
+    from omegaconf import OmegaConf
+
+    from dcal.model.finetune import plain_state
+
+    state = apply_finetune(tiny_model(), lora=LORA).state_dict()
+    cfg = OmegaConf.create({"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": list(LORA_TARGETS)})
+    assert plain_state(state, cfg, "f.pth").keys() == tiny_model().state_dict().keys()
+    key = "backbone.blocks.1.attn.qkv.lora_B.default.weight"
+    for bad, what in (({**state, key: torch.zeros(5, 4)}, "(5, 4)"),
+                      ({k: v for k, v in state.items() if k != key}, "None"),
+                      (state, "rank=2")):
+        with pytest.raises(ValueError, match="f.pth") as e:
+            plain_state(bad, OmegaConf.merge(cfg, {"rank": 2}) if what == "rank=2" else cfg, "f.pth")
+        assert what in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="holds LoRA factors but its config has model.lora.rank=0"):
+        plain_state(state, OmegaConf.merge(cfg, {"rank": 0}), "f.pth")
+
+
 def test_checkpointed_rollout_recompute_sees_the_adapters():
     """With gradient checkpointing the rollout's queries and keys are recomputed from each SA block's input
     (attention.sa_query_key): reading the qkv weight directly would drop the adapter and select other patches."""

@@ -59,7 +59,12 @@ _BASE = ".base_layer."
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA on the backbone blocks' linear layers (``model.lora``); ``rank`` 0 = none."""
+    """LoRA on the backbone blocks' linear layers (``model.lora``); ``rank`` 0 = none.
+
+    ``dropout`` acts on the adapters' input in training. With ``train.grad_checkpointing`` the rollout's queries and
+    keys are recomputed from each block's input (:func:`dcal.model.attention.sa_query_key`), which then draws its
+    own dropout mask, not the forward's: the selection is made from another draw of the same training-time
+    projection (with ``dropout`` 0, the default, the two paths select the same patches; tested)."""
 
     rank: int = 0
     alpha: float = 16.0
@@ -209,10 +214,17 @@ def plain_state(state: dict[str, Tensor], lora: Any, source: str) -> dict[str, T
     settings = LoraSettings.from_config(lora)
     if settings.rank < 1:
         raise ValueError(f"checkpoint {source!r} holds LoRA factors but its config has model.lora.rank=0")
-    ranks = {tuple(v.shape)[0] for k, v in state.items() if f".lora_A.{ADAPTER}." in k}
-    if ranks != {settings.rank}:
-        raise ValueError(f"checkpoint {source!r}: LoRA factors of rank {sorted(ranks)} but model.lora.rank="
-                         f"{settings.rank} in its config")
+    # the file is untrusted: every adapted weight (out, in) needs A (r, in) and B (out, r), every factor its layer
+    layers = {k.split(_BASE)[0] for k in state if k.endswith(f"{_BASE}weight")}
+    layers |= {k.split(p)[0] for k in state for p in _LORA_PARTS if p in k}
+    for layer in sorted(layers):
+        w, a, b = (state.get(f"{layer}{part}weight") for part in (_BASE, *_LORA_PARTS))
+        shapes = [None if t is None else tuple(t.shape) for t in (w, a, b)]
+        if None in shapes or len(shapes[0]) != 2 or shapes[1] != (settings.rank, shapes[0][1]) or \
+                shapes[2] != (shapes[0][0], settings.rank):
+            raise ValueError(f"checkpoint {source!r}: LoRA layer {layer!r} has weight, A, B of shapes {shapes}; "
+                             f"expected (out, in), ({settings.rank}, in), (out, {settings.rank}) (model.lora.rank="
+                             f"{settings.rank} in its config)")
     return merge_lora_state(state, settings.scaling)
 
 
