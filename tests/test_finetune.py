@@ -8,6 +8,7 @@ recomputes the rollout's queries and keys; a dcal train run with either setting 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import sys
 
@@ -32,7 +33,8 @@ from dcal.model.finetune import (
 from tests.conftest import tiny_model
 from tests.tiny_runs import TINY_MODEL, write_images
 
-pytest.importorskip("peft", reason="peft is not installed (pip install 'dcal[lora]')")
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                                reason="peft is not installed (pip install 'dcal[lora]')")
 
 LORA = LoraSettings(rank=4, alpha=8.0)
 
@@ -87,6 +89,7 @@ def test_freeze_blocks_step_leaves_frozen_weights_and_trains_the_rest(k):
     assert must_change <= changed
 
 
+@needs_peft
 def test_lora_step_trains_adapters_norms_glca_and_heads_only():
     model = apply_finetune(tiny_model(), lora=LORA)
     assert not any(hasattr(m, "lora_A") for m in model.glca_blocks.modules())  # GLCA stays plain
@@ -101,6 +104,7 @@ def test_lora_step_trains_adapters_norms_glca_and_heads_only():
         assert must in changed, must
 
 
+@needs_peft
 def test_freeze_with_lora_puts_no_adapter_on_frozen_blocks():
     model = apply_finetune(tiny_model(), freeze_blocks=1, lora=LoraSettings(rank=2, targets=("qkv", "fc2")))
     adapted = sorted({n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n})
@@ -110,6 +114,7 @@ def test_freeze_with_lora_puts_no_adapter_on_frozen_blocks():
     assert "backbone.blocks.0.norm1.weight" not in trainable and "backbone.blocks.1.norm1.weight" in trainable
 
 
+@needs_peft
 def test_lora_model_equals_its_merged_plain_model():
     torch.manual_seed(0)
     model = apply_finetune(tiny_model(), lora=LORA)
@@ -140,6 +145,7 @@ def test_lora_model_equals_its_merged_plain_model():
                                    atol=1e-5, rtol=0)
 
 
+@needs_peft
 def test_hand_merge_equals_peft_merge():
     model = apply_finetune(tiny_model(), lora=LORA)
     _randomise_lora_b(model)
@@ -149,6 +155,7 @@ def test_hand_merge_equals_peft_merge():
     torch.testing.assert_close(merged["backbone.blocks.1.mlp.fc1.weight"], layer.base_layer.weight, atol=1e-6, rtol=0)
 
 
+@needs_peft
 def test_stored_factors_are_checked_before_merging():
     from omegaconf import OmegaConf
 
@@ -168,6 +175,7 @@ def test_stored_factors_are_checked_before_merging():
         plain_state(state, OmegaConf.merge(cfg, {"rank": 0}), "f.pth")
 
 
+@needs_peft
 def test_checkpointed_rollout_recompute_sees_the_adapters():
     """With gradient checkpointing the rollout's queries and keys are recomputed from each SA block's input
     (attention.sa_query_key): reading the qkv weight directly would drop the adapter and select other patches."""
@@ -222,6 +230,7 @@ def test_depth_checked_when_built_and_missing_peft_named(monkeypatch):
     apply_finetune(tiny_model(), freeze_blocks=1)  # freezing alone needs no peft
 
 
+@needs_peft
 def test_benchmark_finetune_variants_and_their_ratios():
     from dataclasses import replace
 
@@ -267,6 +276,7 @@ def _state(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
+@needs_peft
 def test_lora_run_resumes_then_loads_and_exports_merged(data_root, tmp_path, capsys):
     run = tmp_path / "lora"
     _train(data_root, run, "train.epochs=1", "model.lora.rank=2", "model.lora.targets=[qkv,fc2]")
