@@ -224,6 +224,8 @@ def test_config_errors_name_the_key(overrides, message):
 def test_depth_checked_when_built_and_missing_peft_named(monkeypatch):
     with pytest.raises(ValueError, match=r"model.freeze_blocks must be an int in \[0, 3\]"):
         apply_finetune(tiny_model(), freeze_blocks=4)
+    with pytest.raises(ValueError, match="freeze_blocks=3 freezes all of them"):
+        apply_finetune(tiny_model(), freeze_blocks=3, lora=LORA)
     monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'dcal\[lora\]'"):
         apply_finetune(tiny_model(), lora=LORA)

@@ -125,6 +125,9 @@ def apply_finetune(model: nn.Module, freeze_blocks: int = 0, lora: LoraSettings 
     use_lora = lora is not None and lora.rank > 0
     if getattr(model, "lora_settings", None) is not None:
         raise ValueError("apply_finetune: this model already has LoRA adapters")
+    if use_lora and freeze_blocks == depth:
+        raise ValueError(f"model.lora adapts the blocks after model.freeze_blocks, but freeze_blocks={depth} freezes "
+                         "all of them: lower model.freeze_blocks or set model.lora.rank=0")
     if use_lora:
         peft = _require_peft()
         names = lora_target_names(blocks, lora.targets, freeze_blocks, prefix="backbone.blocks.")
