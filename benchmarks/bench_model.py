@@ -75,7 +75,10 @@ VARIANTS: dict[str, tuple[int, int, bool] | None] = {
     "dcal": (1, 12, False),
     "dcal+ckpt": (1, 12, True),
     "dcal-eager": (1, 12, False),  # inference with DCAL_FUSED_ROLLOUT=0: what a machine without a compiler runs
+    "dcal-freeze": (1, 12, False),  # + model.freeze_blocks = half the depth (stem and first blocks frozen)
+    "dcal-lora": (1, 12, False),  # + model.lora rank LORA_RANK on qkv, proj, fc1, fc2 (backbone weights frozen)
 }
+LORA_RANK = 8
 LABELS = {
     "timm": "plain timm",
     "sa": "DCAL SA-only",
@@ -84,6 +87,8 @@ LABELS = {
     "dcal": "DCAL full",
     "dcal+ckpt": "DCAL full + grad checkpointing",
     "dcal-eager": "DCAL, eager rollout tiles",
+    "dcal-freeze": "DCAL, first half of the blocks frozen",
+    "dcal-lora": f"DCAL, LoRA r={LORA_RANK} (backbone frozen)",
 }
 ALL_TRAIN = ("timm", "sa", "+glca", "+pwca", "dcal")
 ALL_INFER = ("timm", "sa", "dcal")
@@ -99,6 +104,9 @@ CASES = {
                       ALL_INFER + ("dcal-eager",), infer_batches=(1, 8)),
     # Memory saving of activation checkpointing on the largest model at the FGVC resolution (slow: opt-in).
     "vitb448-ckpt": Case("vitb448-ckpt", "vit_base_patch16_224", "fgvc", (448, 448), 2, 200, ("dcal", "dcal+ckpt")),
+    # Parameter-efficient fine-tuning (dcal.model.finetune) against full fine-tuning, same model (opt-in).
+    "finetune": Case("finetune", "deit_small_patch16_224", "fgvc", (448, 448), 8, 200,
+                     ("dcal", "dcal-freeze", "dcal-lora")),
 }
 DEFAULT_CASES = ("fgvc", "reid")
 
@@ -116,6 +124,13 @@ def build_variant(case: Case, variant: str) -> torch.nn.Module:
     model = dcal.create_model(case.arch, task=case.task, num_classes=case.num_classes, img_size=case.img_size,
                               glca_blocks=glca, pwca_blocks=pwca)
     model.set_grad_checkpointing(ckpt)
+    if variant in ("dcal-freeze", "dcal-lora"):
+        from dcal.model.finetune import LoraSettings, apply_finetune
+
+        if variant == "dcal-freeze":
+            apply_finetune(model, freeze_blocks=len(model.backbone.blocks) // 2)
+        else:
+            apply_finetune(model, lora=LoraSettings(rank=LORA_RANK))
     return model
 
 
@@ -207,7 +222,8 @@ def _worker(conn: Any, case: Case, variant: str, threads: int, device_name: str 
         elif cmd == "mem":  # asked right after the training steps: the high-water mark of training
             train_peak = _peak_mb(device) if train_peak is None else train_peak
             conn.send({"baseline_mb": base_rss, "maxrss_mb": train_peak, "train_peak_mb": train_peak - base_rss,
-                       "saved_mb": _saved_for_backward_mb(model, images, targets, crit is None)})
+                       "saved_mb": _saved_for_backward_mb(model, images, targets, crit is None),
+                       "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)})
         else:
             conn.close()
             return
@@ -424,6 +440,19 @@ def summarise(case: Case, raw: dict[str, Any], flops: dict[str, dict[str, int]])
         # no target: checkpointing trades recomputation (about one more forward) for memory
         targets.append(("memory: checkpointing / without (peak RSS)", mem["dcal+ckpt"] / mem["dcal"], None, 1.0))
         targets.append(("train: checkpointing / without", med_t["dcal+ckpt"] / med_t["dcal"], None, 1.0))
+    trainable = {v: m.get("trainable_params") for v, m in raw["memory"].items()}
+    for v in ("dcal-freeze", "dcal-lora"):
+        if {"dcal", v} <= set(med_t):
+            # no target: what fine-tuning fewer parameters saves (activations of frozen blocks, gradients, AdamW
+            # state); the FLOP column is the forward's (the backward of frozen blocks is skipped: not counted)
+            what = LABELS[v].removeprefix("DCAL, ")
+            targets += [(f"train: {what} / full fine-tuning", med_t[v] / med_t["dcal"], None,
+                         flops["train"][v] / flops["train"]["dcal"]),
+                        (f"memory: {what} / full fine-tuning (peak)", mem[v] / mem["dcal"], None, 1.0),
+                        (f"memory: {what} / full fine-tuning (saved for backward)", saved[v] / saved["dcal"], None,
+                         1.0),
+                        (f"trainable parameters: {what} / full fine-tuning", trainable[v] / trainable["dcal"], None,
+                         1.0)]
     return {"train": rows, "infer": infer_rows,
             "targets": [{"what": w, "measured": m, "limit": lim, "met": None if lim is None else m <= lim,
                          "flop_ratio": f} for w, m, lim, f in targets]}
@@ -515,7 +544,8 @@ def _loadavg() -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=list(CASES),
-                    help="settings to run (default: fgvc reid; vitb448-ckpt = grad checkpointing on ViT-B, slow)")
+                    help="settings to run (default: fgvc reid; vitb448-ckpt = grad checkpointing on ViT-B, slow; "
+                         "finetune = full fine-tuning vs freeze_blocks vs LoRA on DeiT-S at 448)")
     ap.add_argument("--batch", type=int, default=None, help="override every case's batch size")
     ap.add_argument("--img-size", type=int, nargs="+", default=None, help="override the input size: S or H W")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per variant (median reported)")

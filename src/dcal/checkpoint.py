@@ -226,8 +226,11 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
 def export_weights(
     path: str | Path, model: torch.nn.Module, config_yaml: str, extra: dict[str, Any] | None = None
 ) -> None:
-    """Weights only, as safetensors, with the run's config (and ``extra``, e.g. class names) in the metadata."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """Weights only, as safetensors, with the run's config (and ``extra``, e.g. class names) in the metadata; LoRA
+    adapters merged into the weights (the plain model's keys: :func:`dcal.model.finetune.merged_state_dict`)."""
+    from dcal.model.finetune import merged_state_dict
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in merged_state_dict(model).items()}
     save_safetensors(path, tensors, {"format": "dcal", "config": config_yaml, "extra": json.dumps(extra or {})})
 
 

@@ -65,6 +65,9 @@ BACKBONE_NAME = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)?")
 MAX_BLOCKS = 128  # depth and model.glca_blocks: ViT-22B has 48 blocks
 MAX_IMG_SIDE = 8192  # model.img_size / data.resize sides (8192 / 16 = 512 x 512 patches, beyond any attention)
 MAX_SYNTHETIC_BYTES = 4 << 30  # the synthetic set is generated in memory at construction
+# model.lora.targets: the backbone blocks' linear layers LoRA may adapt (dcal.model.finetune.TARGET_LINEARS)
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+MAX_LORA_RANK = 4096
 
 # model.timm_kwargs: key -> (type, low, high, nullable); ints and floats in [low, high] (floats finite), bools as
 # bools, strings one of TIMM_STRING_CHOICES. Only architecture keys of timm's VisionTransformer / Eva that DCAL can
@@ -134,6 +137,16 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    """model.lora: LoRA adapters on the backbone blocks' linear layers (dcal.model.finetune; needs dcal[lora])."""
+
+    rank: int = 0  # r; 0 = no LoRA
+    alpha: float = 16.0  # the merged weight is W + (alpha / r) B A
+    dropout: float = 0.0  # on the adapters' input (training)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # attention qkv / proj, MLP fc1 / fc2
+
+
+@dataclass
 class ModelConfig:
     backbone: str = "deit_tiny_patch16_224"  # timm model name (optionally with a pretrained tag)
     img_size: Any = 448  # network input: int or [H, W]
@@ -153,6 +166,10 @@ class ModelConfig:
     # extra timm.create_model arguments, e.g. {depth: 4, embed_dim: 96, num_heads: 3, patch_size: 8} for a
     # small from-scratch ViT (the demo); drop_path_rate and img_size have their own keys
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # parameter-efficient fine-tuning (dcal.model.finetune): the stem and first K backbone blocks frozen (0 = none);
+    # LoRA adapters on the other blocks' linear layers (the backbone's weights then frozen); GLCA and heads train
+    freeze_blocks: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -581,6 +598,7 @@ def validate(cfg: DictConfig) -> None:
     depth = m.timm_kwargs.get("depth")
     if isinstance(depth, int) and m.pwca_blocks > depth:
         _fail("model.pwca_blocks", f"({m.pwca_blocks}) must be <= the backbone depth ({depth})")
+    _check_finetune(m, depth)
     sources = [k for k, v in (("model.pretrained", m.pretrained), ("model.pretrained_file", m.pretrained_file),
                               ("model.pretrain", m.pretrain)) if v]
     if len(sources) > 1:
@@ -635,6 +653,29 @@ def validate(cfg: DictConfig) -> None:
         _fail("eval.batch_size", f"must be >= 1 or null; got {e.batch_size}")
     if e.fusion != "sa" and m.glca_blocks == 0:
         _fail("eval.fusion", f"is {e.fusion!r} but model.glca_blocks=0 (no GLCA branch): use 'sa'")
+
+
+def _check_finetune(m: DictConfig, depth: Any) -> None:
+    """``model.freeze_blocks`` and ``model.lora`` in range (the depth of a named backbone is checked when it is
+    built: dcal.model.finetune.apply_finetune)."""
+    high = depth if isinstance(depth, int) else MAX_BLOCKS
+    if not 0 <= m.freeze_blocks <= high:
+        what = " (the backbone depth)" if isinstance(depth, int) else ""
+        _fail("model.freeze_blocks", f"must be in [0, {high}]{what}; got {m.freeze_blocks}")
+    lo = m.lora
+    if not 0 <= lo.rank <= MAX_LORA_RANK:
+        _fail("model.lora.rank", f"must be in [0, {MAX_LORA_RANK}] (0 = no LoRA); got {lo.rank}")
+    if not 0.0 < lo.alpha <= 1e6:
+        _fail("model.lora.alpha", f"must be in (0, 1e6]; got {lo.alpha}")
+    if not 0.0 <= lo.dropout < 1.0:
+        _fail("model.lora.dropout", f"must be in [0, 1); got {lo.dropout}")
+    targets = list(lo.targets)
+    bad = [t for t in targets if t not in LORA_TARGETS]
+    if bad or not targets or len(set(targets)) != len(targets):
+        close = difflib.get_close_matches(str(bad[0]), LORA_TARGETS, n=1, cutoff=0.5) if bad else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        _fail("model.lora.targets", f"must be distinct names out of {', '.join(LORA_TARGETS)}, at least one; "
+              f"got {targets}{hint}")
 
 
 def _check_parts(cfg: DictConfig) -> None:

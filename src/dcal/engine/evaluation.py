@@ -23,6 +23,7 @@ from dcal.engine.loop import unpack_batch
 from dcal.mechanism import evaluate_mechanism
 from dcal.model import DCAL
 from dcal.model.dcal import fusion_branches
+from dcal.model.finetune import plain_shapes, plain_state
 from dcal.run_folder import BEST, BEST_WEIGHTS, LAST, LAST_WEIGHTS
 
 
@@ -166,9 +167,10 @@ def load_for_eval(run: str | None = None, checkpoint: str | None = None,
                          f"{cfg.task} model")
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         skeleton = build_model(cfg, shape[0])
-    check_fits(skeleton, stored.shapes, path)
+    # a model.lora run's .pth holds adapter factors: they are merged into a plain model (dcal.model.finetune)
+    check_fits(skeleton, plain_shapes(stored.shapes), path)
     model = build_model(cfg, shape[0])
-    load_model_state(model, stored.state_dict(), path)
+    load_model_state(model, plain_state(stored.state_dict(), cfg.model.lora, str(path)), path)
     return cfg, model
 
 

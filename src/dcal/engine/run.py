@@ -55,6 +55,7 @@ from dcal.engine.build import (
 from dcal.engine.evaluation import evaluate
 from dcal.engine.loop import EpochProgress, NonFiniteLossError, summarize, train_one_epoch
 from dcal.model.dcal import compile_model
+from dcal.model.finetune import finetune_from_config, trainable_summary
 from dcal.run_folder import ResumeConfigError, RunExistsError, RunLock, read_metrics, run_content
 
 BEST_METRIC = {"fgvc": "top1", "reid": "mAP"}
@@ -234,7 +235,7 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
     out_dir = Path(cfg.output_dir)
     last_path = out_dir / run_folder.LAST
     num_classes = cfg.data.num_classes or sets["train"].num_classes
-    model = build_model(cfg, num_classes).to(device)
+    model = finetune_from_config(build_model(cfg, num_classes), cfg.model).to(device)  # before resume loads
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     criterion = build_criterion(cfg, model).to(device)
@@ -285,6 +286,8 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
         _log(f"{cfg.task}: {len(sets['train'])} training images, {num_classes} classes; model {cfg.model.backbone} "
              f"branches {model.branches}; {steps_per_epoch} steps/epoch x {info.world_size} process(es) of batch "
              f"{cfg.train.batch_size} on {device}; writing to {out_dir}")
+        if cfg.model.freeze_blocks or cfg.model.lora.rank:
+            _log(trainable_summary(model))
 
     def state_for(epoch: int, record: dict[str, Any], position: EpochProgress | None) -> dict[str, Any]:
         """The training state as of now (collective: every process must call it; only rank 0 writes it)."""
