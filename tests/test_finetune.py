@@ -146,6 +146,41 @@ def test_lora_model_equals_its_merged_plain_model():
 
 
 @needs_peft
+@pytest.mark.parametrize("name, kwargs", [
+    ("vit_small_patch14_reg4_dinov2", {}),  # registers
+    ("vit_small_patch16_dinov3", {}),  # Eva: rotary phases, registers, layer scale
+    ("eva02_tiny_patch14_224", {}),  # Eva: separate q/v biases beside the fused projection
+    ("eva02_tiny_patch14_224", {"qkv_fused": False}),  # Eva: separate q/k/v projections
+    ("vit_base_patch16_siglip_224", {}),  # no class token, attention pooling
+])
+def test_lora_on_register_and_rotary_backbones_equals_the_merged_model(name, kwargs):
+    import warnings
+
+    def build():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # DINOv3's dynamic_img_size notice
+            return dcal.create_model(name, num_classes=3, img_size=32, patch_size=8, depth=2, embed_dim=48,
+                                     num_heads=2, pwca_blocks=2, top_r=0.25, **kwargs)
+
+    torch.manual_seed(0)
+    model = apply_finetune(build(), lora=LORA)
+    _randomise_lora_b(model)
+    plain = build()
+    plain.load_state_dict(merged_state_dict(model))
+    model.eval(), plain.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(x), plain(x)
+    for branch in ("sa", "glca"):
+        torch.testing.assert_close(a["logits"][branch], b["logits"][branch], atol=1e-5, rtol=0)
+    assert torch.equal(a["selected"], b["selected"])
+    model.train().set_grad_checkpointing(True)  # the recomputed queries/keys see the adapters too
+    x0, rope = model._embed(x)
+    _, x_last, att = model._sa_stream(x0, rope, need_attn=True)
+    torch.testing.assert_close(model._scores(att, x_last, "rollout"), plain.selection_scores(x), atol=1e-5, rtol=1e-4)
+
+
+@needs_peft
 def test_hand_merge_equals_peft_merge():
     model = apply_finetune(tiny_model(), lora=LORA)
     _randomise_lora_b(model)

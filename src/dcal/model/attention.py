@@ -225,6 +225,16 @@ def explicit_attention_active() -> bool:
     return _FORCE_EXPLICIT
 
 
+def sa_block(block: Block | EvaBlock, x: Tensor, rope: Tensor | None = None) -> Tensor:
+    """timm's ``Block.forward`` / ``EvaBlock.forward`` (fused attention), through this module's projections: timm's
+    Eva attention reads ``qkv.weight`` directly beside its separate biases, which would skip an adapter (LoRA)
+    wrapped around the projection; here every projection runs as a module."""
+    attn = block.attn
+    h = block.norm1(x)
+    q, k, v = qkv(attn, h, rope)
+    return _finish_block(block, x, attn_output(attn, attend(attn, q, k, v), h))
+
+
 def sa_block_with_probs(block: Block | EvaBlock, x: Tensor, cls_row_only: bool = False,
                         rope: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """timm ``Block.forward`` with explicit attention, also returning head-averaged probabilities.

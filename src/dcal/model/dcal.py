@@ -40,6 +40,7 @@ from dcal.model.attention import (
     pwca_block,
     q_and_kv,
     qkv,
+    sa_block,
     sa_block_keep_qk,
     sa_block_with_probs,
     sa_query_key,
@@ -265,7 +266,7 @@ class DCAL(nn.Module):
                 x, attn = sa_block_keep_qk(blk, x, None if workspace is None else workspace[i], r)
             else:
                 attn = x  # the block input (recompute) or nothing needed
-                x = self._run(blk, x) if r is None else self._run(_block_with_rope, blk, x, r)
+                x = self._run(sa_block, blk, x, r)
             if need_attn:
                 attentions.append(attn)
         if recompute:
@@ -314,7 +315,7 @@ class DCAL(nn.Module):
             if i < self.cfg.pwca_blocks:
                 x = self._run(pwca_block, blk, x, pairs, noise, r)
             else:
-                x = self._run(blk, x) if r is None else self._run(_block_with_rope, blk, x, r)
+                x = self._run(sa_block, blk, x, r)
         return x
 
     # ------------------------------------------------------------------------------------------ heads
@@ -474,10 +475,6 @@ class _RecomputedQueryKey(Sequence[QueryKey]):
     def __getitem__(self, i: int) -> QueryKey:  # type: ignore[override]
         i = range(len(self))[i]
         return sa_query_key(self.backbone.blocks[i], self.inputs[i], block_rope(self.backbone, self.rope, i))
-
-
-def _block_with_rope(block: nn.Module, x: Tensor, rope: Tensor) -> Tensor:
-    return block(x, rope=rope)
 
 
 def _patch_mean(batch: int, tokens: int, prefix: int, device: torch.device) -> Tensor:
