@@ -195,7 +195,7 @@ def test_a_small_file_cannot_ask_for_a_large_model(tmp_path, tiny, monkeypatch):
     bomb = with_model(values, timm_kwargs={"depth": 48, "embed_dim": 4096, "num_heads": 32, "patch_size": 8})
     path = write_export(tmp_path / "bomb.safetensors", model, bomb)
     assert path.stat().st_size < 2 << 20
-    import dcal.engine.evaluation as evaluation
+    import dcal.engine.build as build  # load_run builds through it
 
     devices = []
 
@@ -204,7 +204,7 @@ def test_a_small_file_cannot_ask_for_a_large_model(tmp_path, tiny, monkeypatch):
         devices.append(next(built.parameters()).device.type)
         return built
 
-    monkeypatch.setattr(evaluation, "build_model", recording_build)
+    monkeypatch.setattr(build, "build_model", recording_build)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     with pytest.raises(CheckpointMismatchError, match=r"bomb\.safetensors' does not fit.*shape mismatch"):

@@ -296,6 +296,54 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any], defaults: dict[st
             if not _matches(key, may_change) and a.get(key, _ABSENT) != b.get(key, _ABSENT)]
 
 
+def check_run_folder(folder: str | Path, cfg: DictConfig, resume: bool,
+                     owned: bool = False) -> dict[str, Any] | None:
+    """Whether ``cfg`` may train into ``folder`` (read-only). Returns the final record of a finished run that
+    ``--resume`` has nothing to add to; raises :class:`RunLockedError` (another process trains there),
+    :class:`RunExistsError` (a run without ``--resume``), ``FileNotFoundError`` (``--resume`` with no
+    :data:`LAST`) or :class:`ResumeConfigError` (``--resume`` with keys that change what was trained).
+    ``owned``: this process holds the folder's lock (else another one must not)."""
+    from omegaconf import OmegaConf
+
+    from dcal.checkpoint import load_training_state
+    from dcal.config import default_config, read_yaml, upgrade_saved_config
+
+    folder = Path(folder)
+    if not owned:
+        RunLock(folder).check()
+    last = folder / LAST
+    if not resume:
+        found = run_content(folder)
+        if found and last.exists():
+            raise RunExistsError(f"{folder} already holds a run ({', '.join(found)}); pass --resume to continue "
+                                 "it or train into another output_dir=")
+        if found:
+            raise RunExistsError(f"{folder} already holds (the start of) a run ({', '.join(found)}) with no "
+                                 f"{LAST} to resume from; train into another output_dir= or remove them")
+        return None
+    if not last.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint {last} to continue from")
+    source = str(folder / CONFIG)
+    saved = read_config_text(folder)
+    if saved is None:  # killed before config.yaml was written: the checkpoint carries the config too
+        saved = load_training_state(last)["config"]
+    changes = config_changes(upgrade_saved_config(read_yaml(saved, source), source), OmegaConf.to_container(cfg),
+                             OmegaConf.to_container(default_config()))
+    if changes:
+        raise ResumeConfigError(
+            f"--resume: {folder} was trained with other values of keys that may not change on resume: "
+            f"{'; '.join(changes)} (keep the saved values, or train into another output_dir=)"
+        )
+    final = final_record(folder)
+    if final is None:
+        return None
+    done = final["epoch"] + 1
+    if done > cfg.train.epochs:
+        raise ResumeConfigError(f"--resume: train.epochs={cfg.train.epochs} but {folder} has trained {done} "
+                                f"epochs already (train.epochs may grow on resume, not shrink)")
+    return final if done == cfg.train.epochs else None
+
+
 def other_config_changes(folder: str | Path, new: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
     """:func:`config_changes` between the run in ``folder`` (its :data:`CONFIG`; [] when there is none) and
     ``new``, where only ``output_dir`` may differ: is it the same run (a moved or copied folder still is)? For reusing

@@ -26,8 +26,8 @@ from dcal.engine.evaluation import (
     extract_features,
 )
 from dcal.engine.loop import EpochProgress, NonFiniteLossError, train_one_epoch
-from dcal.engine.run import BEST_METRIC, SCORE_KEYS, RunExistsError, fit, seed_everything
-from dcal.run_folder import read_metrics
+from dcal.engine.run import BEST_METRIC, SCORE_KEYS, fit, seed_everything
+from dcal.run_folder import RunExistsError, read_metrics
 
 __all__ = [
     "BEST_METRIC",

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -24,7 +24,9 @@ from tqdm import tqdm
 from dcal.data.robust import LoadedBatch, check_bad_fraction
 from dcal.distributed import all_agree, all_reduce_sum
 from dcal.engine.build import TrainStep
-from dcal.losses import DCALLoss
+
+if TYPE_CHECKING:
+    from dcal.engine.state import TrainState
 
 MAX_BAD_EXAMPLES = 20  # bad file names kept per epoch for the error message
 
@@ -76,27 +78,23 @@ def summarize(progress: EpochProgress, device: torch.device) -> dict[str, float]
 
 
 def train_one_epoch(
-    model: nn.Module,
-    criterion: DCALLoss,
+    state: TrainState,
     loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     device: torch.device,
     cfg: DictConfig,
     epoch: int,
-    scaler: torch.amp.GradScaler | None = None,
-    forward: nn.Module | None = None,
     *,
     step: nn.Module | None = None,
-    progress: EpochProgress | None = None,
     on_step: Callable[[EpochProgress], None] | None = None,
     show_bar: bool = True,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean losses, loss weights, last lr, throughput and bad-input counts.
+    """One pass over ``loader`` training ``state``; returns mean losses, loss weights, last lr, throughput and
+    bad-input counts.
 
-    ``step`` is the (DDP-wrapped) :class:`TrainStep`; by default one is built around ``forward or model``.
-    ``progress`` continues an epoch resumed mid-way (the loader then starts at ``progress.batches``).
-    ``on_step(progress)`` runs after every batch, on every process.
+    ``state.epoch`` becomes ``epoch`` and ``state.progress`` its position: a set ``state.progress`` continues an
+    epoch resumed mid-way (the loader then starts at ``progress.batches``), so that a checkpoint of ``state``
+    taken in ``on_step(progress)`` (after every batch, on every process) holds where the epoch stands.
+    ``step`` is the (DDP-wrapped) :class:`TrainStep`; by default one is built around ``state.model``.
 
     Bad input: unreadable images were left out of the batch by the loader (``LoadedBatch.bad``): each is warned
     about by name and counted; when more than half of the images read are bad (mid-epoch: of at least
@@ -105,10 +103,12 @@ def train_one_epoch(
     applied (all processes agree on it); ``train.max_bad_steps`` of them in a row raise
     :class:`NonFiniteLossError` naming epoch and step. The lr schedule follows the batch position either way.
     """
+    model, optimizer, scheduler, scaler = state.model, state.optimizer, state.scheduler, state.scaler
     model.train()
-    criterion.train()
-    step = step or TrainStep(forward or model, criterion, cfg, device)
-    progress = progress or EpochProgress()
+    state.criterion.train()
+    step = step or TrainStep(model, state.criterion, cfg, device)
+    state.epoch, state.progress = epoch, state.progress or EpochProgress()
+    progress = state.progress
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
                disable=not (show_bar and sys.stderr.isatty()), initial=progress.batches,
                total=progress.batches + len(loader))  # type: ignore[arg-type]
