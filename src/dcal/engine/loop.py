@@ -56,6 +56,40 @@ class EpochProgress:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def count_read(self, n_good: int, bad: list[tuple[str, str]]) -> None:
+        """A batch drawn: ``n_good`` images read and the ``(path, reason)`` of those that could not be (each
+        warned about); stops the epoch when the images look broken (``check_bad_fraction``)."""
+        self.batches += 1
+        self.read_images += n_good + len(bad)
+        for path, reason in bad:
+            warnings.warn(f"skipped unreadable image {path} ({reason})", stacklevel=2)
+            self.bad_images += 1
+            if len(self.bad_examples) < MAX_BAD_EXAMPLES:
+                self.bad_examples.append(path)
+        check_bad_fraction(self.bad_images, self.read_images, self.bad_examples, "training")
+
+    def count_applied(self, seen: int, losses: dict[str, float], weights: dict[str, float]) -> None:
+        """An optimizer step applied on ``seen`` images with these losses and loss weights."""
+        self.bad_in_a_row = 0
+        self.steps += 1
+        self.seen += seen
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.weights = weights
+
+    def count_not_applied(self, where: str, max_bad_steps: int) -> None:
+        """A non-finite loss at ``where``, not applied: a warning, or :class:`NonFiniteLossError` once
+        ``max_bad_steps`` came in a row."""
+        self.bad_steps += 1
+        self.bad_in_a_row += 1
+        if self.bad_in_a_row >= max_bad_steps:
+            raise NonFiniteLossError(
+                f"the loss was non-finite for {self.bad_in_a_row} steps in a row (last at {where}); "
+                "none of them was applied. Set train.clip_grad or train.amp=none and continue with "
+                "--resume, or lower train.lr and start again (the lr schedule is part of the checkpoint)"
+            )
+        warnings.warn(f"non-finite loss at {where}: step not applied", stacklevel=3)
+
 
 def unpack_batch(batch: Any) -> tuple[Any, list[tuple[str, str]]]:
     """(data or None, bad files) of a ``LoadedBatch`` or of a plain ``(images, targets, ...)`` batch."""
@@ -103,10 +137,10 @@ def train_one_epoch(
     applied (all processes agree on it); ``train.max_bad_steps`` of them in a row raise
     :class:`NonFiniteLossError` naming epoch and step. The lr schedule follows the batch position either way.
     """
-    model, optimizer, scheduler, scaler = state.model, state.optimizer, state.scheduler, state.scaler
-    model.train()
+    optimizer, scheduler = state.optimizer, state.scheduler
+    state.model.train()
     state.criterion.train()
-    step = step or TrainStep(model, state.criterion, cfg, device)
+    step = step or TrainStep(state.model, state.criterion, cfg, device)
     state.epoch, state.progress = epoch, state.progress or EpochProgress()
     progress = state.progress
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
@@ -115,45 +149,12 @@ def train_one_epoch(
     last = time.perf_counter()
     for batch in bar:
         data, bad = unpack_batch(batch)
-        progress.batches += 1
         n_good = 0 if data is None else int(data[0].shape[0])
-        progress.read_images += n_good + len(bad)
-        for path, reason in bad:
-            warnings.warn(f"skipped unreadable image {path} ({reason})", stacklevel=1)
-            progress.bad_images += 1
-            if len(progress.bad_examples) < MAX_BAD_EXAMPLES:
-                progress.bad_examples.append(path)
-        check_bad_fraction(progress.bad_images, progress.read_images, progress.bad_examples, "training")
+        progress.count_read(n_good, bad)
         if not all_agree(n_good >= 2, device):
             progress.skipped_batches += 1
         else:
-            images, targets = data[0].to(device, non_blocking=True), data[1].to(device, non_blocking=True)
-            res = step(images, targets)
-            finite = all_agree(bool(torch.isfinite(res.total)), device)
-            optimizer.zero_grad(set_to_none=True)
-            # backward runs even for a non-finite loss: DDP expects every forward to be followed by a backward
-            (scaler.scale(res.total) if scaler is not None else res.total).backward()
-            if finite:
-                _apply(optimizer, scaler, model, cfg.train.clip_grad)
-                progress.bad_in_a_row = 0
-                progress.steps += 1
-                progress.seen += n_good
-                values = {"loss": res.total.item(), **{f"loss_{b}": v.item() for b, v in res.per_branch.items()}}
-                for k, v in values.items():
-                    progress.sums[k] = progress.sums.get(k, 0.0) + v
-                progress.weights = dict(res.weights)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                progress.bad_steps += 1
-                progress.bad_in_a_row += 1
-                where = f"epoch {epoch + 1}, step {progress.batches}"
-                if progress.bad_in_a_row >= cfg.train.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"the loss was non-finite for {progress.bad_in_a_row} steps in a row (last at {where}); "
-                        "none of them was applied. Set train.clip_grad or train.amp=none and continue with "
-                        "--resume, or lower train.lr and start again (the lr schedule is part of the checkpoint)"
-                    )
-                warnings.warn(f"non-finite loss at {where}: step not applied", stacklevel=1)
+            _optimizer_step(state, progress, step, data, device, cfg, f"epoch {epoch + 1}, step {progress.batches}")
         scheduler.step()
         now = time.perf_counter()
         progress.elapsed += now - last
@@ -172,6 +173,26 @@ def train_one_epoch(
     stats = summarize(progress, device)
     stats["lr"] = optimizer.param_groups[0]["lr"]
     return stats
+
+
+def _optimizer_step(state: TrainState, progress: EpochProgress, step: nn.Module, data: Any, device: torch.device,
+                    cfg: DictConfig, where: str) -> None:
+    """One optimizer step on a batch, counted in ``progress``; a non-finite loss is not applied."""
+    optimizer, scaler = state.optimizer, state.scaler
+    images, targets = data[0].to(device, non_blocking=True), data[1].to(device, non_blocking=True)
+    res = step(images, targets)
+    finite = all_agree(bool(torch.isfinite(res.total)), device)
+    optimizer.zero_grad(set_to_none=True)
+    # backward runs even for a non-finite loss: DDP expects every forward to be followed by a backward
+    (scaler.scale(res.total) if scaler is not None else res.total).backward()
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        progress.count_not_applied(where, cfg.train.max_bad_steps)
+        return
+    _apply(optimizer, scaler, state.model, cfg.train.clip_grad)
+    progress.count_applied(int(images.shape[0]), {"loss": res.total.item(),
+                                                  **{f"loss_{b}": v.item() for b, v in res.per_branch.items()}},
+                           dict(res.weights))
 
 
 def _apply(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, model: nn.Module,
