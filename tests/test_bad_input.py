@@ -213,6 +213,7 @@ def test_broken_check_waits_for_evidence_and_still_stops_an_all_bad_set():
     from dcal.data.robust import BadImageError, LoadedBatch
     from dcal.engine.build import build_criterion, build_model, build_optimizer
     from dcal.engine.loop import train_one_epoch
+    from dcal.engine.state import TrainState
 
     cfg = load_config(overrides=["data.dataset=synthetic", "model.img_size=32", TINY[1], "model.pwca_blocks=2",
                                  "train.batch_size=2", "train.epochs=1"])
@@ -224,11 +225,11 @@ def test_broken_check_waits_for_evidence_and_still_stops_an_all_bad_set():
     good = LoadedBatch([torch.randn(2, 3, 32, 32), torch.tensor([0, 1])], torch.arange(2), [])
     # 20 % bad, the first batch all bad: no verdict from 2 images
     with pytest.warns(UserWarning) as caught:
-        stats = train_one_epoch(model, criterion, [bad] + [good] * 4, optimizer, scheduler, torch.device("cpu"), cfg,
-                                0, show_bar=False)
+        stats = train_one_epoch(TrainState(model, criterion, optimizer, scheduler), [bad] + [good] * 4,
+                                torch.device("cpu"), cfg, 0, show_bar=False)
     assert stats["bad_images"] == 2 and "skipped unreadable image x/bad0.png (r)" in str(caught[0].message)
     with pytest.warns(UserWarning), pytest.raises(BadImageError, match="looks broken"):
-        train_one_epoch(model, criterion, [bad] * 3, optimizer, scheduler, torch.device("cpu"), cfg, 0,
+        train_one_epoch(TrainState(model, criterion, optimizer, scheduler), [bad] * 3, torch.device("cpu"), cfg, 0,
                         show_bar=False)
 
 

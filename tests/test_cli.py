@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import dcal.engine.run
+import dcal.run_folder
 from dcal.cli import main
 
 TINY_MODEL = [
@@ -87,16 +87,16 @@ def test_resume_continues_exactly(folder_data, recipe, tmp_path, monkeypatch):
     assert main(train_args(recipe, folder_data, straight)) == 0
 
     resumed = tmp_path / "resumed"
-    real_append = dcal.engine.run._append_jsonl
+    real_append = dcal.run_folder.append_metrics
 
     def interrupt_after_first_epoch(path, record):
         real_append(path, record)
         if record.get("epoch") == 0:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(dcal.engine.run, "_append_jsonl", interrupt_after_first_epoch)
+    monkeypatch.setattr(dcal.run_folder, "append_metrics", interrupt_after_first_epoch)
     assert main(train_args(recipe, folder_data, resumed)) == 130
-    monkeypatch.setattr(dcal.engine.run, "_append_jsonl", real_append)
+    monkeypatch.setattr(dcal.run_folder, "append_metrics", real_append)
     assert main(train_args(recipe, folder_data, resumed)) == 2  # the run exists: refuse to overwrite it
     assert main(train_args(recipe, folder_data, resumed, "--resume")) == 0
 

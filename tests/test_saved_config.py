@@ -9,7 +9,8 @@ import yaml
 
 from dcal.checkpoint import export_weights
 from dcal.config import load_config, to_yaml
-from dcal.engine import build_model, load_for_eval
+from dcal.engine import build_model
+from dcal.run_folder import load_run
 
 TINY = [
     "data.dataset=synthetic",
@@ -36,8 +37,8 @@ def test_checkpoint_without_glca_pool_loads_as_cls(tmp_path, caplog):
     path = tmp_path / "old.safetensors"
     export_weights(path, model, yaml.safe_dump(values))
     with caplog.at_level(logging.WARNING, logger="dcal"):
-        loaded_cfg, loaded = load_for_eval(checkpoint=str(path))
-    assert loaded_cfg.model.glca_pool == "cls" and loaded.cfg.glca_pool == "cls"
+        run = load_run(checkpoint=path)
+    assert run.cfg.model.glca_pool == "cls" and run.model.cfg.glca_pool == "cls"
     lines = [r.getMessage() for r in caplog.records if r.name == "dcal"]
     assert len(lines) == 1 and "glca_pool=cls" in lines[0] and "old.safetensors" in lines[0]
 
@@ -47,5 +48,5 @@ def test_checkpoint_with_glca_pool_loads_silently(tmp_path, caplog):
     path = tmp_path / "new.safetensors"
     export_weights(path, build_model(cfg, 3), to_yaml(cfg))
     with caplog.at_level(logging.WARNING, logger="dcal"):
-        loaded_cfg, _ = load_for_eval(checkpoint=str(path))
+        loaded_cfg = load_run(checkpoint=path).cfg
     assert loaded_cfg.model.glca_pool == "mean" and not [r for r in caplog.records if r.name == "dcal"]

@@ -18,7 +18,8 @@ import dcal
 from dcal.checkpoint import CheckpointMismatchError, export_weights
 from dcal.cli import main
 from dcal.config import TIMM_KWARGS, ConfigError, _float_keys, load_config, to_yaml
-from dcal.engine import build_model, load_for_eval
+from dcal.engine import build_model
+from dcal.run_folder import load_run
 
 TINY = ["data.dataset=synthetic", "model.img_size=32",
         "model.timm_kwargs={depth: 2, embed_dim: 48, num_heads: 3, patch_size: 8}", "model.pwca_blocks=2"]
@@ -75,7 +76,7 @@ def test_the_crafted_pth_does_run_code_when_unpickled(tmp_path):
 
 def test_a_sound_export_loads(tmp_path, tiny):
     values, model = tiny
-    cfg, loaded = load_for_eval(checkpoint=str(write_export(tmp_path / "ok.safetensors", model, values)))
+    loaded = load_run(checkpoint=write_export(tmp_path / "ok.safetensors", model, values)).model
     torch.testing.assert_close(loaded.state_dict(), model.state_dict())
 
 
@@ -102,7 +103,7 @@ def test_a_stored_config_cannot_make_timm_load_a_file(tmp_path, tiny, capsys, ke
     with pytest.raises(ConfigError, match=want):
         dcal.load_model(checkpoint=path)
     with pytest.raises(ConfigError, match=want):
-        load_for_eval(checkpoint=str(path))
+        load_run(checkpoint=path)
     for argv in (["eval", "--checkpoint", str(path)], ["predict", "--checkpoint", str(path), str(tmp_path)]):
         err = one_line_error(capsys, argv)
         assert str(path) in err and want in err
@@ -132,9 +133,9 @@ def test_stored_pretrained_keys_are_never_acted_on(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(timm, "create_model", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     for stored in (with_model(values, pretrained=True), with_model(values, pretrained_file=str(evil))):
         path = write_export(tmp_path / "pretrained.safetensors", model, stored)
-        cfg, loaded = load_for_eval(checkpoint=str(path), overrides=["model.pretrained=true"])
-        assert not cfg.model.pretrained and cfg.model.pretrained_file is None
-        torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+        run = load_run(checkpoint=path, overrides=["model.pretrained=true"])
+        assert not run.cfg.model.pretrained and run.cfg.model.pretrained_file is None
+        torch.testing.assert_close(run.model.state_dict(), model.state_dict())
     assert calls and not any(kw.get("pretrained") for kw in calls)
     assert not marker.exists()
 
@@ -200,7 +201,7 @@ def test_a_small_file_cannot_ask_for_a_large_model(tmp_path, tiny, monkeypatch):
     bomb = with_model(values, timm_kwargs={"depth": 48, "embed_dim": 4096, "num_heads": 32, "patch_size": 8})
     path = write_export(tmp_path / "bomb.safetensors", model, bomb)
     assert path.stat().st_size < 2 << 20
-    import dcal.engine.evaluation as evaluation
+    import dcal.engine.build as build  # load_run builds through it
 
     devices = []
 
@@ -209,11 +210,11 @@ def test_a_small_file_cannot_ask_for_a_large_model(tmp_path, tiny, monkeypatch):
         devices.append(next(built.parameters()).device.type)
         return built
 
-    monkeypatch.setattr(evaluation, "build_model", recording_build)
+    monkeypatch.setattr(build, "build_model", recording_build)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     with pytest.raises(CheckpointMismatchError, match=r"bomb\.safetensors' does not fit.*shape mismatch"):
-        load_for_eval(checkpoint=str(path))
+        load_run(checkpoint=path)
     assert devices == ["meta"]
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) * 1024 < 200 << 20  # ru_maxrss: KiB on Linux
     assert time.perf_counter() - start < 30
@@ -264,7 +265,7 @@ def test_bad_yaml_is_refused_in_one_line(tmp_path, capsys, text, match):
 def test_bad_stored_config_is_refused_in_one_line(tmp_path, tiny, capsys, text, match):
     path = write_export(tmp_path / "stored.safetensors", tiny[1], text)
     with pytest.raises(ConfigError, match=match):
-        load_for_eval(checkpoint=str(path))
+        load_run(checkpoint=path)
     err = one_line_error(capsys, ["eval", "--checkpoint", str(path)])
     assert str(path) in err
 

@@ -35,7 +35,14 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dcal.config import ConfigError, default_config, load_config, to_yaml
-from dcal.run_folder import LAST, METRICS, discard_unsaved_start, final_record, other_config_changes, read_metrics
+from dcal.run_folder import (
+    METRICS,
+    discard_unsaved_start,
+    final_record,
+    has_checkpoint,
+    other_config_changes,
+    read_metrics,
+)
 
 NO_GLCA = {"model.glca_blocks": 0, "eval.fusion": "sa"}
 
@@ -132,7 +139,7 @@ def _overrides(keys: dict[str, Any]) -> list[str]:
 
 # -------------------------------------------------------------------------------------------------- running
 def _epoch_records(run_dir: Path) -> list[dict[str, Any]]:
-    return [r for r in read_metrics(run_dir / METRICS) if not r.get("final") and not r.get("partial")]
+    return [r for r in read_metrics(run_dir) if not r.get("final") and not r.get("partial")]
 
 
 def _check_same_config(run_dir: Path, cfg: Any) -> None:
@@ -154,7 +161,7 @@ def run_one(cfg: Any, run_dir: Path) -> tuple[dict[str, Any], str]:
     _check_same_config(run_dir, cfg)
     if final is not None:
         return final, "reused"
-    resume = (run_dir / LAST).is_file()
+    resume = has_checkpoint(run_dir)
     if not resume:
         discard_unsaved_start(run_dir)  # killed before its first checkpoint: nothing to resume, start again
     run_dir.mkdir(parents=True, exist_ok=True)

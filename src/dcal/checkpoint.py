@@ -189,6 +189,9 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
         raise ValueError(f"checkpoint {str(path)!r} is not a dcal training checkpoint: 'model' must map names to "
                          "tensors and 'config' must be YAML text")
+    if not isinstance(state.get("extra", {}), dict):
+        raise ValueError(f"checkpoint {str(path)!r}: its 'extra' (class names, ...) must be a mapping, got "
+                         f"{type(state['extra']).__name__}")
     return state
 
 
@@ -289,7 +292,7 @@ class StoredModel:
             self.extra = export_extra(self.path, meta)
         else:
             ckpt = load_training_state(self.path)
-            self._state, self.config_yaml, self.extra = ckpt["model"], ckpt["config"], {}
+            self._state, self.config_yaml, self.extra = ckpt["model"], ckpt["config"], ckpt.get("extra") or {}
             self.shapes = {k: tuple(v.shape) for k, v in self._state.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -300,12 +303,3 @@ class StoredModel:
             except Exception as e:  # noqa: BLE001 - the file changed or a tensor is damaged
                 raise _safetensors_error(self.path, e) from e
         return self._state
-
-
-def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
-    """(state dict, config YAML, extra) of a file written by :func:`export_weights`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    stored = StoredModel(path)
-    return stored.state_dict(), stored.config_yaml, stored.extra

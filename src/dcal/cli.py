@@ -159,10 +159,11 @@ def cmd_train(args: argparse.Namespace) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> Any:
-    from dcal.engine import evaluate_checkpoint, load_for_eval
+    from dcal.engine import evaluate_checkpoint
+    from dcal.run_folder import load_run
 
-    cfg, model = load_for_eval(args.run, args.checkpoint, args.overrides)
-    metrics = evaluate_checkpoint(cfg, model)
+    loaded = load_run(args.run, args.checkpoint, args.overrides)
+    metrics = evaluate_checkpoint(loaded.cfg, loaded.model)
     for k, v in metrics.items():
         print(f"{k:>20}: {v:.2f}" if isinstance(v, float) else f"{k:>20}: {v}")
     if args.json:

@@ -134,9 +134,9 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
     GLCA local-query and PWCA attention). ``overrides`` apply to both stages; ``fresh`` first removes the demo's
     own runs."""
     from dcal.data.transforms import config_mean_std
-    from dcal.engine import build_datasets, load_for_eval
+    from dcal.engine import build_datasets
     from dcal.pretrain import ensure_pretrained, pretrain_state
-    from dcal.run_folder import RunLockedError
+    from dcal.run_folder import RunLockedError, load_run
     from dcal.visualize import attention_rows, denormalize, rollout_maps, save_attention_figure
 
     output_dir = Path(output_dir)
@@ -184,7 +184,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
     shown = denormalize(batch, *config_mean_std(cfg))
     models, preds = {}, {}
     for variant in VARIANTS:
-        _, models[variant] = load_for_eval(run=str(output_dir / variant))
+        models[variant] = load_run(run=output_dir / variant).model
         with torch.no_grad():
             preds[variant] = models[variant].eval().predict(batch).argmax(-1).tolist()
     sa_maps, _ = rollout_maps(models["sa_only"], batch)

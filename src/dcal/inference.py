@@ -1,7 +1,7 @@
 """Use a trained model on your own images: load a run, read files and folders, predict classes.
 
-* :func:`load_model` – a run directory or checkpoint file -> :class:`LoadedModel` (model, config, the run's test
-  transform, class names).
+* :func:`load_model` – a run directory or checkpoint file -> :class:`dcal.run_folder.LoadedRun` (model, config,
+  the run's test transform, class names) in eval mode on a device.
 * :func:`list_images` / :func:`run_batches` – files and folders (recursive) read in batches by a DataLoader, with
   a progress bar on a terminal; a file that cannot be read is reported with the reason and skipped, the others go
   on. ``dcal embed`` / ``dcal search`` (``dcal.retrieval``) read images the same way.
@@ -32,50 +32,19 @@ from tqdm import tqdm
 from dcal.data.images import list_image_files, open_rgb, printable, to_rgb
 from dcal.model import DCAL
 from dcal.model.dcal import fusion_branches
-
+from dcal.run_folder import LoadedRun, load_run
 
 # ------------------------------------------------------------------------------------------------ loading
-@dataclass
-class LoadedModel:
-    """A trained model with what is needed to feed it: the run's test transform and its class names."""
-
-    model: DCAL
-    cfg: Any  # the run's resolved config (DictConfig)
-    transform: Callable[[Image.Image], Tensor]
-    classes: list[str] | None
-    checkpoint: Path
-
-    @property
-    def task(self) -> str:
-        return self.model.cfg.task
-
-
-def checkpoint_classes(path: Path) -> list[str] | None:
-    """Class names saved by ``dcal train`` in a ``.safetensors`` export (for a ``.pth``, in the exports beside it);
-    None when no file holds names (e.g. Re-ID runs, whose classes are training identities)."""
-    from dcal.checkpoint import export_extra, safetensors_metadata
-    from dcal.run_folder import BEST_WEIGHTS, LAST_WEIGHTS
-
-    candidates = [path] if path.suffix == ".safetensors" else []
-    candidates += [path.parent / n for n in (BEST_WEIGHTS, LAST_WEIGHTS)]
-    for p in candidates:
-        if p.is_file():
-            classes = export_extra(p, safetensors_metadata(p)).get("classes")
-            if isinstance(classes, list):
-                return [str(c) for c in classes]
-    return None
+LoadedModel = LoadedRun  # what load_model returns (the run folder's one loaded-model type, under its older name)
 
 
 def load_model(run: str | Path | None = None, checkpoint: str | Path | None = None, device: str | None = None,
-               overrides: Sequence[str] = ()) -> LoadedModel:
-    """Load a run directory (its best, else last, checkpoint) or a checkpoint file for inference, in eval mode."""
-    from dcal.data.transforms import build_transforms_from_config
-    from dcal.engine import load_for_eval, resolve_checkpoint
-
-    path = resolve_checkpoint(run, checkpoint)
-    cfg, model = load_for_eval(None, str(path), list(overrides))
-    model.eval().to(default_device(device))
-    return LoadedModel(model, cfg, build_transforms_from_config(cfg, train=False), checkpoint_classes(path), path)
+               overrides: Sequence[str] = ()) -> LoadedRun:
+    """Load a run directory (its best, else last, checkpoint) or a checkpoint file for inference, in eval mode on
+    ``device`` (:func:`dcal.run_folder.load_run`: model, config, class names, the run's test transform)."""
+    loaded = load_run(run, checkpoint, list(overrides))
+    loaded.model.eval().to(default_device(device))
+    return loaded
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -198,7 +167,7 @@ def _as_items(images_or_paths: Any) -> list[str | Path | Image.Image]:
 
 
 def predict(
-    model: DCAL | LoadedModel,
+    model: DCAL | LoadedRun,
     images_or_paths: Tensor | str | Path | Image.Image | Iterable[str | Path | Image.Image],
     topk: int = 5,
     *,
@@ -216,7 +185,7 @@ def predict(
     used unless given). Unreadable files come back with ``error`` set; the others are predicted. Probabilities are
     the mean of the fused branches' softmaxes (module doc).
     """
-    if isinstance(model, LoadedModel):
+    if isinstance(model, LoadedRun):
         transform = transform or model.transform
         classes = classes if classes is not None else model.classes
         model = model.model

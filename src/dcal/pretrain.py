@@ -26,8 +26,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dcal.config import ConfigError, default_config, load_config, read_yaml
-from dcal.run_folder import CONFIG, LAST, LAST_WEIGHTS, final_record, other_config_changes
+from dcal.config import ConfigError, default_config, load_config
+from dcal.run_folder import has_checkpoint, is_finished, other_config_changes, read_config, read_config_text
 
 SA_ONLY = ("model.glca_blocks=0", "model.pwca_blocks=0", "eval.fusion=sa")
 CACHE_FOLDER = "pretrain"  # beside the runs: <parent of output_dir (or of the ablation folder)>/pretrain/<stem>
@@ -50,7 +50,7 @@ def pretrain_state(cfg: Any) -> str:
     """``"absent"``, ``"finished"`` or ``"started"`` for the run folder ``cfg.output_dir``; raises
     ``FileExistsError`` when it holds a run of another config."""
     folder = Path(cfg.output_dir)
-    if not (folder / CONFIG).is_file():
+    if read_config_text(folder) is None:
         return "absent"
     # a key added by a later dcal counts as its default
     diff = other_config_changes(folder, OmegaConf.to_container(cfg), OmegaConf.to_container(default_config()))
@@ -60,9 +60,9 @@ def pretrain_state(cfg: Any) -> str:
             f"{' ...' if len(diff) > 6 else ''}): delete that folder to pretrain again with the new recipe, or "
             "restore the recipe it was trained with"
         )
-    if final_record(folder) is not None and (folder / LAST_WEIGHTS).is_file():
+    if is_finished(folder):
         return "finished"
-    return "started" if (folder / LAST).is_file() else "absent"
+    return "started" if has_checkpoint(folder) else "absent"
 
 
 def ensure_pretrained(cfg: Any, log: Callable[[str], None] = print) -> Path:
@@ -110,9 +110,8 @@ def describe_backbone(model: dict[str, Any]) -> str:
     ``model`` section of its config as a plain dict."""
     name, source = model.get("backbone"), model.get("pretrained_file")
     if source:
-        saved = Path(source) / CONFIG
-        if saved.is_file():
-            p = read_yaml(saved.read_text(encoding="utf-8"), str(saved))
+        p = read_config(source)
+        if p is not None:
             d, t = p.get("data") or {}, p.get("train") or {}
             part = f", classes {d['classes']}" if d.get("classes") is not None else ""
             if d.get("dataset") == "synthetic":

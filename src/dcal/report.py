@@ -20,9 +20,8 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from dcal.config import read_yaml
 from dcal.pretrain import describe_backbone
-from dcal.run_folder import CONFIG, METRICS, read_metrics
+from dcal.run_folder import CONFIG, METRICS, read_config, read_metrics
 from dcal.visualize import save_figure  # sets the Agg backend: files only, no display on servers
 
 BRANCHES = ("sa", "glca", "pwca")
@@ -57,8 +56,7 @@ def read_run(run: str | Path, label: str | None = None) -> RunLog:
     if not metrics.is_file():
         raise FileNotFoundError(f"{run} is not a dcal run: {metrics} does not exist")
     records = read_metrics(metrics)  # a cut last line dropped, other bad lines named
-    config_path = run / CONFIG
-    config = read_yaml(config_path.read_text(encoding="utf-8"), str(config_path)) if config_path.is_file() else {}
+    config = read_config(run) or {}
     epochs = [r for r in records if not r.get("final")]
     if not epochs:
         raise ValueError(f"{metrics} holds no epoch record yet")
@@ -222,7 +220,7 @@ def summary_markdown(logs: Sequence[RunLog], curves: str | None = None) -> str:
     flats = [_flat(log.config) for log in logs]
     if len(logs) == 1:
         lines += ["## Config", "", *(f"- `{k}`: {_fmt(flats[0].get(k))}" for k in SUMMARY_KEYS if k in flats[0]),
-                  "", f"Full config: `{logs[0].path / 'config.yaml'}`."]
+                  "", f"Full config: `{logs[0].path / CONFIG}`."]
     else:
         keys = sorted(k for k in set().union(*flats) if k != "output_dir" and len({json.dumps(f.get(k), default=str)
                                                                                     for f in flats}) > 1)

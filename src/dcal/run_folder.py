@@ -1,5 +1,6 @@
-"""A run folder (``output_dir``): the names of its files, what counts as a run in it, its owner lock, and which
-config keys a ``--resume`` may change.
+"""A run folder (``output_dir``): the names of its files and the one place that reads and writes them by name
+(``config.yaml``, ``metrics.jsonl``, the checkpoint to load and the model in it: :func:`load_run`), what counts
+as a run in it, its owner lock, and which config keys a ``--resume`` may change.
 
 One process owns a run folder while it trains: rank 0 holds an exclusive ``flock`` on ``.dcal.lock``, a file that
 also says who holds it (PID, host, start time, command) for the message a second trainer gets. The kernel drops
@@ -21,8 +22,18 @@ import shlex
 import shutil
 import socket
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # at run time these load on first use: reading metrics or a config needs no torch
+    from omegaconf import DictConfig
+    from PIL import Image
+    from torch import Tensor
+
+    from dcal.model import DCAL
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -35,6 +46,7 @@ LOCK = ".dcal.lock"
 EPOCH_CHECKPOINT = re.compile(r"epoch\d{4,}\.pth")
 # what a training run writes; anything else (train.log of dcal ablation, a user's notes) is not a run
 RUN_FILES = (CONFIG, METRICS, LAST, BEST, LAST_WEIGHTS, BEST_WEIGHTS, TENSORBOARD)
+RUN_CHECKPOINTS = (BEST_WEIGHTS, BEST, LAST_WEIGHTS, LAST)  # what a run folder loads as its model, in preference
 # keys a --resume may change: where things are, how long, how often it logs/evaluates/saves, on what it runs,
 # how it is evaluated, and the knobs to get past a diverged step (clip_grad, amp, max_bad_steps) or memory and
 # speed limits of another machine; every other key changes what is trained and must equal the saved one
@@ -72,13 +84,15 @@ def run_content(folder: str | Path) -> list[str]:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` (none if it does not exist).
+    """Records of a run folder's :data:`METRICS` (``path``: the folder or the file; none if it does not exist).
 
     Records are appended one fsynced line at a time, so a kill can cut only the last line: an undecodable last
     line is dropped (resume rewrites the file without it). Any other line that is not a JSON record is damage
     and raises ``ValueError`` naming the file and line, rather than silently losing an epoch.
     """
     path = Path(path)
+    if path.is_dir():
+        path = path / METRICS
     if not path.exists():
         return []
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -99,10 +113,62 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def write_metrics(folder: str | Path, records: list[dict[str, Any]]) -> None:
+    """Replace the folder's :data:`METRICS` with ``records`` (atomically: a resume that drops lost work)."""
+    from dcal.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(folder) / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def append_metrics(folder: str | Path, record: dict[str, Any]) -> None:
+    """One line of :data:`METRICS`, flushed to disk before returning (it survives a later kill)."""
+    with open(Path(folder) / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def final_record(folder: str | Path) -> dict[str, Any] | None:
     """The run's ``final`` record (the last line of its :data:`METRICS`), or None while it is unfinished or absent."""
-    records = read_metrics(Path(folder) / METRICS)
+    records = read_metrics(folder)
     return records[-1] if records and records[-1].get("final") else None
+
+
+def is_finished(folder: str | Path) -> bool:
+    """A finished run: its final record and its :data:`LAST_WEIGHTS` are there (what a later run may build on)."""
+    return final_record(folder) is not None and (Path(folder) / LAST_WEIGHTS).is_file()
+
+
+def has_checkpoint(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a :data:`LAST` to resume from."""
+    return (Path(folder) / LAST).is_file()
+
+
+def last_checkpoint(folder: str | Path) -> Path:
+    """The folder's :data:`LAST` (the file resume reads and every checkpoint of a run rewrites)."""
+    return Path(folder) / LAST
+
+
+def read_config_text(folder: str | Path) -> str | None:
+    """The YAML text of the folder's :data:`CONFIG`, None when it has none."""
+    path = Path(folder) / CONFIG
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def read_config(folder: str | Path) -> dict[str, Any] | None:
+    """The folder's :data:`CONFIG` as plain values (the strict YAML reader; errors name the file), None when
+    it has none."""
+    from dcal.config import read_yaml
+
+    text = read_config_text(folder)
+    return None if text is None else read_yaml(text, str(Path(folder) / CONFIG))
+
+
+def write_config(folder: str | Path, config_yaml: str) -> None:
+    """Write the run's resolved config as its :data:`CONFIG` (atomically)."""
+    from dcal.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(folder) / CONFIG, config_yaml)
 
 
 def discard_unsaved_start(folder: str | Path) -> list[str]:
@@ -133,6 +199,95 @@ def backbone_weights(path: str | Path) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------------------------- loading
+def resolve_checkpoint(run: str | Path | None = None, checkpoint: str | Path | None = None) -> Path:
+    """The file to load: ``checkpoint`` itself, or the run folder's best, else last, model
+    (:data:`RUN_CHECKPOINTS`)."""
+    if (run is None) == (checkpoint is None):
+        raise ValueError("give exactly one of --run DIR or --checkpoint FILE")
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        return path
+    found = [Path(run) / n for n in RUN_CHECKPOINTS if (Path(run) / n).is_file()]
+    if not found:
+        raise FileNotFoundError(f"run directory {run} holds no checkpoint (looked for {', '.join(RUN_CHECKPOINTS)})")
+    return found[0]
+
+
+def class_names(path: Path, extra: dict[str, Any]) -> list[str] | None:
+    """The class names of the model file ``path`` whose ``extra`` metadata is given: its own, else (a ``.pth``
+    written before training checkpoints carried them) those of the run's exports beside it; None when no file
+    holds names (e.g. Re-ID runs, whose classes are training identities)."""
+    from dcal.checkpoint import export_extra, safetensors_metadata
+
+    names = extra.get("classes")
+    if not isinstance(names, list) and path.suffix != ".safetensors":
+        for p in (path.parent / BEST_WEIGHTS, path.parent / LAST_WEIGHTS):
+            if p.is_file():
+                names = export_extra(p, safetensors_metadata(p)).get("classes")
+                if isinstance(names, list):
+                    break
+    return [str(c) for c in names] if isinstance(names, list) else None
+
+
+@dataclass
+class LoadedRun:
+    """A trained model with what is needed to use it: its run's config, class names and test transform."""
+
+    model: DCAL
+    cfg: DictConfig  # the run's resolved config (with the overrides given to :func:`load_run`)
+    classes: list[str] | None
+    checkpoint: Path  # the file it was read from
+
+    @property
+    def task(self) -> str:
+        return self.model.cfg.task
+
+    @cached_property
+    def transform(self) -> Callable[[Image.Image], Tensor]:
+        """The run's test transform (e.g. FGVC resize 550 + centre crop 448)."""
+        from dcal.data.transforms import build_transforms_from_config
+
+        return build_transforms_from_config(self.cfg, train=False)
+
+
+def load_run(run: str | Path | None = None, checkpoint: str | Path | None = None,
+             overrides: list[str] | tuple[str, ...] = ()) -> LoadedRun:
+    """The model of a run folder (``run``: its best, else last, checkpoint) or of a model file (``checkpoint``:
+    a ``.pth`` training state or a ``.safetensors`` export), on the CPU, with its config (``overrides`` may change
+    data/eval keys) and class names, the file read once.
+
+    The file is untrusted input: its stored config is checked like a recipe (``load_saved_config``: no code,
+    no download, no file named in it is read), and the model it describes is built on the ``meta`` device and
+    compared with the file's tensor shapes before the real model is allocated, so a small file cannot ask for a
+    large model. The config is the one authority for the model's shape (a ``model_config`` entry that older
+    checkpoints carry is not read)."""
+    import torch
+
+    from dcal.checkpoint import StoredModel, check_fits, load_model_state
+    from dcal.config import load_saved_config
+    from dcal.engine.build import build_model
+    from dcal.model.finetune import plain_shapes, plain_state
+
+    path = resolve_checkpoint(run, checkpoint)
+    stored = StoredModel(path)
+    cfg = load_saved_config(stored.config_yaml, str(path), overrides)
+    head = "backbone.head.weight" if cfg.task == "fgvc" else "sa_neck.classifier.weight"
+    shape = stored.shapes.get(head)
+    if shape is None or len(shape) != 2 or shape[0] < 1:
+        raise ValueError(f"checkpoint {str(path)!r} has no {head!r} of shape (classes, width): not a dcal "
+                         f"{cfg.task} model")
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        skeleton = build_model(cfg, shape[0])
+    # a model.lora run's .pth holds adapter factors: they are merged into a plain model (dcal.model.finetune)
+    check_fits(skeleton, plain_shapes(stored.shapes), path)
+    model = build_model(cfg, shape[0])
+    load_model_state(model, plain_state(stored.state_dict(), cfg.model.lora, str(path)), path)
+    return LoadedRun(model, cfg, class_names(path, stored.extra), path)
+
+
 def config_changes(saved: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any],
                    may_change: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
     """``key: old -> new`` for every key outside ``may_change`` (default :data:`RESUMABLE_KEYS`; ``section.*``
@@ -143,17 +298,60 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any], defaults: dict[st
             if not _matches(key, may_change) and a.get(key, _ABSENT) != b.get(key, _ABSENT)]
 
 
+def check_run_folder(folder: str | Path, cfg: DictConfig, resume: bool,
+                     owned: bool = False) -> dict[str, Any] | None:
+    """Whether ``cfg`` may train into ``folder`` (read-only). Returns the final record of a finished run that
+    ``--resume`` has nothing to add to; raises :class:`RunLockedError` (another process trains there),
+    :class:`RunExistsError` (a run without ``--resume``), ``FileNotFoundError`` (``--resume`` with no
+    :data:`LAST`) or :class:`ResumeConfigError` (``--resume`` with keys that change what was trained).
+    ``owned``: this process holds the folder's lock (else another one must not)."""
+    from omegaconf import OmegaConf
+
+    from dcal.checkpoint import load_training_state
+    from dcal.config import default_config, read_yaml, upgrade_saved_config
+
+    folder = Path(folder)
+    if not owned:
+        RunLock(folder).check()
+    last = folder / LAST
+    if not resume:
+        found = run_content(folder)
+        if found and last.exists():
+            raise RunExistsError(f"{folder} already holds a run ({', '.join(found)}); pass --resume to continue "
+                                 "it or train into another output_dir=")
+        if found:
+            raise RunExistsError(f"{folder} already holds (the start of) a run ({', '.join(found)}) with no "
+                                 f"{LAST} to resume from; train into another output_dir= or remove them")
+        return None
+    if not last.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint {last} to continue from")
+    source = str(folder / CONFIG)
+    saved = read_config_text(folder)
+    if saved is None:  # killed before config.yaml was written: the checkpoint carries the config too
+        saved = load_training_state(last)["config"]
+    changes = config_changes(upgrade_saved_config(read_yaml(saved, source), source), OmegaConf.to_container(cfg),
+                             OmegaConf.to_container(default_config()))
+    if changes:
+        raise ResumeConfigError(
+            f"--resume: {folder} was trained with other values of keys that may not change on resume: "
+            f"{'; '.join(changes)} (keep the saved values, or train into another output_dir=)"
+        )
+    final = final_record(folder)
+    if final is None:
+        return None
+    done = final["epoch"] + 1
+    if done > cfg.train.epochs:
+        raise ResumeConfigError(f"--resume: train.epochs={cfg.train.epochs} but {folder} has trained {done} "
+                                f"epochs already (train.epochs may grow on resume, not shrink)")
+    return final if done == cfg.train.epochs else None
+
+
 def other_config_changes(folder: str | Path, new: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
     """:func:`config_changes` between the run in ``folder`` (its :data:`CONFIG`; [] when there is none) and
     ``new``, where only ``output_dir`` may differ: is it the same run (a moved or copied folder still is)? For reusing
     a finished run's numbers or weights as they are (an ablation's runs, a cached pretraining)."""
-    from dcal.config import read_yaml
-
-    saved = Path(folder) / CONFIG
-    if not saved.is_file():
-        return []
-    return config_changes(read_yaml(saved.read_text(encoding="utf-8"), str(saved)), new, defaults,
-                          may_change=("output_dir",))
+    saved = read_config(folder)
+    return [] if saved is None else config_changes(saved, new, defaults, may_change=("output_dir",))
 
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:

@@ -2,7 +2,7 @@
 
 - :mod:`dcal.engine.build`: datasets, model, loss, optimizer, schedule, loaders, the model + loss step module;
 - :mod:`dcal.engine.loop`: ``train_one_epoch``, the training loop, short and free of I/O and rank handling;
-- :mod:`dcal.engine.evaluation`: top-1 / mAP, sharded over torchrun processes; loading finished runs;
+- :mod:`dcal.engine.evaluation`: top-1 / mAP, sharded over torchrun processes;
 - :mod:`dcal.engine.run`: ``fit``, the run: torchrun process group, resume, checkpoints, metrics, logs.
 """
 
@@ -24,12 +24,10 @@ from dcal.engine.evaluation import (
     evaluate_fgvc,
     evaluate_reid_model,
     extract_features,
-    load_for_eval,
-    resolve_checkpoint,
 )
 from dcal.engine.loop import EpochProgress, NonFiniteLossError, train_one_epoch
-from dcal.engine.run import BEST_METRIC, SCORE_KEYS, RunExistsError, fit, seed_everything
-from dcal.run_folder import read_metrics
+from dcal.engine.run import BEST_METRIC, SCORE_KEYS, fit, seed_everything
+from dcal.run_folder import RunExistsError, read_metrics
 
 __all__ = [
     "BEST_METRIC",
@@ -50,9 +48,7 @@ __all__ = [
     "evaluate_reid_model",
     "extract_features",
     "fit",
-    "load_for_eval",
     "read_metrics",
-    "resolve_checkpoint",
     "lr_factor",
     "resolve_device",
     "seed_everything",

@@ -1,4 +1,5 @@
-"""Evaluation: FGVC top-1 and Re-ID mAP/CMC, sharded over the torchrun processes, and loading finished runs.
+"""Evaluation: FGVC top-1 and Re-ID mAP/CMC, sharded over the torchrun processes (finished runs load with
+:func:`dcal.run_folder.load_run`).
 
 Under torchrun every process evaluates a contiguous share of the test set (``eval_loader``); FGVC counts are
 summed, Re-ID features are gathered in dataset order and scored once on rank 0, so a large gallery is not one
@@ -9,22 +10,18 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from dcal.checkpoint import StoredModel, check_fits, load_model_state
 from dcal.distributed import all_gather_cat, all_reduce_sum, broadcast_object
-from dcal.engine.build import autocast, build_datasets, build_model, eval_loader, resolve_device
+from dcal.engine.build import autocast, build_datasets, eval_loader, resolve_device
 from dcal.engine.loop import unpack_batch
 from dcal.mechanism import evaluate_mechanism
 from dcal.model import DCAL
 from dcal.model.dcal import fusion_branches
-from dcal.model.finetune import plain_shapes, plain_state
-from dcal.run_folder import BEST, BEST_WEIGHTS, LAST, LAST_WEIGHTS
 
 
 def _batches(loader: Iterable) -> Iterable[tuple[Any, torch.Tensor | None, int]]:
@@ -128,53 +125,8 @@ def evaluate(model: DCAL, sets: dict[str, Dataset], device: torch.device, cfg: D
 
 
 # --------------------------------------------------------------------------------------------- eval only
-RUN_CHECKPOINTS = (BEST_WEIGHTS, BEST, LAST_WEIGHTS, LAST)  # a run's files, in preference
-
-
-def resolve_checkpoint(run: str | Path | None = None, checkpoint: str | Path | None = None) -> Path:
-    """The file to load: ``checkpoint`` itself, or the run directory's best, else last, checkpoint."""
-    if (run is None) == (checkpoint is None):
-        raise ValueError("give exactly one of --run DIR or --checkpoint FILE")
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-        return path
-    found = [Path(run) / n for n in RUN_CHECKPOINTS if (Path(run) / n).is_file()]
-    if not found:
-        raise FileNotFoundError(f"run directory {run} holds no checkpoint (looked for {', '.join(RUN_CHECKPOINTS)})")
-    return found[0]
-
-
-def load_for_eval(run: str | None = None, checkpoint: str | None = None,
-                  overrides: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, DCAL]:
-    """Config and model of a finished run (``run`` dir: its best, else last, checkpoint) or of a checkpoint file
-    (``.pth`` training state or ``.safetensors`` export); ``overrides`` may change data/eval keys.
-
-    The file is untrusted input: its stored config is checked like a recipe (:func:`load_saved_config`: no code,
-    no download, no file named in it is read) and the model it describes is built on the ``meta`` device and
-    compared with the file's tensor shapes before the real model is allocated, so a small file cannot ask for a
-    large model."""
-    from dcal.config import load_saved_config
-
-    path = resolve_checkpoint(run, checkpoint)
-    stored = StoredModel(path)
-    cfg = load_saved_config(stored.config_yaml, str(path), overrides)
-    head = "backbone.head.weight" if cfg.task == "fgvc" else "sa_neck.classifier.weight"
-    shape = stored.shapes.get(head)
-    if shape is None or len(shape) != 2 or shape[0] < 1:
-        raise ValueError(f"checkpoint {str(path)!r} has no {head!r} of shape (classes, width): not a dcal "
-                         f"{cfg.task} model")
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        skeleton = build_model(cfg, shape[0])
-    # a model.lora run's .pth holds adapter factors: they are merged into a plain model (dcal.model.finetune)
-    check_fits(skeleton, plain_shapes(stored.shapes), path)
-    model = build_model(cfg, shape[0])
-    load_model_state(model, plain_state(stored.state_dict(), cfg.model.lora, str(path)), path)
-    return cfg, model
-
-
 def evaluate_checkpoint(cfg: DictConfig, model: DCAL) -> dict[str, Any]:
+    """The scores of a loaded model (:func:`dcal.run_folder.load_run`) on its config's evaluation split(s)."""
     device = resolve_device(cfg)
     model.to(device)
     sets = build_datasets(cfg, train=False)

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -24,7 +24,9 @@ from tqdm import tqdm
 from dcal.data.robust import LoadedBatch, check_bad_fraction
 from dcal.distributed import all_agree, all_reduce_sum
 from dcal.engine.build import TrainStep
-from dcal.losses import DCALLoss
+
+if TYPE_CHECKING:
+    from dcal.engine.state import TrainState
 
 MAX_BAD_EXAMPLES = 20  # bad file names kept per epoch for the error message
 
@@ -54,6 +56,40 @@ class EpochProgress:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def count_read(self, n_good: int, bad: list[tuple[str, str]]) -> None:
+        """A batch drawn: ``n_good`` images read and the ``(path, reason)`` of those that could not be (each
+        warned about); stops the epoch when the images look broken (``check_bad_fraction``)."""
+        self.batches += 1
+        self.read_images += n_good + len(bad)
+        for path, reason in bad:
+            warnings.warn(f"skipped unreadable image {path} ({reason})", stacklevel=2)
+            self.bad_images += 1
+            if len(self.bad_examples) < MAX_BAD_EXAMPLES:
+                self.bad_examples.append(path)
+        check_bad_fraction(self.bad_images, self.read_images, self.bad_examples, "training")
+
+    def count_applied(self, seen: int, losses: dict[str, float], weights: dict[str, float]) -> None:
+        """An optimizer step applied on ``seen`` images with these losses and loss weights."""
+        self.bad_in_a_row = 0
+        self.steps += 1
+        self.seen += seen
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.weights = weights
+
+    def count_not_applied(self, where: str, max_bad_steps: int) -> None:
+        """A non-finite loss at ``where``, not applied: a warning, or :class:`NonFiniteLossError` once
+        ``max_bad_steps`` came in a row."""
+        self.bad_steps += 1
+        self.bad_in_a_row += 1
+        if self.bad_in_a_row >= max_bad_steps:
+            raise NonFiniteLossError(
+                f"the loss was non-finite for {self.bad_in_a_row} steps in a row (last at {where}); "
+                "none of them was applied. Set train.clip_grad or train.amp=none and continue with "
+                "--resume, or lower train.lr and start again (the lr schedule is part of the checkpoint)"
+            )
+        warnings.warn(f"non-finite loss at {where}: step not applied", stacklevel=3)
+
 
 def unpack_batch(batch: Any) -> tuple[Any, list[tuple[str, str]]]:
     """(data or None, bad files) of a ``LoadedBatch`` or of a plain ``(images, targets, ...)`` batch."""
@@ -76,27 +112,23 @@ def summarize(progress: EpochProgress, device: torch.device) -> dict[str, float]
 
 
 def train_one_epoch(
-    model: nn.Module,
-    criterion: DCALLoss,
+    state: TrainState,
     loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     device: torch.device,
     cfg: DictConfig,
     epoch: int,
-    scaler: torch.amp.GradScaler | None = None,
-    forward: nn.Module | None = None,
     *,
     step: nn.Module | None = None,
-    progress: EpochProgress | None = None,
     on_step: Callable[[EpochProgress], None] | None = None,
     show_bar: bool = True,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean losses, loss weights, last lr, throughput and bad-input counts.
+    """One pass over ``loader`` training ``state``; returns mean losses, loss weights, last lr, throughput and
+    bad-input counts.
 
-    ``step`` is the (DDP-wrapped) :class:`TrainStep`; by default one is built around ``forward or model``.
-    ``progress`` continues an epoch resumed mid-way (the loader then starts at ``progress.batches``).
-    ``on_step(progress)`` runs after every batch, on every process.
+    ``state.epoch`` becomes ``epoch`` and ``state.progress`` its position: a set ``state.progress`` continues an
+    epoch resumed mid-way (the loader then starts at ``progress.batches``), so that a checkpoint of ``state``
+    taken in ``on_step(progress)`` (after every batch, on every process) holds where the epoch stands.
+    ``step`` is the (DDP-wrapped) :class:`TrainStep`; by default one is built around ``state.model``.
 
     Bad input: unreadable images were left out of the batch by the loader (``LoadedBatch.bad``): each is warned
     about by name and counted; when more than half of the images read are bad (mid-epoch: of at least
@@ -105,55 +137,24 @@ def train_one_epoch(
     applied (all processes agree on it); ``train.max_bad_steps`` of them in a row raise
     :class:`NonFiniteLossError` naming epoch and step. The lr schedule follows the batch position either way.
     """
-    model.train()
-    criterion.train()
-    step = step or TrainStep(forward or model, criterion, cfg, device)
-    progress = progress or EpochProgress()
+    optimizer, scheduler = state.optimizer, state.scheduler
+    state.model.train()
+    state.criterion.train()
+    step = step or TrainStep(state.model, state.criterion, cfg, device)
+    state.epoch, state.progress = epoch, state.progress or EpochProgress()
+    progress = state.progress
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
                disable=not (show_bar and sys.stderr.isatty()), initial=progress.batches,
                total=progress.batches + len(loader))  # type: ignore[arg-type]
     last = time.perf_counter()
     for batch in bar:
         data, bad = unpack_batch(batch)
-        progress.batches += 1
         n_good = 0 if data is None else int(data[0].shape[0])
-        progress.read_images += n_good + len(bad)
-        for path, reason in bad:
-            warnings.warn(f"skipped unreadable image {path} ({reason})", stacklevel=1)
-            progress.bad_images += 1
-            if len(progress.bad_examples) < MAX_BAD_EXAMPLES:
-                progress.bad_examples.append(path)
-        check_bad_fraction(progress.bad_images, progress.read_images, progress.bad_examples, "training")
+        progress.count_read(n_good, bad)
         if not all_agree(n_good >= 2, device):
             progress.skipped_batches += 1
         else:
-            images, targets = data[0].to(device, non_blocking=True), data[1].to(device, non_blocking=True)
-            res = step(images, targets)
-            finite = all_agree(bool(torch.isfinite(res.total)), device)
-            optimizer.zero_grad(set_to_none=True)
-            # backward runs even for a non-finite loss: DDP expects every forward to be followed by a backward
-            (scaler.scale(res.total) if scaler is not None else res.total).backward()
-            if finite:
-                _apply(optimizer, scaler, model, cfg.train.clip_grad)
-                progress.bad_in_a_row = 0
-                progress.steps += 1
-                progress.seen += n_good
-                values = {"loss": res.total.item(), **{f"loss_{b}": v.item() for b, v in res.per_branch.items()}}
-                for k, v in values.items():
-                    progress.sums[k] = progress.sums.get(k, 0.0) + v
-                progress.weights = dict(res.weights)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                progress.bad_steps += 1
-                progress.bad_in_a_row += 1
-                where = f"epoch {epoch + 1}, step {progress.batches}"
-                if progress.bad_in_a_row >= cfg.train.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"the loss was non-finite for {progress.bad_in_a_row} steps in a row (last at {where}); "
-                        "none of them was applied. Set train.clip_grad or train.amp=none and continue with "
-                        "--resume, or lower train.lr and start again (the lr schedule is part of the checkpoint)"
-                    )
-                warnings.warn(f"non-finite loss at {where}: step not applied", stacklevel=1)
+            _optimizer_step(state, progress, step, data, device, cfg, f"epoch {epoch + 1}, step {progress.batches}")
         scheduler.step()
         now = time.perf_counter()
         progress.elapsed += now - last
@@ -172,6 +173,26 @@ def train_one_epoch(
     stats = summarize(progress, device)
     stats["lr"] = optimizer.param_groups[0]["lr"]
     return stats
+
+
+def _optimizer_step(state: TrainState, progress: EpochProgress, step: nn.Module, data: Any, device: torch.device,
+                    cfg: DictConfig, where: str) -> None:
+    """One optimizer step on a batch, counted in ``progress``; a non-finite loss is not applied."""
+    optimizer, scaler = state.optimizer, state.scaler
+    images, targets = data[0].to(device, non_blocking=True), data[1].to(device, non_blocking=True)
+    res = step(images, targets)
+    finite = all_agree(bool(torch.isfinite(res.total)), device)
+    optimizer.zero_grad(set_to_none=True)
+    # backward runs even for a non-finite loss: DDP expects every forward to be followed by a backward
+    (scaler.scale(res.total) if scaler is not None else res.total).backward()
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        progress.count_not_applied(where, cfg.train.max_bad_steps)
+        return
+    _apply(optimizer, scaler, state.model, cfg.train.clip_grad)
+    progress.count_applied(int(images.shape[0]), {"loss": res.total.item(),
+                                                  **{f"loss_{b}": v.item() for b, v in res.per_branch.items()}},
+                           dict(res.weights))
 
 
 def _apply(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, model: nn.Module,

@@ -1,8 +1,10 @@
 """Run management: ``fit(cfg)``, the whole training run, single process or under torchrun.
 
-Build data, model, loss, optimizer and schedule; then per epoch ``train_one_epoch`` → ``evaluate`` → log
-(``metrics.jsonl``, TensorBoard if installed) → checkpoint (``last.pth``, ``best.pth``, ``best.safetensors``).
-Everything that touches the disk or the other processes happens here, at the loop's edges:
+Build data and the training state (:class:`dcal.engine.state.TrainState`: model, loss, optimizer, schedule,
+where the run stands); then per epoch ``train_one_epoch`` → ``evaluate`` → checkpoint (``last.pth``, ``best.pth``,
+``best.safetensors``) → log (``metrics.jsonl``, TensorBoard if installed). Everything that touches the disk or the
+other processes happens here, at the loop's edges (:class:`_RunOutput`; the folder's files by
+:mod:`dcal.run_folder`):
 
 * under torchrun (``RANK``/``WORLD_SIZE`` set) the process group is joined (NCCL on GPUs, gloo on the CPU), the
   model + loss module is wrapped in DDP, and only rank 0 writes logs, metrics and checkpoints;
@@ -15,7 +17,6 @@ Everything that touches the disk or the other processes happens here, at the loo
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import signal
@@ -27,36 +28,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from dcal import distributed as dist
 from dcal import run_folder
-from dcal.checkpoint import (
-    atomic_write_text,
-    export_weights,
-    load_model_state,
-    load_training_state,
-    remove_stale_temporaries,
-    rng_state,
-    save_training_state,
-    set_rng_state,
-)
-from dcal.config import default_config, read_yaml, to_yaml, upgrade_saved_config
-from dcal.engine.build import (
-    TrainStep,
-    build_criterion,
-    build_datasets,
-    build_model,
-    build_optimizer,
-    lr_factor,
-    train_loader,
-)
+from dcal.checkpoint import export_weights, remove_stale_temporaries
+from dcal.config import to_yaml
+from dcal.engine.build import TrainStep, build_datasets, train_loader
 from dcal.engine.evaluation import evaluate
 from dcal.engine.loop import EpochProgress, NonFiniteLossError, summarize, train_one_epoch
+from dcal.engine.state import TrainState
 from dcal.model.dcal import compile_model
-from dcal.model.finetune import finetune_from_config, trainable_summary
-from dcal.run_folder import ResumeConfigError, RunExistsError, RunLock, read_metrics, run_content
+from dcal.model.finetune import trainable_summary
+from dcal.run_folder import ResumeConfigError, RunLock, check_run_folder, read_metrics
 
 BEST_METRIC = {"fgvc": "top1", "reid": "mAP"}
 # the scores an epoch record carries, the one that picks the best checkpoint first
@@ -130,46 +115,6 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def check_run_folder(out_dir: Path, cfg: DictConfig, resume: bool, owned: bool = False) -> dict[str, Any] | None:
-    """Whether ``cfg`` may train into ``out_dir`` (read-only). Returns the final record of a finished run that
-    ``--resume`` has nothing to add to; raises :class:`RunLockedError` (another process trains there),
-    :class:`RunExistsError` (a run without ``--resume``), ``FileNotFoundError`` (``--resume`` with no
-    ``last.pth``) or :class:`ResumeConfigError` (``--resume`` with keys that change what was trained).
-    ``owned``: this process holds the folder's lock (else another one must not)."""
-    if not owned:
-        RunLock(out_dir).check()
-    last_path = out_dir / run_folder.LAST
-    if not resume:
-        found = run_content(out_dir)
-        if found and last_path.exists():
-            raise RunExistsError(f"{out_dir} already holds a run ({', '.join(found)}); pass --resume to continue "
-                                 "it or train into another output_dir=")
-        if found:
-            raise RunExistsError(f"{out_dir} already holds (the start of) a run ({', '.join(found)}) with no "
-                                 f"{run_folder.LAST} to resume from; train into another output_dir= or remove them")
-        return None
-    if not last_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint {last_path} to continue from")
-    saved_path = out_dir / run_folder.CONFIG
-    saved = (saved_path.read_text(encoding="utf-8") if saved_path.is_file()
-             else load_training_state(last_path)["config"])
-    changes = run_folder.config_changes(upgrade_saved_config(read_yaml(saved, str(saved_path)), str(saved_path)),
-                                        OmegaConf.to_container(cfg), OmegaConf.to_container(default_config()))
-    if changes:
-        raise ResumeConfigError(
-            f"--resume: {out_dir} was trained with other values of keys that may not change on resume: "
-            f"{'; '.join(changes)} (keep the saved values, or train into another output_dir=)"
-        )
-    final = run_folder.final_record(out_dir)
-    if final is None:
-        return None
-    done = final["epoch"] + 1
-    if done > cfg.train.epochs:
-        raise ResumeConfigError(f"--resume: train.epochs={cfg.train.epochs} but {out_dir} has trained {done} "
-                                f"epochs already (train.epochs may grow on resume, not shrink)")
-    return final if done == cfg.train.epochs else None
-
-
 def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     """Train (and evaluate every ``train.eval_every`` epochs) as ``cfg`` says; returns the final record.
 
@@ -218,7 +163,7 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
             except TrainingInterrupted:
                 raise
             except KeyboardInterrupt:  # a second signal, or a KeyboardInterrupt from elsewhere
-                last = out_dir / run_folder.LAST
+                last = run_folder.last_checkpoint(out_dir)
                 kept = (f"{last} holds the last checkpoint written: resume with --resume" if last.exists()
                         else "no checkpoint was written")
                 name = signal.Signals(stops.signum or signal.SIGINT).name
@@ -231,179 +176,150 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
 
 def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.device, sets: dict[str, Dataset],
            stops: _StopSignals) -> dict[str, Any]:
-    main = info.is_main
-    out_dir = Path(cfg.output_dir)
-    last_path = out_dir / run_folder.LAST
-    num_classes = cfg.data.num_classes or sets["train"].num_classes
-    model = finetune_from_config(build_model(cfg, num_classes), cfg.model).to(device)  # before resume loads
-    if cfg.train.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    criterion = build_criterion(cfg, model).to(device)
-    optimizer = build_optimizer(cfg, model, criterion)
+    """The training loop: per epoch train, evaluate when due, then :meth:`_RunOutput.end_epoch` (checkpoints,
+    records, logs); every side effect and rank check sits in :class:`_RunOutput`."""
     steps_per_epoch = len(train_loader(cfg, sets["train"], 0))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch))
-    scaler = None
-    if cfg.train.amp == "fp16":
-        if device.type != "cuda":
-            raise ValueError("train.amp=fp16 needs a CUDA device (use train.amp=bf16 on the CPU)")
-        scaler = torch.amp.GradScaler("cuda")
-
-    start_epoch, best, best_epoch = 0, -math.inf, -1
-    progress: EpochProgress | None = None
-    metric_name = BEST_METRIC[cfg.task]
-    records: list[dict[str, Any]] = []
-    record: dict[str, Any] = {}
-    metrics_path = out_dir / run_folder.METRICS
+    num_classes = cfg.data.num_classes or sets["train"].num_classes
+    state = TrainState.from_config(cfg, num_classes, steps_per_epoch, device)
     if resume:
-        state = load_training_state(last_path)
-        load_model_state(model, state["model"], last_path)
-        criterion.load_state_dict(state["criterion"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        best, best_epoch = state["best"], state["best_epoch"]
-        start_epoch, progress = _resume_position(state, info)
-        if start_epoch + (progress is not None) > cfg.train.epochs:
-            raise ResumeConfigError(f"--resume: train.epochs={cfg.train.epochs} but {last_path} is in epoch "
-                                    f"{start_epoch + 1} (train.epochs may grow on resume, not shrink)")
-        record = state.get("record") or {}  # a run killed before its final record ends with this epoch's
-        rngs = state.get("rng_per_rank") or [state["rng"]]
-        set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
-        if main:
-            records = _records_until(read_metrics(metrics_path), state)
-            where = f" batch {progress.batches + 1} of" if progress else ""
-            _log(f"resuming {out_dir} at{where} epoch {start_epoch + 1}/{cfg.train.epochs}")
-    step = dist.wrap_ddp(TrainStep(compile_model(model) if cfg.train.compile else model, criterion, cfg, device),
-                         info, device, sync_bn=cfg.train.sync_bn)
-    writer = None
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out_dir)
-        atomic_write_text(out_dir / run_folder.CONFIG, to_yaml(cfg))
-        _write_jsonl(metrics_path, records)
-        writer = _tensorboard(out_dir)
-        _log(f"{cfg.task}: {len(sets['train'])} training images, {num_classes} classes; model {cfg.model.backbone} "
-             f"branches {model.branches}; {steps_per_epoch} steps/epoch x {info.world_size} process(es) of batch "
-             f"{cfg.train.batch_size} on {device}; writing to {out_dir}")
-        if cfg.model.freeze_blocks or cfg.model.lora.rank:
-            _log(trainable_summary(model))
-
-    def state_for(epoch: int, record: dict[str, Any], position: EpochProgress | None) -> dict[str, Any]:
-        """The training state as of now (collective: every process must call it; only rank 0 writes it)."""
-        from dcal.model import model_config
-
-        return {
-            "model": model.state_dict(), "criterion": criterion.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch, "best": best, "best_epoch": best_epoch, "record": record,
-            "config": to_yaml(cfg), "model_config": model_config(model),
-            "rng_per_rank": dist.gather_objects(rng_state()), "world_size": info.world_size,
-            "progress_per_rank": dist.gather_objects(position.as_dict()) if position is not None else None,
-        }
-
-    def interrupted(signum: int, where: str) -> TrainingInterrupted:
-        return TrainingInterrupted(signum, f"interrupted by {signal.Signals(signum).name} {where}; saved "
-                                           f"{last_path}: resume with --resume")
-
-    step_delay = float(os.environ.get(STEP_DELAY_ENV, "0"))
-    t0 = time.perf_counter()
-    total_steps = (cfg.train.epochs - start_epoch) * steps_per_epoch - (progress.batches if progress else 0)
-    eta = _Eta(total_steps)
-    try:
-        for epoch in range(start_epoch, cfg.train.epochs):
-
-            def on_step(p: EpochProgress, epoch: int = epoch) -> None:
-                eta.tick()
-                if main and not sys.stderr.isatty() and p.batches % cfg.train.log_every == 0:
-                    rate = p.seen * info.world_size / max(p.elapsed, 1e-9)
-                    _log(f"epoch {epoch + 1}/{cfg.train.epochs} step {p.batches}/{steps_per_epoch} loss "
-                         f"{p.sums.get('loss', math.nan) / max(p.steps, 1):.4f} {rate:.1f} img/s eta {eta}")
-                if step_delay:
-                    time.sleep(step_delay)
-                if p.batches >= steps_per_epoch:
-                    return  # the epoch's own checkpoint follows (a signal now stops after it)
-                every = cfg.train.save_every_steps
-                saved = bool(every) and p.batches % every == 0
-                if saved:
-                    partial = {"epoch": epoch, "step": p.batches, "partial": True, **summarize(p, device)}
-                    state = state_for(epoch, partial, p)
-                    if main:
-                        save_training_state(last_path, **state)
-                        _append_jsonl(metrics_path, partial)
-                signum = stops.agreed(device)  # collective: once per step, on every process
-                if not signum:
-                    return
-                if not saved:
-                    # the same checkpoint as save_every_steps', but no metrics line: a resumed run's
-                    # metrics.jsonl is the uninterrupted one's (the record only tells resume where it stands)
-                    partial = {"epoch": epoch, "step": p.batches, "partial": True, "interrupted": True,
-                               **summarize(p, device)}
-                    state = state_for(epoch, partial, p)
-                    if main:
-                        save_training_state(last_path, **state)
-                raise interrupted(signum, f"at epoch {epoch + 1} step {p.batches}")
-
-            loader = train_loader(cfg, sets["train"], epoch, start_batch=progress.batches if progress else 0)
+        state.load(run_folder.last_checkpoint(cfg.output_dir), info.rank, info.world_size)
+        if state.start_epoch + (state.progress is not None) > cfg.train.epochs:
+            raise ResumeConfigError(f"--resume: train.epochs={cfg.train.epochs} but {cfg.output_dir} stopped in "
+                                    f"epoch {state.start_epoch + 1} (train.epochs may grow on resume, not shrink)")
+    step = dist.wrap_ddp(TrainStep(compile_model(state.model) if cfg.train.compile else state.model, state.criterion,
+                                   cfg, device), info, device, sync_bn=cfg.train.sync_bn)
+    metric, t0 = BEST_METRIC[cfg.task], time.perf_counter()
+    with _RunOutput(cfg, info, device, state, stops, steps_per_epoch, sets["train"], resume) as out:
+        for epoch in range(state.start_epoch, cfg.train.epochs):
+            loader = train_loader(cfg, sets["train"], epoch, start_batch=state.start_batch)
             try:
-                stats = train_one_epoch(model, criterion, loader, optimizer, scheduler, device, cfg, epoch, scaler,
-                                        step=step, progress=progress, on_step=on_step, show_bar=main)
+                stats = train_one_epoch(state, loader, device, cfg, epoch, step=step, on_step=out.on_step,
+                                        show_bar=info.is_main)
             except NonFiniteLossError as e:
-                kept = f"the last good checkpoint is {last_path}" if last_path.exists() else "no checkpoint was written"
-                raise NonFiniteLossError(f"{e} ({kept})") from None
-            progress = None
+                raise NonFiniteLossError(f"{e} ({out.kept()})") from None
             record = {"epoch": epoch, **stats}
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-                record.update(evaluate(model, sets, device, cfg))
-            improved = metric_name in record and record[metric_name] > best
-            if improved:
-                best, best_epoch = record[metric_name], epoch
-            # one training state per epoch, written to every file that wants it
-            state = state_for(epoch, record, None)
-            if main:
-                if improved:
-                    save_training_state(out_dir / run_folder.BEST, **state)
-                    export_weights(out_dir / run_folder.BEST_WEIGHTS, model, to_yaml(cfg),
-                                   {"classes": _classes(sets["train"]), "epoch": epoch, metric_name: best})
-                save_training_state(last_path, **state)
-                if cfg.train.save_every and (epoch + 1) % cfg.train.save_every == 0:
-                    save_training_state(out_dir / run_folder.epoch_checkpoint(epoch + 1), **state)
-                _append_jsonl(metrics_path, record)
-                if writer is not None:
-                    for k, v in record.items():
-                        if isinstance(v, (int, float)) and k != "epoch":
-                            writer.add_scalar(k, v, epoch + 1)
-                _log(_summary(record, cfg))
-            signum = stops.agreed(device) if epoch + 1 < cfg.train.epochs else 0  # the last: just finish
-            if signum:
-                raise interrupted(signum, f"after epoch {epoch + 1}")
-        final = {"final": True, "epoch": cfg.train.epochs - 1, f"best_{metric_name}": best, "best_epoch": best_epoch,
-                 "train_time_s": time.perf_counter() - t0,
-                 **{k: v for k, v in record.items() if k not in ("epoch", "step", "partial", "interrupted")}}
-        if main:
-            export_weights(out_dir / run_folder.LAST_WEIGHTS, model, to_yaml(cfg),
-                           {"classes": _classes(sets["train"])})
-            _append_jsonl(metrics_path, final)
-            _log(f"done: best {metric_name} {best:.2f} at epoch {best_epoch + 1}; checkpoints in {out_dir}")
-    finally:
-        if writer is not None:
-            writer.close()
+                record.update(evaluate(state.model, sets, device, cfg))
+            out.end_epoch(improved=state.end_epoch(record, metric))
+        final = state.final_record(cfg.train.epochs, metric, time.perf_counter() - t0)
+        out.finish(final)
     dist.barrier()
     return final
 
 
-def _resume_position(state: dict[str, Any], info: dist.DistInfo) -> tuple[int, EpochProgress | None]:
-    """(epoch to start, progress of that epoch when the checkpoint was written mid-epoch)."""
-    per_rank = state.get("progress_per_rank")
-    if not per_rank:
-        return state["epoch"] + 1, None
-    if len(per_rank) != info.world_size:
-        raise ValueError(
-            f"{run_folder.LAST} was written mid-epoch by {len(per_rank)} process(es) and this run has "
-            f"{info.world_size}: "
-            "resume with the same number of processes (the batches already seen are per-process shares)"
-        )
-    return state["epoch"], EpochProgress(**per_rank[info.rank])
+class _RunOutput:
+    """What a run does besides training, at the loop's edges: the run folder's files (rank 0 writes them;
+    checkpoints are collective), log lines, TensorBoard, the ETA, mid-epoch checkpoints and the stop signals."""
+
+    def __init__(self, cfg: DictConfig, info: dist.DistInfo, device: torch.device, state: TrainState,
+                 stops: _StopSignals, steps_per_epoch: int, train_set: Dataset, resume: bool) -> None:
+        self.cfg, self.device, self.state, self.stops = cfg, device, state, stops
+        self.main, self.world_size, self.steps_per_epoch = info.is_main, info.world_size, steps_per_epoch
+        self.folder = Path(cfg.output_dir)
+        self.last = run_folder.last_checkpoint(self.folder)
+        self.meta = {"config": to_yaml(cfg), "extra": {"classes": _classes(train_set)}}
+        self.step_delay = float(os.environ.get(STEP_DELAY_ENV, "0"))
+        self.eta = _Eta((cfg.train.epochs - state.start_epoch) * steps_per_epoch - state.start_batch)
+        self.writer: Any = None
+        if not self.main:
+            return
+        # what a resumed run keeps of the records: those up to its checkpoint
+        records = _records_until(read_metrics(self.folder), state) if resume else []
+        self.folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.folder)
+        run_folder.write_config(self.folder, self.meta["config"])
+        run_folder.write_metrics(self.folder, records)
+        self.writer = _tensorboard(self.folder)
+        if resume:
+            where = f" batch {state.progress.batches + 1} of" if state.progress else ""
+            _log(f"resuming {self.folder} at{where} epoch {state.start_epoch + 1}/{cfg.train.epochs}")
+        _log(f"{cfg.task}: {len(train_set)} training images, {cfg.data.num_classes or train_set.num_classes} classes; "
+             f"model {cfg.model.backbone} branches {state.model.branches}; {steps_per_epoch} steps/epoch x "
+             f"{info.world_size} process(es) of batch {cfg.train.batch_size} on {device}; writing to {self.folder}")
+        if cfg.model.freeze_blocks or cfg.model.lora.rank:
+            _log(trainable_summary(state.model))
+
+    def __enter__(self) -> _RunOutput:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def kept(self) -> str:
+        return f"the last good checkpoint is {self.last}" if self.last.exists() else "no checkpoint was written"
+
+    def save(self, *paths: Path) -> None:
+        """Checkpoint the state into ``paths`` (collective: every process calls it; rank 0 writes)."""
+        self.state.save(paths if self.main else (), **self.meta)
+
+    def on_step(self, p: EpochProgress) -> None:
+        """After every batch, on every process: progress line, mid-epoch checkpoint, the stop signals."""
+        cfg, epoch = self.cfg, self.state.epoch
+        self.eta.tick()
+        if self.main and not sys.stderr.isatty() and p.batches % cfg.train.log_every == 0:
+            rate = p.seen * self.world_size / max(p.elapsed, 1e-9)
+            _log(f"epoch {epoch + 1}/{cfg.train.epochs} step {p.batches}/{self.steps_per_epoch} loss "
+                 f"{p.sums.get('loss', math.nan) / max(p.steps, 1):.4f} {rate:.1f} img/s eta {self.eta}")
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        if p.batches >= self.steps_per_epoch:
+            return  # the epoch's own checkpoint follows (a signal now stops after it)
+        every = cfg.train.save_every_steps
+        saved = bool(every) and p.batches % every == 0
+        if saved:
+            self._save_partial(p)
+        signum = self.stops.agreed(self.device)  # collective: once per step, on every process
+        if signum:
+            if not saved:
+                # the same checkpoint as save_every_steps', but no metrics line: a resumed run's
+                # metrics.jsonl is the uninterrupted one's (the record only tells resume where it stands)
+                self._save_partial(p, interrupted=True)
+            raise self._interrupted(signum, f"at epoch {epoch + 1} step {p.batches}")
+
+    def _save_partial(self, p: EpochProgress, interrupted: bool = False) -> None:
+        mark = {"interrupted": True} if interrupted else {}
+        self.state.record = {"epoch": self.state.epoch, "step": p.batches, "partial": True, **mark,
+                             **summarize(p, self.device)}
+        self.save(self.last)
+        if self.main and not interrupted:
+            run_folder.append_metrics(self.folder, self.state.record)
+
+    def end_epoch(self, improved: bool) -> None:
+        """The epoch's files (best weights first: a later ``last.pth`` never passes over them), record and log
+        line; then stop if a signal came."""
+        cfg, state = self.cfg, self.state
+        epoch, record, metric = state.epoch, state.record, BEST_METRIC[cfg.task]
+        if self.main and improved:
+            export_weights(self.folder / run_folder.BEST_WEIGHTS, state.model, self.meta["config"],
+                           {**self.meta["extra"], "epoch": epoch, metric: state.best})
+        every = cfg.train.save_every
+        self.save(*[self.folder / run_folder.BEST] * improved, self.last,
+                  *[self.folder / run_folder.epoch_checkpoint(epoch + 1)] * bool(every and (epoch + 1) % every == 0))
+        if self.main:
+            run_folder.append_metrics(self.folder, record)
+            if self.writer is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        self.writer.add_scalar(k, v, epoch + 1)
+            _log(_summary(record, cfg))
+        signum = self.stops.agreed(self.device) if epoch + 1 < cfg.train.epochs else 0  # the last: just finish
+        if signum:
+            raise self._interrupted(signum, f"after epoch {epoch + 1}")
+
+    def finish(self, final: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        export_weights(self.folder / run_folder.LAST_WEIGHTS, self.state.model, self.meta["config"],
+                       self.meta["extra"])
+        run_folder.append_metrics(self.folder, final)
+        metric = BEST_METRIC[self.cfg.task]
+        _log(f"done: best {metric} {self.state.best:.2f} at epoch {self.state.best_epoch + 1}; checkpoints in "
+             f"{self.folder}")
+
+    def _interrupted(self, signum: int, where: str) -> TrainingInterrupted:
+        return TrainingInterrupted(signum, f"interrupted by {signal.Signals(signum).name} {where}; saved "
+                                           f"{self.last}: resume with --resume")
 
 
 def _position(record: dict[str, Any]) -> tuple[int, float]:
@@ -411,11 +327,11 @@ def _position(record: dict[str, Any]) -> tuple[int, float]:
     return record["epoch"], record["step"] if record.get("partial") else math.inf
 
 
-def _records_until(records: list[dict[str, Any]], state: dict[str, Any]) -> list[dict[str, Any]]:
-    """The metrics records written up to the checkpoint ``state`` (later ones belong to lost work); the
-    checkpoint's own record is added if the run died between writing the checkpoint and its line."""
-    mine = state.get("record") or {}
-    end = _position(mine) if mine else (state["epoch"], math.inf)
+def _records_until(records: list[dict[str, Any]], state: TrainState) -> list[dict[str, Any]]:
+    """The metrics records written up to the checkpoint ``state`` was restored from (later ones belong to lost
+    work); the checkpoint's own record is added if the run died between writing the checkpoint and its line."""
+    mine = state.record
+    end = _position(mine) if mine else (state.epoch, math.inf)
     kept = [r for r in records if _position(r) <= end]  # a finished run's final record stays: it is history
     if mine and not mine.get("interrupted") and all(_position(r) != end or r.get("final") for r in kept):
         kept.append(mine)
@@ -456,15 +372,3 @@ def _tensorboard(out_dir: Path) -> Any:
     except ImportError:  # tensorboard is optional (pip install dcal[tensorboard])
         return None
     return SummaryWriter(str(out_dir / run_folder.TENSORBOARD))
-
-
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """One line, flushed to disk before returning (it survives a later kill)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
