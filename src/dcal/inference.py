@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dcal.data.images import list_image_files, open_rgb, printable, to_rgb
+from dcal.distributed import pick_device
 from dcal.model import DCAL
 from dcal.model.dcal import fusion_branches
 
@@ -74,15 +75,8 @@ def load_model(run: str | Path | None = None, checkpoint: str | Path | None = No
 
     path = resolve_checkpoint(run, checkpoint)
     cfg, model = load_for_eval(None, str(path), list(overrides))
-    model.eval().to(default_device(device))
+    model.eval().to(pick_device(device, "--device"))
     return LoadedModel(model, cfg, build_transforms_from_config(cfg, train=False), checkpoint_classes(path), path)
-
-
-def default_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` checked to exist (:func:`dcal.distributed.pick_device`); None: CUDA when available, else CPU."""
-    from dcal.distributed import pick_device
-
-    return pick_device(device, "--device")
 
 
 def default_transform(model: DCAL) -> Callable[[Image.Image], Tensor]:
@@ -171,7 +165,17 @@ def run_batches(
     return (torch.cat(outputs) if outputs else None), done, failed
 
 
-# -------------------------------------------------------------------------------------------- predict
+# ------------------------------------------------------------------------------------- embed, predict
+def embed_batch(model: DCAL, images: Tensor, fusion: str = "sa+glca", after_bn: bool = False,
+                flip: bool = False) -> Tensor:
+    """``model.embed(images)`` in float32; with ``flip`` (``eval.flip``) averaged with the embedding of the
+    mirrored images. Evaluation and ``dcal embed`` / ``dcal search`` embed through here."""
+    f = model.embed(images, fusion=fusion, after_bn=after_bn).float()
+    if flip:
+        f = 0.5 * (f + model.embed(images.flip(3), fusion=fusion, after_bn=after_bn).float())
+    return f
+
+
 @dataclass
 class Prediction:
     """Top-k classes of one input (``error`` set and the lists empty when it could not be read)."""
@@ -229,7 +233,7 @@ def predict(
     k = min(int(topk), num_classes)
     if k < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
-    dev = default_device(device) if device is not None else next(model.parameters()).device
+    dev = pick_device(device, "--device") if device is not None else next(model.parameters()).device
     model.eval().to(dev)
 
     def top(images: Tensor) -> Tensor:  # (B, 2, k): probabilities, class indices

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dcal.data.robust import LoadedBatch, check_bad_fraction
 from dcal.distributed import all_agree, all_reduce_sum
-from dcal.engine.build import TrainStep
+from dcal.engine.build import ForwardLoss
 from dcal.losses import DCALLoss
 
 MAX_BAD_EXAMPLES = 20  # bad file names kept per epoch for the error message
@@ -62,7 +62,7 @@ def unpack_batch(batch: Any) -> tuple[Any, list[tuple[str, str]]]:
     return batch, []
 
 
-def summarize(progress: EpochProgress, device: torch.device) -> dict[str, float]:
+def epoch_stats(progress: EpochProgress, device: torch.device) -> dict[str, float]:
     """The epoch's record over all processes: mean losses, weights, counts, throughput."""
     keys = sorted(progress.sums)
     totals = all_reduce_sum([progress.sums[k] for k in keys] + [progress.steps, progress.seen, progress.bad_images,
@@ -94,7 +94,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean losses, loss weights, last lr, throughput and bad-input counts.
 
-    ``step`` is the (DDP-wrapped) :class:`TrainStep`; by default one is built around ``forward or model``.
+    ``step`` is the (DDP-wrapped) :class:`ForwardLoss`; by default one is built around ``forward or model``.
     ``progress`` continues an epoch resumed mid-way (the loader then starts at ``progress.batches``).
     ``on_step(progress)`` runs after every batch, on every process.
 
@@ -107,7 +107,7 @@ def train_one_epoch(
     """
     model.train()
     criterion.train()
-    step = step or TrainStep(forward or model, criterion, cfg, device)
+    step = step or ForwardLoss(forward or model, criterion, cfg, device)
     progress = progress or EpochProgress()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
                disable=not (show_bar and sys.stderr.isatty()), initial=progress.batches,
@@ -169,7 +169,7 @@ def train_one_epoch(
     check_bad_fraction(progress.bad_images, progress.read_images, progress.bad_examples, "training", min_seen=1)
     if progress.steps == 0:
         raise ValueError(f"epoch {epoch + 1} applied no optimizer step (empty loader, or every batch skipped)")
-    stats = summarize(progress, device)
+    stats = epoch_stats(progress, device)
     stats["lr"] = optimizer.param_groups[0]["lr"]
     return stats
 

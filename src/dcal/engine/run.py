@@ -44,7 +44,7 @@ from dcal.checkpoint import (
 )
 from dcal.config import default_config, read_yaml, to_yaml, upgrade_saved_config
 from dcal.engine.build import (
-    TrainStep,
+    ForwardLoss,
     build_criterion,
     build_datasets,
     build_model,
@@ -53,13 +53,11 @@ from dcal.engine.build import (
     train_loader,
 )
 from dcal.engine.evaluation import evaluate
-from dcal.engine.loop import EpochProgress, NonFiniteLossError, summarize, train_one_epoch
+from dcal.engine.loop import EpochProgress, NonFiniteLossError, epoch_stats, train_one_epoch
 from dcal.model.dcal import compile_model
 from dcal.run_folder import ResumeConfigError, RunExistsError, RunLock, read_metrics, run_content
+from dcal.vocabulary import BEST_METRIC, SCORE_KEYS
 
-BEST_METRIC = {"fgvc": "top1", "reid": "mAP"}
-# the scores an epoch record carries, the one that picks the best checkpoint first
-SCORE_KEYS = {"fgvc": ("top1", "top1_sa", "top1_glca"), "reid": ("mAP", "rank1", "mINP")}
 TIME_KEYS = ("images_per_s", "train_time_s")  # record values that depend on the machine, not on the run
 # Test hook (tests/test_resume.py): seconds to sleep after each step, so that a test can SIGKILL a run mid-epoch.
 STEP_DELAY_ENV = "DCAL_TEST_STEP_DELAY_S"
@@ -273,7 +271,7 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
             records = _records_until(read_metrics(metrics_path), state)
             where = f" batch {progress.batches + 1} of" if progress else ""
             _log(f"resuming {out_dir} at{where} epoch {start_epoch + 1}/{cfg.train.epochs}")
-    step = dist.wrap_ddp(TrainStep(compile_model(model) if cfg.train.compile else model, criterion, cfg, device),
+    step = dist.wrap_ddp(ForwardLoss(compile_model(model) if cfg.train.compile else model, criterion, cfg, device),
                          info, device, sync_bn=cfg.train.sync_bn)
     writer = None
     if main:
@@ -323,7 +321,7 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
                 every = cfg.train.save_every_steps
                 saved = bool(every) and p.batches % every == 0
                 if saved:
-                    partial = {"epoch": epoch, "step": p.batches, "partial": True, **summarize(p, device)}
+                    partial = {"epoch": epoch, "step": p.batches, "partial": True, **epoch_stats(p, device)}
                     state = state_for(epoch, partial, p)
                     if main:
                         save_training_state(last_path, **state)
@@ -335,7 +333,7 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
                     # the same checkpoint as save_every_steps', but no metrics line: a resumed run's
                     # metrics.jsonl is the uninterrupted one's (the record only tells resume where it stands)
                     partial = {"epoch": epoch, "step": p.batches, "partial": True, "interrupted": True,
-                               **summarize(p, device)}
+                               **epoch_stats(p, device)}
                     state = state_for(epoch, partial, p)
                     if main:
                         save_training_state(last_path, **state)
