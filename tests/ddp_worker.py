@@ -1,6 +1,6 @@
 """Worker run under ``torchrun`` by tests/test_distributed.py (not a test module itself).
 
-One DDP training step through the engine's own ``TrainStep`` + ``wrap_ddp``, with batch B per process and fixed
+One DDP training step through the engine's own ``ForwardLoss`` + ``wrap_ddp``, with batch B per process and fixed
 PWCA pairs drawn inside each process's half, and one sharded evaluation. Rank 0 saves the averaged loss, the
 (DDP-averaged) gradients of the model and of the loss weights, and the evaluation record to ``argv[1]``.
 """
@@ -13,7 +13,7 @@ import torch
 
 from dcal import distributed as dist
 from dcal.config import load_config
-from dcal.engine import TrainStep, build_criterion, build_datasets, build_model, evaluate
+from dcal.engine import ForwardLoss, build_criterion, build_datasets, build_model, evaluate
 
 TINY = ["data.dataset=synthetic", "data.resize=32", "data.synthetic_image_size=32", "data.synthetic_num_classes=3",
         "data.synthetic_train_per_class=2", "data.synthetic_test_per_class=5", "model.img_size=32",
@@ -38,7 +38,7 @@ def main(out_path: str) -> None:
     model = build_model(cfg, num_classes=3)
     criterion = build_criterion(cfg, model)
     record = evaluate(model, build_datasets(cfg), device, cfg)  # each process scores its share
-    step = dist.wrap_ddp(TrainStep(model.train(), criterion, cfg, device), info, device)
+    step = dist.wrap_ddp(ForwardLoss(model.train(), criterion, cfg, device), info, device)
     images, targets, pairs = batch(info.world_size)
     mine = slice(info.rank * B, (info.rank + 1) * B)
     res = step(images[mine], targets[mine], pairs=pairs[mine] - info.rank * B)

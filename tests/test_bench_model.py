@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def load_bench():

@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 import dcal.run_folder
 from dcal.cli import main
+from tests.helpers import TINY_TIMM_KWARGS
 
 TINY_MODEL = [
     "model.backbone=deit_tiny_patch16_224",
     "model.img_size=32",
-    "model.timm_kwargs={depth: 2, embed_dim: 48, num_heads: 3, patch_size: 8}",
+    TINY_TIMM_KWARGS,
     "model.pwca_blocks=2",
     "model.drop_path_rate=0.1",
     "train.workers=0",
@@ -139,7 +140,7 @@ def test_reid_train_and_eval(market_data, tmp_path):
                       "  epochs: 1\n  optimizer: sgd\n  lr: 0.008\n  weight_decay: 1.0e-4\n")
     out = tmp_path / "reid_run"
     args = ["train", "--config", str(recipe), f"data.root={market_data}", f"output_dir={out}", *TINY_MODEL,
-            "model.img_size=[32,16]", "model.timm_kwargs={depth: 2, embed_dim: 48, num_heads: 3, patch_size: 8}"]
+            "model.img_size=[32,16]", TINY_TIMM_KWARGS]
     assert main(args) == 0
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     for key in ("mAP", "rank1", "rank5", "rank10", "mINP"):

@@ -10,11 +10,12 @@ import yaml
 from dcal.cli import main
 from dcal.config import to_yaml
 from dcal.demo import demo_config, demo_pretrain_config, remove_demo_runs
+from tests.helpers import TINY_TIMM_KWARGS
 
 # a 2-block ViT on 60 + 60 generated 32-pixel images, one epoch per stage
 TINY = ["train.epochs=1", "data.synthetic_train_per_class=10", "data.synthetic_test_per_class=4",
         "data.synthetic_image_size=32", "data.resize=36", "model.img_size=32",
-        "model.timm_kwargs={depth: 2, embed_dim: 48, num_heads: 3, patch_size: 8}", "model.pwca_blocks=2"]
+        TINY_TIMM_KWARGS, "model.pwca_blocks=2"]
 
 
 def test_demo_stage_configs():

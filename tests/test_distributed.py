@@ -20,7 +20,7 @@ import torch
 
 from dcal.config import load_config
 from dcal.data.samplers import ShardedShuffleSampler, ShardSampler
-from dcal.engine import TrainStep, build_criterion, build_datasets, build_model, evaluate
+from dcal.engine import ForwardLoss, build_criterion, build_datasets, build_model, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -73,7 +73,7 @@ def test_ddp_step_equals_one_process_with_twice_the_batch(tmp_path):
     criterion = build_criterion(cfg, model)
     whole = evaluate(model, build_datasets(cfg), device, cfg)
     images, targets, pairs = ddp_worker.batch(2)
-    res = TrainStep(model.train(), criterion, cfg, device)(images, targets, pairs=pairs)
+    res = ForwardLoss(model.train(), criterion, cfg, device)(images, targets, pairs=pairs)
     res.total.backward()
 
     assert ddp["loss"] == pytest.approx(res.total.item(), rel=LOSS_TOL["rtol"], abs=LOSS_TOL["atol"])

@@ -17,6 +17,7 @@ import dcal
 from dcal.cli import main
 from dcal.export import InferenceGraph
 from dcal.inference import list_images
+from tests.helpers import tiny_model
 from tests.tiny_runs import CLASSES
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'dcal[onnx]')")
@@ -84,8 +85,7 @@ def test_onnx_batch_axis_at_448_where_the_rollout_tiles(tmp_path):
     must not bake the traced batch into that loop: traced at batch 2, run at 3 and 5, every image is computed."""
     from dcal.export import compare_with_onnxruntime, export_onnx
 
-    model = dcal.create_model("deit_tiny_patch16_224", num_classes=3, img_size=448, depth=2, embed_dim=48,
-                              num_heads=3, pwca_blocks=2).eval()
+    model = tiny_model(num_classes=3, img_size=448, depth=2).eval()
     path = export_onnx(model, tmp_path / "m448.onnx")
     for batch in (3, 5):
         res = compare_with_onnxruntime(model, path, torch.randn(batch, 3, 448, 448))

@@ -30,7 +30,7 @@ from dcal.model.finetune import (
     merge_lora_state,
     merged_state_dict,
 )
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 from tests.tiny_runs import TINY_MODEL, write_images
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dcal.losses import DCALLoss, batch_hard_triplet, param_groups
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def ref_triplet(f, y, margin, soft):

@@ -26,7 +26,7 @@ from dcal.mechanism import (
     selection_scores,
 )
 from dcal.model.rollout import select_top
-from tests.conftest import tiny_model
+from tests.helpers import TINY_TIMM_KWARGS, tiny_model
 
 
 @pytest.mark.parametrize(("source", "resize", "img_size", "box"), [
@@ -109,7 +109,7 @@ def test_pwca_share_of_self_pairs_is_one_half_in_every_block():
 
 SYNTH = ["data.dataset=synthetic", "data.root=unused", "data.resize=40", "data.synthetic_image_size=32",
          "data.synthetic_num_classes=3", "data.synthetic_train_per_class=4", "data.synthetic_test_per_class=5",
-         "model.img_size=32", "model.timm_kwargs={depth: 2, embed_dim: 48, num_heads: 3, patch_size: 8}",
+         "model.img_size=32", TINY_TIMM_KWARGS,
          "model.top_r=0.25", "train.epochs=1", "train.batch_size=6", "train.workers=0", "eval.batch_size=4"]
 
 

@@ -8,7 +8,7 @@ import torch
 
 from dcal.config import load_config
 from dcal.engine import build_datasets, build_model, evaluate, fit
-from tests.conftest import SHARED_DATA, needs_shared
+from tests.helpers import SHARED_DATA, needs_shared
 
 SMALL_VIT = [
     "model.backbone=deit_tiny_patch16_224",

@@ -15,7 +15,7 @@ from dcal.cli import main
 from dcal.engine import build_datasets, eval_loader, evaluate_checkpoint, extract_features
 from dcal.inference import load_model
 from dcal.retrieval import GREEN, RED, FeatureSet, parse_identity, ranking_picture
-from tests.conftest import SHARED_DATA, needs_shared
+from tests.helpers import SHARED_DATA, needs_shared
 from tests.tiny_runs import write_images
 
 

@@ -11,11 +11,12 @@ from dcal.checkpoint import export_weights
 from dcal.config import load_config, to_yaml
 from dcal.engine import build_model
 from dcal.run_folder import load_run
+from tests.helpers import TINY_TIMM_KWARGS
 
 TINY = [
     "data.dataset=synthetic",
     "model.img_size=32",
-    "model.timm_kwargs={depth: 2, embed_dim: 48, num_heads: 3, patch_size: 8}",
+    TINY_TIMM_KWARGS,
     "model.pwca_blocks=2",
 ]
 

@@ -20,9 +20,10 @@ from dcal.cli import main
 from dcal.config import TIMM_KWARGS, ConfigError, _float_keys, load_config, to_yaml
 from dcal.engine import build_model
 from dcal.run_folder import load_run
+from tests.helpers import TINY_TIMM_KWARGS, tiny_model
 
 TINY = ["data.dataset=synthetic", "model.img_size=32",
-        "model.timm_kwargs={depth: 2, embed_dim: 48, num_heads: 3, patch_size: 8}", "model.pwca_blocks=2"]
+        TINY_TIMM_KWARGS, "model.pwca_blocks=2"]
 
 
 class RunsCode:
@@ -392,8 +393,7 @@ def test_a_compressed_pth_cannot_expand_beyond_its_size(tmp_path, tiny, capsys):
     err = one_line_error(capsys, ["eval", "--checkpoint", str(path)])
     assert str(path) in err and "holds compressed entries" in err
     with pytest.raises(ValueError, match=r"pretrained_file '.*deflated\.pth' holds compressed entries"):
-        dcal.create_model("deit_tiny_patch16_224", num_classes=3, img_size=32, depth=2, embed_dim=48, num_heads=3,
-                          pwca_blocks=2, pretrained_file=path)
+        tiny_model(num_classes=3, pretrained_file=path)
 
 
 def test_a_pth_with_code_is_refused_naming_weights_only(tmp_path, capsys):
@@ -404,13 +404,11 @@ def test_a_pth_with_code_is_refused_naming_weights_only(tmp_path, capsys):
 
 
 def test_pretrained_file_of_another_width_is_one_line(tmp_path):
-    other = dcal.create_model("deit_tiny_patch16_224", num_classes=3, img_size=32, depth=2, embed_dim=32,
-                              num_heads=2, pwca_blocks=2)
+    other = tiny_model(num_classes=3, embed_dim=32, num_heads=2)
     path = tmp_path / "other.pth"
     torch.save(other.backbone.state_dict(), path)
     with pytest.raises(ValueError, match=r"other\.pth' does not match the backbone") as info:
-        dcal.create_model("deit_tiny_patch16_224", num_classes=3, img_size=32, depth=2, embed_dim=48,
-                          num_heads=3, pwca_blocks=2, pretrained_file=path)
+        tiny_model(num_classes=3, pretrained_file=path)
     assert "\n" not in str(info.value)
 
 
@@ -424,7 +422,6 @@ def test_npz_pretrained_file_never_unpickles(tmp_path):
     torch.save(RunsCode(marker), plain)  # not a zip: numpy would need allow_pickle to read it
     for path in (archive, plain):
         with pytest.raises(ValueError, match=rf"{path.name}'") as info:
-            dcal.create_model("deit_tiny_patch16_224", num_classes=3, img_size=32, depth=1, pwca_blocks=1,
-                              pretrained_file=path)
+            tiny_model(num_classes=3, depth=1, pretrained_file=path)
         assert "\n" not in str(info.value)
     assert not marker.exists()

@@ -11,7 +11,7 @@ from PIL import Image
 from dcal.cli import main
 from dcal.model.attention import _finish_block, attn_output, q_and_kv
 from dcal.visualize import glca_attention_maps, pwca_attention_maps
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 @pytest.fixture

@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 from dcal.cli import main
+from tests.helpers import TINY_TIMM_KWARGS
 
 TINY_MODEL = [
     "model.backbone=deit_tiny_patch16_224",
-    "model.timm_kwargs={depth: 2, embed_dim: 48, num_heads: 3, patch_size: 8}",
+    TINY_TIMM_KWARGS,
     "model.pwca_blocks=2",
     "train.workers=0",
     "train.epochs=2",

@@ -43,6 +43,7 @@ from dcal.run_folder import (
     other_config_changes,
     read_metrics,
 )
+from dcal.vocabulary import SCORE_KEYS
 
 NO_GLCA = {"model.glca_blocks": 0, "eval.fusion": "sa"}
 
@@ -171,10 +172,8 @@ def run_one(cfg: Any, run_dir: Path) -> tuple[dict[str, Any], str]:
     return final, "resumed" if resume else "trained"
 
 
-def run_summary(final: dict[str, Any], run_dir: Path, task: str, seed: int) -> dict[str, Any]:
+def run_result(final: dict[str, Any], run_dir: Path, task: str, seed: int) -> dict[str, Any]:
     """The numbers of one finished run: last epoch's metrics, best epoch's, time."""
-    from dcal.engine import SCORE_KEYS
-
     keys = SCORE_KEYS[task]
     main = keys[0]
     evaluated = [r for r in _epoch_records(run_dir) if main in r]
@@ -254,7 +253,7 @@ def run_ablation(
                 cfg = cfgs[v.slug, k]
                 t0 = time.perf_counter()
                 final, how = run_one(cfg, Path(cfg.output_dir))
-                done[v.slug, k] = run_summary(final, Path(cfg.output_dir), base.task, seed)
+                done[v.slug, k] = run_result(final, Path(cfg.output_dir), base.task, seed)
                 log(f"[{n}/{total}] {v.name} seed {seed}: {_one_line(done[v.slug, k], base.task)} "
                     f"({how}, {time.perf_counter() - t0:.0f}s)")
             v.runs.append(done[v.slug, k])
@@ -345,13 +344,10 @@ def format_markdown(summary: dict[str, Any]) -> str:
 
 def plot(summary: dict[str, Any], path: Path) -> Path:
     """One panel per metric: a bar at each variant's mean (last epoch), its seeds as points over it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dcal.visualize import new_figure, save_figure
 
     metrics, rows = summary["metrics"], summary["rows"]
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(4.0, 1.3 * len(rows)), 3.6 * len(metrics)), squeeze=False)
+    fig, axes = new_figure(len(metrics), 1, figsize=(max(4.0, 1.3 * len(rows)), 3.6 * len(metrics)))
     for ax, m in zip(axes[:, 0], metrics, strict=True):
         means = [r[f"last_{m}"][0] for r in rows]
         ax.bar(range(len(rows)), means, color="#9ecae1", edgecolor="#3182bd")
@@ -367,10 +363,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
         ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"dcal ablation: {', '.join(summary.get('sets', []))} ({len(rows[0]['runs'])} seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_outputs(summary: dict[str, Any], out: Path) -> None:

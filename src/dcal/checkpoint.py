@@ -173,7 +173,7 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
                              f"({first_line(e)})") from e
         raise ValueError(
             f"checkpoint {str(path)!r} holds pickled objects other than tensors and plain values; refused "
-            "(weights_only=True loading: files of dcal < 0.2 or of other tools may hold them)"
+            "(it is read with weights_only=True, so no code in it runs; a file saved by another tool may hold them)"
         ) from e
     except Exception as e:  # noqa: BLE001 - zip/pickle/EOF errors of a damaged file, re-raised naming it
         raise ValueError(f"checkpoint {str(path)!r} is truncated or not a PyTorch checkpoint "

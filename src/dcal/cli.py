@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dcal.vocabulary import FUSIONS, RETRIEVAL_METRICS
+
 EPILOG = "Config keys are dotted (data.root=..., train.epochs=...); see configs/ and the README."
 
 
@@ -48,7 +50,7 @@ def _add_inference(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's eval batch)")
     p.add_argument("--workers", type=int, default=0, help="image-reading processes (default 0: in this process)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--fusion", default="sa+glca", choices=("sa+glca", "sa", "glca"), help="branches to combine")
+    p.add_argument("--fusion", default="sa+glca", choices=FUSIONS, help="branches to combine")
 
 
 def _add_embedding(p: argparse.ArgumentParser) -> None:
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="search", help="ranking.csv, metrics.json, visrank/ (default ./search)")
     p.add_argument("--max-rank", type=_at_least_one, default=50, help="ranked gallery items per query in the CSV")
     p.add_argument("--num-vis", type=int, default=100, help="queries drawn with their top-10 (-1: all, 0: none)")
-    p.add_argument("--metric", default="euclidean", choices=("euclidean", "cosine"))
+    p.add_argument("--metric", default="euclidean", choices=RETRIEVAL_METRICS)
     p.add_argument("--save-gallery", help="also save the gallery features here, to reuse them in later searches")
     _add_embedding(p)
 
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", help="ONNX file to write")
     p.add_argument("--safetensors", help="weights + config .safetensors to write (load with dcal.load_model)")
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--fusion", default="sa+glca", choices=("sa+glca", "sa", "glca"))
+    p.add_argument("--fusion", default="sa+glca", choices=FUSIONS)
     p.add_argument("--after-bn", action="store_true", help="Re-ID: embedding after the BNNeck")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch")
 
@@ -270,36 +272,14 @@ def cmd_embed(args: argparse.Namespace) -> Any:
 
 
 def cmd_search(args: argparse.Namespace) -> Any:
-    from dcal.checkpoint import atomic_write_text
     from dcal.inference import load_model
-    from dcal.retrieval import (
-        FeatureSet,
-        cell_size,
-        check_compatible,
-        clear_ranking_pictures,
-        embed_images,
-        file_digest,
-        rank_gallery,
-        ranking_csv,
-        save_ranking_pictures,
-    )
+    from dcal.retrieval import check_compatible, features_of, is_features_file, rank_gallery, write_search
 
-    is_file = {k: Path(getattr(args, k)).suffix == ".safetensors" for k in ("query", "gallery")}
-    loaded = None
-    if args.run or args.checkpoint:
-        loaded = load_model(args.run, args.checkpoint, args.device)
-    elif not all(is_file.values()):
-        raise ValueError("--run or --checkpoint is needed to embed image folders (or give two features files)")
+    loaded = load_model(args.run, args.checkpoint, args.device) if args.run or args.checkpoint else None
     sets = {}
     for k in ("query", "gallery"):
-        src = getattr(args, k)
-        if is_file[k]:
-            sets[k] = FeatureSet.load(src)
-            if loaded is not None and sets[k].meta.get("checkpoint_sha256") != file_digest(loaded.checkpoint):
-                raise ValueError(f"--{k} {src}: features were computed by {sets[k].meta.get('checkpoint')}, "
-                                 f"not by {loaded.checkpoint}")
-        else:
-            sets[k] = embed_images(loaded, [src], **_embed_kwargs(args))
+        sets[k] = features_of(getattr(args, k), loaded, f"--{k}", **_embed_kwargs(args))
+        if not is_features_file(getattr(args, k)):  # a features file's skipped images were reported by dcal embed
             _report_failed(sets[k])
     query, gallery = sets["query"], sets["gallery"]
     check_compatible(query, gallery)
@@ -307,22 +287,16 @@ def cmd_search(args: argparse.Namespace) -> Any:
         print(f"saved gallery features to {gallery.save(args.save_gallery)}")
     ranking = rank_gallery(query, gallery, topk=args.max_rank, metric=args.metric)
     out = Path(args.output_dir)
-    atomic_write_text(out / "ranking.csv", ranking_csv(query, gallery, ranking))
+    pics = write_search(out, query, gallery, ranking, None if args.num_vis < 0 else args.num_vis)
     print(f"{len(query)} queries x {len(gallery)} gallery images; ranking in {out / 'ranking.csv'}")
     if ranking.metrics is not None:
-        atomic_write_text(out / "metrics.json", json.dumps(ranking.metrics, indent=2))
         for k, v in ranking.metrics.items():
             if k != "cmc":  # the whole curve is in metrics.json
                 print(f"{k:>20}: {100 * v:.2f}" if isinstance(v, float) else f"{k:>20}: {v}")
     else:
         print("no evaluation: the file names of the query or gallery carry no pid/camid")
     if args.num_vis:
-        n = None if args.num_vis < 0 else args.num_vis
-        pics = save_ranking_pictures(out / "visrank", query, gallery, ranking, topk=10, max_queries=n,
-                                     cell=cell_size(query))
         print(f"{len(pics)} ranking pictures in {out / 'visrank'}")
-    else:
-        clear_ranking_pictures(out / "visrank")  # an earlier search's pictures would pass for this one's
     return ranking
 
 

@@ -37,26 +37,28 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dcal import vocabulary as vocab
+
 FGVC_LR_REFERENCE_BATCH = 512  # lr = base_lr * batch_size / 512 (paper §4.1)
 REID_DEFAULT_LR = 0.008  # paper §4.1, Re-ID
-TOP_R_DEFAULT = {"fgvc": 0.1, "reid": 0.3}
 
+# config key -> the values it takes
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.random_erasing_mode": ("pixel", "mean"),
-    "data.aircraft_annotation_level": ("variant", "family", "manufacturer"),
-    "data.synthetic_task": ("mark", "coarse"),
-    "model.query_selection": ("rollout", "random", "last_layer"),
-    "model.pair_strategy": ("random", "intra", "inter", "mix", "noise"),
-    "model.glca_pool": ("mean", "cls"),
-    "loss.weighting": ("dynamic", "fixed"),
-    "train.optimizer": ("adamw", "sgd"),
-    "train.scheduler": ("cosine", "step", "constant"),
-    "train.amp": ("none", "bf16", "fp16"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "data.on_bad_image": ("skip", "error"),
-    "eval.fusion": ("sa+glca", "sa", "glca"),
-    "eval.reid_feature": ("before_bn", "after_bn"),
-    "eval.metric": ("euclidean", "cosine"),
+    "data.random_erasing_mode": vocab.ERASING_MODES,
+    "data.aircraft_annotation_level": vocab.AIRCRAFT_LEVELS,
+    "data.synthetic_task": vocab.SYNTHETIC_TASKS,
+    "model.query_selection": vocab.QUERY_SELECTIONS,
+    "model.pair_strategy": vocab.PAIR_STRATEGIES,
+    "model.glca_pool": vocab.GLCA_POOLS,
+    "loss.weighting": vocab.LOSS_WEIGHTINGS,
+    "train.optimizer": vocab.OPTIMIZERS,
+    "train.scheduler": vocab.SCHEDULERS,
+    "train.amp": tuple(vocab.AMP_PRECISION),
+    "train.device": vocab.DEVICES,
+    "data.on_bad_image": vocab.ON_BAD_IMAGE,
+    "eval.fusion": vocab.FUSIONS,
+    "eval.reid_feature": vocab.REID_FEATURES,
+    "eval.metric": vocab.RETRIEVAL_METRICS,
 }
 
 # A timm model name, optionally with a pretrained tag (``vit_base_patch16_224.augreg_in21k``): no ``hf-hub:`` /
@@ -226,7 +228,10 @@ class EvalConfig:
 
 
 @dataclass
-class DCALConfig:
+class RunConfig:
+    """A whole run: data, model, loss, training, evaluation (the method's own hyper-parameters are
+    :class:`dcal.model.DCALConfig`, built from ``model``)."""
+
     output_dir: str = "runs/dcal"
     task: str | None = None  # derived from data.dataset
     data: DataConfig = field(default_factory=DataConfig)
@@ -289,7 +294,7 @@ def _check_keys(cls: type, values: Any, prefix: str = "") -> None:
 
 
 def _annotation_of(dotted: str) -> Any:
-    cls: Any = DCALConfig
+    cls: Any = RunConfig
     tp: Any = None
     for part in dotted.split("."):
         part = part.split("[", 1)[0]
@@ -376,7 +381,7 @@ def _merge(base: DictConfig, values: dict[str, Any]) -> DictConfig:
 
 def default_config() -> DictConfig:
     """The defaults (FGVC recipe values, CUB, DeiT-Tiny), not yet derived."""
-    return OmegaConf.structured(DCALConfig)
+    return OmegaConf.structured(RunConfig)
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -423,7 +428,7 @@ def load_config(
     cfg = default_config()
     for source, layer in layers:
         if layer is not None:
-            _check_keys(DCALConfig, layer)
+            _check_keys(RunConfig, layer)
             _refuse_interpolation(layer, source)
             cfg = _merge(cfg, layer)
     derive(cfg)
@@ -465,7 +470,7 @@ def derive(cfg: DictConfig) -> DictConfig:
         )
     cfg.task = task
     if cfg.model.top_r is None:
-        cfg.model.top_r = TOP_R_DEFAULT[task]
+        cfg.model.top_r = vocab.DEFAULT_TOP_R[task]
     if cfg.train.lr is None:
         if task == "fgvc":
             from dcal.distributed import env_world_size
@@ -483,7 +488,7 @@ def _fail(key: str, msg: str) -> None:
     raise ConfigError(f"config key {key!r} {msg}")
 
 
-def _float_keys(cls: type = DCALConfig, prefix: str = "") -> list[str]:
+def _float_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
     """Dotted keys of every float field (``float``, ``float or null``, ``list of float``)."""
     keys = []
     for name, tp in _fields(cls).items():

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dcal.data.images import list_image_files, open_rgb, printable, to_rgb
+from dcal.distributed import pick_device
 from dcal.model import DCAL
 from dcal.model.dcal import fusion_branches
 from dcal.run_folder import LoadedRun, load_run
@@ -43,15 +44,8 @@ def load_model(run: str | Path | None = None, checkpoint: str | Path | None = No
     """Load a run directory (its best, else last, checkpoint) or a checkpoint file for inference, in eval mode on
     ``device`` (:func:`dcal.run_folder.load_run`: model, config, class names, the run's test transform)."""
     loaded = load_run(run, checkpoint, list(overrides))
-    loaded.model.eval().to(default_device(device))
+    loaded.model.eval().to(pick_device(device, "--device"))
     return loaded
-
-
-def default_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` checked to exist (:func:`dcal.distributed.pick_device`); None: CUDA when available, else CPU."""
-    from dcal.distributed import pick_device
-
-    return pick_device(device, "--device")
 
 
 def default_transform(model: DCAL) -> Callable[[Image.Image], Tensor]:
@@ -140,7 +134,17 @@ def run_batches(
     return (torch.cat(outputs) if outputs else None), done, failed
 
 
-# -------------------------------------------------------------------------------------------- predict
+# ------------------------------------------------------------------------------------- embed, predict
+def embed_batch(model: DCAL, images: Tensor, fusion: str = "sa+glca", after_bn: bool = False,
+                flip: bool = False) -> Tensor:
+    """``model.embed(images)`` in float32; with ``flip`` (``eval.flip``) averaged with the embedding of the
+    mirrored images. Evaluation and ``dcal embed`` / ``dcal search`` embed through here."""
+    f = model.embed(images, fusion=fusion, after_bn=after_bn).float()
+    if flip:
+        f = 0.5 * (f + model.embed(images.flip(3), fusion=fusion, after_bn=after_bn).float())
+    return f
+
+
 @dataclass
 class Prediction:
     """Top-k classes of one input (``error`` set and the lists empty when it could not be read)."""
@@ -198,7 +202,7 @@ def predict(
     k = min(int(topk), num_classes)
     if k < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
-    dev = default_device(device) if device is not None else next(model.parameters()).device
+    dev = pick_device(device, "--device") if device is not None else next(model.parameters()).device
     model.eval().to(dev)
 
     def top(images: Tensor) -> Tensor:  # (B, 2, k): probabilities, class indices

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BRANCHES = ("sa", "glca", "pwca")
+from dcal.vocabulary import BRANCHES, TASKS
 
 
 def batch_hard_triplet(features: Tensor, targets: Tensor, margin: float = 0.3, soft_margin: bool = False) -> Tensor:
@@ -70,7 +70,7 @@ class DCALLoss(nn.Module):
         fixed_weights: Sequence[float] | Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
-        if task not in ("fgvc", "reid"):
+        if task not in TASKS:
             raise ValueError(f"task must be 'fgvc' or 'reid', got {task!r}")
         unknown = [b for b in branches if b not in BRANCHES]
         if unknown or not branches:

@@ -18,15 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
+import matplotlib
 
 from dcal.pretrain import describe_backbone
 from dcal.run_folder import CONFIG, METRICS, read_config, read_metrics
-from dcal.visualize import save_figure  # sets the Agg backend: files only, no display on servers
+from dcal.visualize import new_figure, save_figure
+from dcal.vocabulary import BEST_METRIC, BRANCHES, SCORE_KEYS
 
-BRANCHES = ("sa", "glca", "pwca")
-SCORES = {"fgvc": ("top1", "top1_sa", "top1_glca"), "reid": ("mAP", "rank1")}
-BEST = {"fgvc": "top1", "reid": "mAP"}
 # dcal.mechanism's per-epoch numbers: mark hits in %, the PWCA share as a fraction (plotted in % beside them)
 MARK_HITS = ("mark_hit_rollout", "mark_hit_last_layer", "mark_hit_chance")
 PWCA_SHARE = "pwca_share_mean"
@@ -102,16 +100,16 @@ def plot_curves(logs: Sequence[RunLog], path: str | Path) -> Path:
         ("loss", ["loss", *(f"loss_{b}" for b in BRANCHES)]),
         ("learned loss weight", [f"weight_{b}" for b in BRANCHES]),
         ("learning rate", ["lr"]),
-        ("test score (%)", list(SCORES[task])),
+        ("test score (%)", list(SCORE_KEYS[task])),
     ]
     if any(_has_mechanism(log) for log in logs):
         panels.append(("mechanism (%): mark hits, PWCA share", [*MARK_HITS, PWCA_SHARE]))
     per_block = [(log, last_with(log, "pwca_share")) for log in logs]
     per_block = [(log, r) for log, r in per_block if r is not None]
     styles = ["-", "--", ":", "-."]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     n = len(panels) + bool(per_block)
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4.2), squeeze=False)
+    fig, axes = new_figure(1, n, figsize=(4.5 * n, 4.2))
     for ax, (title, keys) in zip(axes[0], panels, strict=False):
         for r, log in enumerate(logs):
             for s, key in enumerate(keys):
@@ -160,7 +158,7 @@ def _fmt(v: Any) -> str:
 
 def run_summary(log: RunLog) -> dict[str, Any]:
     """Best and last epoch, the scores there, training time and mean throughput."""
-    metric = BEST[log.task]
+    metric = BEST_METRIC[log.task]
     scored = [r for r in log.epochs if metric in r]
     best = max(scored, key=lambda r: r[metric]) if scored else None
     last = log.epochs[-1]
@@ -168,7 +166,7 @@ def run_summary(log: RunLog) -> dict[str, Any]:
     return {
         "run": log.label, "epochs": f"{last['epoch'] + 1}/{_flat(log.config).get('train.epochs', '?')}",
         f"best {metric}": best[metric] if best else None, "best epoch": best["epoch"] + 1 if best else None,
-        **{f"last {k}": last.get(k) for k in SCORES[log.task]},
+        **{f"last {k}": last.get(k) for k in SCORE_KEYS[log.task]},
         "last loss": last.get("loss"),
         "train time (min)": log.final["train_time_s"] / 60 if log.final and "train_time_s" in log.final else None,
         "images/s": sum(rates) / len(rates) if rates else None,

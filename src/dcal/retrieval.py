@@ -32,7 +32,7 @@ from torch import Tensor
 
 from dcal.data.images import open_rgb, printable, safe_file_name
 from dcal.data.reid import FOLDER_CAMERA_PATTERN, MARKET_PATTERN, VERI_PATTERN
-from dcal.inference import LoadedModel, csv_text, list_images, run_batches
+from dcal.inference import LoadedModel, csv_text, embed_batch, list_images, run_batches
 from dcal.metrics.reid import compute_distance
 
 FEATURE_FORMAT = "dcal-features"
@@ -130,8 +130,7 @@ def embed_images(
     device = next(model.parameters()).device
 
     def embed(images: Tensor) -> Tensor:
-        f = model.embed(images, fusion=fusion, after_bn=after_bn).float()
-        return 0.5 * (f + model.embed(images.flip(3), fusion=fusion, after_bn=after_bn).float()) if flip else f
+        return embed_batch(model, images, fusion, after_bn, flip)
 
     files = list_images(paths)
     if not files:
@@ -149,6 +148,27 @@ def embed_images(
     return FeatureSet(feats, kept, [i[0] for i in ids] if has_ids else None,  # type: ignore[index]
                       [i[1] for i in ids] if has_ids else None, meta,  # type: ignore[index]
                       {str(files[i]): err for i, err in failed.items()})
+
+
+def is_features_file(path: str | Path) -> bool:
+    """A ``.safetensors`` features file (``dcal embed``), by name; anything else is a folder or image to embed."""
+    return Path(path).suffix == ".safetensors"
+
+
+def features_of(source: str | Path, loaded: LoadedModel | None, what: str, **embed_options: Any) -> FeatureSet:
+    """The features of ``source``: a features file from ``dcal embed`` (``.safetensors``; computed by ``loaded``'s
+    checkpoint when a model is given) or the images of a folder, embedded by ``loaded`` with ``embed_options``
+    (:func:`embed_images`). ``what`` names the source in errors (``--query``)."""
+    if is_features_file(source):
+        feats = FeatureSet.load(source)
+        if loaded is not None and feats.meta.get("checkpoint_sha256") != file_digest(loaded.checkpoint):
+            raise ValueError(f"{what} {source}: features were computed by {feats.meta.get('checkpoint')}, "
+                             f"not by {loaded.checkpoint}")
+        return feats
+    if loaded is None:
+        raise ValueError(f"{what} {source}: --run or --checkpoint is needed to embed image folders (or give a "
+                         "features file from dcal embed)")
+    return embed_images(loaded, [source], **embed_options)
 
 
 def check_compatible(a: FeatureSet, b: FeatureSet, what: str = "query and gallery features") -> None:
@@ -280,6 +300,24 @@ def clear_ranking_pictures(out_dir: str | Path) -> list[Path]:
     for p in old:
         p.unlink(missing_ok=True)
     return old
+
+
+def write_search(out_dir: str | Path, query: FeatureSet, gallery: FeatureSet, ranking: Ranking,
+                 num_vis: int | None = 100) -> list[Path]:
+    """A search's files in ``out_dir``: ``ranking.csv``, ``metrics.json`` (when the ids allow an evaluation) and
+    ``visrank/`` with the top-10 of the first ``num_vis`` queries (None: all; 0: none, and an earlier search's
+    pictures are removed: they would pass for this one's). Returns the pictures."""
+    from dcal.checkpoint import atomic_write_text
+
+    out = Path(out_dir)
+    atomic_write_text(out / "ranking.csv", ranking_csv(query, gallery, ranking))
+    if ranking.metrics is not None:
+        atomic_write_text(out / "metrics.json", json.dumps(ranking.metrics, indent=2))
+    if num_vis == 0:
+        clear_ranking_pictures(out / "visrank")
+        return []
+    return save_ranking_pictures(out / "visrank", query, gallery, ranking, topk=10, max_queries=num_vis,
+                                 cell=cell_size(query))
 
 
 def cell_size(features: FeatureSet, height: int = 128) -> tuple[int, int]:

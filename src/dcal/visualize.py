@@ -16,17 +16,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")  # files only: no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from dcal.data.images import printable  # noqa: E402
-from dcal.mechanism import pwca_attention  # noqa: E402
-from dcal.model import DCAL  # noqa: E402
+from dcal.data.images import printable
+from dcal.mechanism import pwca_attention
+from dcal.model import DCAL
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -137,7 +135,7 @@ def save_attention_figure(path: str | Path, images: np.ndarray, rows: Sequence[d
     """One column per image: the image, then one row per entry of ``rows`` (from :func:`attention_rows`): a heat
     map over ``images`` (or the row's own, e.g. the distractors), optional ``boxes`` (B, gh, gw) and ``captions``."""
     n = images.shape[0]
-    fig, axes = plt.subplots(1 + len(rows), n, figsize=(2.2 * n, 2.4 * (1 + len(rows))), squeeze=False)
+    fig, axes = new_figure(1 + len(rows), n, figsize=(2.2 * n, 2.4 * (1 + len(rows))))
     h, w = images.shape[1:3]
     for j in range(n):
         axes[0, j].imshow(images[j])
@@ -151,8 +149,8 @@ def save_attention_figure(path: str | Path, images: np.ndarray, rows: Sequence[d
             if boxes is not None:
                 gh, gw = boxes.shape[1:]
                 for r, c in zip(*np.nonzero(boxes[j]), strict=True):
-                    ax.add_patch(plt.Rectangle((c * w / gw, r * h / gh), w / gw, h / gh, fill=False,
-                                               edgecolor="white", linewidth=0.8))
+                    ax.add_patch(Rectangle((c * w / gw, r * h / gh), w / gw, h / gh, fill=False,
+                                           edgecolor="white", linewidth=0.8))
             if row.get("captions") is not None:
                 ax.set_title(row["captions"][j], fontsize=7)
             if j == 0:
@@ -165,12 +163,18 @@ def save_attention_figure(path: str | Path, images: np.ndarray, rows: Sequence[d
     return save_figure(fig, path, dpi=110)
 
 
-def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Lay out, save as PNG (atomically: a reader never sees half a picture) and close ``fig``."""
+def new_figure(rows: int, cols: int, figsize: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    """A figure and its (rows, cols) axes, drawn off-screen: a ``Figure`` of its own, not pyplot's, so no GUI
+    backend is chosen and matplotlib's global state (backend, open figures) stays as the caller left it."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Lay out and save as PNG (atomically: a reader never sees half a picture)."""
     from dcal.checkpoint import atomic_write
 
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
-    plt.close(fig)
     return path

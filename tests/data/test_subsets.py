@@ -10,7 +10,7 @@ from dcal.data import build_dataset
 from dcal.data.errors import DatasetFormatError
 from dcal.data.subsets import parse_selection, select_classes
 from dcal.engine.build import build_datasets
-from tests.conftest import SHARED_DATA, needs_shared
+from tests.helpers import SHARED_DATA, needs_shared
 
 CUB = ["data.dataset=cub", f"data.root={SHARED_DATA / 'cub100'}", "model.img_size=64", "data.resize=72"]
 

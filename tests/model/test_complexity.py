@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dcal.model.complexity import count_macs, inference_params
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def vit_macs(n_tokens: int, dim: int, depth: int, n_patches: int, patch_dim: int, classes: int) -> int:

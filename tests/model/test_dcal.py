@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import dcal
 from dcal.model.dcal import DCAL
-from tests.conftest import TINY, tiny_model
+from tests.helpers import TINY_ARCH, tiny_model
 
 B = 4
 
@@ -23,7 +23,7 @@ def images(n=B, size=32):
 def plain_timm_like(model: DCAL, img_size=32):
     """The plain timm model with the DCAL backbone's weights."""
     ref = timm.create_model(
-        "deit_tiny_patch16_224", num_classes=model.backbone.num_classes, img_size=img_size, **TINY
+        "deit_tiny_patch16_224", num_classes=model.backbone.num_classes, img_size=img_size, **TINY_ARCH
     )
     ref.load_state_dict(model.backbone.state_dict())
     return ref
@@ -338,7 +338,7 @@ def test_listed_backbones_build_and_run_forward_backward(name):
 
 @pytest.mark.parametrize(("size", "n"), [(448, 784), ((256, 128), 128), ((256, 256), 256)])
 def test_img_size_int_or_pair_resamples_position_embedding(size, n):
-    model = dcal.create_model("deit_tiny_patch16_224", num_classes=2, img_size=size, depth=1, pwca_blocks=1)
+    model = tiny_model(num_classes=2, img_size=size, depth=1)
     assert model.num_patches == n and model.backbone.pos_embed.shape[1] == n + 1
 
 
@@ -351,13 +351,11 @@ def test_defaults_and_config_errors():
     with pytest.raises(ValueError, match="query_selection"):
         tiny_model(query_selection="penultimate")
     with pytest.raises(ValueError, match="class token"):  # glca_pool='cls' needs one (issue 19: avg pool works)
-        dcal.create_model("deit_tiny_patch16_224", num_classes=2, img_size=32, depth=1, class_token=False,
-                          global_pool="avg", pwca_blocks=1, glca_pool="cls")
+        tiny_model(class_token=False, global_pool="avg", glca_pool="cls")
     with pytest.raises(ValueError, match="global_pool='max'"):
-        dcal.create_model("deit_tiny_patch16_224", num_classes=2, img_size=32, depth=1, global_pool="max",
-                          pwca_blocks=1)
+        tiny_model(global_pool="max")
     with pytest.raises(ValueError, match="not both"):
-        dcal.create_model("deit_tiny_patch16_224", num_classes=2, pretrained=True, pretrained_file="x.pth")
+        tiny_model(pretrained=True, pretrained_file="x.pth")
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dcal.model.attention import glca_block
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 from tests.model.test_dcal import B, images, ref_block, ref_embed
 
 

@@ -10,16 +10,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-import dcal
 from dcal.model.dcal import set_patch_stride
-
-ARCH = dict(depth=2, embed_dim=48, num_heads=3)
+from tests.helpers import TINY_ARCH, tiny_model
 
 
 @pytest.mark.parametrize("size, grid", [((256, 128), (21, 10)), ((256, 256), (21, 21)), ((64, 32), (5, 2))])
 def test_stride_12_grid(size, grid):
-    model = dcal.create_model("deit_tiny_patch16_224", task="reid", num_classes=4, img_size=size, patch_stride=12,
-                              pwca_blocks=2, **ARCH)
+    model = tiny_model(task="reid", num_classes=4, img_size=size, patch_stride=12, pwca_blocks=2)
     n = grid[0] * grid[1]
     assert model.backbone.patch_embed.grid_size == grid and model.num_patches == n
     assert model.backbone.pos_embed.shape == (1, n + 1, 48)
@@ -39,8 +36,7 @@ def reference_sa(vit, x, stride):
 
 
 def test_sa_only_equals_a_strided_reference():
-    model = dcal.create_model("deit_tiny_patch16_224", num_classes=5, img_size=(64, 32), patch_stride=12,
-                              glca_blocks=0, pwca_blocks=0, **ARCH).eval()
+    model = tiny_model(num_classes=5, img_size=(64, 32), patch_stride=12, glca_blocks=0, pwca_blocks=0).eval()
     x = torch.randn(3, 3, 64, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x)["logits"]["sa"], reference_sa(model.backbone, x, 12), atol=1e-5, rtol=0)
@@ -49,7 +45,7 @@ def test_sa_only_equals_a_strided_reference():
 @pytest.fixture
 def stride16_checkpoint(tmp_path):
     """A 'pre-trained' non-overlapping ViT at 224 (14x14 grid), weights moved away from the init."""
-    src = timm.create_model("deit_tiny_patch16_224", num_classes=1000, **ARCH)
+    src = timm.create_model("deit_tiny_patch16_224", num_classes=1000, **TINY_ARCH)
     with torch.no_grad():
         for p in src.parameters():
             p.add_(torch.randn_like(p))
@@ -69,8 +65,8 @@ def check_loaded(model, src):
 
 def test_stride_12_loads_a_stride_16_checkpoint_file(stride16_checkpoint):
     src, path = stride16_checkpoint
-    model = dcal.create_model("deit_tiny_patch16_224", task="reid", num_classes=4, img_size=(256, 128),
-                              patch_stride=12, pretrained_file=path, pwca_blocks=2, **ARCH)
+    model = tiny_model(task="reid", num_classes=4, img_size=(256, 128), patch_stride=12, pretrained_file=path,
+                       pwca_blocks=2)
     check_loaded(model, src)
 
 
@@ -85,14 +81,14 @@ def test_stride_12_through_timms_pretrained_loading(stride16_checkpoint, monkeyp
     asked = []
     monkeypatch.setattr(builder, "load_state_dict_from_hf",
                         lambda loc, *a, **k: asked.append(loc) or load_file(str(path)))
-    model = dcal.create_model("deit_tiny_patch16_224", task="reid", num_classes=4, img_size=(256, 128),
-                              patch_stride=12, pretrained=True, pwca_blocks=2, **ARCH)
+    model = tiny_model(task="reid", num_classes=4, img_size=(256, 128), patch_stride=12, pretrained=True,
+                       pwca_blocks=2)
     assert asked and "deit_tiny_patch16_224" in str(asked[0])
     check_loaded(model, src)
 
 
 def test_bad_stride_is_refused():
-    vit = timm.create_model("deit_tiny_patch16_224", num_classes=0, img_size=64, **ARCH)
+    vit = timm.create_model("deit_tiny_patch16_224", num_classes=0, img_size=64, **TINY_ARCH)
     for bad in (0, 17, 2.5):
         with pytest.raises(ValueError, match="patch_stride"):
             set_patch_stride(vit, bad)

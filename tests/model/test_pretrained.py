@@ -8,15 +8,13 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-import dcal
-
-ARCH = dict(depth=2, embed_dim=48, num_heads=3)
+from tests.helpers import TINY_ARCH, tiny_model
 
 
 @pytest.fixture
 def source():
     """A 'pre-trained' timm DeiT at 224 with a 1000-class head, weights randomised away from the init."""
-    model = timm.create_model("deit_tiny_patch16_224", num_classes=1000, **ARCH)
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=1000, **TINY_ARCH)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p))
@@ -34,9 +32,7 @@ def test_pretrained_file_loads_with_resampled_pos_embed_and_no_classifier(tmp_pa
         torch.save({"model": state, "epoch": 3}, path)  # DeiT's own checkpoint layout
     else:
         torch.save(state, path)
-    model = dcal.create_model(
-        "deit_tiny_patch16_224", num_classes=7, img_size=img_size, pretrained_file=path, pwca_blocks=2, **ARCH
-    )
+    model = tiny_model(num_classes=7, img_size=img_size, pretrained_file=path, pwca_blocks=2)
     bb = model.backbone
     torch.testing.assert_close(bb.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
     torch.testing.assert_close(bb.cls_token, source.cls_token)
@@ -49,26 +45,23 @@ def test_pretrained_file_loads_with_resampled_pos_embed_and_no_classifier(tmp_pa
 
 
 def test_dcal_export_loads_as_backbone(tmp_path, source):
-    trained = dcal.create_model("deit_tiny_patch16_224", num_classes=3, img_size=32, pwca_blocks=2, **ARCH)
+    trained = tiny_model(num_classes=3, pwca_blocks=2)
     save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp_path / "dcal.safetensors"))
-    model = dcal.create_model(
-        "deit_tiny_patch16_224", num_classes=3, img_size=32, pretrained_file=tmp_path / "dcal.safetensors",
-        pwca_blocks=2, **ARCH,
-    )
+    model = tiny_model(num_classes=3, pretrained_file=tmp_path / "dcal.safetensors", pwca_blocks=2)
     torch.testing.assert_close(model.backbone.blocks[0].attn.qkv.weight, trained.backbone.blocks[0].attn.qkv.weight)
 
 
 def test_missing_or_mismatched_checkpoint_errors_name_the_file(tmp_path, source):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        dcal.create_model("deit_tiny_patch16_224", num_classes=2, pretrained_file=tmp_path / "nope.pth", **ARCH)
+        tiny_model(num_classes=2, pretrained_file=tmp_path / "nope.pth")
     bad = tmp_path / "bad.pth"
     torch.save({k: v for k, v in source.state_dict().items() if not k.startswith("blocks.1.")}, bad)
     with pytest.raises(ValueError, match=r"bad\.pth.*missing keys"):
-        dcal.create_model("deit_tiny_patch16_224", num_classes=2, pretrained_file=bad, pwca_blocks=2, **ARCH)
+        tiny_model(num_classes=2, pretrained_file=bad, pwca_blocks=2)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.safetensors"):
-        dcal.create_model("deit_tiny_patch16_224", num_classes=2, pretrained_file=garbage, pwca_blocks=2, **ARCH)
+        tiny_model(num_classes=2, pretrained_file=garbage, pwca_blocks=2)
 
 
 def test_pretrained_true_uses_timm_hub_mechanism(monkeypatch):
@@ -81,7 +74,5 @@ def test_pretrained_true_uses_timm_hub_mechanism(monkeypatch):
         return real_create(name, **{**kw, "pretrained": False})
 
     monkeypatch.setattr(timm, "create_model", recording_create)
-    dcal.create_model(
-        "vit_base_patch16_224.augreg_in21k", num_classes=2, img_size=32, pretrained=True, depth=1, pwca_blocks=1
-    )
+    tiny_model(backbone="vit_base_patch16_224.augreg_in21k", num_classes=2, pretrained=True, depth=1)
     assert seen["pretrained"] is True and seen["name"] == "vit_base_patch16_224.augreg_in21k"

@@ -7,7 +7,7 @@ import torch
 
 from dcal.model.attention import attend_with_lse, explicit_attention, qkv, sa_block_keep_qk
 from dcal.model.rollout import QueryKey, cls_attention_row, rollout_cls_row
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def random_qk(b: int, h: int, t: int, d: int = 8) -> tuple[QueryKey, torch.Tensor]:

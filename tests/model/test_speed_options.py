@@ -7,7 +7,7 @@ import torch
 
 from dcal.losses import DCALLoss
 from dcal.model.dcal import autocast, compile_model
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 PAIRS = torch.tensor([1, 0, 3, 2])
 

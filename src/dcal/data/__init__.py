@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-FGVC_DATASETS = ("cub", "cars", "aircraft", "folder", "synthetic")
-REID_DATASETS = ("market1501", "dukemtmc", "msmt17", "veri", "reid_folder")
+from dcal.vocabulary import FGVC_DATASETS, REID_DATASETS
 
 
 def task_of(name: str) -> str:

@@ -24,9 +24,11 @@ from torch.utils.data import Dataset
 
 from dcal.data.errors import DatasetFormatError
 from dcal.data.images import IMAGE_EXTENSIONS, list_image_files, list_subfolders, open_rgb
+from dcal.vocabulary import AIRCRAFT_LEVELS, SYNTHETIC_TASKS
 
 SPLITS = ("train", "test")
-AIRCRAFT_LEVELS = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
+# the class list of each annotation level
+AIRCRAFT_CLASS_FILES = dict(zip(AIRCRAFT_LEVELS, ("variants.txt", "families.txt", "manufacturers.txt"), strict=True))
 
 
 class FGVCDataset(Dataset):
@@ -269,12 +271,12 @@ def _build_aircraft(
     Classes are listed in the order of ``variants.txt`` / ``families.txt`` / ``manufacturers.txt`` (as
     torchvision does). Images keep the 20-pixel copyright banner at the bottom, as torchvision does.
     """
-    if annotation_level not in AIRCRAFT_LEVELS:
+    if annotation_level not in AIRCRAFT_CLASS_FILES:
         raise ValueError(
-            f"aircraft: unknown annotation_level {annotation_level!r}; expected one of {tuple(AIRCRAFT_LEVELS)}"
+            f"aircraft: unknown annotation_level {annotation_level!r}; expected one of {AIRCRAFT_LEVELS}"
         )
     base = _resolve_root("Aircraft", root, ("fgvc-aircraft-2013b/data", "data", ""), "images")
-    classes_txt = base / AIRCRAFT_LEVELS[annotation_level]
+    classes_txt = base / AIRCRAFT_CLASS_FILES[annotation_level]
     classes = [line for _, line in _read_lines("Aircraft", classes_txt)]
     if not classes:
         raise DatasetFormatError(f"Aircraft: class list {classes_txt} is empty")
@@ -340,7 +342,6 @@ def _build_folder(root: str, split: str, transform: Callable | None) -> FGVCData
 
 MARK_FRACTION = 0.22  # side of the class mark relative to the image side
 N_DISTRACTORS = 2  # solid squares of the mark's size, placed anywhere
-SYNTHETIC_TASKS = ("mark", "coarse")
 COARSE_SHAPES = ("ellipse", "rectangle", "triangle")
 COARSE_TEXTURES = ("smooth", "stripes")
 # coarse class k: shape k // 2, background texture k % 2

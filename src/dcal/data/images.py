@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-# torchvision's list; ``.tif`` / ``.tiff`` / ``.ppm`` / ``.pgm`` count everywhere (folder sets and commands alike)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from dcal.vocabulary import IMAGE_EXTENSIONS
+
 MAX_NAME_BYTES = 255  # a file name's limit on Linux, macOS and Windows file systems
 WHITE = (255, 255, 255)
 

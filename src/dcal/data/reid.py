@@ -24,10 +24,12 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from dcal.data.errors import DatasetFormatError
 from dcal.data.images import IMAGE_EXTENSIONS, list_image_files, list_subfolders, open_rgb
+from dcal.vocabulary import REID_DATASETS
 
 __all__ = [
-    "REID_NAMES",
+    "REID_DATASETS",
     "REID_SPLITS",
     "IMAGE_EXTENSIONS",
     "ReIDDatasetError",
@@ -41,7 +43,6 @@ __all__ = [
     "describe_splits",
 ]
 
-REID_NAMES = ("market1501", "dukemtmc", "msmt17", "veri", "reid_folder")
 REID_SPLITS = ("train", "query", "gallery")
 
 MARKET_PATTERN = re.compile(r"([-\d]+)_c(\d)")
@@ -51,7 +52,7 @@ FOLDER_CAMERA_PATTERN = re.compile(r"(?:^|[_\-. ])c(\d+)")
 MSMT_CAMERA_TOKEN = re.compile(r"^[-\d]+_c(\d+)")
 
 
-class ReIDDatasetError(ValueError):
+class ReIDDatasetError(DatasetFormatError):
     """Base class of the content errors of a re-id dataset (bad names, empty splits, ...)."""
 
 
@@ -391,8 +392,8 @@ def build_reid_dataset(
         ReIDFileNameError: a file name or list line does not follow the layout (names the file).
         EmptySplitError: the split holds no image.
     """
-    if name not in REID_NAMES:
-        raise ValueError(f"unknown re-id dataset {name!r}; expected one of {REID_NAMES}")
+    if name not in REID_DATASETS:
+        raise ValueError(f"unknown re-id dataset {name!r}; expected one of {REID_DATASETS}")
     if split not in REID_SPLITS:
         raise ValueError(f"unknown re-id split {split!r}; expected one of {REID_SPLITS}")
     relabel = kwargs.pop("relabel", None)

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-ON_BAD_IMAGE = ("skip", "error")
+from dcal.vocabulary import ON_BAD_IMAGE
+
 # images read before a mid-epoch "looks broken" verdict: with 20 % bad files the chance that more than half of
 # 50 are bad is below 1e-5, while a folder where everything is bad still stops within the first 50 images
 MIN_IMAGES_TO_JUDGE = 50

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from dcal.vocabulary import ERASING_MODES, TASKS
+
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-TASKS = ("fgvc", "reid")
-ERASING_MODES = ("pixel", "mean")
 
 
 def _hw(size: int | Sequence[int], what: str) -> tuple[int, int]:

@@ -7,15 +7,14 @@
 """
 
 from dcal.engine.build import (
-    TrainStep,
-    autocast,
+    ForwardLoss,
     build_criterion,
     build_datasets,
     build_model,
     build_optimizer,
+    config_autocast,
     eval_loader,
     lr_factor,
-    resolve_device,
     train_loader,
 )
 from dcal.engine.evaluation import (
@@ -35,12 +34,12 @@ __all__ = [
     "NonFiniteLossError",
     "RunExistsError",
     "SCORE_KEYS",
-    "TrainStep",
-    "autocast",
+    "ForwardLoss",
     "build_criterion",
     "build_datasets",
     "build_model",
     "build_optimizer",
+    "config_autocast",
     "eval_loader",
     "evaluate",
     "evaluate_checkpoint",
@@ -50,7 +49,6 @@ __all__ = [
     "fit",
     "read_metrics",
     "lr_factor",
-    "resolve_device",
     "seed_everything",
     "train_loader",
     "train_one_epoch",

@@ -20,8 +20,9 @@ from dcal.data.subsets import merge_splits, select_classes, select_identities
 from dcal.data.transforms import build_transforms_from_config
 from dcal.losses import DCALLoss, LossOutput, param_groups
 from dcal.model import DCAL, create_model
-from dcal.model.dcal import autocast as model_autocast
+from dcal.model.dcal import autocast
 from dcal.run_folder import backbone_weights
+from dcal.vocabulary import AMP_PRECISION
 
 
 def build_datasets(cfg: DictConfig, train: bool = True) -> dict[str, Dataset]:
@@ -155,15 +156,9 @@ def eval_loader(cfg: DictConfig, dataset: Dataset) -> DataLoader:
                       num_workers=cfg.train.workers, collate_fn=collate_skipping_bad)
 
 
-def autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """The model's mixed-precision context for ``train.amp`` (none | bf16 | fp16)."""
-    return model_autocast(device, {"none": "fp32"}.get(cfg.train.amp, cfg.train.amp))
-
-
-def resolve_device(cfg: DictConfig) -> torch.device:
-    from dcal.distributed import pick_device
-
-    return pick_device(cfg.train.device, "train.device")
+def config_autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """:func:`dcal.model.dcal.autocast` on ``device`` at the precision ``train.amp`` names (none | bf16 | fp16)."""
+    return autocast(device, AMP_PRECISION[cfg.train.amp])
 
 
 def _float32(v: Any) -> Any:
@@ -173,7 +168,7 @@ def _float32(v: Any) -> Any:
     return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
 
-class TrainStep(nn.Module):
+class ForwardLoss(nn.Module):
     """Model forward (under ``train.amp``) + loss as one module.
 
     DDP wraps this module, not the bare model, so that the learnable loss weights in ``criterion`` are
@@ -186,6 +181,6 @@ class TrainStep(nn.Module):
         self.cfg, self.device = cfg, device
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, pairs: torch.Tensor | None = None) -> LossOutput:
-        with autocast(self.cfg, self.device):
+        with config_autocast(self.cfg, self.device):
             out = self.net(images, targets=targets, pairs=pairs)
         return self.criterion(_float32(out), targets)

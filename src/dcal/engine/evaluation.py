@@ -16,9 +16,10 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from dcal.distributed import all_gather_cat, all_reduce_sum, broadcast_object
-from dcal.engine.build import autocast, build_datasets, eval_loader, resolve_device
+from dcal.distributed import all_gather_cat, all_reduce_sum, broadcast_object, pick_device
+from dcal.engine.build import build_datasets, config_autocast, eval_loader
 from dcal.engine.loop import unpack_batch
+from dcal.inference import embed_batch
 from dcal.mechanism import evaluate_mechanism
 from dcal.model import DCAL
 from dcal.model.dcal import fusion_branches
@@ -47,7 +48,7 @@ def evaluate_fgvc(model: DCAL, loader: Iterable, device: torch.device, cfg: Dict
         if data is None:
             continue
         images, targets = data[0].to(device), data[1].to(device)
-        with autocast(cfg, device):
+        with config_autocast(cfg, device):
             logits = model(images)["logits"]
         probs = {b: v.float().softmax(-1) for b, v in logits.items()}
         preds = {f"top1_{b}": p.argmax(-1) for b, p in probs.items()}
@@ -74,10 +75,8 @@ def extract_features(model: DCAL, loader: Iterable, device: torch.device, cfg: D
         if data is None:
             continue
         images = data[0].to(device)
-        with autocast(cfg, device):
-            f = model.embed(images, fusion=fusion, after_bn=after_bn).float()
-            if cfg.eval.flip:
-                f = 0.5 * (f + model.embed(images.flip(3), fusion=fusion, after_bn=after_bn).float())
+        with config_autocast(cfg, device):
+            f = embed_batch(model, images, fusion, after_bn, flip=cfg.eval.flip)
         feats.append(f)
         idx.append(indices if indices is not None else torch.arange(len(f)))
     dim = feats[0].shape[1] if feats else 0
@@ -127,7 +126,7 @@ def evaluate(model: DCAL, sets: dict[str, Dataset], device: torch.device, cfg: D
 # --------------------------------------------------------------------------------------------- eval only
 def evaluate_checkpoint(cfg: DictConfig, model: DCAL) -> dict[str, Any]:
     """The scores of a loaded model (:func:`dcal.run_folder.load_run`) on its config's evaluation split(s)."""
-    device = resolve_device(cfg)
+    device = pick_device(cfg.train.device, "train.device")
     model.to(device)
     sets = build_datasets(cfg, train=False)
     return evaluate(model, sets, device, cfg)

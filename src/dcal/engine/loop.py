@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dcal.data.robust import LoadedBatch, check_bad_fraction
 from dcal.distributed import all_agree, all_reduce_sum
-from dcal.engine.build import TrainStep
+from dcal.engine.build import ForwardLoss
 
 if TYPE_CHECKING:
     from dcal.engine.state import TrainState
@@ -98,7 +98,7 @@ def unpack_batch(batch: Any) -> tuple[Any, list[tuple[str, str]]]:
     return batch, []
 
 
-def summarize(progress: EpochProgress, device: torch.device) -> dict[str, float]:
+def epoch_stats(progress: EpochProgress, device: torch.device) -> dict[str, float]:
     """The epoch's record over all processes: mean losses, weights, counts, throughput."""
     keys = sorted(progress.sums)
     totals = all_reduce_sum([progress.sums[k] for k in keys] + [progress.steps, progress.seen, progress.bad_images,
@@ -128,7 +128,7 @@ def train_one_epoch(
     ``state.epoch`` becomes ``epoch`` and ``state.progress`` its position: a set ``state.progress`` continues an
     epoch resumed mid-way (the loader then starts at ``progress.batches``), so that a checkpoint of ``state``
     taken in ``on_step(progress)`` (after every batch, on every process) holds where the epoch stands.
-    ``step`` is the (DDP-wrapped) :class:`TrainStep`; by default one is built around ``state.model``.
+    ``step`` is the (DDP-wrapped) :class:`ForwardLoss`; by default one is built around ``state.model``.
 
     Bad input: unreadable images were left out of the batch by the loader (``LoadedBatch.bad``): each is warned
     about by name and counted; when more than half of the images read are bad (mid-epoch: of at least
@@ -140,7 +140,7 @@ def train_one_epoch(
     optimizer, scheduler = state.optimizer, state.scheduler
     state.model.train()
     state.criterion.train()
-    step = step or TrainStep(state.model, state.criterion, cfg, device)
+    step = step or ForwardLoss(state.model, state.criterion, cfg, device)
     state.epoch, state.progress = epoch, state.progress or EpochProgress()
     progress = state.progress
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
@@ -170,7 +170,7 @@ def train_one_epoch(
     check_bad_fraction(progress.bad_images, progress.read_images, progress.bad_examples, "training", min_seen=1)
     if progress.steps == 0:
         raise ValueError(f"epoch {epoch + 1} applied no optimizer step (empty loader, or every batch skipped)")
-    stats = summarize(progress, device)
+    stats = epoch_stats(progress, device)
     stats["lr"] = optimizer.param_groups[0]["lr"]
     return stats
 

@@ -35,17 +35,15 @@ from dcal import distributed as dist
 from dcal import run_folder
 from dcal.checkpoint import export_weights, remove_stale_temporaries
 from dcal.config import to_yaml
-from dcal.engine.build import TrainStep, build_datasets, train_loader
+from dcal.engine.build import ForwardLoss, build_datasets, train_loader
 from dcal.engine.evaluation import evaluate
-from dcal.engine.loop import EpochProgress, NonFiniteLossError, summarize, train_one_epoch
+from dcal.engine.loop import EpochProgress, NonFiniteLossError, epoch_stats, train_one_epoch
 from dcal.engine.state import TrainState
 from dcal.model.dcal import compile_model
 from dcal.model.finetune import trainable_summary
 from dcal.run_folder import ResumeConfigError, RunLock, check_run_folder, read_metrics
+from dcal.vocabulary import BEST_METRIC, SCORE_KEYS
 
-BEST_METRIC = {"fgvc": "top1", "reid": "mAP"}
-# the scores an epoch record carries, the one that picks the best checkpoint first
-SCORE_KEYS = {"fgvc": ("top1", "top1_sa", "top1_glca"), "reid": ("mAP", "rank1", "mINP")}
 TIME_KEYS = ("images_per_s", "train_time_s")  # record values that depend on the machine, not on the run
 # Test hook (tests/test_resume.py): seconds to sleep after each step, so that a test can SIGKILL a run mid-epoch.
 STEP_DELAY_ENV = "DCAL_TEST_STEP_DELAY_S"
@@ -186,7 +184,7 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
         if state.start_epoch + (state.progress is not None) > cfg.train.epochs:
             raise ResumeConfigError(f"--resume: train.epochs={cfg.train.epochs} but {cfg.output_dir} stopped in "
                                     f"epoch {state.start_epoch + 1} (train.epochs may grow on resume, not shrink)")
-    step = dist.wrap_ddp(TrainStep(compile_model(state.model) if cfg.train.compile else state.model, state.criterion,
+    step = dist.wrap_ddp(ForwardLoss(compile_model(state.model) if cfg.train.compile else state.model, state.criterion,
                                    cfg, device), info, device, sync_bn=cfg.train.sync_bn)
     metric, t0 = BEST_METRIC[cfg.task], time.perf_counter()
     with _RunOutput(cfg, info, device, state, stops, steps_per_epoch, sets["train"], resume) as out:
@@ -280,7 +278,7 @@ class _RunOutput:
     def _save_partial(self, p: EpochProgress, interrupted: bool = False) -> None:
         mark = {"interrupted": True} if interrupted else {}
         self.state.record = {"epoch": self.state.epoch, "step": p.batches, "partial": True, **mark,
-                             **summarize(p, self.device)}
+                             **epoch_stats(p, self.device)}
         self.save(self.last)
         if self.main and not interrupted:
             run_folder.append_metrics(self.folder, self.state.record)

@@ -55,14 +55,10 @@ from dcal.model.backbone import (
     pooling_weights,
 )
 from dcal.model.heads import BNNeck
-from dcal.model.pairs import PAIR_STRATEGIES, sample_pairs
+from dcal.model.pairs import sample_pairs
 from dcal.model.rollout import QueryKey, attention_row, num_local_queries, rollout_row, select_top
+from dcal.vocabulary import DEFAULT_TOP_R, FUSIONS, GLCA_POOLS, PAIR_STRATEGIES, PRECISIONS, QUERY_SELECTIONS, TASKS
 
-TASKS = ("fgvc", "reid")
-QUERY_SELECTIONS = ("rollout", "random", "last_layer")
-FUSIONS = ("sa+glca", "sa", "glca")
-GLCA_POOLS = ("mean", "cls")
-DEFAULT_TOP_R = {"fgvc": 0.1, "reid": 0.3}
 # timm.create_model arguments that read a file or the network (timm <= 1.0.25 reads checkpoint_path with
 # torch.load(weights_only=False), which runs the file's code); dcal loads weights itself (pretrained_file)
 TIMM_LOADING_KWARGS = frozenset({"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"})
@@ -695,9 +691,6 @@ def model_config(model: DCAL) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- speed options
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
 def autocast(device: str | torch.device = "cpu", precision: str = "bf16") -> contextlib.AbstractContextManager:
     """Mixed precision for a DCAL forward (and its loss): wrap those, not ``backward`` or the optimizer step.
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-PAIR_STRATEGIES = ("random", "intra", "inter", "mix", "noise")
+from dcal.vocabulary import PAIR_STRATEGIES
 
 
 def random_derangement(n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Tensor:
