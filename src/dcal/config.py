@@ -100,7 +100,7 @@ TIMM_KWARGS: dict[str, tuple[type, float, float, bool]] = {
     "proj_drop_rate": (float, 0.0, 0.999, False),
     "attn_drop_rate": (float, 0.0, 0.999, False),
 }
-TIMM_STRING_CHOICES = {"global_pool": ("token", "avg", "map")}  # the poolings dcal.model.backbone supports
+TIMM_STRING_CHOICES = {"global_pool": vocab.BACKBONE_POOLS}
 OWN_KEYS = {"img_size": "model.img_size", "drop_path_rate": "model.drop_path_rate", "num_classes": "data.num_classes",
             "pretrained": "model.pretrained"}  # timm arguments that have their own config key
 

@@ -20,6 +20,7 @@ BRANCHES = ("sa", "glca", "pwca")  # the three streams, in the order of their lo
 QUERY_SELECTIONS = ("rollout", "random", "last_layer")  # GLCA's local queries (last_layer: the ablation)
 PAIR_STRATEGIES = ("random", "intra", "inter", "mix", "noise")  # PWCA distractors (Table 4)
 GLCA_POOLS = ("mean", "cls")  # the GLCA feature (docs/design.md, GLCA)
+BACKBONE_POOLS = ("token", "avg", "map")  # the backbone poolings DCAL's rollout follows (docs/design.md, Backbones)
 FUSIONS = ("sa+glca", "sa", "glca")  # the branches a prediction or an embedding combines
 DEFAULT_TOP_R = {"fgvc": 0.1, "reid": 0.3}  # the paper's R
 PRECISIONS = ("fp32", "bf16", "fp16")  # dcal.model.dcal.autocast

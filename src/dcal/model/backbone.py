@@ -29,9 +29,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from dcal.model.attention import check_block
+from dcal.vocabulary import BACKBONE_POOLS as POOLS
 
 Backbone = VisionTransformer | Eva
-POOLS = ("token", "avg", "map")
 
 
 def backbone_label(backbone: nn.Module) -> str:
