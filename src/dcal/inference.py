@@ -55,7 +55,7 @@ def default_transform(model: DCAL) -> Callable[[Image.Image], Tensor]:
     centre crop 448)."""
     from dcal.data.transforms import backbone_mean_std, build_transforms
 
-    mean, std = backbone_mean_std(model.build.get("backbone") or "")
+    mean, std = backbone_mean_std(model.backbone_name or "")
     return build_transforms("fgvc", False, tuple(model.backbone.patch_embed.img_size), mean=mean, std=std)
 
 

@@ -168,6 +168,16 @@ class DCAL(nn.Module):
         return self.backbone.patch_embed.num_patches
 
     @property
+    def backbone_name(self) -> str | None:
+        """The timm name the backbone was created from (None for a backbone built outside :func:`create_model`)."""
+        return self.build.get("backbone")
+
+    @property
+    def patch_stride(self) -> int | None:
+        """The overlapping patch embedding's stride (:func:`set_patch_stride`), None for the standard split."""
+        return self.build.get("patch_stride")
+
+    @property
     def num_prefix_tokens(self) -> int:
         """P: the class token (if any) and the registers, ahead of the N patch tokens."""
         return self.backbone.num_prefix_tokens
@@ -686,8 +696,7 @@ def model_config(model: DCAL) -> dict[str, Any]:
     kwargs = dict(model.build.get("timm_kwargs", {}))
     if isinstance(kwargs.get("img_size"), tuple):
         kwargs["img_size"] = list(kwargs["img_size"])
-    return {"backbone": model.build.get("backbone"), **asdict(model.cfg),
-            "patch_stride": model.build.get("patch_stride"), **kwargs}
+    return {"backbone": model.backbone_name, **asdict(model.cfg), "patch_stride": model.patch_stride, **kwargs}
 
 
 # -------------------------------------------------------------------------------------------- speed options
