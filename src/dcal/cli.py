@@ -13,11 +13,26 @@ from typing import Any
 EPILOG = "Config keys are dotted (data.root=..., train.epochs=...); see configs/ and the README."
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it in words (defaults that are
+    None stand for "the run's own setting" and similar, which the help text spells out)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 class _IntermixedParser(argparse.ArgumentParser):
     """A command's parser that takes options after positionals too (``dcal train --config C key=value --resume
     key=value``): plain argparse ends ``key=value ...`` at the first option and rejects what follows."""
 
     _inner = False  # parse_known_intermixed_args calls parse_known_args itself: that call is the plain one
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         if self._inner:
@@ -36,24 +51,43 @@ def _at_least_one(text: str) -> int:
     return int(text)
 
 
+def _threads_parent() -> argparse.ArgumentParser:
+    """The ``--threads`` option of the commands that compute (a parent parser: one definition for all)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--threads", type=_at_least_one, default=None,
+                        help="CPU threads for PyTorch's operators (default: torch's own choice, usually one per "
+                             "core, or OMP_NUM_THREADS): set it when other jobs share the machine")
+    return parent
+
+
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` when given; torch's default otherwise."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _add_source(p: argparse.ArgumentParser, overrides: bool = True, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
-    src.add_argument("--run", help="a run directory written by 'dcal train' (uses best, else last, weights)")
-    src.add_argument("--checkpoint", help="a .pth training checkpoint or a .safetensors weights export")
+    unset = "" if required else " (default: none, for features files only)"
+    src.add_argument("--run", help=f"a run directory written by 'dcal train' (its best, else last, weights){unset}")
+    src.add_argument("--checkpoint", help=f"a .pth training checkpoint or a .safetensors weights export{unset}")
     if overrides:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/cub")
 
 
-def _add_inference(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's eval batch)")
-    p.add_argument("--workers", type=int, default=0, help="image-reading processes (default 0: in this process)")
+def _add_inference(p: argparse.ArgumentParser, run_fusion: bool = False) -> None:
+    """Batch, workers, device and fusion options (``run_fusion``: fusion defaults to the run's eval.fusion)."""
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's eval.batch_size)")
+    p.add_argument("--workers", type=int, default=0, help="image-reading processes (0: in this process)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--fusion", default="sa+glca", choices=("sa+glca", "sa", "glca"), help="branches to combine")
+    p.add_argument("--fusion", default=None if run_fusion else "sa+glca", choices=("sa+glca", "sa", "glca"),
+                   help="branches to combine" + (" (default: the run's eval.fusion)" if run_fusion else ""))
 
 
 def _add_embedding(p: argparse.ArgumentParser) -> None:
-    _add_inference(p)
-    p.set_defaults(fusion=None)
+    _add_inference(p, run_fusion=True)
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the mirrored image (default: the run's eval.flip)")
     p.add_argument("--after-bn", action=argparse.BooleanOptionalAction, default=None,
@@ -69,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"dcal {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True, parser_class=_IntermixedParser)
+    threads = _threads_parent()
 
     p = sub.add_parser(
-        "train", help="train a model from a YAML recipe (FGVC or Re-ID)",
+        "train", help="train a model from a YAML recipe (FGVC or Re-ID)", parents=[threads],
         epilog=EPILOG + " Under torchrun (torchrun --nproc_per_node=N -m dcal train ...) every process runs it: "
         "distributed data parallel, rank 0 writes.",
     )
@@ -80,52 +115,61 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in output_dir from last.pth (mid-epoch ones included)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
 
-    p = sub.add_parser("eval", help="evaluate a trained run or checkpoint (top-1, or mAP/CMC)", epilog=EPILOG)
+    p = sub.add_parser("eval", help="evaluate a trained run or checkpoint (top-1, or mAP/CMC)", epilog=EPILOG,
+                       parents=[threads])
     _add_source(p)
-    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--json", help="also write the metrics to this JSON file (default: printed only)")
 
     p = sub.add_parser("demo", help="pretrain a small ViT, fine-tune SA-only and DCAL on a generated fine-grained "
-                       "set (CPU, minutes)")
+                       "set (CPU, minutes)", parents=[threads])
     p.add_argument("--output-dir", default="runs/demo", help="where the runs and the picture go")
     p.add_argument("--fresh", action="store_true", help="replace the demo's own runs (else finished ones are reused)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
 
-    p = sub.add_parser("visualize", help="attention pictures: SA rollout + GLCA queries, GLCA and PWCA attention")
+    p = sub.add_parser("visualize", help="attention pictures: SA rollout + GLCA queries, GLCA and PWCA attention",
+                       parents=[threads])
     _add_source(p)
-    p.add_argument("--num-images", type=_at_least_one, default=8)
+    p.add_argument("--num-images", type=_at_least_one, default=8, help="images in the picture (one column each)")
     p.add_argument("--images", nargs="+", default=None, help="your own image files/folders (default: test images)")
     p.add_argument("--output", default=None, help="PNG path (default: <run>/rollout.png or ./rollout.png)")
 
-    p = sub.add_parser("predict", help="top-k classes of image files and folders (FGVC)")
+    p = sub.add_parser("predict", help="top-k classes of image files and folders (FGVC)", parents=[threads])
     _add_source(p, overrides=False)
     p.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--output", help="also write the predictions to this .csv or .json file")
+    p.add_argument("--topk", type=_at_least_one, default=5,
+                   help="classes listed per image, most probable first (more than the model has: all of them)")
+    p.add_argument("--output", help="also write the predictions to this .csv or .json file (default: printed only)")
     _add_inference(p)
 
-    p = sub.add_parser("embed", help="Re-ID features of image folders, saved for 'dcal search'")
+    p = sub.add_parser("embed", help="Re-ID features of image folders, saved for 'dcal search'", parents=[threads])
     _add_source(p, overrides=False)
     p.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
     p.add_argument("--output", required=True, help=".safetensors file: features + index (paths, pid, camid)")
     _add_embedding(p)
 
-    p = sub.add_parser("search", help="rank a gallery for each query; mAP/CMC when ids are known; visrank pictures")
+    p = sub.add_parser("search", help="rank a gallery for each query; mAP/CMC when ids are known; visrank pictures",
+                       parents=[threads])
     _add_source(p, overrides=False, required=False)
     p.add_argument("--query", required=True, help="query folder, or a features file from 'dcal embed'")
     p.add_argument("--gallery", required=True, help="gallery folder, or a features file from 'dcal embed'")
-    p.add_argument("--output-dir", default="search", help="ranking.csv, metrics.json, visrank/ (default ./search)")
+    p.add_argument("--output-dir", default="search", help="ranking.csv, metrics.json, visrank/")
     p.add_argument("--max-rank", type=_at_least_one, default=50, help="ranked gallery items per query in the CSV")
     p.add_argument("--num-vis", type=int, default=100, help="queries drawn with their top-10 (-1: all, 0: none)")
-    p.add_argument("--metric", default="euclidean", choices=("euclidean", "cosine"))
-    p.add_argument("--save-gallery", help="also save the gallery features here, to reuse them in later searches")
+    p.add_argument("--metric", default="euclidean", choices=("euclidean", "cosine"),
+                   help="distance between L2-normalised features (the same ranking; cosine reads 1 - cos)")
+    p.add_argument("--save-gallery",
+                   help="also save the gallery features here, to reuse them in later searches (default: not saved)")
     _add_embedding(p)
 
-    p = sub.add_parser("export", help="export to ONNX (inference graph) and/or .safetensors (weights + config)")
+    p = sub.add_parser("export", help="export to ONNX (inference graph) and/or .safetensors (weights + config)",
+                       parents=[threads])
     _add_source(p, overrides=False)
-    p.add_argument("--onnx", help="ONNX file to write")
-    p.add_argument("--safetensors", help="weights + config .safetensors to write (load with dcal.load_model)")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--fusion", default="sa+glca", choices=("sa+glca", "sa", "glca"))
+    p.add_argument("--onnx", help="ONNX file to write (default: none)")
+    p.add_argument("--safetensors", help="weights + config .safetensors to write, load with dcal.load_model "
+                   "(default: none)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX operator set version of the exported graph")
+    p.add_argument("--fusion", default="sa+glca", choices=("sa+glca", "sa", "glca"),
+                   help="branches the exported graph combines")
     p.add_argument("--after-bn", action="store_true", help="Re-ID: embedding after the BNNeck")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch")
 
@@ -138,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dcal.ablation import SETS
 
     p = sub.add_parser("ablation", help="train the paper's ablation variants over several seeds; table + picture",
+                       parents=[threads],
                        epilog=f"Sets: {', '.join(SETS)} (comma-separated to run several into one folder). " + EPILOG)
     p.add_argument("--config", required=True, help="YAML recipe every variant starts from")
     p.add_argument("--set", default="table3", help="table3 | selection | pairs | blocks, or several: table3,selection")
@@ -393,6 +438,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "visualize":
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_threads(getattr(args, "threads", None))
     from dcal.config import ConfigError
     from dcal.errors import error_line
 

@@ -139,6 +139,8 @@ def resolve_checkpoint(run: str | Path | None = None, checkpoint: str | Path | N
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         return path
+    if not Path(run).is_dir():
+        raise FileNotFoundError(f"run directory {str(run)!r} does not exist")
     found = [Path(run) / n for n in RUN_CHECKPOINTS if (Path(run) / n).is_file()]
     if not found:
         raise FileNotFoundError(f"run directory {run} holds no checkpoint (looked for {', '.join(RUN_CHECKPOINTS)})")
