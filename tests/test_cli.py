@@ -92,7 +92,7 @@ def test_resume_continues_exactly(folder_data, recipe, tmp_path, monkeypatch):
 
     def interrupt_after_first_epoch(path, record):
         real_append(path, record)
-        if record.get("epoch") == 0:
+        if record.get("epoch") == 1:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(dcal.engine.run, "_append_jsonl", interrupt_after_first_epoch)

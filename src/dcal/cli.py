@@ -203,13 +203,20 @@ def cmd_train(args: argparse.Namespace) -> Any:
     return fit(load_config(args.config, args.overrides), resume=args.resume)
 
 
+def print_metrics(metrics: dict[str, Any]) -> None:
+    """One line per number (percentages as written to the files; a list such as the CMC curve stays in the
+    file)."""
+    for k, v in metrics.items():
+        if not isinstance(v, list):
+            print(f"{k:>20}: {v:.2f}" if isinstance(v, float) else f"{k:>20}: {v}")
+
+
 def cmd_eval(args: argparse.Namespace) -> Any:
     from dcal.engine import evaluate_checkpoint, load_for_eval
 
     cfg, model = load_for_eval(args.run, args.checkpoint, args.overrides)
     metrics = evaluate_checkpoint(cfg, model)
-    for k, v in metrics.items():
-        print(f"{k:>20}: {v:.2f}" if isinstance(v, float) else f"{k:>20}: {v}")
+    print_metrics(metrics)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
@@ -351,13 +358,17 @@ def cmd_search(args: argparse.Namespace) -> Any:
         print(f"saved gallery features to {gallery.save(args.save_gallery)}")
     ranking = rank_gallery(query, gallery, topk=args.max_rank, metric=args.metric)
     out = Path(args.output_dir)
+    if not (ranking.order >= 0).any():
+        raise ValueError(f"no query could be ranked: the protocol excludes every gallery image of --gallery "
+                         f"{args.gallery} (junk pid -1, or the query's identity under the query's camera)")
     atomic_write_text(out / "ranking.csv", ranking_csv(query, gallery, ranking))
     print(f"{len(query)} queries x {len(gallery)} gallery images; ranking in {out / 'ranking.csv'}")
     if ranking.metrics is not None:
         atomic_write_text(out / "metrics.json", json.dumps(ranking.metrics, indent=2))
-        for k, v in ranking.metrics.items():
-            if k != "cmc":  # the whole curve is in metrics.json
-                print(f"{k:>20}: {100 * v:.2f}" if isinstance(v, float) else f"{k:>20}: {v}")
+        if "error" in ranking.metrics:
+            print(f"no evaluation: {ranking.metrics['error']}", file=sys.stderr)
+        else:
+            print_metrics(ranking.metrics)
     else:
         print("no evaluation: the file names of the query or gallery carry no pid/camid")
     if args.num_vis:

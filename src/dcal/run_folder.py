@@ -96,7 +96,17 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object (one record per line), got {type(record).__name__}")
         out.append(record)
-    return out
+    return _one_based(out)
+
+
+def _one_based(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records numbered as now: epochs from 1, as the console shows them. A ``metrics.jsonl`` of a dcal that
+    numbered them from 0 (it holds an epoch 0; today's never does) is renumbered on reading, so that an older run
+    folder is reported, reused and resumed (resume rewrites the file) with the numbers its console showed."""
+    if not any(r.get("epoch") == 0 for r in records):
+        return records
+    shift = ("epoch", "best_epoch")
+    return [{**r, **{k: r[k] + 1 for k in shift if isinstance(r.get(k), int)}} for r in records]
 
 
 def final_record(folder: str | Path) -> dict[str, Any] | None:

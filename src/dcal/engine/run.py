@@ -162,7 +162,7 @@ def check_run_folder(out_dir: Path, cfg: DictConfig, resume: bool, owned: bool =
     final = run_folder.final_record(out_dir)
     if final is None:
         return None
-    done = final["epoch"] + 1
+    done = final["epoch"]  # records number epochs from 1, as the console does: the final one is the count
     if done > cfg.train.epochs:
         raise ResumeConfigError(f"--resume: train.epochs={cfg.train.epochs} but {out_dir} has trained {done} "
                                 f"epochs already (train.epochs may grow on resume, not shrink)")
@@ -193,7 +193,7 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
     def finished(owned: bool) -> dict[str, Any] | None:
         final = dist.on_main(lambda: check_run_folder(out_dir, cfg, resume, owned))
         if final is not None and info.is_main:
-            _log(f"{out_dir}: already finished ({final['epoch'] + 1} epochs); nothing to do")
+            _log(f"{out_dir}: already finished ({final['epoch']} epochs); nothing to do")
         return final
 
     final = finished(owned=False)  # fail (or finish) fast, before the data is read
@@ -323,7 +323,7 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
                 every = cfg.train.save_every_steps
                 saved = bool(every) and p.batches % every == 0
                 if saved:
-                    partial = {"epoch": epoch, "step": p.batches, "partial": True, **summarize(p, device)}
+                    partial = {"epoch": epoch + 1, "step": p.batches, "partial": True, **summarize(p, device)}
                     state = state_for(epoch, partial, p)
                     if main:
                         save_training_state(last_path, **state)
@@ -334,7 +334,7 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
                 if not saved:
                     # the same checkpoint as save_every_steps', but no metrics line: a resumed run's
                     # metrics.jsonl is the uninterrupted one's (the record only tells resume where it stands)
-                    partial = {"epoch": epoch, "step": p.batches, "partial": True, "interrupted": True,
+                    partial = {"epoch": epoch + 1, "step": p.batches, "partial": True, "interrupted": True,
                                **summarize(p, device)}
                     state = state_for(epoch, partial, p)
                     if main:
@@ -349,7 +349,7 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
                 kept = f"the last good checkpoint is {last_path}" if last_path.exists() else "no checkpoint was written"
                 raise NonFiniteLossError(f"{e} ({kept})") from None
             progress = None
-            record = {"epoch": epoch, **stats}
+            record = {"epoch": epoch + 1, **stats}  # 1-based in every file, as on the console
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
                 record.update(evaluate(model, sets, device, cfg))
             improved = metric_name in record and record[metric_name] > best
@@ -361,7 +361,7 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
                 if improved:
                     save_training_state(out_dir / run_folder.BEST, **state)
                     export_weights(out_dir / run_folder.BEST_WEIGHTS, model, to_yaml(cfg),
-                                   {"classes": _classes(sets["train"]), "epoch": epoch, metric_name: best})
+                                   {"classes": _classes(sets["train"]), "epoch": epoch + 1, metric_name: best})
                 save_training_state(last_path, **state)
                 if cfg.train.save_every and (epoch + 1) % cfg.train.save_every == 0:
                     save_training_state(out_dir / run_folder.epoch_checkpoint(epoch + 1), **state)
@@ -374,7 +374,7 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
             signum = stops.agreed(device) if epoch + 1 < cfg.train.epochs else 0  # the last: just finish
             if signum:
                 raise interrupted(signum, f"after epoch {epoch + 1}")
-        final = {"final": True, "epoch": cfg.train.epochs - 1, f"best_{metric_name}": best, "best_epoch": best_epoch,
+        final = {"final": True, "epoch": cfg.train.epochs, f"best_{metric_name}": best, "best_epoch": best_epoch + 1,
                  "train_time_s": time.perf_counter() - t0,
                  **{k: v for k, v in record.items() if k not in ("epoch", "step", "partial", "interrupted")}}
         if main:
@@ -412,7 +412,9 @@ def _records_until(records: list[dict[str, Any]], state: dict[str, Any]) -> list
     """The metrics records written up to the checkpoint ``state`` (later ones belong to lost work); the
     checkpoint's own record is added if the run died between writing the checkpoint and its line."""
     mine = state.get("record") or {}
-    end = _position(mine) if mine else (state["epoch"], math.inf)
+    if mine and mine["epoch"] == state["epoch"]:  # a checkpoint of a dcal that numbered records from 0
+        mine = {**mine, "epoch": mine["epoch"] + 1}
+    end = _position(mine) if mine else (state["epoch"] + 1, math.inf)  # state["epoch"]: 0-based loop index
     kept = [r for r in records if _position(r) <= end]  # a finished run's final record stays: it is history
     if mine and not mine.get("interrupted") and all(_position(r) != end or r.get("final") for r in kept):
         kept.append(mine)
@@ -443,7 +445,7 @@ def _classes(dataset: Dataset) -> list[str] | int:
 def _summary(record: dict[str, Any], cfg: DictConfig) -> str:
     scores = " ".join(f"{k} {record[k]:.2f}" for k in SCORE_KEYS[cfg.task] if k in record)
     bad = " ".join(f"{k} {record[k]}" for k in ("bad_images", "bad_steps") if record.get(k))
-    return (f"epoch {record['epoch'] + 1}/{cfg.train.epochs} loss {record['loss']:.4f} lr {record['lr']:.3e} "
+    return (f"epoch {record['epoch']}/{cfg.train.epochs} loss {record['loss']:.4f} lr {record['lr']:.3e} "
             f"{record['images_per_s']:.1f} img/s {scores} {bad}").rstrip()
 
 
