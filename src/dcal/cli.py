@@ -233,10 +233,11 @@ def cmd_visualize(args: argparse.Namespace) -> Any:
 
     from dcal.data.transforms import config_mean_std
     from dcal.inference import list_images, load_model, run_batches
-    from dcal.visualize import attention_rows, denormalize, save_attention_figure
+    from dcal.visualize import attention_rows, denormalize, prediction_titles, save_attention_figure
 
     loaded = load_model(args.run, args.checkpoint, "cpu", args.overrides)
     cfg, model = loaded.cfg, loaded.model
+    truths = None  # the true class of each column, when known (the test split's)
     if args.images:
         files = list_images(args.images)[: args.num_images]
         batch, done, failed = run_batches(lambda x: x, files, loaded.transform, torch.device("cpu"))
@@ -244,25 +245,29 @@ def cmd_visualize(args: argparse.Namespace) -> Any:
             print(f"skipped {files[i]}: {err}", file=sys.stderr)
         if batch is None:
             raise ValueError(f"none of the images in {args.images} could be read")
-        titles = [Path(files[i]).name[:18] for i in done]
+        labels = [Path(files[i]).name for i in done]
     else:
-        batch, titles = _test_images(cfg, args.num_images)
+        batch, labels = _test_images(cfg, args.num_images)
+        truths = labels if cfg.task == "fgvc" else None
     if len(batch) < 2 and model.cfg.pwca_blocks:
         raise ValueError("the PWCA picture pairs images: give at least 2")
+    predictions = {}
     if cfg.task == "fgvc":
         with torch.no_grad():
             preds = model.predict(batch).argmax(-1).tolist()
         names = loaded.classes or [str(c) for c in range(model.cfg.num_classes)]
-        titles = [f"{t}\npred {names[p][:14]}" for t, p in zip(titles, preds, strict=True)]
+        predictions["pred"] = [names[p] for p in preds]
+    titles, colors = prediction_titles(labels, predictions, truths)
     shown = denormalize(batch, *config_mean_std(cfg))
     out = args.output or str(Path(args.run or ".") / "rollout.png")
-    path = save_attention_figure(out, shown, attention_rows(model, batch, shown), titles)
+    path = save_attention_figure(out, shown, attention_rows(model, batch, shown), titles, title_colors=colors)
     print(f"saved {path}")
     return path
 
 
 def _test_images(cfg: Any, num: int) -> tuple[Any, list[str]]:
-    """``num`` images spread over the run's test (FGVC) or query (Re-ID) split, with captions."""
+    """``num`` images spread over the run's test (FGVC) or query (Re-ID) split, with their class names (FGVC) or
+    identity and 1-based camera (Re-ID)."""
     import torch
 
     from dcal.engine import build_datasets
@@ -273,7 +278,7 @@ def _test_images(cfg: Any, num: int) -> tuple[Any, list[str]]:
     step = max(1, len(data) // n)
     items = [data[i * step] for i in range(n)]
     if cfg.task == "fgvc":
-        titles = [data.classes[it[1]][:14] for it in items]
+        titles = [data.classes[it[1]] for it in items]
     else:
         titles = [f"id {it[1]} cam {it[2] + 1}" for it in items]  # 1-based, as c1 in the file names
     return torch.stack([it[0] for it in items]), titles

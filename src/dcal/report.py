@@ -98,7 +98,10 @@ def _has_mechanism(log: RunLog) -> bool:
 def plot_curves(logs: Sequence[RunLog], path: str | Path) -> Path:
     """Four panels (loss per branch, loss weights, lr, scores), then, when a run measured them, the mechanism
     (mark hits of the three selections and PWCA's mean distractor share, in %) and PWCA's share per block in the
-    last evaluated epoch (bars); one colour per run, one line style per series."""
+    last evaluated epoch (bars); one colour per quantity, one line style per run (the runs' bars: one hatch each),
+    whole-number epoch ticks."""
+    from matplotlib.ticker import MaxNLocator
+
     task = logs[0].task
     panels = [
         ("loss", ["loss", *(f"loss_{b}" for b in BRANCHES)]),
@@ -111,6 +114,7 @@ def plot_curves(logs: Sequence[RunLog], path: str | Path) -> Path:
     per_block = [(log, last_with(log, "pwca_share")) for log in logs]
     per_block = [(log, r) for log, r in per_block if r is not None]
     styles = ["-", "--", ":", "-."]
+    hatches = ["", "//", "..", "xx"]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     n = len(panels) + bool(per_block)
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4.2), squeeze=False)
@@ -120,12 +124,15 @@ def plot_curves(logs: Sequence[RunLog], path: str | Path) -> Path:
                 x, y = _series(log, key, 100.0 if key == PWCA_SHARE else 1.0)
                 if x:
                     label = key if len(logs) == 1 else f"{log.label}: {key}"
-                    ax.plot(x, y, styles[s % len(styles)], color=colors[r % len(colors)], marker="." if len(x) < 30
+                    ax.plot(x, y, styles[r % len(styles)], color=colors[s % len(colors)], marker="." if len(x) < 30
                             else None, label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.5
         if title == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        else:  # plain values: no "1e-6+4.999e-1" offset above a panel of nearly equal weights
+            ax.ticklabel_format(axis="y", useOffset=False)
         if ax.lines:
             ax.legend(fontsize=7)
     if per_block:
@@ -134,7 +141,8 @@ def plot_curves(logs: Sequence[RunLog], path: str | Path) -> Path:
         for r, (log, rec) in enumerate(per_block):
             shares = [100.0 * v for v in rec["pwca_share"]]
             ax.bar([i + 1 + (r - (len(per_block) - 1) / 2) * width for i in range(len(shares))], shares, width,
-                   color=colors[logs.index(log) % len(colors)], label=f"{log.label} (epoch {rec['epoch']})")
+                   color=colors[0], edgecolor="black", hatch=hatches[logs.index(log) % len(hatches)],
+                   label=f"{log.label} (epoch {rec['epoch']})")
         ax.axhline(50.0, color="grey", linewidth=0.8, linestyle=":")  # what a self-pair would give
         ax.set_title("PWCA share per block, last epoch (%)")
         ax.set_xlabel("pair-wise block")
