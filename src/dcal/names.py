@@ -41,7 +41,7 @@ def wrap(name: str | os.PathLike, width: int = 18, lines: int = 2) -> str:
     out = []
     while len(text) > width:
         cut = max((m.end() for m in _BREAK_AFTER.finditer(text, 0, width) if m.end() >= width // 2), default=width)
-        out.append(text[:cut])
+        out.append(text[:cut].rstrip(" "))
         text = text[cut:]
     return "\n".join([*out, text])
 
