@@ -214,3 +214,17 @@ def test_bad_option_values_and_missing_run_are_one_clear_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["eval", "--run", str(tmp_path / "empty")]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_recipes_lists_prints_and_copies_out(tmp_path, capsys):
+    assert main(["recipes"]) == 0
+    listed = capsys.readouterr().out
+    assert "fgvc/cub_deit_tiny" in listed and "reid/market1501_deit_tiny" in listed
+    assert main(["recipes", "fgvc/cub_deit_tiny"]) == 0
+    assert "dcal train --config configs/fgvc/cub_deit_tiny.yaml" in capsys.readouterr().out
+    assert main(["recipes", "fgvc/cub_deit_tiny", "--copy", str(tmp_path / "mine")]) == 0
+    copied = tmp_path / "mine" / "cub_deit_tiny.yaml"
+    assert "wrote" in capsys.readouterr().out and copied.is_file()
+    assert main(["recipes", "fgvc/cub_deit_tiny", "--copy", str(tmp_path / "mine")]) == 2  # never replaced
+    assert "already exists" in capsys.readouterr().err
+    assert main(["recipes", "fgvc/nope"]) == 2

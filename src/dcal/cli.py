@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG + " Under torchrun (torchrun --nproc_per_node=N -m dcal train ...) every process runs it: "
         "distributed data parallel, rank 0 writes.",
     )
-    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/fgvc/cub_deit_tiny.yaml")
+    p.add_argument("--config", required=True, help="YAML recipe: a file, or a packaged recipe's name such as "
+                   "fgvc/cub_deit_tiny (see 'dcal recipes')")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in output_dir from last.pth (mid-epoch ones included)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
@@ -179,12 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("complexity", help="print parameters and FLOPs at inference (the paper's Table 3)")
 
+    p = sub.add_parser("recipes", help="list the packaged recipes, print one, or copy one out to edit it")
+    p.add_argument("name", nargs="?", default=None, help="a recipe, e.g. fgvc/cub_deit_tiny (default: list them)")
+    p.add_argument("--copy", metavar="DIR", default=None,
+                   help="write the recipe into DIR (an existing file is not replaced) (default: print it)")
+
     from dcal.ablation import SETS
 
     p = sub.add_parser("ablation", help="train the paper's ablation variants over several seeds; table + picture",
                        parents=[threads],
                        epilog=f"Sets: {', '.join(SETS)} (comma-separated to run several into one folder). " + EPILOG)
-    p.add_argument("--config", required=True, help="YAML recipe every variant starts from")
+    p.add_argument("--config", required=True, help="YAML recipe every variant starts from (a file or a packaged "
+                   "recipe's name)")
     p.add_argument("--set", default="table3", help="table3 | selection | pairs | blocks, or several: table3,selection")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant: train.seed, train.seed+1, ...")
     p.add_argument("--output-dir", default=None, help="default: runs/ablation_<sets>_<recipe name> (each run goes "
@@ -422,6 +429,32 @@ def cmd_report(args: argparse.Namespace) -> Any:
     return png, md
 
 
+def cmd_recipes(args: argparse.Namespace) -> Any:
+    import shutil
+
+    from dcal.config import recipe_names, resolve_recipe
+
+    if args.name is None:
+        if args.copy:
+            raise ValueError("--copy needs a recipe name: dcal recipes NAME --copy DIR")
+        names = recipe_names()
+        for name in names:
+            first = resolve_recipe(name).read_text(encoding="utf-8").split("\n", 1)[0]
+            print(f"{name:<34} {first.lstrip('# ') if first.startswith('#') else ''}".rstrip())
+        return names
+    path = resolve_recipe(args.name)
+    if args.copy is None:
+        print(path.read_text(encoding="utf-8"), end="")
+        return path
+    dest = Path(args.copy) / path.name
+    if dest.exists():
+        raise FileExistsError(f"{dest} already exists: not replaced (remove it, or copy into another folder)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, dest)
+    print(f"wrote {dest}: train with dcal train --config {dest} data.root=...")
+    return dest
+
+
 def cmd_complexity(args: argparse.Namespace) -> Any:
     from dcal.model.complexity import complexity_rows, format_table
 
@@ -449,7 +482,8 @@ def _rank_tag() -> str:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "visualize": cmd_visualize,
             "complexity": cmd_complexity, "ablation": cmd_ablation, "predict": cmd_predict, "embed": cmd_embed,
-            "search": cmd_search, "export": cmd_export, "report": cmd_report}
+            "search": cmd_search, "export": cmd_export, "report": cmd_report,
+            "recipes": cmd_recipes}
 
 
 def main(argv: list[str] | None = None) -> int:
