@@ -1,7 +1,7 @@
-"""Run the benchmarks and paste their own output into README.md between the BENCHMARK markers.
+"""Run the benchmarks and paste their own output into benchmarks/README.md between the BENCHMARK markers.
 
     python benchmarks/update_readme.py [--model-args "--cases fgvc reid"] [--model-markdown run.md]
-                                       [--skip-reid-eval] [--readme README.md]
+                                       [--skip-reid-eval] [--readme benchmarks/README.md]
 
 * the model benchmark (``benchmarks/bench_model.py``) runs in a subprocess with ``--markdown`` (or its saved
   markdown is reused with ``--model-markdown``, since a full run takes a while on a small CPU);
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-markdown", type=Path, default=None,
                     help="reuse this saved `bench_model.py --markdown` output instead of running it again")
     ap.add_argument("--skip-reid-eval", action="store_true", help="leave the re-id evaluation benchmark out")
-    ap.add_argument("--readme", type=Path, default=REPO / "README.md")
+    ap.add_argument("--readme", type=Path, default=REPO / "benchmarks" / "README.md")
     args = ap.parse_args(argv)
 
     parts = ["#### Model: DCAL vs plain timm and the FLOP floor (`benchmarks/bench_model.py`)", ""]

@@ -59,7 +59,7 @@ def test_table_is_the_last_epochs_of_the_runs(ablation):
         last = []
         for run in row["runs"]:
             records = [json.loads(x) for x in open(f"{run['run_dir']}/metrics.jsonl")]
-            assert records[-1]["final"] and records[-2]["epoch"] == 1
+            assert records[-1]["final"] and records[-2]["epoch"] == 2
             last.append(records[-2]["top1"])
         assert row["last_top1"] == pytest.approx(mean_std(last))
         assert row["delta_top1"] == pytest.approx(row["last_top1"][0] - summary["rows"][0]["last_top1"][0])

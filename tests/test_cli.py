@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def test_resume_continues_exactly(folder_data, recipe, tmp_path, monkeypatch):
 
     def interrupt_after_first_epoch(path, record):
         real_append(path, record)
-        if record.get("epoch") == 0:
+        if record.get("epoch") == 1:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(dcal.run_folder, "append_metrics", interrupt_after_first_epoch)
@@ -162,3 +163,69 @@ def test_fp16_on_cpu_is_refused_clearly(folder_data, recipe, tmp_path, capsys):
         pytest.skip("fp16 is allowed on CUDA")
     assert main(train_args(recipe, folder_data, tmp_path / "fp16", "train.amp=fp16")) == 2
     assert "bf16" in capsys.readouterr().err
+
+
+def _subparsers():
+    from dcal.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_option_help_shows_its_default():
+    for name, p in _subparsers().items():
+        formatter = p._get_formatter()
+        in_required_group = {a for g in p._mutually_exclusive_groups if g.required for a in g._group_actions}
+        for action in p._actions:
+            if not action.option_strings or action.required or action in in_required_group:
+                continue
+            if action.dest in ("help",):
+                continue
+            text = formatter._get_help_string(action) or ""
+            assert "default" in text, f"dcal {name} {action.option_strings[0]}: help {text!r} names no default"
+
+
+def test_threads_is_offered_by_the_computing_commands_and_sets_torch():
+    commands = _subparsers()
+    for name in ("train", "eval", "demo", "visualize", "predict", "embed", "search", "export", "ablation"):
+        assert any("--threads" in a.option_strings for a in commands[name]._actions), name
+    from dcal.cli import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        set_threads(None)  # unset: torch's own setting is left alone
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_option_values_and_missing_run_are_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "--checkpoint", "x.pth", "img.png", "--topk", "0"])
+    assert e.value.code == 2 and "expects an int >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--run", "x", "--threads", "0"])
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "nope" in err and "holds no checkpoint" not in err
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "--run", str(tmp_path / "empty")]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_recipes_lists_prints_and_copies_out(tmp_path, capsys):
+    assert main(["recipes"]) == 0
+    listed = capsys.readouterr().out
+    assert "fgvc/cub_deit_tiny" in listed and "reid/market1501_deit_tiny" in listed
+    assert main(["recipes", "fgvc/cub_deit_tiny"]) == 0
+    assert "dcal train --config configs/fgvc/cub_deit_tiny.yaml" in capsys.readouterr().out
+    assert main(["recipes", "fgvc/cub_deit_tiny", "--copy", str(tmp_path / "mine")]) == 0
+    copied = tmp_path / "mine" / "cub_deit_tiny.yaml"
+    assert "wrote" in capsys.readouterr().out and copied.is_file()
+    assert main(["recipes", "fgvc/cub_deit_tiny", "--copy", str(tmp_path / "mine")]) == 2  # never replaced
+    assert "already exists" in capsys.readouterr().err
+    assert main(["recipes", "fgvc/nope"]) == 2

@@ -240,3 +240,27 @@ def test_modern_backbone_recipes_build_and_run(path: Path) -> None:
     patch = 14 if "patch14" in small.model.backbone else 16
     assert model.num_patches == (h // patch) * (w // patch) and h % patch == 0 and w % patch == 0
     assert out["selected"].shape == (1, model.num_local_queries)
+def test_recipes_resolve_by_name_from_the_package(tmp_path, monkeypatch):
+    from dcal.config import RECIPES, ConfigError, load_config, recipe_names, resolve_recipe
+
+    repo_configs = Path(__file__).resolve().parents[1] / "configs"
+    # the package's recipes are the checkout's configs/ (a link: one copy in git), every one of them
+    assert RECIPES.resolve() == repo_configs.resolve()
+    assert recipe_names() == sorted(p.relative_to(repo_configs).with_suffix("").as_posix()
+                                    for p in repo_configs.rglob("*.yaml"))
+    monkeypatch.chdir(tmp_path)  # away from the checkout: names still resolve, to the packaged files
+    want = RECIPES / "fgvc" / "cub_deit_tiny.yaml"
+    for name in ("fgvc/cub_deit_tiny", "fgvc/cub_deit_tiny.yaml", "configs/fgvc/cub_deit_tiny.yaml"):
+        assert resolve_recipe(name) == want, name
+    assert load_config("fgvc/cub_deit_tiny").model.backbone == load_config(want).model.backbone
+    own = tmp_path / "fgvc" / "cub_deit_tiny.yaml"  # an existing file wins over a packaged name
+    own.parent.mkdir()
+    own.write_text("train:\n  epochs: 3\n")
+    assert resolve_recipe("fgvc/cub_deit_tiny.yaml") == Path("fgvc/cub_deit_tiny.yaml")
+    with pytest.raises(ConfigError, match=r"not found: fgvc/cub_deit_tny: .*did you mean fgvc/cub_deit_tiny"):
+        load_config("fgvc/cub_deit_tny")
+    # a recipe's model.pretrain (configs/demo_pretrain.yaml) resolves the same way, outside the checkout too
+    from dcal.pretrain import pretrain_config
+
+    pre = pretrain_config(load_config("demo").model.pretrain, tmp_path / "pre")
+    assert pre.data.synthetic_task == "coarse" and pre.output_dir == str(tmp_path / "pre")

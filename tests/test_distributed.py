@@ -100,7 +100,7 @@ def test_two_process_reid_run_writes_one_set_of_files(tmp_path, market_data):  #
     assert "x 2 process(es)" in res.stdout
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     ends = [r for r in records if not r.get("partial") and not r.get("final")]
-    assert [r["epoch"] for r in ends] == [0, 1] and records[-1]["final"] is True
+    assert [r["epoch"] for r in ends] == [1, 2] and records[-1]["final"] is True
     assert sorted(p.name for p in out.iterdir() if p.suffix in (".pth", ".safetensors")) == [
         "best.pth", "best.safetensors", "last.pth", "last.safetensors"]
     state = torch.load(out / "last.pth", weights_only=True)

@@ -43,3 +43,32 @@ def test_every_module_of_the_package_is_listed():
 def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         dcal.nope  # noqa: B018
+
+
+def test_the_wheel_ships_the_recipes_and_the_license_and_pypi_text_has_no_relative_links(tmp_path):
+    import re
+    import shutil
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    tree = tmp_path / "tree"  # a copy: building in the checkout would leave build/ and *.egg-info there
+    tree.mkdir()
+    for name in ("pyproject.toml", "LICENSE", "README.md"):
+        shutil.copy(repo / name, tree / name)
+    shutil.copytree(repo / "docs", tree / "docs")
+    shutil.copytree(repo / "configs", tree / "configs")
+    shutil.copytree(repo / "src", tree / "src", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    assert (tree / "src" / "dcal" / "recipes").is_symlink()  # one copy of the recipes in git: configs/
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(tree)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("dcal-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        metadata = next(z.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
+        licence = next(z.read(n).decode() for n in names if n.endswith("licenses/LICENSE"))
+    recipes = {p.relative_to(repo / "configs").as_posix() for p in (repo / "configs").rglob("*.yaml")}
+    assert {f"dcal/recipes/{r}" for r in recipes} <= names
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+    assert "License-Expression: Apache-2.0" in metadata
+    description = metadata.split("\n\n", 1)[1]
+    assert "dcal demo" in description and not re.findall(r"\]\((?!https?://)", description)

@@ -86,3 +86,12 @@ def test_predict_rejects_reid_models_and_bad_output(reid_run, fgvc_run, tmp_path
     assert "dcal embed" in capsys.readouterr().err
     assert main(["predict", "--run", str(fgvc_run[0]), str(fgvc_run[1] / "test"), "--output", "x.txt"]) == 2
     assert ".csv or .json" in capsys.readouterr().err
+
+
+def test_the_table_keeps_class_names_that_differ_only_at_their_end():
+    from dcal.inference import Prediction, predictions_table
+
+    names = ["139.Scarlet_Tanager_breeding_plumage", "140.Scarlet_Tanager_winter_plumage_female"]
+    table = predictions_table([Prediction("a.jpg", [0, 1], names, [0.6, 0.4])])
+    assert names[0] in table  # whole when it fits (40 characters)
+    assert "140.Scarlet_Tanager_…nter_plumage_female 0.400" in table  # longer: the middle goes, never the end

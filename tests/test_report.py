@@ -32,7 +32,7 @@ def test_report_of_one_run(fgvc_run, tmp_path):
     row, _, values = md.splitlines()[2:5]  # the summary table: header, separator, the run's row
     cells = dict(zip([c.strip() for c in row.strip("|").split("|")], [c.strip() for c in values.strip("|").split("|")],
                      strict=True))
-    assert cells["best top1"] == f"{best['top1']:.2f}" and cells["best epoch"] == str(best["epoch"] + 1)
+    assert cells["best top1"] == f"{best['top1']:.2f}" and cells["best epoch"] == str(best["epoch"])
     assert cells["last top1_glca"] == f"{epochs[-1]['top1_glca']:.2f}" and cells["epochs"] == "2/2"
     assert cells["train time (min)"] != "-" and cells["finished"] == "True"
     assert "`model.top_r`: 0.10" in md and "![training curves](curves.png)" in md
@@ -67,7 +67,7 @@ def test_report_mechanism_panel_and_starting_point(fgvc_run, tmp_path):
     assert main(["report", str(run), "--output-dir", str(plain)]) == 0
     assert main(["report", str(fake), "--output-dir", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "rollout 41.0%, last layer 30.0%, chance 5.2%" in md  # epoch 2's values
+    assert "rollout 42.0%, last layer 30.0%, chance 5.2%" in md  # epoch 2's values (40 + epoch)
     assert f"pretrained SA-only by dcal in {pre} (synthetic train, coarse task," in md
     # the mark-hit curves add ink to the mechanism panel (the fifth of six)
     with Image.open(plain / "curves.png") as a, Image.open(tmp_path / "rep" / "curves.png") as b:
@@ -130,3 +130,19 @@ def test_run_killed_mid_append_reads_and_damage_elsewhere_is_named(fgvc_run, tmp
     metrics.write_text("\n".join([lines[0], "[1, 2]", *lines[1:]]) + "\n")
     with pytest.raises(ValueError, match=r"metrics\.jsonl:2: expected a JSON object"):
         read_metrics(metrics)
+
+
+def test_epochs_are_numbered_from_1_and_an_older_0_based_folder_reads_the_same(fgvc_run, tmp_path):
+    run, _ = fgvc_run
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 2]  # two epochs and the final record, as the console counts
+    final = records[-1]
+    assert final["final"] and 1 <= final["best_epoch"] <= 2
+    old = tmp_path / "old"
+    shutil.copytree(run, old)  # as a dcal that numbered records from 0 wrote it
+    shifted = [{**r, "epoch": r["epoch"] - 1, **({"best_epoch": r["best_epoch"] - 1} if "best_epoch" in r else {})}
+               for r in records]
+    (old / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shifted))
+    assert read_run(old).final == read_run(run).final
+    assert {k: v for k, v in run_summary(read_run(old)).items() if k != "run"} == {
+        k: v for k, v in run_summary(read_run(run)).items() if k != "run"}

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dcal.cli import main
-from dcal.engine import build_datasets, eval_loader, evaluate_checkpoint, extract_features
+from dcal.engine import build_datasets, eval_loader, extract_features
 from dcal.inference import load_model
 from dcal.retrieval import GREEN, RED, FeatureSet, parse_identity, ranking_picture
 from tests.helpers import SHARED_DATA, needs_shared
@@ -60,12 +60,15 @@ def test_search_ranks_evaluates_and_draws(embedded, tmp_path, capsys):
                  str(root / "bounding_box_test"), "--output-dir", str(out), "--save-gallery",
                  str(tmp_path / "g.safetensors")]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    loaded = load_model(run=run, device="cpu")
-    loaded.cfg.data.root = str(root)
-    reference = evaluate_checkpoint(loaded.cfg, loaded.model)  # dcal eval on the same data
-    assert 100 * metrics["mAP"] == pytest.approx(reference["mAP"], abs=1e-4)
-    assert 100 * metrics["rank1"] == pytest.approx(reference["rank1"], abs=1e-4)
-    assert len(metrics["cmc"]) == 10 and metrics["cmc"][0] == metrics["rank1"] and metrics["cmc"][-1] == 1.0
+    # dcal eval on the same data writes the same numbers under the same keys, in the same unit (%)
+    assert main(["eval", "--run", str(run), f"data.root={root}", "--json", str(tmp_path / "eval.json")]) == 0
+    reference = json.loads((tmp_path / "eval.json").read_text())
+    scores = {"mAP", "rank1", "rank5", "rank10", "mINP", "num_skipped_queries"}
+    assert set(metrics) == scores | {"cmc"} and scores <= set(reference)  # eval adds the mechanism's numbers
+    for k in scores:
+        assert metrics[k] == pytest.approx(reference[k], abs=1e-4), k
+    assert 0.0 < metrics["mAP"] <= 100.0 and metrics["num_skipped_queries"] == 0
+    assert len(metrics["cmc"]) == 10 and metrics["cmc"][0] == metrics["rank1"] and metrics["cmc"][-1] == 100.0
 
     rows = list(csv.DictReader((out / "ranking.csv").open()))
     by_query: dict[str, list[dict]] = {}
@@ -81,7 +84,7 @@ def test_search_ranks_evaluates_and_draws(embedded, tmp_path, capsys):
         assert all(r["match"] == str(int(r["gallery_pid"] == r["query_pid"])) for r in ranked)
         assert len(ranked) == 11 - 1 - (1 if ranked[0]["query_pid"] == "20" else 0)  # junk, same camera removed
         # rank-1 of the metrics = fraction of queries whose first row matches
-    assert metrics["rank1"] == pytest.approx(np.mean([v[0]["match"] == "1" for v in by_query.values()]))
+    assert metrics["rank1"] == pytest.approx(100 * np.mean([v[0]["match"] == "1" for v in by_query.values()]))
 
     pics = sorted((out / "visrank").glob("*.png"))
     assert len(pics) == 4

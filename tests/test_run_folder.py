@@ -157,7 +157,7 @@ def test_resume_with_more_epochs_continues_with_one_final_record_per_length(fini
     assert "x.yaml" in capsys.readouterr().err
     assert train(out, "--resume", "train.epochs=2") == 0
     rs = records(out)
-    assert [(r["epoch"], bool(r.get("final"))) for r in rs] == [(0, False), (0, True), (1, False), (1, True)]
+    assert [(r["epoch"], bool(r.get("final"))) for r in rs] == [(1, False), (1, True), (2, False), (2, True)]
     assert load_training_state(out / "last.pth")["epoch"] == 1
     capsys.readouterr()
     assert train(out, "--resume", "train.epochs=2") == 0

@@ -64,3 +64,29 @@ def test_visualize_cli_on_own_images(fgvc_run, tmp_path, capsys):
     with Image.open(out) as im:
         # 3 columns; rows: image, SA rollout, GLCA, PWCA on the target, PWCA on the distractor (2.2 x 2.4 in, 110 dpi)
         assert im.size == (round(2.2 * 3 * 110), round(2.4 * 5 * 110))
+
+
+def test_names_are_wrapped_or_lose_their_middle_never_their_distinguishing_end():
+    from dcal.names import shorten, wrap, wrap_all
+
+    assert wrap("013.Red_faced_Cormorant", 18) == "013.Red_faced_\nCormorant"  # broken after a word, nothing lost
+    assert wrap("short") == "short"
+    long = "Spotted_Catbird_0001_19243_a_very_long_file_name.jpg"
+    assert shorten(long, 21) == "Spotted_Ca…e_name.jpg" and len(wrap(long, 10, 2).replace("\n", "")) == 20
+    # side by side, two names that would read the same lose their common prefix instead
+    a, b = "Spotted_Catbird_with_a_long_name_0001.jpg", "Spotted_Catbird_with_a_long_name_0002.jpg"
+    titles = wrap_all([a, b], 10, 2)
+    assert titles[0] != titles[1] and titles[0].replace("\n", "").endswith("0001.jpg")
+    assert wrap_all(["x", "x"]) == ["x", "x"]  # equal names stay equal
+
+
+def test_prediction_titles_mark_wrong_predictions_in_red():
+    from dcal.visualize import WRONG, prediction_titles
+
+    titles, colors = prediction_titles(["013.Red_faced_Cormorant", "014.Red_faced_Cuckoo"],
+                                       {"pred": ["013.Red_faced_Cormorant", "013.Red_faced_Cormorant"]},
+                                       truths=["013.Red_faced_Cormorant", "014.Red_faced_Cuckoo"])
+    assert titles[0] == "013.Red_faced_\nCormorant\npred \u2713" and colors[0] == "black"
+    assert "pred \u2717" in titles[1] and "Cormorant" in titles[1] and colors[1] == WRONG
+    titles, colors = prediction_titles(["a.jpg"], {"pred": ["alpha"]})  # truth unknown: no mark, no colour
+    assert titles == ["a.jpg\npred: alpha"] and colors == ["black"]

@@ -180,13 +180,13 @@ def run_result(final: dict[str, Any], run_dir: Path, task: str, seed: int) -> di
     last_epoch = final["epoch"]
     last = next((r for r in evaluated if r["epoch"] == last_epoch), None)
     if last is None:
-        raise ValueError(f"{run_dir / METRICS}: no {main} recorded for the last epoch ({last_epoch + 1})")
+        raise ValueError(f"{run_dir / METRICS}: no {main} recorded for the last epoch ({last_epoch})")
     best = max(evaluated, key=lambda r: r[main])
     return {
-        "seed": seed, "run_dir": str(run_dir), "epochs": last_epoch + 1,
+        "seed": seed, "run_dir": str(run_dir), "epochs": last_epoch,
         "last": {k: last[k] for k in keys if k in last},
         "mechanism": {k: last[k] for k in MECHANISM_KEYS if k in last},
-        "best": {k: best[k] for k in keys if k in best}, "best_epoch": best["epoch"] + 1,
+        "best": {k: best[k] for k in keys if k in best}, "best_epoch": best["epoch"],
         "train_time_s": final.get("train_time_s", math.nan),
     }
 

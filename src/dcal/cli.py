@@ -15,11 +15,26 @@ from dcal.vocabulary import FUSIONS, RETRIEVAL_METRICS
 EPILOG = "Config keys are dotted (data.root=..., train.epochs=...); see configs/ and the README."
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it in words (defaults that are
+    None stand for "the run's own setting" and similar, which the help text spells out)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 class _IntermixedParser(argparse.ArgumentParser):
     """A command's parser that takes options after positionals too (``dcal train --config C key=value --resume
     key=value``): plain argparse ends ``key=value ...`` at the first option and rejects what follows."""
 
     _inner = False  # parse_known_intermixed_args calls parse_known_args itself: that call is the plain one
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         if self._inner:
@@ -38,24 +53,43 @@ def _at_least_one(text: str) -> int:
     return int(text)
 
 
+def _threads_parent() -> argparse.ArgumentParser:
+    """The ``--threads`` option of the commands that compute (a parent parser: one definition for all)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--threads", type=_at_least_one, default=None,
+                        help="CPU threads for PyTorch's operators (default: torch's own choice, usually one per "
+                             "core, or OMP_NUM_THREADS): set it when other jobs share the machine")
+    return parent
+
+
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` when given; torch's default otherwise."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _add_source(p: argparse.ArgumentParser, overrides: bool = True, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
-    src.add_argument("--run", help="a run directory written by 'dcal train' (uses best, else last, weights)")
-    src.add_argument("--checkpoint", help="a .pth training checkpoint or a .safetensors weights export")
+    unset = "" if required else " (default: none, for features files only)"
+    src.add_argument("--run", help=f"a run directory written by 'dcal train' (its best, else last, weights){unset}")
+    src.add_argument("--checkpoint", help=f"a .pth training checkpoint or a .safetensors weights export{unset}")
     if overrides:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/cub")
 
 
-def _add_inference(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's eval batch)")
-    p.add_argument("--workers", type=int, default=0, help="image-reading processes (default 0: in this process)")
+def _add_inference(p: argparse.ArgumentParser, run_fusion: bool = False) -> None:
+    """Batch, workers, device and fusion options (``run_fusion``: fusion defaults to the run's eval.fusion)."""
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's eval.batch_size)")
+    p.add_argument("--workers", type=int, default=0, help="image-reading processes (0: in this process)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--fusion", default="sa+glca", choices=FUSIONS, help="branches to combine")
+    p.add_argument("--fusion", default=None if run_fusion else "sa+glca", choices=FUSIONS,
+                   help="branches to combine" + (" (default: the run's eval.fusion)" if run_fusion else ""))
 
 
 def _add_embedding(p: argparse.ArgumentParser) -> None:
-    _add_inference(p)
-    p.set_defaults(fusion=None)
+    _add_inference(p, run_fusion=True)
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the mirrored image (default: the run's eval.flip)")
     p.add_argument("--after-bn", action=argparse.BooleanOptionalAction, default=None,
@@ -71,63 +105,73 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"dcal {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True, parser_class=_IntermixedParser)
+    threads = _threads_parent()
 
     p = sub.add_parser(
-        "train", help="train a model from a YAML recipe (FGVC or Re-ID)",
+        "train", help="train a model from a YAML recipe (FGVC or Re-ID)", parents=[threads],
         epilog=EPILOG + " Under torchrun (torchrun --nproc_per_node=N -m dcal train ...) every process runs it: "
         "distributed data parallel, rank 0 writes.",
     )
-    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/fgvc/cub_deit_tiny.yaml")
+    p.add_argument("--config", required=True, help="YAML recipe: a file, or a packaged recipe's name such as "
+                   "fgvc/cub_deit_tiny (see 'dcal recipes')")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in output_dir from last.pth (mid-epoch ones included)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
 
-    p = sub.add_parser("eval", help="evaluate a trained run or checkpoint (top-1, or mAP/CMC)", epilog=EPILOG)
+    p = sub.add_parser("eval", help="evaluate a trained run or checkpoint (top-1, or mAP/CMC)", epilog=EPILOG,
+                       parents=[threads])
     _add_source(p)
-    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--json", help="also write the metrics to this JSON file (default: printed only)")
 
     p = sub.add_parser("demo", help="pretrain a small ViT, fine-tune SA-only and DCAL on a generated fine-grained "
-                       "set (CPU, minutes)")
+                       "set (CPU, minutes)", parents=[threads])
     p.add_argument("--output-dir", default="runs/demo", help="where the runs and the picture go")
     p.add_argument("--fresh", action="store_true", help="replace the demo's own runs (else finished ones are reused)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
 
-    p = sub.add_parser("visualize", help="attention pictures: SA rollout + GLCA queries, GLCA and PWCA attention")
+    p = sub.add_parser("visualize", help="attention pictures: SA rollout + GLCA queries, GLCA and PWCA attention",
+                       parents=[threads])
     _add_source(p)
-    p.add_argument("--num-images", type=_at_least_one, default=8)
+    p.add_argument("--num-images", type=_at_least_one, default=8, help="images in the picture (one column each)")
     p.add_argument("--images", nargs="+", default=None, help="your own image files/folders (default: test images)")
     p.add_argument("--output", default=None, help="PNG path (default: <run>/rollout.png or ./rollout.png)")
 
-    p = sub.add_parser("predict", help="top-k classes of image files and folders (FGVC)")
+    p = sub.add_parser("predict", help="top-k classes of image files and folders (FGVC)", parents=[threads])
     _add_source(p, overrides=False)
     p.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--output", help="also write the predictions to this .csv or .json file")
+    p.add_argument("--topk", type=_at_least_one, default=5,
+                   help="classes listed per image, most probable first (more than the model has: all of them)")
+    p.add_argument("--output", help="also write the predictions to this .csv or .json file (default: printed only)")
     _add_inference(p)
 
-    p = sub.add_parser("embed", help="Re-ID features of image folders, saved for 'dcal search'")
+    p = sub.add_parser("embed", help="Re-ID features of image folders, saved for 'dcal search'", parents=[threads])
     _add_source(p, overrides=False)
     p.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
     p.add_argument("--output", required=True, help=".safetensors file: features + index (paths, pid, camid)")
     _add_embedding(p)
 
-    p = sub.add_parser("search", help="rank a gallery for each query; mAP/CMC when ids are known; visrank pictures")
+    p = sub.add_parser("search", help="rank a gallery for each query; mAP/CMC when ids are known; visrank pictures",
+                       parents=[threads])
     _add_source(p, overrides=False, required=False)
     p.add_argument("--query", required=True, help="query folder, or a features file from 'dcal embed'")
     p.add_argument("--gallery", required=True, help="gallery folder, or a features file from 'dcal embed'")
-    p.add_argument("--output-dir", default="search", help="ranking.csv, metrics.json, visrank/ (default ./search)")
+    p.add_argument("--output-dir", default="search", help="ranking.csv, metrics.json, visrank/")
     p.add_argument("--max-rank", type=_at_least_one, default=50, help="ranked gallery items per query in the CSV")
     p.add_argument("--num-vis", type=int, default=100, help="queries drawn with their top-10 (-1: all, 0: none)")
-    p.add_argument("--metric", default="euclidean", choices=RETRIEVAL_METRICS)
-    p.add_argument("--save-gallery", help="also save the gallery features here, to reuse them in later searches")
+    p.add_argument("--metric", default="euclidean", choices=RETRIEVAL_METRICS,
+                   help="distance between L2-normalised features (the same ranking; cosine reads 1 - cos)")
+    p.add_argument("--save-gallery",
+                   help="also save the gallery features here, to reuse them in later searches (default: not saved)")
     _add_embedding(p)
 
-    p = sub.add_parser("export", help="export to ONNX (inference graph) and/or .safetensors (weights + config)")
+    p = sub.add_parser("export", help="export to ONNX (inference graph) and/or .safetensors (weights + config)",
+                       parents=[threads])
     _add_source(p, overrides=False)
-    p.add_argument("--onnx", help="ONNX file to write")
-    p.add_argument("--safetensors", help="weights + config .safetensors to write (load with dcal.load_model)")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--fusion", default="sa+glca", choices=FUSIONS)
+    p.add_argument("--onnx", help="ONNX file to write (default: none)")
+    p.add_argument("--safetensors", help="weights + config .safetensors to write, load with dcal.load_model "
+                   "(default: none)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX operator set version of the exported graph")
+    p.add_argument("--fusion", default="sa+glca", choices=FUSIONS, help="branches the exported graph combines")
     p.add_argument("--after-bn", action="store_true", help="Re-ID: embedding after the BNNeck")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch")
 
@@ -137,11 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("complexity", help="print parameters and FLOPs at inference (the paper's Table 3)")
 
+    p = sub.add_parser("recipes", help="list the packaged recipes, print one, or copy one out to edit it")
+    p.add_argument("name", nargs="?", default=None, help="a recipe, e.g. fgvc/cub_deit_tiny (default: list them)")
+    p.add_argument("--copy", metavar="DIR", default=None,
+                   help="write the recipe into DIR (an existing file is not replaced) (default: print it)")
+
     from dcal.ablation import SETS
 
     p = sub.add_parser("ablation", help="train the paper's ablation variants over several seeds; table + picture",
+                       parents=[threads],
                        epilog=f"Sets: {', '.join(SETS)} (comma-separated to run several into one folder). " + EPILOG)
-    p.add_argument("--config", required=True, help="YAML recipe every variant starts from")
+    p.add_argument("--config", required=True, help="YAML recipe every variant starts from (a file or a packaged "
+                   "recipe's name)")
     p.add_argument("--set", default="table3", help="table3 | selection | pairs | blocks, or several: table3,selection")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant: train.seed, train.seed+1, ...")
     p.add_argument("--output-dir", default=None, help="default: runs/ablation_<sets>_<recipe name> (each run goes "
@@ -160,14 +211,21 @@ def cmd_train(args: argparse.Namespace) -> Any:
     return fit(load_config(args.config, args.overrides), resume=args.resume)
 
 
+def print_metrics(metrics: dict[str, Any]) -> None:
+    """One line per number (percentages as written to the files; a list such as the CMC curve stays in the
+    file)."""
+    for k, v in metrics.items():
+        if not isinstance(v, list):
+            print(f"{k:>20}: {v:.2f}" if isinstance(v, float) else f"{k:>20}: {v}")
+
+
 def cmd_eval(args: argparse.Namespace) -> Any:
     from dcal.engine import evaluate_checkpoint
     from dcal.run_folder import load_run
 
     loaded = load_run(args.run, args.checkpoint, args.overrides)
     metrics = evaluate_checkpoint(loaded.cfg, loaded.model)
-    for k, v in metrics.items():
-        print(f"{k:>20}: {v:.2f}" if isinstance(v, float) else f"{k:>20}: {v}")
+    print_metrics(metrics)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
@@ -184,10 +242,11 @@ def cmd_visualize(args: argparse.Namespace) -> Any:
 
     from dcal.data.transforms import config_mean_std
     from dcal.inference import list_images, load_model, run_batches
-    from dcal.visualize import attention_rows, denormalize, save_attention_figure
+    from dcal.visualize import attention_rows, denormalize, prediction_titles, save_attention_figure
 
     loaded = load_model(args.run, args.checkpoint, "cpu", args.overrides)
     cfg, model = loaded.cfg, loaded.model
+    truths = None  # the true class of each column, when known (the test split's)
     if args.images:
         files = list_images(args.images)[: args.num_images]
         batch, done, failed = run_batches(lambda x: x, files, loaded.transform, torch.device("cpu"))
@@ -195,25 +254,29 @@ def cmd_visualize(args: argparse.Namespace) -> Any:
             print(f"skipped {files[i]}: {err}", file=sys.stderr)
         if batch is None:
             raise ValueError(f"none of the images in {args.images} could be read")
-        titles = [Path(files[i]).name[:18] for i in done]
+        labels = [Path(files[i]).name for i in done]
     else:
-        batch, titles = _test_images(cfg, args.num_images)
+        batch, labels = _test_images(cfg, args.num_images)
+        truths = labels if cfg.task == "fgvc" else None
     if len(batch) < 2 and model.cfg.pwca_blocks:
         raise ValueError("the PWCA picture pairs images: give at least 2")
+    predictions = {}
     if cfg.task == "fgvc":
         with torch.no_grad():
             preds = model.predict(batch).argmax(-1).tolist()
         names = loaded.classes or [str(c) for c in range(model.cfg.num_classes)]
-        titles = [f"{t}\npred {names[p][:14]}" for t, p in zip(titles, preds, strict=True)]
+        predictions["pred"] = [names[p] for p in preds]
+    titles, colors = prediction_titles(labels, predictions, truths)
     shown = denormalize(batch, *config_mean_std(cfg))
     out = args.output or str(Path(args.run or ".") / "rollout.png")
-    path = save_attention_figure(out, shown, attention_rows(model, batch, shown), titles)
+    path = save_attention_figure(out, shown, attention_rows(model, batch, shown), titles, title_colors=colors)
     print(f"saved {path}")
     return path
 
 
 def _test_images(cfg: Any, num: int) -> tuple[Any, list[str]]:
-    """``num`` images spread over the run's test (FGVC) or query (Re-ID) split, with captions."""
+    """``num`` images spread over the run's test (FGVC) or query (Re-ID) split, with their class names (FGVC) or
+    identity and 1-based camera (Re-ID)."""
     import torch
 
     from dcal.engine import build_datasets
@@ -224,7 +287,7 @@ def _test_images(cfg: Any, num: int) -> tuple[Any, list[str]]:
     step = max(1, len(data) // n)
     items = [data[i * step] for i in range(n)]
     if cfg.task == "fgvc":
-        titles = [data.classes[it[1]][:14] for it in items]
+        titles = [data.classes[it[1]] for it in items]
     else:
         titles = [f"id {it[1]} cam {it[2] + 1}" for it in items]  # 1-based, as c1 in the file names
     return torch.stack([it[0] for it in items]), titles
@@ -287,12 +350,16 @@ def cmd_search(args: argparse.Namespace) -> Any:
         print(f"saved gallery features to {gallery.save(args.save_gallery)}")
     ranking = rank_gallery(query, gallery, topk=args.max_rank, metric=args.metric)
     out = Path(args.output_dir)
+    if not (ranking.order >= 0).any():
+        raise ValueError(f"no query could be ranked: the protocol excludes every gallery image of --gallery "
+                         f"{args.gallery} (junk pid -1, or the query's identity under the query's camera)")
     pics = write_search(out, query, gallery, ranking, None if args.num_vis < 0 else args.num_vis)
     print(f"{len(query)} queries x {len(gallery)} gallery images; ranking in {out / 'ranking.csv'}")
     if ranking.metrics is not None:
-        for k, v in ranking.metrics.items():
-            if k != "cmc":  # the whole curve is in metrics.json
-                print(f"{k:>20}: {100 * v:.2f}" if isinstance(v, float) else f"{k:>20}: {v}")
+        if "error" in ranking.metrics:
+            print(f"no evaluation: {ranking.metrics['error']}", file=sys.stderr)
+        else:
+            print_metrics(ranking.metrics)
     else:
         print("no evaluation: the file names of the query or gallery carry no pid/camid")
     if args.num_vis:
@@ -336,6 +403,32 @@ def cmd_report(args: argparse.Namespace) -> Any:
     return png, md
 
 
+def cmd_recipes(args: argparse.Namespace) -> Any:
+    import shutil
+
+    from dcal.config import recipe_names, resolve_recipe
+
+    if args.name is None:
+        if args.copy:
+            raise ValueError("--copy needs a recipe name: dcal recipes NAME --copy DIR")
+        names = recipe_names()
+        for name in names:
+            first = resolve_recipe(name).read_text(encoding="utf-8").split("\n", 1)[0]
+            print(f"{name:<34} {first.lstrip('# ') if first.startswith('#') else ''}".rstrip())
+        return names
+    path = resolve_recipe(args.name)
+    if args.copy is None:
+        print(path.read_text(encoding="utf-8"), end="")
+        return path
+    dest = Path(args.copy) / path.name
+    if dest.exists():
+        raise FileExistsError(f"{dest} already exists: not replaced (remove it, or copy into another folder)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, dest)
+    print(f"wrote {dest}: train with dcal train --config {dest} data.root=...")
+    return dest
+
+
 def cmd_complexity(args: argparse.Namespace) -> Any:
     from dcal.model.complexity import complexity_rows, format_table
 
@@ -363,11 +456,13 @@ def _rank_tag() -> str:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "visualize": cmd_visualize,
             "complexity": cmd_complexity, "ablation": cmd_ablation, "predict": cmd_predict, "embed": cmd_embed,
-            "search": cmd_search, "export": cmd_export, "report": cmd_report}
+            "search": cmd_search, "export": cmd_export, "report": cmd_report,
+            "recipes": cmd_recipes}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_threads(getattr(args, "threads", None))
     from dcal.config import ConfigError
     from dcal.errors import error_line
 

@@ -401,22 +401,49 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return OmegaConf.to_container(merged)  # type: ignore[return-value]
 
 
+RECIPES = Path(__file__).parent / "recipes"  # the packaged recipes (in a checkout: a link to configs/)
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def recipe_names() -> list[str]:
+    """The packaged recipes, as :func:`resolve_recipe` takes them (``fgvc/cub_deit_tiny``), sorted."""
+    return sorted(p.relative_to(RECIPES).with_suffix("").as_posix() for p in RECIPES.rglob("*")
+                  if p.suffix in RECIPE_SUFFIXES)
+
+
+def resolve_recipe(name: str | Path) -> Path:
+    """The YAML file that ``--config``, ``model.pretrain``, ``dcal ablation`` and :func:`load_config` mean by
+    ``name``: an existing file as it is (relative to the current folder); otherwise a packaged recipe by its name,
+    with or without ``.yaml`` and the checkout's ``configs/`` prefix (``fgvc/cub_deit_tiny``,
+    ``configs/fgvc/cub_deit_tiny.yaml``), so that the recipes work from an installed package too."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    rel = path.as_posix().removeprefix("./").removeprefix("configs/")
+    packaged = RECIPES / (rel if path.suffix in RECIPE_SUFFIXES else rel + ".yaml")
+    if packaged.is_file():
+        return packaged
+    close = difflib.get_close_matches(rel.removesuffix(path.suffix) if path.suffix in RECIPE_SUFFIXES else rel,
+                                      recipe_names(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else " ('dcal recipes' lists the packaged ones)"
+    raise ConfigError(f"config file not found: {name}: neither a file nor a packaged recipe{hint}")
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     values: dict[str, Any] | None = None,
 ) -> DictConfig:
-    """Defaults <- YAML file ``path`` <- ``values`` (an already parsed mapping, e.g. the config stored in a
-    checkpoint) <- ``key=value`` overrides, then derived and validated.
+    """Defaults <- YAML file ``path`` (a file or a packaged recipe's name: :func:`resolve_recipe`) <- ``values``
+    (an already parsed mapping, e.g. the config stored in a checkpoint) <- ``key=value`` overrides, then derived
+    and validated. A relative ``data.root`` stays relative: it is read from the current folder, not the recipe's.
 
     Raises:
         ConfigError: unknown key, wrong type, value out of its choices or range (message names the key).
     """
     layers: list[tuple[str, Any]] = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_recipe(path)
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:

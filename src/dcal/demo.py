@@ -137,7 +137,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
     from dcal.engine import build_datasets
     from dcal.pretrain import ensure_pretrained, pretrain_state
     from dcal.run_folder import RunLockedError, load_run
-    from dcal.visualize import attention_rows, denormalize, rollout_maps, save_attention_figure
+    from dcal.visualize import attention_rows, denormalize, prediction_titles, rollout_maps, save_attention_figure
 
     output_dir = Path(output_dir)
     if fresh:
@@ -192,9 +192,10 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
     # target CLS on the target and on the distractor with the distractor's share (Fig. 3b)
     rows = [{"label": "SA only:\nrollout", "images": shown, "maps": sa_maps}]
     rows += [{**row, "label": f"DCAL: {row['label']}"} for row in attention_rows(models["dcal"], batch, shown)]
-    titles = [f"{test.classes[test.targets[i]]}\nSA:{test.classes[preds['sa_only'][i]][:10]} "
-              f"DCAL:{test.classes[preds['dcal'][i]][:10]}" for i in range(num_images)]
-    picture = save_attention_figure(output_dir / "rollout.png", shown, rows, titles)
+    truths = [test.classes[test.targets[i]] for i in range(num_images)]
+    titles, colors = prediction_titles(truths, {"SA only": [test.classes[p] for p in preds["sa_only"]],
+                                                "DCAL": [test.classes[p] for p in preds["dcal"]]}, truths)
+    picture = save_attention_figure(output_dir / "rollout.png", shown, rows, titles, title_colors=colors)
     summary = {"sa_only": sa, "dcal": dc, "pretrained": str(output_dir / "pretrain"), "picture": str(picture)}
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     log(f"\nattention rollout picture: {picture}\nsummary: {output_dir / 'summary.json'}\n"

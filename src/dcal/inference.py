@@ -33,6 +33,7 @@ from dcal.data.images import list_image_files, open_rgb, printable, to_rgb
 from dcal.distributed import pick_device
 from dcal.model import DCAL
 from dcal.model.dcal import fusion_branches
+from dcal.names import shorten
 from dcal.run_folder import LoadedRun, load_run
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -228,15 +229,16 @@ def predict(
 
 
 # ----------------------------------------------------------------------------------------- formatting
-def predictions_table(preds: Sequence[Prediction], max_name: int = 24) -> str:
-    """A plain-text table: one row per input, its top-k as ``name probability`` (names :func:`printable`)."""
+def predictions_table(preds: Sequence[Prediction], max_name: int = 40) -> str:
+    """A plain-text table: one row per input, its top-k as ``name probability`` (class names :func:`printable`,
+    longer than ``max_name`` without their middle: :func:`dcal.names.shorten`)."""
     sources = [printable(p.source) for p in preds]
     width = min(60, max([len(s) for s in sources] + [4]))
     lines = [f"{'file':<{width}}  top-k (class probability)"]
     for p, src in zip(preds, sources, strict=True):
         src = src if len(src) <= width else "…" + src[-width + 1:]
         top = zip(p.classes, p.probabilities, strict=True)
-        cells = f"ERROR {printable(p.error)}" if p.error else "  ".join(f"{printable(c)[:max_name]} {pr:.3f}"
+        cells = f"ERROR {printable(p.error)}" if p.error else "  ".join(f"{shorten(c, max_name)} {pr:.3f}"
                                                                         for c, pr in top)
         lines.append(f"{src:<{width}}  {cells}")
     return "\n".join(lines)

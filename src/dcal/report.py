@@ -78,7 +78,7 @@ def read_runs(runs: Sequence[str | Path]) -> list[RunLog]:
 
 
 def _series(log: RunLog, key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
-    pts = [(r["epoch"] + 1, scale * r[key]) for r in log.epochs if isinstance(r.get(key), (int, float))]
+    pts = [(r["epoch"], scale * r[key]) for r in log.epochs if isinstance(r.get(key), (int, float))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -94,7 +94,10 @@ def _has_mechanism(log: RunLog) -> bool:
 def plot_curves(logs: Sequence[RunLog], path: str | Path) -> Path:
     """Four panels (loss per branch, loss weights, lr, scores), then, when a run measured them, the mechanism
     (mark hits of the three selections and PWCA's mean distractor share, in %) and PWCA's share per block in the
-    last evaluated epoch (bars); one colour per run, one line style per series."""
+    last evaluated epoch (bars); one colour per quantity, one line style per run (the runs' bars: one hatch each),
+    whole-number epoch ticks."""
+    from matplotlib.ticker import MaxNLocator
+
     task = logs[0].task
     panels = [
         ("loss", ["loss", *(f"loss_{b}" for b in BRANCHES)]),
@@ -107,6 +110,7 @@ def plot_curves(logs: Sequence[RunLog], path: str | Path) -> Path:
     per_block = [(log, last_with(log, "pwca_share")) for log in logs]
     per_block = [(log, r) for log, r in per_block if r is not None]
     styles = ["-", "--", ":", "-."]
+    hatches = ["", "//", "..", "xx"]
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     n = len(panels) + bool(per_block)
     fig, axes = new_figure(1, n, figsize=(4.5 * n, 4.2))
@@ -116,12 +120,15 @@ def plot_curves(logs: Sequence[RunLog], path: str | Path) -> Path:
                 x, y = _series(log, key, 100.0 if key == PWCA_SHARE else 1.0)
                 if x:
                     label = key if len(logs) == 1 else f"{log.label}: {key}"
-                    ax.plot(x, y, styles[s % len(styles)], color=colors[r % len(colors)], marker="." if len(x) < 30
+                    ax.plot(x, y, styles[r % len(styles)], color=colors[s % len(colors)], marker="." if len(x) < 30
                             else None, label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.5
         if title == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        else:  # plain values: no "1e-6+4.999e-1" offset above a panel of nearly equal weights
+            ax.ticklabel_format(axis="y", useOffset=False)
         if ax.lines:
             ax.legend(fontsize=7)
     if per_block:
@@ -130,7 +137,8 @@ def plot_curves(logs: Sequence[RunLog], path: str | Path) -> Path:
         for r, (log, rec) in enumerate(per_block):
             shares = [100.0 * v for v in rec["pwca_share"]]
             ax.bar([i + 1 + (r - (len(per_block) - 1) / 2) * width for i in range(len(shares))], shares, width,
-                   color=colors[logs.index(log) % len(colors)], label=f"{log.label} (epoch {rec['epoch'] + 1})")
+                   color=colors[0], edgecolor="black", hatch=hatches[logs.index(log) % len(hatches)],
+                   label=f"{log.label} (epoch {rec['epoch']})")
         ax.axhline(50.0, color="grey", linewidth=0.8, linestyle=":")  # what a self-pair would give
         ax.set_title("PWCA share per block, last epoch (%)")
         ax.set_xlabel("pair-wise block")
@@ -164,8 +172,8 @@ def run_summary(log: RunLog) -> dict[str, Any]:
     last = log.epochs[-1]
     rates = [r["images_per_s"] for r in log.epochs if "images_per_s" in r]
     return {
-        "run": log.label, "epochs": f"{last['epoch'] + 1}/{_flat(log.config).get('train.epochs', '?')}",
-        f"best {metric}": best[metric] if best else None, "best epoch": best["epoch"] + 1 if best else None,
+        "run": log.label, "epochs": f"{last['epoch']}/{_flat(log.config).get('train.epochs', '?')}",
+        f"best {metric}": best[metric] if best else None, "best epoch": best["epoch"] if best else None,
         **{f"last {k}": last.get(k) for k in SCORE_KEYS[log.task]},
         "last loss": last.get("loss"),
         "train time (min)": log.final["train_time_s"] / 60 if log.final and "train_time_s" in log.final else None,
@@ -185,13 +193,13 @@ def mechanism_lines(log: RunLog) -> list[str]:
     lines = []
     rec = last_with(log, MARK_HITS[0])
     if rec is not None:
-        lines.append(f"- mark hit of the ⌈R·N⌉ selected patches (epoch {rec['epoch'] + 1}): rollout "
+        lines.append(f"- mark hit of the ⌈R·N⌉ selected patches (epoch {rec['epoch']}): rollout "
                      f"{rec['mark_hit_rollout']:.1f}%, last layer {rec['mark_hit_last_layer']:.1f}%, chance "
                      f"{rec['mark_hit_chance']:.1f}%")
     rec = last_with(log, "pwca_share")
     if rec is not None:
         blocks = ", ".join(f"{100 * v:.1f}" for v in rec["pwca_share"])
-        lines.append(f"- PWCA share of the target CLS attention on the distractor (epoch {rec['epoch'] + 1}): mean "
+        lines.append(f"- PWCA share of the target CLS attention on the distractor (epoch {rec['epoch']}): mean "
                      f"{100 * rec[PWCA_SHARE]:.1f}%, per block {blocks} (%; a self-pair gives 50)")
     images = (last_with(log, "mechanism_images") or {}).get("mechanism_images")
     if lines and images:

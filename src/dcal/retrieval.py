@@ -195,7 +195,7 @@ def rank_gallery(query: FeatureSet, gallery: FeatureSet, topk: int = 50, metric:
                  evaluate: bool = True) -> Ranking:
     """The ``topk`` nearest gallery items of every query (ties by gallery index), evaluated (mAP, CMC, mINP with
     :func:`dcal.metrics.evaluate_reid`) when both sides carry ids."""
-    from dcal.metrics.reid import NoValidQueryError, evaluate_reid
+    from dcal.metrics.reid import NoValidQueryError, evaluate_reid, reid_scores
 
     dist = compute_distance(query.features, gallery.features, metric=metric)
     ids = query.has_ids and gallery.has_ids
@@ -208,10 +208,8 @@ def rank_gallery(query: FeatureSet, gallery: FeatureSet, topk: int = 50, metric:
                 with warnings.catch_warnings():  # a gallery shorter than 50 shortens the CMC: expected here
                     warnings.simplefilter("ignore")
                     res = evaluate_reid(dist, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=50)
-                cmc = res["cmc"]
-                metrics = {"mAP": res["mAP"], "mINP": res["mINP"], "num_valid_queries": res["num_valid_queries"],
-                           **{f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)},
-                           "cmc": [float(c) for c in cmc]}
+                # the keys and units (%) of dcal eval and metrics.jsonl, and the whole CMC curve (%)
+                metrics = {**reid_scores(res), "cmc": [100.0 * float(c) for c in res["cmc"]]}
             except NoValidQueryError as e:
                 metrics = {"error": str(e)}
         dist = np.where(((gp == qp) & (gc == qc)) | (gp == -1), np.inf, dist).astype(np.float32)

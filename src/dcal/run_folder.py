@@ -110,7 +110,17 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object (one record per line), got {type(record).__name__}")
         out.append(record)
-    return out
+    return _one_based(out)
+
+
+def _one_based(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records numbered as now: epochs from 1, as the console shows them. A ``metrics.jsonl`` of a dcal that
+    numbered them from 0 (it holds an epoch 0; today's never does) is renumbered on reading, so that an older run
+    folder is reported, reused and resumed (resume rewrites the file) with the numbers its console showed."""
+    if not any(r.get("epoch") == 0 for r in records):
+        return records
+    shift = ("epoch", "best_epoch")
+    return [{**r, **{k: r[k] + 1 for k in shift if isinstance(r.get(k), int)}} for r in records]
 
 
 def write_metrics(folder: str | Path, records: list[dict[str, Any]]) -> None:
@@ -210,6 +220,8 @@ def resolve_checkpoint(run: str | Path | None = None, checkpoint: str | Path | N
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         return path
+    if not Path(run).is_dir():
+        raise FileNotFoundError(f"run directory {str(run)!r} does not exist")
     found = [Path(run) / n for n in RUN_CHECKPOINTS if (Path(run) / n).is_file()]
     if not found:
         raise FileNotFoundError(f"run directory {run} holds no checkpoint (looked for {', '.join(RUN_CHECKPOINTS)})")
@@ -339,7 +351,7 @@ def check_run_folder(folder: str | Path, cfg: DictConfig, resume: bool,
     final = final_record(folder)
     if final is None:
         return None
-    done = final["epoch"] + 1
+    done = final["epoch"]  # records number epochs from 1, as the console does: the final one is the count
     if done > cfg.train.epochs:
         raise ResumeConfigError(f"--resume: train.epochs={cfg.train.epochs} but {folder} has trained {done} "
                                 f"epochs already (train.epochs may grow on resume, not shrink)")

@@ -25,6 +25,9 @@ from matplotlib.patches import Rectangle
 from dcal.data.images import printable
 from dcal.mechanism import pwca_attention
 from dcal.model import DCAL
+from dcal.names import wrap, wrap_all
+
+WRONG = "tab:red"  # the title colour of a column with a wrong prediction
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -130,17 +133,43 @@ def attention_rows(model: DCAL, images: torch.Tensor, shown: np.ndarray,
     return rows
 
 
+def prediction_titles(labels: Sequence[str], predictions: dict[str, Sequence[str]],
+                      truths: Sequence[str] | None = None, width: int = 20) -> tuple[list[str], list[str]]:
+    """Column titles and their colours: each ``label`` (a class or file name, wrapped, never cut to ambiguity:
+    :func:`dcal.names.wrap_all`), then one line per model of ``predictions`` (model -> predicted class per column):
+    ``model ✓`` when it equals the column's truth, ``model ✗ <predicted>`` when not, ``model: <predicted>`` when
+    the truth is unknown. A column with a wrong prediction is titled in red."""
+    titles, colors = [], []
+    for j, label in enumerate(wrap_all(labels, width)):
+        lines = [label]
+        wrong = False
+        for model, preds in predictions.items():
+            if truths is None:
+                lines.append(wrap(f"{model}: {preds[j]}", width))
+            elif preds[j] == truths[j]:
+                lines.append(f"{model} \u2713")
+            else:
+                wrong = True
+                lines.append(wrap(f"{model} \u2717 {preds[j]}", width))
+        titles.append("\n".join(lines))
+        colors.append(WRONG if wrong else "black")
+    return titles, colors
+
+
 def save_attention_figure(path: str | Path, images: np.ndarray, rows: Sequence[dict[str, object]],
-                          titles: Sequence[str] | None = None, title: str | None = None) -> Path:
+                          titles: Sequence[str] | None = None, title: str | None = None,
+                          title_colors: Sequence[str] | None = None) -> Path:
     """One column per image: the image, then one row per entry of ``rows`` (from :func:`attention_rows`): a heat
-    map over ``images`` (or the row's own, e.g. the distractors), optional ``boxes`` (B, gh, gw) and ``captions``."""
+    map over ``images`` (or the row's own, e.g. the distractors), optional ``boxes`` (B, gh, gw) and ``captions``.
+    ``titles`` / ``title_colors``: one per column (see :func:`prediction_titles`)."""
     n = images.shape[0]
     fig, axes = new_figure(1 + len(rows), n, figsize=(2.2 * n, 2.4 * (1 + len(rows))))
     h, w = images.shape[1:3]
     for j in range(n):
         axes[0, j].imshow(images[j])
         # printable: a title from a file name that is not UTF-8 cannot be drawn as it is
-        axes[0, j].set_title(printable(titles[j]) if titles else f"image {j}", fontsize=8)
+        axes[0, j].set_title(printable(titles[j]) if titles else f"image {j}", fontsize=8,
+                             color=title_colors[j] if title_colors else "black")
         for i, row in enumerate(rows, start=1):
             ax = axes[i, j]
             ax.imshow(row["images"][j])

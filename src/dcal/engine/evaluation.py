@@ -98,7 +98,7 @@ def evaluate_reid_model(
 ) -> dict[str, Any]:
     """mAP, CMC rank-1/5/10 and mINP under the standard protocol (``dcal.metrics.evaluate_reid``); features
     are extracted by every process and scored on rank 0 (the result is the same on every process)."""
-    from dcal.metrics import eval_reid_features
+    from dcal.metrics import eval_reid_features, reid_scores
 
     qf, q_pids, q_cams, q_bad = _gathered_features(model, query, device, cfg)
     gf, g_pids, g_cams, g_bad = _gathered_features(model, gallery, device, cfg)
@@ -106,8 +106,7 @@ def evaluate_reid_model(
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         res = eval_reid_features(qf, gf, q_pids.numpy(), g_pids.numpy(), q_cams.numpy(), g_cams.numpy(),
                                  metric=cfg.eval.metric, rerank=cfg.eval.rerank, max_rank=cfg.eval.max_rank)
-        out = {k: 100.0 * float(res[k]) for k in ("mAP", "rank1", "rank5", "rank10", "mINP")}
-        out["num_skipped_queries"] = int(res.get("num_skipped_queries", 0))
+        out = reid_scores(res)
         if q_bad + g_bad:
             out["eval_bad_images"] = q_bad + g_bad
     return broadcast_object(out)

@@ -137,7 +137,7 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
     def finished(owned: bool) -> dict[str, Any] | None:
         final = dist.on_main(lambda: check_run_folder(out_dir, cfg, resume, owned))
         if final is not None and info.is_main:
-            _log(f"{out_dir}: already finished ({final['epoch'] + 1} epochs); nothing to do")
+            _log(f"{out_dir}: already finished ({final['epoch']} epochs); nothing to do")
         return final
 
     final = finished(owned=False)  # fail (or finish) fast, before the data is read
@@ -195,7 +195,7 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
                                         show_bar=info.is_main)
             except NonFiniteLossError as e:
                 raise NonFiniteLossError(f"{e} ({out.kept()})") from None
-            record = {"epoch": epoch, **stats}
+            record = {"epoch": epoch + 1, **stats}  # 1-based in every file, as on the console
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
                 record.update(evaluate(state.model, sets, device, cfg))
             out.end_epoch(improved=state.end_epoch(record, metric))
@@ -277,7 +277,7 @@ class _RunOutput:
 
     def _save_partial(self, p: EpochProgress, interrupted: bool = False) -> None:
         mark = {"interrupted": True} if interrupted else {}
-        self.state.record = {"epoch": self.state.epoch, "step": p.batches, "partial": True, **mark,
+        self.state.record = {"epoch": self.state.epoch + 1, "step": p.batches, "partial": True, **mark,
                              **epoch_stats(p, self.device)}
         self.save(self.last)
         if self.main and not interrupted:
@@ -290,7 +290,7 @@ class _RunOutput:
         epoch, record, metric = state.epoch, state.record, BEST_METRIC[cfg.task]
         if self.main and improved:
             export_weights(self.folder / run_folder.BEST_WEIGHTS, state.model, self.meta["config"],
-                           {**self.meta["extra"], "epoch": epoch, metric: state.best})
+                           {**self.meta["extra"], "epoch": epoch + 1, metric: state.best})
         every = cfg.train.save_every
         self.save(*[self.folder / run_folder.BEST] * improved, self.last,
                   *[self.folder / run_folder.epoch_checkpoint(epoch + 1)] * bool(every and (epoch + 1) % every == 0))
@@ -329,7 +329,9 @@ def _records_until(records: list[dict[str, Any]], state: TrainState) -> list[dic
     """The metrics records written up to the checkpoint ``state`` was restored from (later ones belong to lost
     work); the checkpoint's own record is added if the run died between writing the checkpoint and its line."""
     mine = state.record
-    end = _position(mine) if mine else (state.epoch, math.inf)
+    if mine and mine["epoch"] == state.epoch:  # a checkpoint of a dcal that numbered records from 0
+        mine = {**mine, "epoch": mine["epoch"] + 1}
+    end = _position(mine) if mine else (state.epoch + 1, math.inf)  # state.epoch: the 0-based loop index
     kept = [r for r in records if _position(r) <= end]  # a finished run's final record stays: it is history
     if mine and not mine.get("interrupted") and all(_position(r) != end or r.get("final") for r in kept):
         kept.append(mine)
@@ -360,7 +362,7 @@ def _classes(dataset: Dataset) -> list[str] | int:
 def _summary(record: dict[str, Any], cfg: DictConfig) -> str:
     scores = " ".join(f"{k} {record[k]:.2f}" for k in SCORE_KEYS[cfg.task] if k in record)
     bad = " ".join(f"{k} {record[k]}" for k in ("bad_images", "bad_steps") if record.get(k))
-    return (f"epoch {record['epoch'] + 1}/{cfg.train.epochs} loss {record['loss']:.4f} lr {record['lr']:.3e} "
+    return (f"epoch {record['epoch']}/{cfg.train.epochs} loss {record['loss']:.4f} lr {record['lr']:.3e} "
             f"{record['images_per_s']:.1f} img/s {scores} {bad}").rstrip()
 
 

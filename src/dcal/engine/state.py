@@ -85,7 +85,7 @@ class TrainState:
 
     def final_record(self, epochs: int, metric: str, train_time_s: float) -> dict[str, Any]:
         """The record that ends a run of ``epochs`` epochs: best score and epoch, time, the last record's values."""
-        return {"final": True, "epoch": epochs - 1, f"best_{metric}": self.best, "best_epoch": self.best_epoch,
+        return {"final": True, "epoch": epochs, f"best_{metric}": self.best, "best_epoch": self.best_epoch + 1,
                 "train_time_s": train_time_s,
                 **{k: v for k, v in self.record.items() if k not in POSITION_KEYS}}
 

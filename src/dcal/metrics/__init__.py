@@ -6,4 +6,5 @@ from dcal.metrics.reid import (  # noqa: F401
     eval_reid_features,
     evaluate_reid,
     re_ranking,
+    reid_scores,
 )

@@ -40,6 +40,7 @@ __all__ = [
     "evaluate_reid",
     "re_ranking",
     "eval_reid_features",
+    "reid_scores",
 ]
 
 DISTANCE_METRICS = ("euclidean", "sqeuclidean", "cosine")
@@ -311,6 +312,17 @@ def evaluate_reid(
         "num_valid_queries": num_valid,
         "num_skipped_queries": nq - num_valid,
     }
+
+
+def reid_scores(res: dict[str, Any]) -> dict[str, Any]:
+    """The Re-ID numbers as dcal writes them everywhere (``metrics.jsonl``, ``dcal eval --json``, ``dcal search``'s
+    ``metrics.json``, the console): ``mAP``, ``rank1``, ``rank5``, ``rank10``, ``mINP`` in percent and
+    ``num_skipped_queries``, from the result of :func:`evaluate_reid` or :func:`eval_reid_features` (whose
+    fractions stay fractions, as torchreid's)."""
+    cmc = np.asarray(res["cmc"])
+    ranks = {f"rank{k}": float(res.get(f"rank{k}", cmc[min(k, len(cmc)) - 1])) for k in (1, 5, 10)}
+    out = {"mAP": res["mAP"], **ranks, "mINP": res["mINP"]}
+    return {**{k: 100.0 * float(v) for k, v in out.items()}, "num_skipped_queries": int(res["num_skipped_queries"])}
 
 
 # ----------------------------------------------------------------------------------------- re-ranking
