@@ -28,8 +28,8 @@ from torch import Tensor
 
 ENV = "DCAL_FUSED_ROLLOUT"
 SOURCE = Path(__file__).with_name("csrc") / "rollout_cpu.cpp"
-# Query rows per GEMM, about: T = 785 is cut into 7 chunks of 113 rows, 358 KB of scores, inside one core's L2
-# (512 KB on this EPYC, 1-2 MB on recent Xeons); measured in benchmarks/bench_rollout.py against 64 and 256.
+# Query rows per GEMM, about: a chunk's scores stay inside one core's L2 (T = 785: 7 chunks of 113 rows, 358 KB);
+# chosen against 64 and 256 with benchmarks/bench_rollout.py.
 CHUNK_ROWS = 128
 
 _lock = threading.Lock()

@@ -24,13 +24,10 @@ from torch import Tensor
 
 from dcal.model import fused_rollout
 
-# Scores per tile (float32): 2^20 = 4 MiB, inside a server CPU's L3. One (image, head) problem at 448 (T = 785,
-# 616 k scores) is one tile; at 256x128 (T = 129) 63 problems are. Measured in benchmarks/bench_rollout.py:
-# smaller tiles mean more, smaller kernel calls (and each call a thread hand-off, which a loaded machine makes
-# expensive); much larger tiles spill to memory.
+# Scores per tile (float32): 2^20 = 4 MiB, inside a server CPU's L3 (the choice is measured in
+# benchmarks/README.md: smaller tiles mean more kernel calls, larger ones spill to memory).
 TILE_ELEMENTS = 2**20
-# On a GPU a tile is a kernel launch or three, not cache: 2^26 scores (256 MiB) keep launches few (at 448 and batch
-# 64, ViT-B has 768 problems per block: 8 tiles instead of 768). Not measured here (no GPU was available).
+# On a GPU a tile is a kernel launch or three, not cache: 2^26 scores (256 MiB) keep launches few (not measured yet).
 GPU_TILE_ELEMENTS = 2**26
 _LOG2E = 1.0 / math.log(2.0)
 
