@@ -260,8 +260,8 @@ def test_a_checkpoint_of_the_previous_format_loads_and_resumes(finished, tmp_pat
     assert load_run(checkpoint=alone / "last.pth").classes is None  # nothing beside it holds them
 
     assert train(out, "--resume", "train.epochs=2") == 0
-    assert [(r["epoch"], bool(r.get("final"))) for r in records(out)] == [(0, False), (0, True), (1, False),
-                                                                          (1, True)]
+    assert [(r["epoch"], bool(r.get("final"))) for r in records(out)] == [(1, False), (1, True), (2, False),
+                                                                          (2, True)]
     state = load_training_state(out / "last.pth")
     assert state["epoch"] == 1 and "model_config" not in state and state["extra"] == {"classes": names}
     shutil.copy(out / "last.pth", alone / "last.pth")
