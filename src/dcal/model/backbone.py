@@ -123,13 +123,19 @@ def pooling_weights(backbone: Backbone, x: Tensor) -> Tensor | None:
     pool = backbone.global_pool
     if pool == "token":
         return None
-    weights = x.new_zeros(B, T, dtype=torch.float32)
     if pool == "avg":
         first = backbone.num_prefix_tokens if not getattr(backbone, "pool_include_prefix", False) else 0
-        weights[:, first:] = 1.0 / (T - first)
-        return weights
+        return uniform_weights(B, T, first, x.device)
+    weights = x.new_zeros(B, T, dtype=torch.float32)
     tokens, first = _pool_input(backbone, backbone.norm(x))
     weights[:, first:] = _attention_pool_probs(backbone.attn_pool, tokens)
+    return weights
+
+
+def uniform_weights(batch: int, tokens: int, first: int, device: torch.device) -> Tensor:
+    """(batch, tokens) float32: 1/(tokens - first) on the tokens from ``first`` on (the patch mean), 0 before."""
+    weights = torch.zeros(batch, tokens, dtype=torch.float32, device=device)
+    weights[:, first:] = 1.0 / (tokens - first)
     return weights
 
 

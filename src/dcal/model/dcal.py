@@ -53,6 +53,7 @@ from dcal.model.backbone import (
     gather_rope,
     pooled_feature,
     pooling_weights,
+    uniform_weights,
 )
 from dcal.model.heads import BNNeck
 from dcal.model.pairs import sample_pairs
@@ -461,8 +462,8 @@ class DCAL(nn.Module):
             if query_weights is None and self.backbone.cls_token is not None:
                 rows.append(probs[:, 0])
             else:
-                w = query_weights if query_weights is not None else _patch_mean(x.shape[0], x.shape[1],
-                                                                                self.num_prefix_tokens, x.device)
+                w = query_weights if query_weights is not None else uniform_weights(x.shape[0], x.shape[1],
+                                                                                    self.num_prefix_tokens, x.device)
                 rows.append(torch.bmm(w.unsqueeze(1).to(probs.dtype), probs).squeeze(1))
             x = pwca_block(blk, x, pairs, False, r)
         return rows
@@ -481,12 +482,6 @@ class _RecomputedQueryKey(Sequence[QueryKey]):
     def __getitem__(self, i: int) -> QueryKey:  # type: ignore[override]
         i = range(len(self))[i]
         return sa_query_key(self.backbone.blocks[i], self.inputs[i], block_rope(self.backbone, self.rope, i))
-
-
-def _patch_mean(batch: int, tokens: int, prefix: int, device: torch.device) -> Tensor:
-    w = torch.zeros(batch, tokens, device=device)
-    w[:, prefix:] = 1.0 / (tokens - prefix)
-    return w
 
 
 def _check_pairs(pairs: Tensor, batch: int, device: torch.device) -> Tensor:
