@@ -313,14 +313,14 @@ def forward_flops(case: Case, variant: str, train: bool) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dcal.model.complexity import _explicit_timm_attention
+    from dcal.model.attention import explicit_attention
 
     torch.manual_seed(0)
     model = build_variant(case, variant).train(train)
     n = 2 if train else 1
     images, targets = fake_batch(case, n)
     plain = VARIANTS[variant] is None
-    with torch.no_grad(), _explicit_timm_attention(model), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), explicit_attention(model), FlopCounterMode(display=False) as counter:
         if plain:
             model(images)
         elif train:

@@ -3,6 +3,7 @@ the fallback to the eager tiles where it cannot be built."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 import warnings
 
@@ -134,7 +135,7 @@ def test_unbuildable_kernel_falls_back_with_one_warning(monkeypatch):
         calls.append(1)
         raise OSError("no C++ compiler found")
 
-    monkeypatch.setattr(fused_rollout, "_state", {})
+    monkeypatch.setattr(fused_rollout, "_load", functools.cache(fused_rollout._load.__wrapped__))
     monkeypatch.setattr(fused_rollout, "_build", broken_build)
     monkeypatch.delenv(fused_rollout.ENV, raising=False)
     q, k, lse, row, want = _problem(2, 3, 20, 8)
@@ -148,18 +149,18 @@ def test_unbuildable_kernel_falls_back_with_one_warning(monkeypatch):
 
 
 def test_environment_turns_it_off_or_requires_it(monkeypatch):
-    monkeypatch.setattr(fused_rollout, "_state", {})
+    monkeypatch.setattr(fused_rollout, "_load", functools.cache(fused_rollout._load.__wrapped__))
     monkeypatch.setenv(fused_rollout.ENV, "0")
     assert not fused_rollout.available() and fused_rollout.why_unavailable() == "DCAL_FUSED_ROLLOUT=0"
 
-    monkeypatch.setattr(fused_rollout, "_state", {})
+    monkeypatch.setattr(fused_rollout, "_load", functools.cache(fused_rollout._load.__wrapped__))
     monkeypatch.setenv(fused_rollout.ENV, "1")
     monkeypatch.setattr(fused_rollout, "_build", lambda: (_ for _ in ()).throw(OSError("ninja is required")))
     with pytest.raises(RuntimeError, match="DCAL_FUSED_ROLLOUT=1 but the fused CPU rollout kernel could not be "
                                            "built: OSError: ninja is required"):
         fused_rollout.available()
 
-    monkeypatch.setattr(fused_rollout, "_state", {})
+    monkeypatch.setattr(fused_rollout, "_load", functools.cache(fused_rollout._load.__wrapped__))
     monkeypatch.setenv(fused_rollout.ENV, "yes")
     with pytest.raises(ValueError, match="DCAL_FUSED_ROLLOUT must be 0 .off., 1 .required. or auto, got 'yes'"):
         fused_rollout.available()

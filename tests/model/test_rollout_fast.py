@@ -63,7 +63,7 @@ def rollout_kernel(request, monkeypatch):
     from dcal.model import fused_rollout
 
     if request.param == "eager tiles":
-        monkeypatch.setattr(fused_rollout, "_state", {"ok": False, "why": "turned off by the test"})
+        monkeypatch.setattr(fused_rollout, "_load", lambda: "turned off by the test")
     elif not fused_rollout.available():
         pytest.skip(f"the fused rollout kernel is unavailable here: {fused_rollout.why_unavailable()}")
     return request.param
@@ -116,7 +116,7 @@ def test_model_selection_equals_explicit_attention_path(mode, rollout_kernel):
     model.set_grad_checkpointing(mode == "train+ckpt")
     x = torch.randn(3, 3, 64, 64)
     pairs = torch.tensor([1, 2, 0])
-    with torch.no_grad(), explicit_attention():
+    with torch.no_grad(), explicit_attention(model):
         want = model(x, pairs=pairs)
         want_rollout = model.cls_rollout(x)
     got = model(x, pairs=pairs)
@@ -125,6 +125,27 @@ def test_model_selection_equals_explicit_attention_path(mode, rollout_kernel):
     assert set(got["logits"]) == set(want["logits"])
     for branch in got["logits"]:
         torch.testing.assert_close(got["logits"][branch], want["logits"][branch], atol=1e-5, rtol=1e-4)
+
+
+def test_explicit_attention_is_timms_per_module_switch():
+    """One switch: timm's ``fused_attn`` on each attention module. ``explicit_attention`` turns it off for the whole
+    model and restores each module's own value; a block with it off hands the rollout its probabilities, the
+    others their queries and keys."""
+    model = tiny_model(img_size=64).eval()
+    switches = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert len(switches) > len(model.backbone.blocks)  # the GLCA block's copy too
+    switches[1].fused_attn = False
+    before = [m.fused_attn for m in switches]
+    x0, rope = model._embed(torch.randn(2, 3, 64, 64))
+    with torch.no_grad():
+        with explicit_attention(model):
+            assert not any(m.fused_attn for m in switches)
+            _, _, att = model._sa_stream(x0, rope, need_attn=True)
+            assert all(isinstance(a, torch.Tensor) for a in att)
+        assert [m.fused_attn for m in switches] == before
+        _, _, att = model._sa_stream(x0, rope, need_attn=True)
+    kinds = [type(a).__name__ for a in att]
+    assert kinds[1] == "Tensor" and all(k == "QueryKey" for i, k in enumerate(kinds) if i != 1)
 
 
 def _fresh_outputs(model, x):

@@ -9,10 +9,11 @@ DCAL needs three variants of one timm block, all sharing (or copying) its weight
 Each function reproduces timm's ``Block.forward`` / ``EvaBlock.forward`` exactly (pre-norm, layer scale, drop path,
 optional attention-output norm and gate, Eva's separate q/v biases, rotary embeddings on the patch tokens,
 grouped key/value heads), so that with the same weights and inputs the outputs are those of timm.
-Only :func:`sa_block_with_probs` materialises attention probabilities (the FLOP counter's path: torch's flop
-counter does not see fused attention on the CPU, so :func:`explicit_attention` makes every attention explicit);
-everywhere else attention runs in ``F.scaled_dot_product_attention`` (fused kernels), and the rollout gets each
-SA block's queries and keys (:func:`sa_block_keep_qk`, :func:`sa_query_key`) instead of its probabilities.
+Attention runs in ``F.scaled_dot_product_attention`` (fused kernels), and the rollout gets each SA block's
+queries and keys (:func:`sa_block_keep_qk`, :func:`sa_query_key`) instead of its probabilities. The one switch
+to explicit matmul + softmax is timm's own per-module ``fused_attn``, read here as timm reads it;
+:func:`explicit_attention` turns it off for a whole model (the FLOP counter's path: torch's flop counter does
+not see fused attention on the CPU), and then :func:`sa_block_with_probs` is the SA blocks' path.
 """
 
 from __future__ import annotations
@@ -29,18 +30,20 @@ from torch import Tensor, nn
 
 from dcal.model.rollout import QueryKey
 
-_FORCE_EXPLICIT = False
-
 
 @contextlib.contextmanager
-def explicit_attention() -> Iterator[None]:
-    """Compute every attention as explicit matmul + softmax (for FLOP counting); restores on exit."""
-    global _FORCE_EXPLICIT
-    previous, _FORCE_EXPLICIT = _FORCE_EXPLICIT, True
+def explicit_attention(model: nn.Module) -> Iterator[None]:
+    """Every attention of ``model`` (a DCAL model or a plain timm one) as explicit matmul + softmax: timm's
+    ``fused_attn`` switched off on each module that has it, and restored on exit."""
+    modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    saved = [m.fused_attn for m in modules]
+    for m in modules:
+        m.fused_attn = False
     try:
         yield
     finally:
-        _FORCE_EXPLICIT = previous
+        for m, fused in zip(modules, saved, strict=True):
+            m.fused_attn = fused
 
 
 # The pre-norm blocks and attention modules whose forward the functions below reproduce: timm's ViT block, and
@@ -173,9 +176,9 @@ def attention_probs(attn: Attn, q: Tensor, k: Tensor) -> Tensor:
 
 
 def attend(attn: Attn, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q kᵀ / √d) v with timm's attention dropout; fused unless :func:`explicit_attention`."""
+    """softmax(q kᵀ / √d) v with timm's attention dropout; fused where ``attn.fused_attn`` is on, as in timm."""
     dropout_p = attn.attn_drop.p if attn.training else 0.0
-    if not _FORCE_EXPLICIT:
+    if attn.fused_attn:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     return attn.attn_drop(attention_probs(attn, q, k)) @ v
 
@@ -186,12 +189,12 @@ def attend_with_lse(attn: Attn, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor
     On the CPU ``F.scaled_dot_product_attention`` runs ``aten._scaled_dot_product_flash_attention_for_cpu``,
     which computes the softmax normalisers anyway; calling it directly gives the same output (bit for bit) and
     the normalisers, which the rollout then need not recompute. Elsewhere (CUDA, dropout, mixed dtypes,
-    :func:`explicit_attention`) the normalisers are None and the rollout computes its own softmax; so too while
+    ``fused_attn`` off) the normalisers are None and the rollout computes its own softmax; so too while
     tracing or exporting (ONNX has no such operator: the graph gets the standard attention).
     """
     dropout = attn.training and attn.attn_drop.p > 0
     exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-    if _FORCE_EXPLICIT or dropout or exporting or q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype:
+    if not attn.fused_attn or dropout or exporting or q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype:
         return attend(attn, q, k, v), None
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
 
@@ -220,11 +223,6 @@ def _finish_block(block: Block | EvaBlock, x: Tensor, attn_out: Tensor) -> Tenso
     return x + block.drop_path2(_layer_scale(block, 2, block.mlp(block.norm2(x))))
 
 
-def explicit_attention_active() -> bool:
-    """Whether :func:`explicit_attention` is in force."""
-    return _FORCE_EXPLICIT
-
-
 def sa_block(block: Block | EvaBlock, x: Tensor, rope: Tensor | None = None) -> Tensor:
     """timm's ``Block.forward`` / ``EvaBlock.forward`` (fused attention), through this module's projections: timm's
     Eva attention reads ``qkv.weight`` directly beside its separate biases, which would skip an adapter (LoRA)
@@ -241,8 +239,8 @@ def sa_block_with_probs(block: Block | EvaBlock, x: Tensor, cls_row_only: bool =
 
     Returns the block output (B, T, D) and the detached attention S averaged over heads (B, T, T), the input
     of the rollout (Eq. 2), or only its CLS row (B, T) with ``cls_row_only``. Dropout on attention applies to
-    the output only, not to S. One softmax serves output and S: the path for FLOP counting
-    (:func:`explicit_attention`); inference and training use :func:`sa_block_keep_qk` (see ``DCAL._sa_stream``).
+    the output only, not to S. One softmax serves output and S: the path of blocks whose ``fused_attn`` is off
+    (:func:`explicit_attention`, FLOP counting); otherwise :func:`sa_block_keep_qk` (see ``DCAL._sa_stream``).
     """
     attn = block.attn
     h = block.norm1(x)

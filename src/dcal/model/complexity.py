@@ -8,31 +8,13 @@ paper's "FLOPs" (DeiT-T at 224 = 1.3 G).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from timm.models.vision_transformer import Attention
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dcal.model.attention import explicit_attention
 from dcal.model.dcal import DCAL, create_model
-
-
-@contextlib.contextmanager
-def _explicit_timm_attention(model: nn.Module) -> Iterator[None]:
-    modules = [m for m in model.modules() if isinstance(m, Attention)]
-    saved = [m.fused_attn for m in modules]
-    for m in modules:
-        m.fused_attn = False
-    try:
-        with explicit_attention():
-            yield
-    finally:
-        for m, s in zip(modules, saved, strict=True):
-            m.fused_attn = s
 
 
 def count_macs(model: DCAL, img_size: int | tuple[int, int], branches: tuple[str, ...]) -> int:
@@ -40,7 +22,7 @@ def count_macs(model: DCAL, img_size: int | tuple[int, int], branches: tuple[str
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     x = torch.randn(1, 3, h, w)
     model.eval()
-    with torch.no_grad(), _explicit_timm_attention(model), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), explicit_attention(model), FlopCounterMode(display=False) as counter:
         model(x, branches=branches)
     return counter.get_total_flops() // 2
 

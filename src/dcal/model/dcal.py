@@ -35,7 +35,6 @@ from torch.utils.checkpoint import checkpoint
 from dcal.checkpoint import check_torch_archive, first_line
 from dcal.model.attention import (
     attention_probs,
-    explicit_attention_active,
     glca_block,
     pwca_block,
     q_and_kv,
@@ -230,7 +229,8 @@ class DCAL(nn.Module):
         qkv_proj = getattr(self.backbone.blocks[0].attn, "qkv", None)
         tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
         use = (need_attn and x.device.type == "cpu" and not torch.is_grad_enabled() and isinstance(qkv_proj, nn.Linear)
-               and not explicit_attention_active() and not torch.is_autocast_enabled("cpu") and not tracing)
+               and all(b.attn.fused_attn for b in self.backbone.blocks) and not torch.is_autocast_enabled("cpu")
+               and not tracing)
         if not use:
             yield None
             return
@@ -253,21 +253,22 @@ class DCAL(nn.Module):
         hands out its queries and keys (:class:`QueryKey`); the rollout then applies each S_i to its row vector in
         tiles of query rows, so the L (B, H, T, T) probability tensors are never written (benchmarks/README.md).
         With gradient checkpointing only the block inputs (kept by the checkpoints anyway) are stored and the
-        queries/keys are recomputed, one block at a time, when the rollout reads them. Under
-        :func:`explicit_attention` (FLOP counting) each block computes S explicitly, one softmax for output and S,
+        queries/keys are recomputed, one block at a time, when the rollout reads them. A block whose ``fused_attn``
+        is off (:func:`explicit_attention`, FLOP counting) computes S explicitly, one softmax for output and S,
         block L its class-token row only where the rollout starts from it. ``workspace``
         (:meth:`_qkv_workspace`): where block i writes its qkv projection, row i.
         """
         blocks = self.backbone.blocks
-        explicit = need_attn and explicit_attention_active()
-        recompute = need_attn and not explicit and self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        explicit = [need_attn and not blk.attn.fused_attn for blk in blocks]
+        recompute = (need_attn and not any(explicit) and self.grad_checkpointing and self.training
+                     and torch.is_grad_enabled())
         token_row = self.backbone.global_pool == "token"
         attentions: list[Tensor | QueryKey] = []
         x_prev = x
         for i, blk in enumerate(blocks):
             x_prev = x
             r = block_rope(self.backbone, rope, i)
-            if explicit:
+            if explicit[i]:
                 x, attn = self._run(sa_block_with_probs, blk, x, token_row and i == len(blocks) - 1, r)
             elif need_attn and not recompute:
                 x, attn = sa_block_keep_qk(blk, x, None if workspace is None else workspace[i], r)

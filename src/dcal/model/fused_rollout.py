@@ -15,6 +15,7 @@ result. ``DCAL_FUSED_ROLLOUT=0`` turns it off; ``DCAL_FUSED_ROLLOUT=1`` makes a 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -32,8 +33,7 @@ SOURCE = Path(__file__).with_name("csrc") / "rollout_cpu.cpp"
 # chosen against 64 and 256 with benchmarks/bench_rollout.py.
 CHUNK_ROWS = 128
 
-_lock = threading.Lock()
-_state: dict[str, str | bool] = {}  # "ok": bool once tried, "why": the reason it is off
+_lock = threading.Lock()  # one build at a time: threads starting together wait for the first
 
 
 def _mode() -> str:
@@ -88,33 +88,35 @@ def build_folder() -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
 
 
+@functools.cache
+def _load() -> str | None:
+    """Build and load the library, once per process (a loaded library is process state): None when it is
+    loaded, else the reason it is off."""
+    mode = _mode()
+    if mode == "0":
+        return f"{ENV}=0"
+    try:
+        _build()
+        return None
+    except Exception as exc:  # no compiler, no ninja, no AVX2, a BLAS without sgemm_: the eager tiles serve
+        why = f"{type(exc).__name__}: {exc}".strip()
+        if mode == "1":
+            raise RuntimeError(f"{ENV}=1 but the fused CPU rollout kernel could not be built: {why}") from exc
+        warnings.warn(f"dcal: the fused CPU rollout kernel is unavailable ({why[:500]}); using the eager tiles "
+                      f"(same result, slower at high resolution). {ENV}=0 silences this.", RuntimeWarning,
+                      stacklevel=4)
+        return why
+
+
 def available() -> bool:
     """Whether the fused kernel is loaded (building it on the first call); see the module docstring."""
-    if "ok" in _state:
-        return bool(_state["ok"])
-    mode = _mode()
-    with _lock:
-        if "ok" not in _state:
-            if mode == "0":
-                _state.update(ok=False, why=f"{ENV}=0")
-                return False
-            try:
-                _build()
-                _state["ok"] = True
-            except Exception as exc:  # no compiler, no ninja, no AVX2, a BLAS without sgemm_: the eager tiles serve
-                _state.update(ok=False, why=f"{type(exc).__name__}: {exc}".strip())
-                if mode == "1":
-                    raise RuntimeError(f"{ENV}=1 but the fused CPU rollout kernel could not be built: "
-                                       f"{_state['why']}") from exc
-                warnings.warn(f"dcal: the fused CPU rollout kernel is unavailable ({_state['why'][:500]}); using "
-                              f"the eager tiles (same result, slower at high resolution). {ENV}=0 silences this.",
-                              RuntimeWarning, stacklevel=2)
-    return bool(_state["ok"])
+    return why_unavailable() is None
 
 
 def why_unavailable() -> str | None:
-    """The reason the kernel is off (after :func:`available` said so), else None."""
-    return None if _state.get("ok", True) else str(_state.get("why"))
+    """The reason the kernel is off, else None (building it on the first call)."""
+    with _lock:
+        return _load()
 
 
 def chunk_rows(num_tokens: int, target: int = CHUNK_ROWS) -> int:
