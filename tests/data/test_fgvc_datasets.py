@@ -10,7 +10,6 @@ import scipy.io
 from PIL import Image
 
 from dcal.data import build_dataset
-from dcal.data.errors import DatasetFormatError
 from dcal.data.fgvc import (
     COARSE_CLASSES,
     COARSE_SHAPES,
@@ -21,6 +20,7 @@ from dcal.data.fgvc import (
     sample_coarse_params,
     sample_synthetic_params,
 )
+from dcal.data.layout import DatasetFormatError
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

@@ -7,7 +7,7 @@ import pytest
 
 from dcal.config import ConfigError, load_config
 from dcal.data import build_dataset
-from dcal.data.errors import DatasetFormatError
+from dcal.data.layout import DatasetFormatError
 from dcal.data.subsets import parse_selection, select_classes
 from dcal.engine.build import build_datasets
 from tests.helpers import SHARED_DATA, needs_shared

@@ -2,7 +2,7 @@
 procedurally generated demo set.
 
 Every reader checks its on-disk layout when it is built (index files present and well formed, every listed
-image present) and raises :class:`~dcal.data.errors.DatasetFormatError` naming the file and what it expected,
+image present) and raises :class:`~dcal.data.layout.DatasetFormatError` naming the file and what it expected,
 so that a broken dataset fails before any training starts.
 
 All datasets return ``(image, target)`` with ``image`` a PIL RGB image passed through ``transform`` and
@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dcal.data.errors import DatasetFormatError
 from dcal.data.images import IMAGE_EXTENSIONS, list_image_files, list_subfolders, open_rgb
+from dcal.data.layout import DatasetFormatError, DatasetNotFoundError, find_dataset_root
 from dcal.vocabulary import AIRCRAFT_LEVELS, SYNTHETIC_TASKS
 
 SPLITS = ("train", "test")
@@ -106,22 +106,10 @@ def _check_split(name: str, split: str) -> None:
         raise ValueError(f"{name}: unknown split {split!r}; expected one of {SPLITS}")
 
 
-def _resolve_root(name: str, root: str | os.PathLike, candidates: Sequence[str], marker: str) -> Path:
-    """The first of ``root/<candidate>`` that contains ``marker`` (a file or folder)."""
-    root = Path(root).expanduser()
-    tried = []
-    for sub in candidates:
-        base = root / sub if sub else root
-        if (base / marker).exists():
-            return base
-        tried.append(str(base / marker))
-    raise DatasetFormatError(f"{name}: dataset not found under {str(root)!r}; looked for " + ", ".join(tried))
-
-
 def _read_lines(name: str, path: Path) -> list[tuple[int, str]]:
     """Non-blank lines of a text index as ``(line_number, stripped_line)``."""
     if not path.is_file():
-        raise DatasetFormatError(f"{name}: missing index file {path}")
+        raise DatasetNotFoundError(f"{name}: missing index file {path}")
     with open(path, encoding="utf-8") as f:
         return [(n, line.strip()) for n, line in enumerate(f, start=1) if line.strip()]
 
@@ -162,7 +150,7 @@ def _build_cub(root: str, split: str, transform: Callable | None) -> FGVCDataset
     Class ids in ``classes.txt`` need not be contiguous (subsets such as a 100-class CUB keep the original
     ids): targets are 0..C-1 over the ids listed in ``classes.txt`` in increasing id order, names kept.
     """
-    base = _resolve_root("CUB", root, ("CUB_200_2011", ""), "images.txt")
+    base = find_dataset_root(root, ("CUB_200_2011",), ["images.txt"], "CUB")
     classes_txt = base / "classes.txt"
     images_txt = base / "images.txt"
     labels_txt = base / "image_class_labels.txt"
@@ -209,7 +197,7 @@ def _loadmat(name: str, path: Path, key: str) -> Any:
     import scipy.io
 
     if not path.is_file():
-        raise DatasetFormatError(f"{name}: missing annotation file {path}")
+        raise DatasetNotFoundError(f"{name}: missing annotation file {path}")
     try:
         mat = scipy.io.loadmat(str(path), squeeze_me=True)
     except Exception as e:  # scipy raises several types for a corrupt file
@@ -227,7 +215,7 @@ def _build_cars(root: str, split: str, transform: Callable | None) -> FGVCDatase
     naming the file. ``cars_test_annos_withlabels.mat`` is looked up next to ``cars_test/`` and, as some
     mirrors place it, inside ``devkit/``.
     """
-    base = _resolve_root("Cars", root, ("stanford_cars", ""), "devkit")
+    base = find_dataset_root(root, ("stanford_cars",), ["devkit"], "Cars")
     devkit = base / "devkit"
     raw_names = _loadmat("Cars", devkit / "cars_meta.mat", "class_names")
     classes = [str(c).strip() for c in np.atleast_1d(raw_names).tolist()]
@@ -275,7 +263,7 @@ def _build_aircraft(
         raise ValueError(
             f"aircraft: unknown annotation_level {annotation_level!r}; expected one of {AIRCRAFT_LEVELS}"
         )
-    base = _resolve_root("Aircraft", root, ("fgvc-aircraft-2013b/data", "data", ""), "images")
+    base = find_dataset_root(root, ("fgvc-aircraft-2013b/data", "data"), ["images"], "Aircraft")
     classes_txt = base / AIRCRAFT_CLASS_FILES[annotation_level]
     classes = [line for _, line in _read_lines("Aircraft", classes_txt)]
     if not classes:
@@ -312,13 +300,13 @@ def _build_folder(root: str, split: str, transform: Callable | None) -> FGVCData
     base = Path(root).expanduser()
     train_dir = base / "train"
     if not train_dir.is_dir():
-        raise DatasetFormatError(f"folder: missing {train_dir}; expected root/train/<class>/<image files>")
+        raise DatasetNotFoundError(f"folder: missing {train_dir}; expected root/train/<class>/<image files>")
     classes = list_subfolders(train_dir)
     if not classes:
         raise DatasetFormatError(f"folder: {train_dir} has no class sub-folders; expected train/<class>/...")
     split_dir = base / split
     if not split_dir.is_dir():
-        raise DatasetFormatError(f"folder: missing {split_dir}; expected root/{split}/<class>/<image files>")
+        raise DatasetNotFoundError(f"folder: missing {split_dir}; expected root/{split}/<class>/<image files>")
     present = classes if split == "train" else list_subfolders(split_dir)
     unknown = sorted(set(present) - set(classes))
     if unknown:

@@ -24,8 +24,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from dcal.data.errors import DatasetFormatError
 from dcal.data.images import IMAGE_EXTENSIONS, list_image_files, list_subfolders, open_rgb
+from dcal.data.layout import DatasetFormatError, DatasetNotFoundError, find_dataset_root
 from dcal.vocabulary import REID_DATASETS
 
 __all__ = [
@@ -56,8 +56,8 @@ class ReIDDatasetError(DatasetFormatError):
     """Base class of the content errors of a re-id dataset (bad names, empty splits, ...)."""
 
 
-class ReIDFolderNotFoundError(FileNotFoundError):
-    """A folder or list file the layout needs is missing."""
+# the name of DatasetNotFoundError in this module's API (the layout errors of both tasks are one family)
+ReIDFolderNotFoundError = DatasetNotFoundError
 
 
 class ReIDFileNameError(ReIDDatasetError):
@@ -149,27 +149,6 @@ def describe_splits(datasets: Iterable[ReIDDataset], title: str | None = None) -
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------- roots
-def _find_root(
-    root: str | os.PathLike, candidates: Sequence[str], required: Sequence[str], what: str
-) -> Path:
-    """The folder under ``root`` (itself or one of ``candidates``) that holds every path of ``required``."""
-    base = Path(root).expanduser()
-    if not base.exists():
-        raise ReIDFolderNotFoundError(f"{what}: dataset root {base} does not exist")
-    tried = [base] + [base / c for c in candidates]
-    for folder in tried:
-        if all((folder / r).exists() for r in required):
-            return folder
-    # Report the folder that has the most of what we need, naming what is missing.
-    best = max(tried, key=lambda f: sum((f / r).exists() for r in required))
-    missing = [str(best / r) for r in required if not (best / r).exists()]
-    raise ReIDFolderNotFoundError(
-        f"{what}: missing {', '.join(missing)}; expected {', '.join(required)} in {base} or in one of "
-        f"its sub-folders {', '.join(candidates)}"
-    )
-
-
 # --------------------------------------------------------------------------------------- Market / Duke
 _MARKET_LIKE = {
     # name: (display name, conventional sub-folders, number of cameras)
@@ -213,7 +192,7 @@ def _parse_named_dir(
 def _market_like(name: str, root: str | os.PathLike, split: str) -> tuple[Path, list[tuple[str, int, int]]]:
     display, candidates, max_cam = _MARKET_LIKE[name]
     sub = _MARKET_SPLIT_DIRS[split]
-    base = _find_root(root, candidates, list(_MARKET_SPLIT_DIRS.values()), display)
+    base = find_dataset_root(root, candidates, list(_MARKET_SPLIT_DIRS.values()), display)
     example = "0002_c1s1_000451_03.jpg (pid, then camera)"
     return base, _parse_named_dir(base / sub, f"{display}/{split}", MARKET_PATTERN, example, max_cam)
 
@@ -282,7 +261,7 @@ def _msmt17(
     base = None
     for _version, (train_dir, test_dir) in _MSMT_VERSIONS.items():
         try:
-            base = _find_root(root, candidates, [train_dir, test_dir] + lists, "MSMT17")
+            base = find_dataset_root(root, candidates, [train_dir, test_dir] + lists, "MSMT17")
             break
         except ReIDFolderNotFoundError as e:
             error = e
@@ -307,7 +286,7 @@ _VERI_SPLIT_DIRS = {"train": "image_train", "query": "image_query", "gallery": "
 
 def _veri(root: str | os.PathLike, split: str) -> tuple[Path, list[tuple[str, int, int]]]:
     candidates = ("VeRi", "veri", "VeRi-776", "VeRi776", "veri776")
-    base = _find_root(root, candidates, list(_VERI_SPLIT_DIRS.values()), "VeRi-776")
+    base = find_dataset_root(root, candidates, list(_VERI_SPLIT_DIRS.values()), "VeRi-776")
     example = "0001_c001_00016450_0.jpg (vehicle id, then 3-digit camera)"
     return base, _parse_named_dir(base / _VERI_SPLIT_DIRS[split], f"VeRi-776/{split}", VERI_PATTERN, example, 20)
 

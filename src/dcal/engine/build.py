@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dcal.config import dataset_kwargs
 from dcal.data import build_dataset
-from dcal.data.errors import DatasetFormatError
+from dcal.data.layout import DatasetFormatError
 from dcal.data.robust import SkipBadImages, collate_skipping_bad
 from dcal.data.samplers import RandomIdentitySampler, ShardedShuffleSampler, ShardSampler
 from dcal.data.subsets import merge_splits, select_classes, select_identities

@@ -221,8 +221,8 @@ class DCAL(nn.Module):
         ``torch.compile``, on CUDA).
 
         The rollout reads every block's queries and keys after the SA stream, so L projections are alive at
-        once; allocated afresh on every call they are fresh pages each time, and those page faults cost 3-5 %
-        of a DeiT-T inference at 448 (benchmarks/README.md). The workspace is taken off the model while in use,
+        once; allocated afresh on every call they would be fresh pages each time, whose page faults show in
+        inference time (benchmarks/README.md). The workspace is taken off the model while in use,
         so two threads never share one (the second allocates its own); it is put back afterwards, grown to the
         largest batch seen, and dropped by ``train()`` and :meth:`release_workspace`.
         """

@@ -1,8 +1,8 @@
 """Attention rollout (paper Eq. 2, Abnar & Zuidema 2020) and top-R local query selection.
 
-Only the first (CLS) row of Ŝ_L = S̄_L S̄_(L-1) … S̄_1 is needed, with S̄_i = 0.5 S_i + 0.5 I. It is computed as a
-row vector pushed through the layers from L down to 1: r ← r S̄_i = 0.5 (r S_i) + 0.5 r, which costs O(L N²)
-per image instead of the O(L N³) of the matrix product.
+Only one row of Ŝ_L = S̄_L S̄_(L-1) … S̄_1 is needed, with S̄_i = 0.5 S_i + 0.5 I: the pooled feature's row r₀ Ŝ_L
+(the CLS row for a class token). It is computed as a row vector pushed through the layers from L down to 1:
+r ← r S̄_i = 0.5 (r S_i) + 0.5 r, which costs O(L T²) per image instead of the O(L T³) of the matrix product.
 
 Each S_i (the head-averaged attention probabilities of SA block i) is given either as an explicit (B, T, T) map
 or as the block's queries and keys (:class:`QueryKey`). With queries and keys, r S_i is computed in tiles of
@@ -24,10 +24,11 @@ from torch import Tensor
 
 from dcal.model import fused_rollout
 
-# Scores per tile (float32): 2^20 = 4 MiB, inside a server CPU's L3 (the choice is measured in
-# benchmarks/README.md: smaller tiles mean more kernel calls, larger ones spill to memory).
+# Scores per tile (float32): 2^20 = 4 MiB, inside a server CPU's L3: smaller tiles mean more kernel calls, larger
+# ones spill to memory (benchmarks/README.md).
 TILE_ELEMENTS = 2**20
-# On a GPU a tile is a kernel launch or three, not cache: 2^26 scores (256 MiB) keep launches few (not measured yet).
+# On a GPU a tile is a kernel launch or three, not cache: 2^26 scores (256 MiB) keep launches few (a guess: no GPU
+# measurement yet).
 GPU_TILE_ELEMENTS = 2**26
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -64,27 +65,17 @@ class QueryKey:
                       fused: bool | None = None) -> Tensor:
         """row S, (B, T), for a row vector per image ``row`` (B, T), in tiles of query rows: no B·H·T² tensor.
 
-        On the CPU with the forward's normalisers this runs the fused kernel
-        (:mod:`dcal.model.fused_rollout`: GEMM, exp2 and the weighted row sum per L2-sized chunk, in C++) when
+        On the CPU with the forward's normalisers this runs the fused kernel (:mod:`dcal.model.fused_rollout`) when
         it is available; ``fused=False`` forces the eager tiles below, ``fused=True`` requires the kernel.
-        ``tile_elements`` and ``buffer`` concern the eager tiles only.
+        ``tile_elements`` (default :func:`default_tile_elements`) and ``buffer`` (float32 scratch for the tiles,
+        reused across calls: one rollout passes the same one to every block) concern the eager tiles only.
 
-        The B·H (image, head) problems are cut into tiles of g problems times t query rows, g·t·T ≤
-        ``tile_elements`` scores (default: :func:`default_tile_elements`), each tile holding whole score rows.
-        With the forward's normalisers (CPU) one GEMM writes the tile's scores in base 2 with the normaliser
-        folded in, s₂ = log₂e · (scale · q kᵀ − lse) (the base change rides on the GEMM's alpha, the normaliser
-        on its bias), then exp2 in place: 2^s₂ = exp(s − lse), the probabilities; exp2 measured about twice as
-        fast as exp, and far less slow on underflowing arguments. Without normalisers (CUDA, attention dropout)
-        the tile's scores go through a softmax over keys (exact: whole rows). Either way a second GEMM adds the
-        tile's rows weighted by r_t.
-
-        Large T (one problem per tile, e.g. T = 785 at 448) with normalisers runs problem by problem on strided
-        views of q and k (no copies: at batch 8 copying them measured 12 % slower); otherwise problems are
-        flattened into batches (q and k copied once), which at T = 129 measured 2x faster than one by one.
-
-        ``buffer``: optional float32 scratch for the score tiles, reused across calls (a rollout passes one to
-        every block: a fresh multi-MiB tile per block is fresh pages, and those page faults cost about as much
-        as the exp2).
+        An eager tile holds whole score rows: g (image, head) problems times t query rows, g·t·T ≤
+        ``tile_elements``. With the normalisers its probabilities are one GEMM and an exp2 in place,
+        2^(log₂e · (scale · q kᵀ − lse)) = exp(s − lse); without them (CUDA, attention dropout) a softmax over
+        keys. A second GEMM adds the tile's rows weighted by r_t. A problem too large to share a tile runs on
+        strided views of q and k (no copies); smaller ones are flattened into batches. Why each of these
+        choices: ``benchmarks/README.md``, "Why DCAL costs what it costs".
         """
         B, H, T, d = self.q.shape
         tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
