@@ -126,10 +126,18 @@ def _split_qkv(attn: Attn, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return y.reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _finish_qkv(attn: Attn, q: Tensor, k: Tensor, v: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def _norm_rotate(attn: Attn, q: Tensor, k: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor]:
+    """timm's q/k norms, then the rotary phases on the patch tokens, cast back to the projection's dtype (that of
+    the values, as timm casts them)."""
+    dtype = q.dtype
     q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
-        q, k = rotate(attn, q, rope).type_as(v), rotate(attn, k, rope).type_as(v)
+        q, k = rotate(attn, q, rope).to(dtype), rotate(attn, k, rope).to(dtype)
+    return q, k
+
+
+def _finish_qkv(attn: Attn, q: Tensor, k: Tensor, v: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    q, k = _norm_rotate(attn, q, k, rope)
     return q, _repeat_kv(attn, k), _repeat_kv(attn, v)
 
 
@@ -294,12 +302,16 @@ def sa_block_keep_qk(block: Block | EvaBlock, x: Tensor, qkv_out: Tensor | None 
 def sa_query_key(block: Block | EvaBlock, x: Tensor, rope: Tensor | None = None) -> QueryKey:
     """Queries and keys of SA ``block`` at its input ``x``, recomputed without autograd (checkpointed training).
 
-    Only the query and key rows of the qkv projection run.
+    Only the query and key rows of the qkv projection run: the values are not needed.
     """
     attn = block.attn
     h = block.norm1(x)
-    q, k, _ = q_and_kv(attn, h, h, rope, rope, attn.num_prefix_tokens if rope is not None else 0)
-    return QueryKey(q, k, scale=attn.scale)
+    if attn.qkv is None:
+        q, k = _qkv_separate(attn, h, "q"), _qkv_separate(attn, h, "k")
+    else:
+        q, k = _project(attn, h, 0, 2 * _attn_dim(attn)).chunk(2, dim=-1)
+    q, k = _norm_rotate(attn, _heads(q, attn.num_heads, attn.head_dim), _heads(k, _kv_heads(attn), attn.head_dim), rope)
+    return QueryKey(q, _repeat_kv(attn, k), scale=attn.scale)
 
 
 def glca_block(block: Block | EvaBlock, queries: Tensor, context: Tensor, rope: Tensor | None = None,
