@@ -48,7 +48,7 @@ def main(out_path: str) -> None:
         grads = {f"model.{k}": p.grad for k, p in model.named_parameters() if p.grad is not None}
         grads.update({f"criterion.{k}": p.grad for k, p in criterion.named_parameters()})
         torch.save({"loss": loss, "grads": grads, "eval": record}, out_path)
-    dist.shutdown()
+    dist.shutdown(info)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,25 @@ def test_two_process_reid_run_writes_one_set_of_files(tmp_path, market_data):  #
     single = evaluate_checkpoint(run.cfg, run.model)
     for k in ("mAP", "rank1", "mINP"):
         assert ends[-1][k] == pytest.approx(single[k], abs=1e-4), k
+
+
+def test_shutdown_destroys_only_the_group_init_created(tmp_path, monkeypatch):
+    """No module state: ``init`` says in its answer whether it created the process group, and ``shutdown(info)``
+    destroys only that one (a group the caller made stays)."""
+    import torch.distributed as tdist
+
+    from dcal import distributed as dist
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for var, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+            monkeypatch.setenv(var, value)
+        info, _ = dist.init("cpu")  # under torchrun, but the caller's group exists: joined, not owned
+        assert info.world_size == 2 and not info.owns_group
+        dist.shutdown(info)
+        assert tdist.is_initialized()
+        dist.shutdown(dist.DistInfo(owns_group=True))
+        assert not tdist.is_initialized()
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -29,6 +29,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # init() created the process group: shutdown(info) destroys it, a caller's group stays
 
     @property
     def enabled(self) -> bool:
@@ -73,7 +74,7 @@ def init(device: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join torchrun's process group (if any) and pick this process's device.
 
     ``device`` is ``train.device`` (auto | cpu | cuda). Under torchrun with CUDA, process ``LOCAL_RANK`` uses
-    GPU ``LOCAL_RANK`` and NCCL; on the CPU, gloo. Idempotent: a second call returns the same answer.
+    GPU ``LOCAL_RANK`` and NCCL; on the CPU, gloo. A second call joins the same group without owning it.
     """
     pick_device(device, "train.device")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -91,20 +92,15 @@ def init(device: str = "auto") -> tuple[DistInfo, torch.device]:
     else:
         dev = torch.device("cpu")
     if info.enabled and not dist.is_initialized():
-        global _OWNED
         dist.init_process_group("nccl" if use_cuda else "gloo")
-        _OWNED = True
+        info = replace(info, owns_group=True)
     return info, dev
 
 
-_OWNED = False  # whether init() created the process group (then shutdown() destroys it; a caller's group stays)
-
-
-def shutdown() -> None:
-    global _OWNED
-    if _OWNED and dist.is_available() and dist.is_initialized():
+def shutdown(info: DistInfo) -> None:
+    """Destroy the process group where :func:`init` created it (``info.owns_group``); a caller's own group stays."""
+    if info.owns_group and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _OWNED = False
 
 
 def _active() -> bool:

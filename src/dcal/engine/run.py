@@ -128,7 +128,7 @@ def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     try:
         return _fit(cfg, resume or cfg.train.resume, info, device)
     finally:
-        dist.shutdown()
+        dist.shutdown(info)
 
 
 def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.device) -> dict[str, Any]:

@@ -133,7 +133,8 @@ class DCAL(nn.Module):
             raise ValueError("glca_pool='cls' reads the GLCA output of the class token; this backbone has none "
                              "(use glca_pool='mean')")
         self.cfg = cfg
-        # how create_model built the backbone (timm name, patch stride, timm arguments): what model_config saves
+        # how the model was built: create_model's timm name, patch stride and timm arguments (what model_config
+        # saves), apply_finetune's frozen blocks and LoRA settings; read through the properties below
         self.build = dict(build or {})
         self.backbone = backbone
         self.grad_checkpointing = False
@@ -176,6 +177,16 @@ class DCAL(nn.Module):
     def patch_stride(self) -> int | None:
         """The overlapping patch embedding's stride (:func:`set_patch_stride`), None for the standard split."""
         return self.build.get("patch_stride")
+
+    @property
+    def freeze_blocks(self) -> int:
+        """How many backbone blocks (after the frozen stem) :func:`dcal.model.finetune.apply_finetune` froze."""
+        return self.build.get("freeze_blocks", 0)
+
+    @property
+    def lora_settings(self) -> Any:
+        """The LoRA adapters' settings (:class:`dcal.model.finetune.LoraSettings`), None without adapters."""
+        return self.build.get("lora")
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -134,8 +134,7 @@ def apply_finetune(model: nn.Module, freeze_blocks: int = 0, lora: LoraSettings 
         config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                  target_modules=names, bias="none")
         peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-    model.lora_settings = lora if use_lora else None
-    model.freeze_blocks = freeze_blocks
+    model.build.update(lora=lora if use_lora else None, freeze_blocks=freeze_blocks)  # read by its properties
     # peft froze every parameter of the model but the adapters: set each one by the rules above
     for name, p in model.named_parameters():
         p.requires_grad_(is_trainable(name, freeze_blocks, use_lora))
@@ -243,7 +242,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         parent, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, module.base_layer)
     model.load_state_dict(state)
-    model.lora_settings = None
+    model.build["lora"] = None
     for name, p in model.named_parameters():
         p.requires_grad_(is_trainable(name, getattr(model, "freeze_blocks", 0), False))
     return model
