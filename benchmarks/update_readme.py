@@ -47,11 +47,20 @@ def run_reid_eval_benchmark() -> str | None:
     return f"Command: `python benchmarks/bench_reid_eval.py`\n\n```\n{done.stdout.strip()}\n```\n"
 
 
+def _marker_line(text: str, marker: str) -> int:
+    """Where the line holding only ``marker`` starts, or -1 (a marker quoted inside prose does not count)."""
+    lines = text.splitlines(keepends=True)
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+    return next((offsets[n] for n, line in enumerate(lines) if line.rstrip("\r\n") == marker), -1)
+
+
 def replace_section(text: str, body: str) -> str:
-    """``text`` with the part between the markers replaced by ``body`` (markers kept)."""
-    i, j = text.find(START), text.find(END)
+    """``text`` with the part between the marker lines replaced by ``body`` (markers kept)."""
+    i, j = _marker_line(text, START), _marker_line(text, END)
     if i < 0 or j < i:
-        raise ValueError(f"markers {START} ... {END} not found in order")
+        raise ValueError(f"marker lines {START} ... {END} not found in order")
     return text[: i + len(START)] + "\n" + body.strip() + "\n" + text[j:]
 
 
@@ -74,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     readme = args.readme
     text = readme.read_text() if readme.is_file() else ""
-    if START not in text or END not in text:
+    if _marker_line(text, START) < 0 or _marker_line(text, END) < 0:
         print(body)
         print(f"\n{readme}: markers {START} / {END} absent; nothing written", file=sys.stderr)
         return 1

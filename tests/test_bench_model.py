@@ -37,3 +37,16 @@ def test_device_check_and_inference_batch_sweep():
     assert (bench.check_device("cuda") is None) == torch.cuda.is_available()
     assert bench.CASES["fgvc"].inference_batches == (1, 8, 32)
     assert bench.CASES["reid"].inference_batches == (bench.CASES["reid"].batch,)
+
+
+def test_update_readme_replaces_between_the_marker_lines_only():
+    """A marker quoted in the README's prose (the table describing update_readme.py does) is not a marker."""
+    spec = importlib.util.spec_from_file_location("update_readme", REPO / "benchmarks" / "update_readme.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = (f"| `update_readme.py` | pastes between `{mod.START}` and `{mod.END}` |\n\n"
+            f"## Results\n{mod.START}\nold numbers\n{mod.END}\ntail\n")
+    got = mod.replace_section(text, "new numbers")
+    assert got == text.replace("old numbers", "new numbers")
+    with pytest.raises(ValueError, match="marker lines"):
+        mod.replace_section(text.replace(f"\n{mod.END}\n", "\n"), "x")
