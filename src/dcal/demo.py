@@ -58,7 +58,8 @@ DEMO_OVERRIDES = [
     "train.seed=0",
 ]
 VARIANTS = ("sa_only", "dcal")
-DEMO_FILES = ("rollout.png", "summary.json")  # besides the runs: what --fresh removes
+PICTURE, SUMMARY = "rollout.png", "summary.json"
+DEMO_FILES = (PICTURE, SUMMARY)  # besides the runs: what --fresh removes
 FRESH_HINT = "run `dcal demo --fresh` to replace the demo's runs (or choose another --output-dir)"
 
 
@@ -195,9 +196,9 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
     truths = [test.classes[test.targets[i]] for i in range(num_images)]
     titles, colors = prediction_titles(truths, {"SA only": [test.classes[p] for p in preds["sa_only"]],
                                                 "DCAL": [test.classes[p] for p in preds["dcal"]]}, truths)
-    picture = save_attention_figure(output_dir / "rollout.png", shown, rows, titles, title_colors=colors)
+    picture = save_attention_figure(output_dir / PICTURE, shown, rows, titles, title_colors=colors)
     summary = {"sa_only": sa, "dcal": dc, "pretrained": str(output_dir / "pretrain"), "picture": str(picture)}
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    log(f"\nattention rollout picture: {picture}\nsummary: {output_dir / 'summary.json'}\n"
+    (output_dir / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    log(f"\nattention rollout picture: {picture}\nsummary: {output_dir / SUMMARY}\n"
         f"demo time: {time.perf_counter() - t0:.0f} s")
     return summary
