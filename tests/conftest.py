@@ -8,10 +8,16 @@ import os
 import pytest
 import torch
 
-from tests.helpers import SHARED_DATA
+from tests.helpers import SHARED_DATA, write_market_layout
 
 # Tiny trained runs for the inference-command tests, defined once here so that each is trained once per session.
 from tests.tiny_runs import fgvc_run, reid_run  # noqa: F401
+
+
+@pytest.fixture
+def market_data(tmp_path):
+    """A small Market-1501 layout (:func:`tests.helpers.write_market_layout`)."""
+    return write_market_layout(tmp_path / "market")
 
 
 @pytest.fixture(autouse=True)

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_model", REPO / "benchmarks" / "bench_model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_model")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the refusal is for machines without")
@@ -41,9 +34,7 @@ def test_device_check_and_inference_batch_sweep():
 
 def test_update_readme_replaces_between_the_marker_lines_only():
     """A marker quoted in the README's prose (the table describing update_readme.py does) is not a marker."""
-    spec = importlib.util.spec_from_file_location("update_readme", REPO / "benchmarks" / "update_readme.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("update_readme")
     text = (f"| `update_readme.py` | pastes between `{mod.START}` and `{mod.END}` |\n\n"
             f"## Results\n{mod.START}\nold numbers\n{mod.END}\ntail\n")
     got = mod.replace_section(text, "new numbers")

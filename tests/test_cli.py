@@ -6,17 +6,15 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import dcal.run_folder
 from dcal.cli import main
-from tests.helpers import TINY_TIMM_KWARGS
+from tests.helpers import TINY_TIMM_KWARGS, write_images
 
 TINY_MODEL = [
     "model.backbone=deit_tiny_patch16_224",
@@ -29,19 +27,12 @@ TINY_MODEL = [
 ]
 
 
-def _write_images(folder: Path, n: int, rng: np.random.Generator, size=(40, 40), names=None) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        arr = rng.integers(0, 255, size=(*size, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(folder / (names[i] if names else f"img{i}.png"))
-
-
 @pytest.fixture
 def folder_data(tmp_path):
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("test", 3)):
         for c in ("alpha", "beta", "gamma"):
-            _write_images(tmp_path / "data" / split / c, n, rng)
+            write_images(tmp_path / "data" / split / c, n, rng)
     return tmp_path / "data"
 
 
@@ -119,20 +110,6 @@ def test_config_and_layout_errors_are_one_clear_line(folder_data, recipe, tmp_pa
     assert main(train_args(recipe, tmp_path / "missing", tmp_path / "y")) == 2
     assert "missing" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()  # nothing written before the data is known good
-
-
-@pytest.fixture
-def market_data(tmp_path):
-    """Market-1501 layout: 4 training ids x 4 images, 4 query ids seen by 2 cameras in the gallery."""
-    rng = np.random.default_rng(1)
-    root = tmp_path / "market"
-    train = [f"{pid:04d}_c{1 + i % 2}s1_{i:06d}_00.jpg" for pid in (2, 7, 9, 11) for i in range(4)]
-    query = [f"{pid:04d}_c1s1_{100 + pid:06d}_00.jpg" for pid in (20, 21, 22, 23)]
-    gallery = [f"{pid:04d}_c{c}s1_{200 + pid * 3 + c:06d}_00.jpg" for pid in (20, 21, 22, 23) for c in (2, 3)]
-    gallery += ["-1_c1s1_000000_00.jpg", "0000_c2s1_000001_00.jpg"]
-    for folder, names in (("bounding_box_train", train), ("query", query), ("bounding_box_test", gallery)):
-        _write_images(root / folder, len(names), rng, size=(64, 32), names=names)
-    return root
 
 
 def test_reid_train_and_eval(market_data, tmp_path):

@@ -26,8 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker  # noqa: E402
 
-from tests.test_cli import market_data  # noqa: E402, F401 - the Market-1501 layout fixture
-
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-6)  # float32, different summation order (two halves then an average)
 
@@ -87,7 +85,7 @@ def test_ddp_step_equals_one_process_with_twice_the_batch(tmp_path):
     assert ddp["eval"] == pytest.approx(whole)
 
 
-def test_two_process_reid_run_writes_one_set_of_files(tmp_path, market_data):  # noqa: F811 - the fixture
+def test_two_process_reid_run_writes_one_set_of_files(tmp_path, market_data):
     recipe = tmp_path / "reid.yaml"
     recipe.write_text("data:\n  dataset: market1501\n  resize: null\ntrain:\n  batch_size: 4\n  num_instances: 2\n"
                       "  epochs: 2\n  optimizer: sgd\n  lr: 0.008\n  workers: 0\n  device: cpu\n")

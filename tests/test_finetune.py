@@ -271,9 +271,9 @@ def test_depth_checked_when_built_and_missing_peft_named(monkeypatch):
 def test_benchmark_finetune_variants_and_their_ratios():
     from dataclasses import replace
 
-    from tests.test_bench_model import load_bench
+    from tests.helpers import load_script
 
-    bench = load_bench()
+    bench = load_script("bench_model")
     case = replace(bench.CASES["finetune"], arch="deit_tiny_patch16_224", img_size=(32, 32))
     frozen, lora = bench.build_variant(case, "dcal-freeze"), bench.build_variant(case, "dcal-lora")
     assert frozen.freeze_blocks == 6 and not frozen.backbone.blocks[5].attn.qkv.weight.requires_grad

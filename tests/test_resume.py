@@ -21,14 +21,8 @@ from safetensors.torch import load_file
 
 from dcal.checkpoint import load_training_state, remove_stale_temporaries
 from dcal.engine.run import STEP_DELAY_ENV, TIME_KEYS
+from tests.helpers import REPO, SYNTHETIC_RUN
 
-REPO = Path(__file__).resolve().parents[1]
-# 2 classes x 12 = 24 training images, batch 4: 6 steps per epoch, a mid-epoch checkpoint every 2 steps
-RECIPE = ["data.dataset=synthetic", "data.resize=32", "data.synthetic_image_size=32", "data.synthetic_num_classes=2",
-          "data.synthetic_train_per_class=12", "data.synthetic_test_per_class=2", "model.img_size=32",
-          "model.timm_kwargs={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 8}", "model.pwca_blocks=2",
-          "train.batch_size=4", "train.epochs=2", "train.workers=0", "train.device=cpu", "train.deterministic=true",
-          "train.save_every_steps=2", "train.log_every=1"]
 TOL = dict(rtol=0.0, atol=0.0)  # bit-exact: same ops, same order, same RNG streams, one thread
 
 
@@ -36,7 +30,7 @@ def dcal_train(out: Path, *extra: str, delay: float = 0.0) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), STEP_DELAY_ENV: str(delay)}
     recipe = out.parent / "recipe.yaml"
     recipe.write_text("{}  # all keys are given on the command line\n")
-    cmd = [sys.executable, "-m", "dcal", "train", "--config", str(recipe), f"output_dir={out}", *RECIPE, *extra]
+    cmd = [sys.executable, "-m", "dcal", "train", "--config", str(recipe), f"output_dir={out}", *SYNTHETIC_RUN, *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -31,10 +31,9 @@ from dcal.run_folder import (
     load_run,
     run_content,
 )
-from tests.test_resume import RECIPE
+from tests.helpers import REPO, SYNTHETIC_RUN
 
-REPO = Path(__file__).resolve().parents[1]
-ONE_EPOCH = [*RECIPE, "train.epochs=1", "train.save_every_steps=0"]
+ONE_EPOCH = [*SYNTHETIC_RUN, "train.epochs=1", "train.save_every_steps=0"]
 
 
 def train(out: Path, *extra: str) -> int:
