@@ -49,24 +49,26 @@ SYNTHETIC_RUN = [
 ]
 
 
-def write_images(folder: Path, n: int, rng: np.random.Generator, size=(40, 40), names=None) -> None:
-    """``n`` random RGB images of ``size`` (H, W) in ``folder``, named ``names`` or ``img<i>.png``."""
+def write_images(folder: Path, names: list[str], rng: np.random.Generator, size=(40, 40)) -> list[Path]:
+    """Random RGB images of ``size`` (H, W) named ``names`` in ``folder``; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        arr = rng.integers(0, 255, size=(*size, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(folder / (names[i] if names else f"img{i}.png"))
+    paths = []
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, size=(*size, 3), dtype=np.uint8)).save(folder / name)
+        paths.append(folder / name)
+    return paths
 
 
-def write_market_layout(root: Path) -> Path:
-    """Market-1501 layout under ``root``: 4 training ids x 4 images, 4 query ids seen by 2 cameras in the gallery,
-    plus a junk (-1) and a distractor (0000) gallery image."""
+def write_market_layout(root: Path, extra_gallery: tuple[str, ...] = ()) -> Path:
+    """Market-1501 layout under ``root``: 4 training ids x 4 images; 4 query ids, each in the gallery under 2 other
+    cameras; then ``extra_gallery``, a junk (-1) and a distractor (0000) gallery image."""
     rng = np.random.default_rng(1)
     train = [f"{pid:04d}_c{1 + i % 2}s1_{i:06d}_00.jpg" for pid in (2, 7, 9, 11) for i in range(4)]
     query = [f"{pid:04d}_c1s1_{100 + pid:06d}_00.jpg" for pid in (20, 21, 22, 23)]
     gallery = [f"{pid:04d}_c{c}s1_{200 + pid * 3 + c:06d}_00.jpg" for pid in (20, 21, 22, 23) for c in (2, 3)]
-    gallery += ["-1_c1s1_000000_00.jpg", "0000_c2s1_000001_00.jpg"]
+    gallery += [*extra_gallery, "-1_c1s1_000000_00.jpg", "0000_c2s1_000001_00.jpg"]
     for folder, names in (("bounding_box_train", train), ("query", query), ("bounding_box_test", gallery)):
-        write_images(root / folder, len(names), rng, size=(64, 32), names=names)
+        write_images(root / folder, names, rng, size=(64, 32))
     return root
 
 

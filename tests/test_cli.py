@@ -32,7 +32,7 @@ def folder_data(tmp_path):
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("test", 3)):
         for c in ("alpha", "beta", "gamma"):
-            write_images(tmp_path / "data" / split / c, n, rng)
+            write_images(tmp_path / "data" / split / c, [f"img{i}.png" for i in range(n)], rng)
     return tmp_path / "data"
 
 

@@ -26,7 +26,7 @@ from dcal.data.images import (
 )
 from dcal.data.robust import BadImageError, check_bad_fraction
 from dcal.inference import ImageInputs, list_images
-from tests.tiny_runs import write_images
+from tests.helpers import write_images
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
