@@ -2,7 +2,8 @@
 
 One DDP training step through the engine's own ``ForwardLoss`` + ``wrap_ddp``, with batch B per process and fixed
 PWCA pairs drawn inside each process's half, and one sharded evaluation. Rank 0 saves the averaged loss, the
-(DDP-averaged) gradients of the model and of the loss weights, and the evaluation record to ``argv[1]``.
+(DDP-averaged) gradients of the model and of the loss weights, and the evaluation record to ``argv[1]``; any
+further arguments are config overrides (``model.lora=...``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from dcal import distributed as dist
 from dcal.config import load_config
 from dcal.engine import ForwardLoss, build_criterion, build_datasets, build_model, evaluate
+from dcal.model.finetune import finetune_from_config
 
 TINY = ["data.dataset=synthetic", "data.resize=32", "data.synthetic_image_size=32", "data.synthetic_num_classes=3",
         "data.synthetic_train_per_class=2", "data.synthetic_test_per_class=5", "model.img_size=32",
@@ -31,12 +33,23 @@ def batch(world_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return images, targets, torch.cat([p + r * B for r, p in enumerate(local)])
 
 
-def main(out_path: str) -> None:
-    cfg = load_config(None, TINY)
-    info, device = dist.init("cpu")
+def build(cfg) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model as a run builds it (frozen blocks and LoRA adapters from the config; the adapters' B factors drawn
+    non-zero, so that A gets gradients too) and its loss."""
     torch.manual_seed(0)
-    model = build_model(cfg, num_classes=3)
-    criterion = build_criterion(cfg, model)
+    model = finetune_from_config(build_model(cfg, num_classes=3), cfg.model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model, build_criterion(cfg, model)
+
+
+def main(out_path: str, *overrides: str) -> None:
+    cfg = load_config(None, [*TINY, *overrides])
+    info, device = dist.init("cpu")
+    model, criterion = build(cfg)
     record = evaluate(model, build_datasets(cfg), device, cfg)  # each process scores its share
     step = dist.wrap_ddp(ForwardLoss(model.train(), criterion, cfg, device), info, device)
     images, targets, pairs = batch(info.world_size)
@@ -52,4 +65,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *sys.argv[2:])

@@ -8,6 +8,7 @@ paper's GPUs). Re-ID's batch-hard triplet mines inside each process's batch, so 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ import torch
 
 from dcal.config import load_config
 from dcal.data.samplers import ShardedShuffleSampler, ShardSampler
-from dcal.engine import ForwardLoss, build_criterion, build_datasets, build_model, evaluate
+from dcal.engine import ForwardLoss, build_datasets, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -59,16 +60,21 @@ def test_samplers_shard_by_global_batch_and_resume():
     assert sum(shares, []) == list(range(7))
 
 
-def test_ddp_step_equals_one_process_with_twice_the_batch(tmp_path):
+LORA = ["model.lora={rank: 4}", "model.freeze_blocks=1"]
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    pytest.param(LORA, marks=pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")),
+], ids=["full", "lora+freeze"])
+def test_ddp_step_equals_one_process_with_twice_the_batch(tmp_path, overrides):
     out = tmp_path / "ddp.pt"
-    torchrun([str(REPO / "tests" / "ddp_worker.py"), str(out)], cwd=tmp_path)
+    torchrun([str(REPO / "tests" / "ddp_worker.py"), str(out), *overrides], cwd=tmp_path)
     ddp = torch.load(out, weights_only=True)
 
-    cfg = load_config(None, ddp_worker.TINY)
+    cfg = load_config(None, [*ddp_worker.TINY, *overrides])
     device = torch.device("cpu")
-    torch.manual_seed(0)
-    model = build_model(cfg, num_classes=3)
-    criterion = build_criterion(cfg, model)
+    model, criterion = ddp_worker.build(cfg)
     whole = evaluate(model, build_datasets(cfg), device, cfg)
     images, targets, pairs = ddp_worker.batch(2)
     res = ForwardLoss(model.train(), criterion, cfg, device)(images, targets, pairs=pairs)
@@ -78,6 +84,9 @@ def test_ddp_step_equals_one_process_with_twice_the_batch(tmp_path):
     grads = {f"model.{k}": p.grad for k, p in model.named_parameters() if p.grad is not None}
     grads.update({f"criterion.{k}": p.grad for k, p in criterion.named_parameters()})
     assert grads.keys() == ddp["grads"].keys() and any(k.startswith("criterion.") for k in grads)
+    if overrides:  # the adapters are synchronised; block 1 (frozen) and the backbone's own weights get no gradient
+        assert any(".lora_A." in k for k in grads) and not any(".blocks.0." in k for k in grads)
+        assert "model.backbone.blocks.1.attn.qkv.base_layer.weight" not in grads
     for k, g in grads.items():
         torch.testing.assert_close(ddp["grads"][k], g, **GRAD_TOL, msg=k)
     # sharded evaluation counts every test image once; the mechanism (first test images) is each process's own

@@ -30,8 +30,8 @@ from dcal.model.finetune import (
     merge_lora_state,
     merged_state_dict,
 )
-from tests.helpers import tiny_model
-from tests.tiny_runs import TINY_MODEL, write_images
+from tests.helpers import tiny_model, write_images
+from tests.tiny_runs import TINY_MODEL
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
                                 reason="peft is not installed (pip install 'dcal[lora]')")
@@ -143,6 +143,32 @@ def test_lora_model_equals_its_merged_plain_model():
     with torch.no_grad():
         torch.testing.assert_close(model(x, branches=("sa", "glca"))["logits"]["glca"], a["logits"]["glca"],
                                    atol=1e-5, rtol=0)
+
+
+@needs_peft
+def test_torch_compile_of_a_lora_model_gives_eager_outputs_and_gradients():
+    """train.compile with adapters: peft's LoRA layers inside the compiled graph, same logits, selection and gradients
+    (adapters, norms, GLCA and heads) as eager mode."""
+    from dcal.model.dcal import compile_model
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = apply_finetune(tiny_model(), freeze_blocks=1, lora=LORA).train()
+    _randomise_lora_b(model)
+    x, pairs = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 0])
+    ref = model(x, pairs=pairs)
+    sum(v.sum() for v in ref["logits"].values()).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    got = compile_model(model)(x, pairs=pairs)
+    sum(v.sum() for v in got["logits"].values()).backward()
+    for branch in model.branches:
+        torch.testing.assert_close(got["logits"][branch], ref["logits"][branch], atol=1e-4, rtol=1e-4)
+    assert torch.equal(got["selected"], ref["selected"])
+    params = dict(model.named_parameters())
+    assert any(".lora_A." in n for n in want) and {n for n, p in params.items() if p.grad is not None} == set(want)
+    for name, g in want.items():
+        torch.testing.assert_close(params[name].grad, g, atol=1e-4, rtol=1e-3, msg=name)
 
 
 @needs_peft

@@ -371,3 +371,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     sum(v.sum() for v in model(x, pairs=pairs)["logits"].values()).backward()
     for a, p in zip(g1, model.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_pairs_outside_the_batch_are_refused_by_name():
+    model = tiny_model().train()
+    x = torch.randn(3, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"pairs must index the batch \(0\.\.2\), got values \[1, 3, 0\]"):
+        model(x, pairs=torch.tensor([1, 3, 0]))
+    with pytest.raises(ValueError, match=r"pairs must be an integer tensor of shape \(3,\)"):
+        model(x, pairs=torch.tensor([1.0, 2.0, 0.0]))

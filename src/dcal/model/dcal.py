@@ -500,7 +500,9 @@ def _check_pairs(pairs: Tensor, batch: int, device: torch.device) -> Tensor:
     pairs = torch.as_tensor(pairs, device=device)
     if pairs.shape != (batch,) or pairs.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"pairs must be an integer tensor of shape ({batch},), got {tuple(pairs.shape)} {pairs.dtype}")
-    if bool(((pairs < 0) | (pairs >= batch)).any()):
+    # a value check reads the tensor: under torch.compile that is a graph break in every forward (the training loop
+    # makes its pairs itself, so the compiled path skips it)
+    if not torch.compiler.is_compiling() and bool(((pairs < 0) | (pairs >= batch)).any()):
         raise ValueError(f"pairs must index the batch (0..{batch - 1}), got values {pairs.tolist()}")
     return pairs.long()
 
