@@ -41,3 +41,10 @@ def test_update_readme_replaces_between_the_marker_lines_only():
     assert got == text.replace("old numbers", "new numbers")
     with pytest.raises(ValueError, match="marker lines"):
         mod.replace_section(text.replace(f"\n{mod.END}\n", "\n"), "x")
+
+
+def test_profile_inference_prints_the_three_forwards(capsys):
+    assert load_script("profile_inference").main(["--img-size", "32", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "deit_tiny_patch16_224 32x32 batch 1" in out
+    assert all(f"{name} " in out for name in ("timm", "DCAL SA-only", "DCAL (SA + GLCA)")) and "x timm" in out
