@@ -126,18 +126,22 @@ def _split_qkv(attn: Attn, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return y.reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _norm_rotate(attn: Attn, q: Tensor, k: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor]:
-    """timm's q/k norms, then the rotary phases on the patch tokens, cast back to the projection's dtype (that of
-    the values, as timm casts them)."""
+def _norm_rotate(attn: Attn, q: Tensor, k: Tensor, rope: Tensor | None, query_rope: Tensor | None,
+                 query_prefix: int | None = None) -> tuple[Tensor, Tensor]:
+    """timm's q/k norms, then the rotary phases: ``rope`` on the keys' patch tokens, ``query_rope`` on the queries
+    after their first ``query_prefix`` (default: the attention's prefix tokens); cast back to the projection's
+    dtype (that of the values, as timm casts them)."""
     dtype = q.dtype
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if query_rope is not None:
+        q = rotate(attn, q, query_rope, prefix=query_prefix).to(dtype)
     if rope is not None:
-        q, k = rotate(attn, q, rope).to(dtype), rotate(attn, k, rope).to(dtype)
+        k = rotate(attn, k, rope).to(dtype)
     return q, k
 
 
 def _finish_qkv(attn: Attn, q: Tensor, k: Tensor, v: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    q, k = _norm_rotate(attn, q, k, rope)
+    q, k = _norm_rotate(attn, q, k, rope, rope)
     return q, _repeat_kv(attn, k), _repeat_kv(attn, v)
 
 
@@ -170,12 +174,8 @@ def q_and_kv(attn: Attn, x_query: Tensor, x_context: Tensor, rope: Tensor | None
     else:
         q = _project(attn, x_query, 0, dim)
         k, v = _project(attn, x_context, dim, 3 * dim).chunk(2, dim=-1)
-    q, k, v = attn.q_norm(_heads(q, heads, d)), attn.k_norm(_heads(k, kv_heads, d)), _heads(v, kv_heads, d)
-    if query_rope is not None:
-        q = rotate(attn, q, query_rope, prefix=query_prefix).type_as(v)
-    if rope is not None:
-        k = rotate(attn, k, rope).type_as(v)
-    return q, _repeat_kv(attn, k), _repeat_kv(attn, v)
+    q, k = _norm_rotate(attn, _heads(q, heads, d), _heads(k, kv_heads, d), rope, query_rope, query_prefix)
+    return q, _repeat_kv(attn, k), _repeat_kv(attn, _heads(v, kv_heads, d))
 
 
 def attention_probs(attn: Attn, q: Tensor, k: Tensor) -> Tensor:
@@ -310,7 +310,8 @@ def sa_query_key(block: Block | EvaBlock, x: Tensor, rope: Tensor | None = None)
         q, k = _qkv_separate(attn, h, "q"), _qkv_separate(attn, h, "k")
     else:
         q, k = _project(attn, h, 0, 2 * _attn_dim(attn)).chunk(2, dim=-1)
-    q, k = _norm_rotate(attn, _heads(q, attn.num_heads, attn.head_dim), _heads(k, _kv_heads(attn), attn.head_dim), rope)
+    q, k = _heads(q, attn.num_heads, attn.head_dim), _heads(k, _kv_heads(attn), attn.head_dim)
+    q, k = _norm_rotate(attn, q, k, rope, rope)
     return QueryKey(q, _repeat_kv(attn, k), scale=attn.scale)
 
 
