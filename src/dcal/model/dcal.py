@@ -320,11 +320,17 @@ class DCAL(nn.Module):
         m > 1 takes block m-1's output tokens as queries and the same x_(L-1) as keys/values. Rotary phases: those
         of SA block L (each GLCA block is its copy), each local query its own patch's. Returns the query outputs."""
         q = self.glca_queries(x_prev, selected)
-        r = block_rope(self.backbone, rope, len(self.backbone.blocks) - 1)
-        q_rope, q_prefix = gather_rope(r, selected), int(self.cfg.glca_pool == "cls")
+        phases = self._glca_rope(rope, selected)
         for blk in self.glca_blocks:
-            q = self._run(glca_block, blk, q, x_prev, r, q_rope, q_prefix)
+            q = self._run(glca_block, blk, q, x_prev, *phases)
         return q
+
+    def _glca_rope(self, rope: Tensor | None, selected: Tensor) -> tuple[Tensor | None, Tensor | None, int]:
+        """GLCA's rotary arguments: SA block L's phases for the keys (each GLCA block is its copy), the selected
+        patches' own phases for the local queries, and the number of query tokens without a phase (the class
+        token with ``glca_pool='cls'``)."""
+        r = block_rope(self.backbone, rope, len(self.backbone.blocks) - 1)
+        return r, gather_rope(r, selected), int(self.cfg.glca_pool == "cls")
 
     def _pwca_stream(self, x: Tensor, rope: Tensor | None, pairs: Tensor | None) -> Tensor:
         """Second pass through the shared SA blocks; blocks 1..T pair-wise (Eq. 4), T+1..L self-attention."""
@@ -451,9 +457,8 @@ class DCAL(nn.Module):
             x_prev, x, attentions = self._sa_stream(x0, rope, need_attn, workspace)
             selected = self._select(attentions, x)
         blk = self.glca_blocks[0]
-        r = block_rope(self.backbone, rope, len(self.backbone.blocks) - 1)
-        q, k, _ = q_and_kv(blk.attn, blk.norm1(self.glca_queries(x_prev, selected)), blk.norm1(x_prev), r,
-                           gather_rope(r, selected), int(self.cfg.glca_pool == "cls"))
+        q, k, _ = q_and_kv(blk.attn, blk.norm1(self.glca_queries(x_prev, selected)), blk.norm1(x_prev),
+                           *self._glca_rope(rope, selected))
         return selected, attention_probs(blk.attn, q, k).mean(dim=1)
 
     @torch.no_grad()
