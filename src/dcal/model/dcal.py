@@ -134,7 +134,7 @@ class DCAL(nn.Module):
                              "(use glca_pool='mean')")
         self.cfg = cfg
         # how the model was built: create_model's timm name, patch stride and timm arguments (what model_config
-        # saves), apply_finetune's frozen blocks and LoRA settings; read through the properties below
+        # returns), apply_finetune's frozen blocks and LoRA settings; read through the properties below
         self.build = dict(build or {})
         self.backbone = backbone
         self.grad_checkpointing = False
@@ -706,7 +706,8 @@ def _reset_head(vit: VisionTransformer) -> None:
 
 
 def model_config(model: DCAL) -> dict[str, Any]:
-    """Everything needed to rebuild ``model`` with :func:`create_model` (saved in checkpoints)."""
+    """Everything needed to rebuild ``model`` with :func:`create_model`, as one dict (run files do not store it:
+    they store the run's config, from which the model is rebuilt)."""
     kwargs = dict(model.build.get("timm_kwargs", {}))
     if isinstance(kwargs.get("img_size"), tuple):
         kwargs["img_size"] = list(kwargs["img_size"])
