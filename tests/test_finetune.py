@@ -18,7 +18,7 @@ from torch import nn
 
 import dcal
 from dcal.cli import main
-from dcal.config import LORA_TARGETS, ConfigError, load_config
+from dcal.config import ConfigError, load_config
 from dcal.losses import DCALLoss, param_groups
 from dcal.model.finetune import (
     STEM,
@@ -30,6 +30,7 @@ from dcal.model.finetune import (
     merge_lora_state,
     merged_state_dict,
 )
+from dcal.vocabulary import LORA_TARGETS
 from tests.helpers import tiny_model, write_images
 from tests.tiny_runs import TINY_MODEL
 

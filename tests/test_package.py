@@ -72,3 +72,23 @@ def test_the_wheel_ships_the_recipes_and_the_license_and_pypi_text_has_no_relati
     assert "License-Expression: Apache-2.0" in metadata
     description = metadata.split("\n\n", 1)[1]
     assert "dcal demo" in description and not re.findall(r"\]\((?!https?://)", description)
+
+
+@pytest.mark.parametrize(("package", "allowed"), [
+    ("model", {"dcal.checkpoint", "dcal.vocabulary"}),
+    ("data", {"dcal.vocabulary"}),
+    ("metrics", set()),
+])
+def test_the_core_packages_import_only_what_design_md_allows(package, allowed):
+    """docs/design.md's layering: model/, data/ and metrics/ never import the config, the engine or a command
+    (an import inside a function counts too)."""
+    import ast
+
+    root = Path(dcal.__file__).parent
+    found = set()
+    for path in (root / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            found |= {n for n in names if n.startswith("dcal") and not n.startswith(f"dcal.{package}")}
+    assert found <= allowed, sorted(found - allowed)

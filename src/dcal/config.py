@@ -67,8 +67,6 @@ BACKBONE_NAME = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)?")
 MAX_BLOCKS = 128  # depth and model.glca_blocks: ViT-22B has 48 blocks
 MAX_IMG_SIDE = 8192  # model.img_size / data.resize sides (8192 / 16 = 512 x 512 patches, beyond any attention)
 MAX_SYNTHETIC_BYTES = 4 << 30  # the synthetic set is generated in memory at construction
-# model.lora.targets: the backbone blocks' linear layers LoRA may adapt (dcal.model.finetune.TARGET_LINEARS)
-LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 MAX_LORA_RANK = 4096
 
 # model.timm_kwargs: key -> (type, low, high, nullable); ints and floats in [low, high] (floats finite), bools as
@@ -145,7 +143,7 @@ class LoraConfig:
     rank: int = 0  # r; 0 = no LoRA
     alpha: float = 16.0  # the merged weight is W + (alpha / r) B A
     dropout: float = 0.0  # on the adapters' input (training)
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # attention qkv / proj, MLP fc1 / fc2
+    targets: list[str] = field(default_factory=lambda: list(vocab.LORA_TARGETS))  # attention qkv / proj, MLP fc1 / fc2
 
 
 @dataclass
@@ -702,11 +700,11 @@ def _check_finetune(m: DictConfig, depth: Any) -> None:
     if not 0.0 <= lo.dropout < 1.0:
         _fail("model.lora.dropout", f"must be in [0, 1); got {lo.dropout}")
     targets = list(lo.targets)
-    bad = [t for t in targets if t not in LORA_TARGETS]
+    bad = [t for t in targets if t not in vocab.LORA_TARGETS]
     if bad or not targets or len(set(targets)) != len(targets):
-        close = difflib.get_close_matches(str(bad[0]), LORA_TARGETS, n=1, cutoff=0.5) if bad else []
+        close = difflib.get_close_matches(str(bad[0]), vocab.LORA_TARGETS, n=1, cutoff=0.5) if bad else []
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        _fail("model.lora.targets", f"must be distinct names out of {', '.join(LORA_TARGETS)}, at least one; "
+        _fail("model.lora.targets", f"must be distinct names out of {', '.join(vocab.LORA_TARGETS)}, at least one; "
               f"got {targets}{hint}")
 
 

@@ -22,6 +22,7 @@ PAIR_STRATEGIES = ("random", "intra", "inter", "mix", "noise")  # PWCA distracto
 GLCA_POOLS = ("mean", "cls")  # the GLCA feature (docs/design.md, GLCA)
 BACKBONE_POOLS = ("token", "avg", "map")  # the backbone poolings DCAL's rollout follows (docs/design.md, Backbones)
 FUSIONS = ("sa+glca", "sa", "glca")  # the branches a prediction or an embedding combines
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")  # model.lora.targets: block linears (dcal.model.finetune.TARGET_LINEARS)
 DEFAULT_TOP_R = {"fgvc": 0.1, "reid": 0.3}  # the paper's R
 PRECISIONS = ("fp32", "bf16", "fp16")  # dcal.model.dcal.autocast
 AMP_PRECISION = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}  # train.amp -> the autocast precision

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dcal.config import LORA_TARGETS
+from dcal.vocabulary import LORA_TARGETS
 
 # backbone parameters before block 1 (timm VisionTransformer / Eva attribute names)
 STEM = ("patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre")
