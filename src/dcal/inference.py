@@ -136,16 +136,6 @@ def run_batches(
 
 
 # ------------------------------------------------------------------------------------- embed, predict
-def embed_batch(model: DCAL, images: Tensor, fusion: str = "sa+glca", after_bn: bool = False,
-                flip: bool = False) -> Tensor:
-    """``model.embed(images)`` in float32; with ``flip`` (``eval.flip``) averaged with the embedding of the
-    mirrored images. Evaluation and ``dcal embed`` / ``dcal search`` embed through here."""
-    f = model.embed(images, fusion=fusion, after_bn=after_bn).float()
-    if flip:
-        f = 0.5 * (f + model.embed(images.flip(3), fusion=fusion, after_bn=after_bn).float())
-    return f
-
-
 @dataclass
 class Prediction:
     """Top-k classes of one input (``error`` set and the lists empty when it could not be read)."""

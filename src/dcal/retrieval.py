@@ -32,7 +32,7 @@ from torch import Tensor
 
 from dcal.data.images import open_rgb, printable, safe_file_name
 from dcal.data.reid import FOLDER_CAMERA_PATTERN, MARKET_PATTERN, VERI_PATTERN
-from dcal.inference import LoadedModel, csv_text, embed_batch, list_images, run_batches
+from dcal.inference import LoadedModel, csv_text, list_images, run_batches
 from dcal.metrics.reid import compute_distance
 
 FEATURE_FORMAT = "dcal-features"
@@ -130,7 +130,7 @@ def embed_images(
     device = next(model.parameters()).device
 
     def embed(images: Tensor) -> Tensor:
-        return embed_batch(model, images, fusion, after_bn, flip)
+        return model.embed(images, fusion, after_bn, flip).float()
 
     files = list_images(paths)
     if not files:

@@ -380,3 +380,13 @@ def test_pairs_outside_the_batch_are_refused_by_name():
         model(x, pairs=torch.tensor([1, 3, 0]))
     with pytest.raises(ValueError, match=r"pairs must be an integer tensor of shape \(3,\)"):
         model(x, pairs=torch.tensor([1.0, 2.0, 0.0]))
+
+
+def test_flip_embedding_is_the_mean_with_the_mirrored_images():
+    model = tiny_model(task="reid", img_size=(32, 16)).eval()
+    x = torch.randn(2, 3, 32, 16)
+    with torch.no_grad():
+        plain, mirrored = model.embed(x), model.embed(x.flip(3))
+        got = model.embed(x, flip=True)
+    torch.testing.assert_close(got, 0.5 * (plain + mirrored), atol=0, rtol=0)
+    assert got.dtype == torch.float32 and not torch.allclose(got, plain)

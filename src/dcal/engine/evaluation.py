@@ -19,7 +19,6 @@ from torch.utils.data import Dataset
 from dcal.distributed import all_gather_cat, all_reduce_sum, broadcast_object, pick_device
 from dcal.engine.build import build_datasets, config_autocast, eval_loader
 from dcal.engine.loop import unpack_batch
-from dcal.inference import embed_batch
 from dcal.mechanism import evaluate_mechanism
 from dcal.model import DCAL
 from dcal.model.dcal import fusion_branches
@@ -76,7 +75,7 @@ def extract_features(model: DCAL, loader: Iterable, device: torch.device, cfg: D
             continue
         images = data[0].to(device)
         with config_autocast(cfg, device):
-            f = embed_batch(model, images, fusion, after_bn, flip=cfg.eval.flip)
+            f = model.embed(images, fusion, after_bn, flip=bool(cfg.eval.flip)).float()
         feats.append(f)
         idx.append(indices if indices is not None else torch.arange(len(f)))
     dim = feats[0].shape[1] if feats else 0

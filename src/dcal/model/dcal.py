@@ -421,8 +421,13 @@ class DCAL(nn.Module):
         logits = self.forward(images, branches=parts)["logits"]
         return sum(logits[b].softmax(dim=-1) for b in parts)
 
-    def embed(self, images: Tensor, fusion: str = "sa+glca", after_bn: bool = False) -> Tensor:
-        """Re-ID embedding: concat(SA, GLCA) CLS features (before the BNNeck by default)."""
+    def embed(self, images: Tensor, fusion: str = "sa+glca", after_bn: bool = False, flip: bool = False) -> Tensor:
+        """Re-ID embedding: the concatenated features of the ``fusion`` branches (SA, GLCA; before the BNNeck by
+        default). ``flip`` (``eval.flip``): averaged, in float32, with the embedding of the mirrored images; the
+        one flip-averaged embedding that evaluation, ``dcal embed`` and ``dcal search`` use."""
+        if flip:
+            f = self.embed(images, fusion, after_bn).float()
+            return 0.5 * (f + self.embed(images.flip(3), fusion, after_bn).float())
         parts = fusion_branches(fusion, self.cfg.glca_blocks)
         out = self.forward(images, branches=parts)
         key = "bn_features" if after_bn else "features"
