@@ -101,7 +101,7 @@ def selection_scores(model: DCAL, images: Tensor) -> dict[str, Tensor]:
     ``last_layer`` ablation), each (B, N) over the patch tokens; the scores ``model``'s own ``query_selection``
     would rank (GLCA takes the top ⌈R·N⌉)."""
     model.eval()
-    return {name: model.selection_scores(images, name) for name in ("rollout", "last_layer")}
+    return model.scores_by_selection(images, SELECTIONS)
 
 
 def on_mark_patches(model: DCAL, boxes: Sequence[Sequence[int]], source_size: int,

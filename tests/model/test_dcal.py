@@ -390,3 +390,14 @@ def test_flip_embedding_is_the_mean_with_the_mirrored_images():
         got = model.embed(x, flip=True)
     torch.testing.assert_close(got, 0.5 * (plain + mirrored), atol=0, rtol=0)
     assert got.dtype == torch.float32 and not torch.allclose(got, plain)
+
+
+def test_scores_of_several_selections_from_one_pass_equal_each_alone():
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    both = model.scores_by_selection(x)
+    for name in ("rollout", "last_layer"):
+        torch.testing.assert_close(both[name], model.selection_scores(x, name), atol=0, rtol=0)
+    assert not torch.equal(both["rollout"], both["last_layer"])
+    with pytest.raises(ValueError, match="selection must be 'rollout' or 'last_layer', got 'random'"):
+        model.scores_by_selection(x, ("rollout", "random"))

@@ -435,16 +435,22 @@ class DCAL(nn.Module):
             raise ValueError("after_bn embeddings exist for Re-ID models only")
         return torch.cat([out[key][b] for b in parts], dim=-1)
 
-    @torch.no_grad()
     def selection_scores(self, images: Tensor, selection: str = "rollout") -> Tensor:
         """Per-patch scores (B, N) that rank GLCA's local queries: the pooled feature's row of the attention
         rollout (``'rollout'``, Eq. 2) or of the last SA block alone (``'last_layer'``), over the N patches."""
-        if selection not in ("rollout", "last_layer"):
-            raise ValueError(f"selection must be 'rollout' or 'last_layer', got {selection!r}")
+        return self.scores_by_selection(images, (selection,))[selection]
+
+    @torch.no_grad()
+    def scores_by_selection(self, images: Tensor,
+                            selections: Sequence[str] = ("rollout", "last_layer")) -> dict[str, Tensor]:
+        """:meth:`selection_scores` of several selections from one SA pass: selection -> (B, N)."""
+        bad = [s for s in selections if s not in ("rollout", "last_layer")]
+        if bad:
+            raise ValueError(f"selection must be 'rollout' or 'last_layer', got {bad[0]!r}")
         x0, rope = self._embed(images)
         with self._qkv_workspace(x0, need_attn=True) as workspace:
             _, x, attentions = self._sa_stream(x0, rope, True, workspace)
-            return self._scores(attentions, x, selection)
+            return {s: self._scores(attentions, x, s) for s in selections}
 
     def cls_rollout(self, images: Tensor) -> Tensor:
         """The rollout's patch scores (B, N): :meth:`selection_scores` (kept under its first name)."""
