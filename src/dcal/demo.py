@@ -116,10 +116,10 @@ def fine_tune(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     a finished run is reused as it is, an interrupted one resumed, one of another config refused); returns its
     final record."""
     from dcal.engine import fit
-    from dcal.run_folder import LAST, ResumeConfigError
+    from dcal.run_folder import ResumeConfigError, has_checkpoint
 
     folder = Path(cfg.output_dir)
-    if not (folder / LAST).is_file():
+    if not has_checkpoint(folder):
         return fit(cfg)
     log(f"{folder} holds a run: reusing it if finished, resuming it if not")
     try:

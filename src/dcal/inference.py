@@ -135,7 +135,7 @@ def run_batches(
     return (torch.cat(outputs) if outputs else None), done, failed
 
 
-# ------------------------------------------------------------------------------------- embed, predict
+# -------------------------------------------------------------------------------------------- predict
 @dataclass
 class Prediction:
     """Top-k classes of one input (``error`` set and the lists empty when it could not be read)."""
