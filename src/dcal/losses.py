@@ -46,6 +46,7 @@ class LossOutput:
     total: Tensor
     per_branch: dict[str, Tensor]  # unweighted loss of each branch
     weights: dict[str, float]  # effective weight of each branch: 0.5·exp(−w_b) (dynamic) or λ_b (fixed)
+    sa_correct: int = 0  # training images whose SA logits rank the target first (the epoch's train top-1)
 
 
 class DCALLoss(nn.Module):
@@ -116,7 +117,8 @@ class DCALLoss(nn.Module):
         else:
             total = sum(0.5 * (torch.exp(-self.log_vars[b]) * per_branch[b] + self.log_vars[b]) for b in self.branches)
             weights = {b: 0.5 * float(torch.exp(-self.log_vars[b].detach())) for b in self.branches}
-        return LossOutput(total=total, per_branch=per_branch, weights=weights)
+        correct = int((out["logits"]["sa"].detach().argmax(-1) == targets).sum())
+        return LossOutput(total=total, per_branch=per_branch, weights=weights, sa_correct=correct)
 
 
 def param_groups(
