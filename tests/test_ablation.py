@@ -79,6 +79,28 @@ def test_table_is_the_last_epochs_of_the_runs(ablation):
         assert im.size[0] > 600 and im.size[1] > 300
 
 
+def test_every_evaluated_epoch_is_kept_and_drawn_as_curves(ablation):
+    """ablation.json keeps each run's every epoch (test score where evaluated, train top-1, PWCA share, loss
+    weights); ablation_curves.png draws them per variant, and the table's number stays the last epoch's."""
+    from dcal.ablation import _band
+
+    _, out, summary, _ = ablation
+    saved = json.loads((out / "ablation.json").read_text())
+    for row, saved_row in zip(summary["rows"], saved["rows"], strict=True):
+        for run, saved_run in zip(row["runs"], saved_row["runs"], strict=True):
+            records = [json.loads(x) for x in open(f"{run['run_dir']}/metrics.jsonl")][:-1]
+            assert [p["epoch"] for p in saved_run["curve"]] == [r["epoch"] for r in records] == [1, 2]
+            assert [p["top1"] for p in saved_run["curve"]] == [r["top1"] for r in records]
+            assert all(0 <= p["train_top1"] <= 100 for p in saved_run["curve"])
+            assert ("pwca_share_mean" in saved_run["curve"][0]) == (row["variant"] not in ("SA only", "+GLCA"))
+            assert saved_run["curve"][-1]["top1"] == run["last"]["top1"]
+        epochs, mean, sd = _band(row["runs"], "top1")
+        assert epochs == [1, 2] and mean[-1] == pytest.approx(row["last_top1"][0])
+        assert sd[-1] == pytest.approx(row["last_top1"][1])
+    with Image.open(out / "ablation_curves.png") as im:
+        assert im.size[0] > 1000 and im.size[1] > 300
+
+
 def test_rerun_reuses_and_an_interrupted_run_resumes(ablation):
     recipe, out, summary, _ = ablation
     dcal_run = out / "dcal" / "seed1"

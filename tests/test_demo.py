@@ -9,7 +9,8 @@ import yaml
 
 from dcal.cli import main
 from dcal.config import to_yaml
-from dcal.demo import demo_config, demo_pretrain_config, remove_demo_runs
+from dcal.demo import MADE_BY, demo_config, demo_pretrain_config, remove_demo_runs
+from dcal.run_folder import claim_folder
 from tests.helpers import TINY_TIMM_KWARGS
 
 # a 2-block ViT on 60 + 60 generated 32-pixel images, one epoch per stage
@@ -54,15 +55,24 @@ def test_demo_trains_then_reuses_then_refuses_a_stale_config(tmp_path, capsys):
 
 
 def test_fresh_removes_the_demo_runs_only(tmp_path):
-    for name in ("pretrain", "sa_only", "dcal", "mine"):
-        (tmp_path / name).mkdir()
+    """--fresh removes what the demo wrote (its marked run folders, its picture and summary) and nothing else: a
+    user's file put into a demo run folder stays, with that folder."""
+    from dcal.demo import PICTURE, SUMMARY
+    from dcal.visualize import new_figure, save_figure
+
+    for name in ("pretrain", "sa_only", "dcal"):
+        assert claim_folder(tmp_path / name, MADE_BY, name)
         (tmp_path / name / "metrics.jsonl").write_text("{}\n")
-    for name in ("rollout.png", "summary.json", "notes.txt"):
-        (tmp_path / name).write_text("x")
+    (tmp_path / "dcal" / "my_notes.txt").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    fig, _ = new_figure(1, 1, (2.0, 2.0))
+    save_figure(fig, tmp_path / PICTURE)
+    (tmp_path / SUMMARY).write_text(json.dumps({"written_by": MADE_BY}))
     removed = remove_demo_runs(tmp_path)
     assert sorted(p.name for p in removed) == ["dcal", "pretrain", "rollout.png", "sa_only", "summary.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
-    assert remove_demo_runs(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dcal", "mine", "notes.txt"]
+    assert sorted(p.name for p in (tmp_path / "dcal").iterdir()) == [".dcal-folder.json", "my_notes.txt"]
 
 
 def test_a_stale_run_is_refused_before_training(tmp_path, capsys):
@@ -70,9 +80,11 @@ def test_a_stale_run_is_refused_before_training(tmp_path, capsys):
     cfg = demo_pretrain_config(tmp_path, TINY)
     saved = yaml.safe_load(to_yaml(cfg))
     saved["train"]["seed"] = 7
-    (tmp_path / "pretrain").mkdir()
+    claim_folder(tmp_path / "pretrain", MADE_BY, "pretrain")  # the demo's own folder, from an earlier demo
     (tmp_path / "pretrain" / "config.yaml").write_text(yaml.safe_dump(saved))
+    (tmp_path / "pretrain" / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n')  # it trained: keep it
     assert main(["demo", "--output-dir", str(tmp_path), *TINY]) == 2
     err = capsys.readouterr().err
     assert "train.seed: 7 -> 0" in err and "dcal demo --fresh" in err
-    assert sorted(p.name for p in (tmp_path / "pretrain").iterdir()) == ["config.yaml"]  # nothing written
+    assert sorted(p.name for p in (tmp_path / "pretrain").iterdir()) == [".dcal-folder.json", "config.yaml",
+                                                                         "metrics.jsonl"]

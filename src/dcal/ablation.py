@@ -37,10 +37,17 @@ from omegaconf import OmegaConf
 from dcal.config import ConfigError, default_config, load_config, to_yaml
 from dcal.run_folder import (
     METRICS,
+    TRAIN_LOG,
+    RunLock,
+    check_ours,
+    check_output_dir,
+    claim_folder,
     discard_unsaved_start,
     final_record,
     has_checkpoint,
     other_config_changes,
+    read_config_text,
+    read_made_by,
     read_metrics,
 )
 from dcal.vocabulary import SCORE_KEYS
@@ -154,21 +161,38 @@ def _check_same_config(run_dir: Path, cfg: Any) -> None:
         )
 
 
+MADE_BY = "dcal ablation"
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A run folder of this ablation is absent, one that ``dcal ablation`` made (it may repair and reuse it), or an
+    unmarked one that holds a dcal run (written before folders were marked; reused only if its config is the
+    variant's, :func:`_check_same_config`)."""
+    if not run_dir.is_symlink() and run_dir.is_dir() and read_made_by(run_dir) is None and read_config_text(run_dir):
+        return
+    check_ours(run_dir, MADE_BY, "run", "move it away or write the ablation to another --output-dir")
+
+
 def run_one(cfg: Any, run_dir: Path) -> tuple[dict[str, Any], str]:
-    """Train (or reuse, or resume) one run; its own log goes to ``run_dir/train.log``."""
+    """Train (or reuse, or resume) one run; its own log goes to ``run_dir/train.log``. The run folder is locked
+    before it is read or repaired, so a second ablation on a busy folder changes nothing."""
     from dcal.engine import fit
 
-    final = final_record(run_dir)
-    _check_same_config(run_dir, cfg)
-    if final is not None:
-        return final, "reused"
-    resume = has_checkpoint(run_dir)
-    if not resume:
-        discard_unsaved_start(run_dir)  # killed before its first checkpoint: nothing to resume, start again
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
-            contextlib.redirect_stderr(log):
-        final = fit(cfg, resume=resume)
+    check_run_dir(run_dir)
+    lock = RunLock(run_dir)
+    with lock, lock.lend():
+        claim_folder(run_dir, MADE_BY, "run")
+        check_run_dir(run_dir)
+        final = final_record(run_dir)
+        _check_same_config(run_dir, cfg)
+        if final is not None:
+            return final, "reused"
+        resume = has_checkpoint(run_dir)
+        if not resume:
+            discard_unsaved_start(run_dir)  # killed before its first checkpoint: nothing to resume, start again
+        with open(run_dir / TRAIN_LOG, "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
+                contextlib.redirect_stderr(log):
+            final = fit(cfg, resume=resume)
     return final, "resumed" if resume else "trained"
 
 
@@ -183,7 +207,7 @@ def run_result(final: dict[str, Any], run_dir: Path, task: str, seed: int) -> di
         raise ValueError(f"{run_dir / METRICS}: no {main} recorded for the last epoch ({last_epoch})")
     best = max(evaluated, key=lambda r: r[main])
     return {
-        "seed": seed, "run_dir": str(run_dir), "epochs": last_epoch,
+        "seed": seed, "run_dir": str(run_dir), "epochs": last_epoch, "curve": run_curve(run_dir, task),
         "last": {k: last[k] for k in keys if k in last},
         "mechanism": {k: last[k] for k in MECHANISM_KEYS if k in last},
         "best": {k: best[k] for k in keys if k in best}, "best_epoch": best["epoch"],
@@ -191,19 +215,30 @@ def run_result(final: dict[str, Any], run_dir: Path, task: str, seed: int) -> di
     }
 
 
-def _pretrained(recipe: str | Path, out: Path, log: Callable[[str], None]) -> Path:
-    """The ablation's pretrained backbone: ``pretrain/<recipe stem>`` beside the ablation folder ``out`` (so sibling
-    ablations naming the same recipe share it), trained once; its log goes to its train.log."""
-    from dcal.pretrain import CACHE_FOLDER, ensure_pretrained, pretrain_config
+CURVE_KEYS = ("train_top1", "loss", "pwca_share_mean", "weight_sa", "weight_glca", "weight_pwca")
 
-    cfg = pretrain_config(recipe, out.parent / CACHE_FOLDER / Path(recipe).stem)
+
+def run_curve(run_dir: Path, task: str) -> list[dict[str, Any]]:
+    """Every epoch record of a run reduced to what the curves show: the evaluated scores (where evaluated), the
+    training top-1 and loss, PWCA's distractor share and the loss weights."""
+    keys = (*SCORE_KEYS[task], *CURVE_KEYS)
+    return [{"epoch": r["epoch"], **{k: r[k] for k in keys if k in r}} for r in _epoch_records(run_dir)]
+
+
+def _pretrained(cfg: Any, log: Callable[[str], None]) -> Path:
+    """Train (once) the ablation's pretraining config ``cfg`` (:func:`dcal.pretrain.pretrain_config`, writing to
+    ``pretrain/<recipe stem>`` beside the ablation folder, so sibling ablations naming the same recipe share it);
+    its log goes to its train.log."""
+    from dcal.pretrain import ensure_pretrained
+
     folder = Path(cfg.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with open(folder / "train.log", "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), \
-            contextlib.redirect_stderr(f):
-        ensure_pretrained(cfg, log=print)
-    log(f"pretrained backbone: {folder} ({time.perf_counter() - t0:.0f}s; log in {folder / 'train.log'})")
+    lock = RunLock(folder)
+    with lock, lock.lend():
+        with open(folder / TRAIN_LOG, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), \
+                contextlib.redirect_stderr(f):
+            ensure_pretrained(cfg, log=print)
+    log(f"pretrained backbone: {folder} ({time.perf_counter() - t0:.0f}s; log in {folder / TRAIN_LOG})")
     return folder
 
 
@@ -226,10 +261,14 @@ def run_ablation(
     check_no_output_dir(overrides)
     base = load_config(config, overrides)  # bad recipes and overrides fail here, before anything is written
     variants = plan(sets, backbone_depth(base))
-    out = Path(output_dir or Path("runs") / f"ablation_{'_'.join(sets)}_{Path(config).stem}")
+    out = check_output_dir(output_dir or Path("runs") / f"ablation_{'_'.join(sets)}_{Path(config).stem}")
     pretrain = pretrain or base.model.pretrain
-    if pretrain:
-        overrides = [*overrides, "model.pretrain=null", f"model.pretrained_file={_pretrained(pretrain, out, log)}"]
+    pre_cfg = None
+    if pretrain:  # named now, trained after every stage of the job has been checked
+        from dcal.pretrain import cache_folder, pretrain_config
+
+        pre_cfg = pretrain_config(pretrain, cache_folder(pretrain, out.parent))
+        overrides = [*overrides, "model.pretrain=null", f"model.pretrained_file={pre_cfg.output_dir}"]
         base = load_config(config, overrides)
     base_seed = base.train.seed
     cfgs, slug_of = {}, {}
@@ -242,6 +281,16 @@ def run_ablation(
         for k in range(seeds):
             cfgs[v.slug, k] = load_config(config, [*overrides, *_overrides(v.keys), f"train.seed={base_seed + k}",
                                                    f"output_dir={out / v.slug / f'seed{base_seed + k}'}"])
+    for c in cfgs.values():
+        check_run_dir(Path(c.output_dir))
+    _check_data(base)
+    if pre_cfg is not None:
+        from dcal.pretrain import check_backbones_match, pretrain_state
+
+        check_backbones_match(base, pre_cfg)
+        pretrain_state(pre_cfg)  # a folder holding another config's pretraining is refused now
+        _check_data(pre_cfg)
+        _pretrained(pre_cfg, log)
     out.mkdir(parents=True, exist_ok=True)
     done: dict[tuple[str, int], dict[str, Any]] = {}
     total, n = len({s for s, _ in cfgs}) * seeds, 0
@@ -264,8 +313,16 @@ def run_ablation(
                     "recipe": str(config), "overrides": list(overrides), "sets": sets, "seeds": seeds,
                     "command": " ".join(["dcal", "ablation", *sys.argv[2:]]) if sys.argv[1:2] == ["ablation"] else ""})
     write_outputs(summary, out)
-    log(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
+    log(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}"
+        f"{', ' + str(out / 'ablation_curves.png') if (out / 'ablation_curves.png').is_file() else ''}")
     return summary
+
+
+def _check_data(cfg: Any) -> None:
+    """The config's data sets can be read (layout, roots, class ranges), before anything trains."""
+    from dcal.engine import build_datasets
+
+    build_datasets(cfg)
 
 
 def _one_line(run: dict[str, Any], task: str) -> str:
@@ -366,12 +423,55 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
+def _band(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float], list[float]]:
+    """Epochs where every run has ``key``, the mean over runs there and the sample std (0 for one run)."""
+    per_run = [{p["epoch"]: p[key] for p in r.get("curve", []) if p.get(key) is not None} for r in runs]
+    epochs = sorted(set.intersection(*(set(c) for c in per_run))) if per_run else []
+    stats = [mean_std([c[e] for c in per_run]) for e in epochs]
+    return epochs, [m for m, _ in stats], [sd for _, sd in stats]
+
+
+def plot_curves(summary: dict[str, Any], path: Path) -> Path | None:
+    """Test score over epochs per variant (mean over seeds, band = ± one sample std), the training top-1 beside
+    it, and PWCA's distractor share where a variant has one; None when no run has a curve of 2+ points."""
+    from dcal.visualize import new_figure, save_figure
+
+    main, rows = summary["metrics"][0], summary["rows"]
+    if not any(len(_band(r["runs"], main)[0]) > 1 for r in rows):
+        return None
+    panels = [(main, f"test {LABEL[main]} (%)"), ("train_top1", "train top-1 (%), SA branch")]
+    if any(_band(r["runs"], "pwca_share_mean")[0] for r in rows):
+        panels.append(("pwca_share_mean", "PWCA share on the distractor (%)"))
+    fig, axes = new_figure(1, len(panels), figsize=(5.0 * len(panels), 4.0))
+    colors = [f"C{i % 10}" for i in range(len(rows))]
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        scale = 100.0 if key == "pwca_share_mean" else 1.0
+        for r, color in zip(rows, colors, strict=True):
+            epochs, mean, sd = _band(r["runs"], key)
+            if not epochs:
+                continue
+            m = [scale * x for x in mean]
+            ax.plot(epochs, m, color=color, label=r["variant"], lw=1.6)
+            if len(r["runs"]) > 1:
+                ax.fill_between(epochs, [a - scale * b for a, b in zip(mean, sd, strict=True)],
+                                [a + scale * b for a, b in zip(mean, sd, strict=True)], color=color, alpha=0.18)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    seeds = len(rows[0]["runs"])
+    fig.suptitle(f"dcal ablation: {', '.join(summary.get('sets', []))}, mean over {seeds} seed(s)"
+                 f"{' ± one std' if seeds > 1 else ''}; the reported number is the last epoch's")
+    return save_figure(fig, path, dpi=110)
+
+
 def write_outputs(summary: dict[str, Any], out: Path) -> None:
-    from dcal.checkpoint import atomic_write_text
+    from dcal.checkpoint import atomic_write_text, json_text
 
     atomic_write_text(out / "ablation.md", format_markdown(summary))
-    atomic_write_text(out / "ablation.json", json.dumps(summary, indent=2, default=_json_default))
+    atomic_write_text(out / "ablation.json", json_text(summary, default=_json_default))
     plot(summary, out / "ablation.png")
+    plot_curves(summary, out / "ablation_curves.png")
 
 
 def _json_default(o: Any) -> Any:

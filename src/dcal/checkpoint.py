@@ -10,6 +10,7 @@ config, so ``dcal eval --checkpoint FILE`` can rebuild the model alone.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -78,6 +79,24 @@ def atomic_write(path: Path, write: Any) -> None:
     finally:
         if tmp and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by None: a number that is not there is ``null``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def json_text(value: Any, indent: int | None = 2, default: Any = None) -> str:
+    """``value`` as strict JSON, one line when ``indent`` is None: non-finite floats are written as ``null``
+    (:func:`finite_json`), never as the ``NaN`` / ``Infinity`` literals that JSON readers reject. The one way dcal
+    writes JSON."""
+    return json.dumps(finite_json(value), indent=indent, allow_nan=False, default=default) + "\n"
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -219,10 +238,22 @@ def check_fits(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], sourc
         )
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse weights holding NaN or inf (a damaged or diverged file would load without a word and predict
+    ``nan``): ``ValueError`` naming the file and the first such tensor."""
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{source}: tensor {name!r} holds {bad} NaN or inf value(s) of {t.numel()}: the weights "
+                             "are damaged or come from a diverged run")
+
+
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
     """``model.load_state_dict(state)``, or a :class:`CheckpointMismatchError` that lists every key the
-    checkpoint lacks or has in excess and every shape that differs (checkpoint vs model)."""
+    checkpoint lacks or has in excess and every shape that differs (checkpoint vs model); weights that are
+    not finite are refused (:func:`check_finite`)."""
     check_fits(model, {k: tuple(v.shape) for k, v in state.items()}, source)
+    check_finite(state, source)
     model.load_state_dict(state)
 
 

@@ -4,7 +4,6 @@ report."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -200,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain", default=None, metavar="RECIPE",
                    help="pretraining recipe: one SA-only backbone, trained once into pretrain/ beside OUTPUT_DIR "
                         "(reused while unchanged) that each variant and seed fine-tunes from (default: model.pretrain)")
+    p.add_argument("--eval-every", type=_at_least_one, default=None, metavar="K",
+                   help="evaluate every K epochs for the curves (train.eval_every; default: the recipe's); the "
+                        "number in the table stays the last epoch's")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every variant, e.g. train.epochs=5")
     return parser
 
@@ -227,7 +229,9 @@ def cmd_eval(args: argparse.Namespace) -> Any:
     metrics = evaluate_checkpoint(loaded.cfg, loaded.model)
     print_metrics(metrics)
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        from dcal.checkpoint import atomic_write_text, json_text
+
+        atomic_write_text(args.json, json_text(metrics))
     return metrics
 
 
@@ -421,10 +425,14 @@ def cmd_recipes(args: argparse.Namespace) -> Any:
         print(path.read_text(encoding="utf-8"), end="")
         return path
     dest = Path(args.copy) / path.name
-    if dest.exists():
-        raise FileExistsError(f"{dest} already exists: not replaced (remove it, or copy into another folder)")
+    if dest.exists() or dest.is_symlink():
+        raise FileExistsError(f"{dest} already exists{' (a link)' if dest.is_symlink() else ''}: not replaced "
+                              "(remove it, or copy into another folder)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, dest)
+    # O_EXCL | O_NOFOLLOW: a link or file that appears meanwhile is not written through or replaced
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    with os.fdopen(fd, "wb") as f, open(path, "rb") as src:
+        shutil.copyfileobj(src, f)
     print(f"wrote {dest}: train with dcal train --config {dest} data.root=...")
     return dest
 
@@ -442,7 +450,8 @@ def cmd_ablation(args: argparse.Namespace) -> Any:
     from dcal.ablation import format_markdown, run_ablation
 
     sets = [s.strip() for s in args.set.split(",") if s.strip()]
-    summary = run_ablation(args.config, sets, args.seeds, args.overrides, args.output_dir, pretrain=args.pretrain)
+    overrides = [*args.overrides, *([f"train.eval_every={args.eval_every}"] if args.eval_every else [])]
+    summary = run_ablation(args.config, sets, args.seeds, overrides, args.output_dir, pretrain=args.pretrain)
     print(format_markdown(summary))
     return summary
 
@@ -468,6 +477,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         COMMANDS[args.command](args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (`dcal recipes | head -3`): end quietly, as Unix tools do on SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError, ImportError, OSError,
             RuntimeError) as e:
         # user errors (bad config, layout, paths, data, diverged run, a missing optional extra) and foreseeable

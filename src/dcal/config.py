@@ -303,16 +303,29 @@ def _annotation_of(dotted: str) -> Any:
     return tp
 
 
+MAX_YAML_DEPTH = 16  # a dcal config nests 3 levels (section, key, timm_kwargs / lora); lists add one or two
+MAX_YAML_BYTES = 1 << 20  # recipes and stored configs are a few kB
+
+
 class _StrictYamlLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses anchors/aliases (a few nested aliases expand to billions of nodes) and
     duplicate keys (the later one would silently replace a whole earlier section)."""
+
+    depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise yaml.MarkedYAMLError(problem="anchors and aliases (&name, *name) are not allowed",
                                        problem_mark=event.start_mark)
-        return super().compose_node(parent, index)
+        if self.depth >= MAX_YAML_DEPTH:  # the composer recurses per level: a deep [[[...]]] would overflow
+            raise yaml.MarkedYAMLError(problem=f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                       problem_mark=event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         self.flatten_mapping(node)  # merge keys (<<) first: SafeLoader does the same before constructing
@@ -331,7 +344,10 @@ class _StrictYamlLoader(yaml.SafeLoader):
 
 def read_yaml(text: str, source: str) -> dict[str, Any]:
     """A config mapping from YAML ``text`` (a recipe or a config stored in a checkpoint, named ``source`` in
-    errors), read with :class:`_StrictYamlLoader`; empty text, a list or a scalar are refused in one line."""
+    errors), read with :class:`_StrictYamlLoader`; empty text, a list or a scalar, nesting deeper than
+    :data:`MAX_YAML_DEPTH` and text longer than :data:`MAX_YAML_BYTES` are refused in one line."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{source} is {len(text):,} characters long: a dcal config is at most {MAX_YAML_BYTES:,}")
     try:
         values = yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:

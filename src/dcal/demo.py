@@ -19,8 +19,8 @@ command can be run any number of times; ``fresh=True`` (``--fresh``) replaces th
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +30,7 @@ import torch
 
 from dcal.config import load_config
 from dcal.pretrain import SA_ONLY
+from dcal.run_folder import RunLock, RunLockedError, check_output_dir, claim_folder, has_checkpoint
 
 # The embedded default: a 6-block, 96-dim ViT with 8x8 patches (64 tokens at 64x64), the same for both stages.
 DEMO_OVERRIDES = [
@@ -80,19 +81,57 @@ def demo_config(output_dir: str | Path, variant: str, overrides: list[str] | tup
                               f"output_dir={Path(output_dir) / variant}"])
 
 
-def remove_demo_runs(output_dir: str | Path) -> list[Path]:
-    """Delete the demo's own runs and files under ``output_dir`` (nothing else there); returns what it removed."""
+MADE_BY = "dcal demo"
+STAGES = ("pretrain", *VARIANTS)  # the demo's run folders in --output-dir, each marked as the demo's (its role)
+NOT_OURS_HINT = "move it away or choose another --output-dir"
+
+
+def _demo_file_is_ours(path: Path) -> bool:
+    """The demo's picture (a PNG dcal saved) or summary (JSON naming the demo as its writer)."""
+    from dcal.visualize import is_dcal_picture
+
+    if path.is_symlink() or not path.is_file():
+        return False
+    if path.name == PICTURE:
+        return is_dcal_picture(path)
+    try:
+        return path.stat().st_size < 1 << 20 and json.loads(path.read_text(encoding="utf-8")).get(
+            "written_by") == MADE_BY
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def check_demo_folder(output_dir: str | Path) -> None:
+    """Everything the demo would write or replace in ``output_dir`` is absent or the demo's own: its run folders
+    carry the demo's marker (:func:`dcal.run_folder.claim_folder`), its picture and summary are the demo's.
+    Raises :class:`dcal.run_folder.NotOursError` naming the first that is not, before anything is written."""
+    from dcal.run_folder import NotOursError, check_ours
+
     output_dir = Path(output_dir)
-    removed = []
-    for name in ("pretrain", *VARIANTS, *DEMO_FILES):
+    for stage in STAGES:
+        check_ours(output_dir / stage, MADE_BY, stage, NOT_OURS_HINT)
+    for name in DEMO_FILES:
         path = output_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        else:
-            continue
-        removed.append(path)
+        if (path.exists() or path.is_symlink()) and not _demo_file_is_ours(path):
+            raise NotOursError(f"{path} was not written by {MADE_BY}, so it will not be replaced; {NOT_OURS_HINT}")
+
+
+def remove_demo_runs(output_dir: str | Path) -> list[Path]:
+    """Delete the demo's own runs and files under ``output_dir`` (checked to be the demo's: nothing else there);
+    returns what it removed. Files a user put into a run folder are kept, with that folder."""
+    from dcal.run_folder import remove_run_folder
+
+    output_dir = Path(output_dir)
+    check_demo_folder(output_dir)
+    removed = []
+    for stage in STAGES:
+        if (output_dir / stage).is_dir():
+            remove_run_folder(output_dir / stage, MADE_BY, stage)
+            removed.append(output_dir / stage)
+    for name in DEMO_FILES:
+        if (output_dir / name).is_file():
+            (output_dir / name).unlink()
+            removed.append(output_dir / name)
     return removed
 
 
@@ -116,7 +155,7 @@ def fine_tune(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     a finished run is reused as it is, an interrupted one resumed, one of another config refused); returns its
     final record."""
     from dcal.engine import fit
-    from dcal.run_folder import ResumeConfigError, has_checkpoint
+    from dcal.run_folder import ResumeConfigError
 
     folder = Path(cfg.output_dir)
     if not has_checkpoint(folder):
@@ -133,37 +172,54 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
     """Pretrain (or reuse) the backbone, fine-tune (or reuse) SA-only and DCAL from it, print their test
     accuracies and mechanism numbers side by side, save the attention pictures (the rollout of both, and DCAL's
     GLCA local-query and PWCA attention). ``overrides`` apply to both stages; ``fresh`` first removes the demo's
-    own runs."""
+    own runs (only folders and files the demo wrote: see :func:`check_demo_folder`)."""
+    output_dir = check_output_dir(output_dir)
+    check_demo_folder(output_dir)  # before anything is written, locked or trained
+    pre = demo_pretrain_config(output_dir, overrides)
+    cfgs = {variant: demo_config(output_dir, variant, overrides) for variant in VARIANTS}
+    for stage in STAGES:  # a busy folder stops the demo before it creates or locks anything
+        RunLock(output_dir / stage).check()
+    with contextlib.ExitStack() as held:
+        for stage in STAGES:  # every folder the demo may touch is locked before it is read, repaired or removed
+            lock = held.enter_context(RunLock(output_dir / stage))
+            held.enter_context(lock.lend())
+        for stage in STAGES:
+            claim_folder(output_dir / stage, MADE_BY, stage)
+        check_demo_folder(output_dir)  # again, under the locks
+        if fresh:
+            removed = remove_demo_runs(output_dir)
+            log(f"--fresh: removed {', '.join(str(p) for p in removed)}" if removed else
+                f"--fresh: no demo runs in {output_dir} yet")
+        return _run_stages(output_dir, pre, cfgs, num_images, log)
+
+
+def _run_stages(output_dir: Path, pre: Any, cfgs: dict[str, Any], num_images: int,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    from dcal.checkpoint import atomic_write_text, json_text
     from dcal.data.transforms import config_mean_std
     from dcal.engine import build_datasets
     from dcal.pretrain import ensure_pretrained, pretrain_state
-    from dcal.run_folder import RunLockedError, load_run
+    from dcal.run_folder import load_run, remove_run_folder
     from dcal.visualize import attention_rows, denormalize, prediction_titles, rollout_maps, save_attention_figure
 
-    output_dir = Path(output_dir)
-    if fresh:
-        removed = remove_demo_runs(output_dir)
-        log(f"--fresh: removed {', '.join(str(p) for p in removed)}" if removed else
-            f"--fresh: no demo runs in {output_dir} yet")
     t0 = time.perf_counter()
     log("\n=== stage 1: pretraining the ViT SA-only on the generic coarse task (shape x texture, no marks) ===")
-    pre = demo_pretrain_config(output_dir, overrides)
     try:
         if pretrain_state(pre) != "finished":
-            # fine-tuning runs of an earlier backbone (the demo's own) would be reused: they go
-            stale = [output_dir / v for v in VARIANTS if (output_dir / v).is_dir()]
+            # fine-tuning runs of an earlier backbone (the demo's own, checked above) would be reused: they go
+            stale = [output_dir / v for v in VARIANTS if has_checkpoint(output_dir / v)]
             for folder in stale:
-                shutil.rmtree(folder)
+                remove_run_folder(folder, MADE_BY, folder.name)
             if stale:
                 log(f"a new backbone: removed the fine-tuning runs of the old one ({', '.join(map(str, stale))})")
         ensure_pretrained(pre, log=log)
-    except RunLockedError:
-        raise  # another process trains there: nothing to replace
-    except FileExistsError as e:  # a pretraining run of another config
+    except FileExistsError as e:  # a pretraining run of another config, in the demo's own folder
+        if isinstance(e, RunLockedError):
+            raise
         raise FileExistsError(f"{e}; {FRESH_HINT}") from None
     results = {}
     for variant in VARIANTS:
-        cfg = demo_config(output_dir, variant, overrides)
+        cfg = cfgs[variant]
         log(f"\n=== stage 2, {variant}: fine-tuning {cfg.model.pretrained_file} on the mark task, "
             f"{cfg.model.glca_blocks} GLCA block(s), {cfg.model.pwca_blocks} PWCA block(s) ===")
         results[variant] = fine_tune(cfg, log=log)
@@ -179,7 +235,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
     ]
     log("\n".join(lines))
 
-    cfg = demo_config(output_dir, "dcal", overrides)
+    cfg = cfgs["dcal"]
     test = build_datasets(cfg, train=False)["test"]
     batch = torch.stack([test[i][0] for i in range(num_images)])
     shown = denormalize(batch, *config_mean_std(cfg))
@@ -197,8 +253,9 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
     titles, colors = prediction_titles(truths, {"SA only": [test.classes[p] for p in preds["sa_only"]],
                                                 "DCAL": [test.classes[p] for p in preds["dcal"]]}, truths)
     picture = save_attention_figure(output_dir / PICTURE, shown, rows, titles, title_colors=colors)
-    summary = {"sa_only": sa, "dcal": dc, "pretrained": str(output_dir / "pretrain"), "picture": str(picture)}
-    (output_dir / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    summary = {"written_by": MADE_BY, "sa_only": sa, "dcal": dc, "pretrained": str(output_dir / "pretrain"),
+               "picture": str(picture)}
+    atomic_write_text(output_dir / SUMMARY, json_text(summary))
     log(f"\nattention rollout picture: {picture}\nsummary: {output_dir / SUMMARY}\n"
         f"demo time: {time.perf_counter() - t0:.0f} s")
     return summary

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -267,8 +266,10 @@ def predictions_csv(preds: Sequence[Prediction]) -> str:
 
 def predictions_json(preds: Sequence[Prediction]) -> str:
     """A list of :class:`Prediction` records, names and classes :func:`printable` as in the CSV."""
-    return json.dumps([{**asdict(p), "source": printable(p.source), "error": p.error and printable(p.error),
-                        "classes": [printable(c) for c in p.classes]} for p in preds], indent=1)
+    from dcal.checkpoint import json_text
+
+    return json_text([{**asdict(p), "source": printable(p.source), "error": p.error and printable(p.error),
+                       "classes": [printable(c) for c in p.classes]} for p in preds], indent=1)
 
 
 def write_predictions(path: str | Path, preds: Sequence[Prediction]) -> Path:

@@ -27,7 +27,16 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dcal.config import ConfigError, default_config, load_config
-from dcal.run_folder import has_checkpoint, is_finished, other_config_changes, read_config, read_config_text
+from dcal.run_folder import (
+    RunLock,
+    discard_unsaved_start,
+    has_checkpoint,
+    is_finished,
+    nothing_saved,
+    other_config_changes,
+    read_config,
+    read_config_text,
+)
 
 SA_ONLY = ("model.glca_blocks=0", "model.pwca_blocks=0", "eval.fusion=sa")
 CACHE_FOLDER = "pretrain"  # beside the runs: <parent of output_dir (or of the ablation folder)>/pretrain/<stem>
@@ -50,7 +59,7 @@ def pretrain_state(cfg: Any) -> str:
     """``"absent"``, ``"finished"`` or ``"started"`` for the run folder ``cfg.output_dir``; raises
     ``FileExistsError`` when it holds a run of another config."""
     folder = Path(cfg.output_dir)
-    if read_config_text(folder) is None:
+    if read_config_text(folder) is None or nothing_saved(folder):  # nothing trained there yet, of any config
         return "absent"
     # a key added by a later dcal counts as its default
     diff = other_config_changes(folder, OmegaConf.to_container(cfg), OmegaConf.to_container(default_config()))
@@ -72,10 +81,20 @@ def ensure_pretrained(cfg: Any, log: Callable[[str], None] = print) -> Path:
     holding a run of another config. Under torchrun only a finished run can be used (pretrain it first, in one
     process or as its own torchrun command), since the processes would each start the same training.
     """
+    folder = Path(cfg.output_dir)
+    from dcal import distributed
+
+    if distributed.env_world_size() > 1:
+        return _ensure_pretrained(cfg, folder, log)
+    lock = RunLock(folder)
+    with lock, lock.lend():  # held before the folder is read or repaired, lent to fit
+        return _ensure_pretrained(cfg, folder, log)
+
+
+def _ensure_pretrained(cfg: Any, folder: Path, log: Callable[[str], None]) -> Path:
     from dcal import distributed
     from dcal.engine import fit
 
-    folder = Path(cfg.output_dir)
     state = pretrain_state(cfg)
     if state == "finished":
         log(f"pretrained backbone: reusing {folder} (finished, same config)")
@@ -85,24 +104,70 @@ def ensure_pretrained(cfg: Any, log: Callable[[str], None] = print) -> Path:
                            f"run it first (dcal train --config RECIPE output_dir={folder} "
                            "model.glca_blocks=0 model.pwca_blocks=0 eval.fusion=sa), then start torchrun again")
     resume = state == "started"
+    if not resume and discard_unsaved_start(folder):  # killed before its first checkpoint: nothing to keep
+        log(f"{folder}: the pretraining was stopped before its first checkpoint; starting it again")
     log(f"pretrained backbone: {'resuming' if resume else 'training'} the SA-only run {folder} "
         f"({cfg.train.epochs} epochs of {cfg.data.dataset})")
     fit(cfg, resume=resume)
     return folder
 
 
-def resolve_pretrain(cfg: Any, folder: str | Path | None = None, log: Callable[[str], None] = print) -> Any:
+def cache_folder(recipe: str | Path, beside: str | Path) -> Path:
+    """Where the pretraining recipe ``recipe`` is trained: ``<beside>/pretrain/<recipe stem>``. The stem comes
+    from the user, so it must be a plain name (no ``..``, no path): a write never lands outside that folder."""
+    stem = Path(recipe).stem
+    if stem in ("", ".", "..") or not all(c.isalnum() or c in "-_." for c in stem):
+        raise ConfigError(f"pretraining recipe {str(recipe)!r}: its file name {stem!r} cannot name the pretraining "
+                          "folder (use letters, digits, '-', '_' and '.')")
+    return Path(beside) / CACHE_FOLDER / stem
+
+
+def resolve_pretrain(cfg: Any, folder: str | Path | None = None, log: Callable[[str], None] = print,
+                     train: bool = True) -> Any:
     """``cfg`` with ``model.pretrain`` (a recipe) replaced by ``model.pretrained_file`` = its pretrained run folder,
-    which is trained first if needed; ``folder`` defaults to ``<parent of output_dir>/pretrain/<recipe stem>``.
-    A config without ``model.pretrain`` is returned as it is."""
+    which is trained first if needed (``train=False``: only named, for checking the job before it runs); ``folder``
+    defaults to :func:`cache_folder` beside ``output_dir``. A config without ``model.pretrain`` is returned as it
+    is."""
     recipe = cfg.model.pretrain
     if not recipe:
         return cfg
-    folder = Path(folder) if folder is not None else Path(cfg.output_dir).parent / CACHE_FOLDER / Path(recipe).stem
-    run = ensure_pretrained(pretrain_config(recipe, folder), log)
+    folder = Path(folder) if folder is not None else cache_folder(recipe, Path(cfg.output_dir).parent)
+    pre = pretrain_config(recipe, folder)
+    if train:
+        run = ensure_pretrained(pre, log)
+    else:
+        check_backbones_match(cfg, pre)
+        pretrain_state(pre)  # a folder holding another config's pretraining is refused now, not after
+        run = folder
     cfg = cfg.copy()
     cfg.model.pretrain, cfg.model.pretrained_file = None, str(run)
     return cfg
+
+
+def check_backbones_match(cfg: Any, pre: Any) -> None:
+    """The fine-tuning config ``cfg`` builds the backbone that the pretraining config ``pre`` trains (same
+    tensors and shapes, the position embedding and classifier aside: those are resampled or dropped), checked
+    on the meta device (no memory, no weights read) before anything trains; ``ConfigError`` naming both."""
+    import torch
+
+    from dcal.engine.build import build_model
+
+    def shapes(c: Any) -> dict[str, tuple[int, ...]]:
+        c = c.copy()
+        c.model.pretrained, c.model.pretrained_file, c.model.pretrain = False, None, None
+        with torch.device("meta"):
+            backbone = build_model(c, 2).backbone
+        return {k: tuple(v.shape) for k, v in backbone.state_dict().items()
+                if not k.startswith(("pos_embed", "head", "fc_norm")) and "rope" not in k}
+
+    a, b = shapes(cfg), shapes(pre)
+    diff = sorted(set(a) ^ set(b)) + [f"{k} {a[k]} vs {b[k]}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+    if diff:
+        raise ConfigError(f"model.backbone: the fine-tuning backbone ({cfg.model.backbone}, "
+                          f"timm_kwargs {dict(cfg.model.timm_kwargs)}) is not the one the pretraining recipe "
+                          f"{cfg.model.pretrain} trains ({pre.model.backbone}, timm_kwargs "
+                          f"{dict(pre.model.timm_kwargs)}): {'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}. "
+                          "Give backbone overrides to both stages, or edit the recipes")
 
 
 def describe_backbone(model: dict[str, Any]) -> str:

@@ -305,12 +305,12 @@ def write_search(out_dir: str | Path, query: FeatureSet, gallery: FeatureSet, ra
     """A search's files in ``out_dir``: ``ranking.csv``, ``metrics.json`` (when the ids allow an evaluation) and
     ``visrank/`` with the top-10 of the first ``num_vis`` queries (None: all; 0: none, and an earlier search's
     pictures are removed: they would pass for this one's). Returns the pictures."""
-    from dcal.checkpoint import atomic_write_text
+    from dcal.checkpoint import atomic_write_text, json_text
 
     out = Path(out_dir)
     atomic_write_text(out / "ranking.csv", ranking_csv(query, gallery, ranking))
     if ranking.metrics is not None:
-        atomic_write_text(out / "metrics.json", json.dumps(ranking.metrics, indent=2))
+        atomic_write_text(out / "metrics.json", json_text(ranking.metrics))
     if num_vis == 0:
         clear_ranking_pictures(out / "visrank")
         return []

@@ -12,6 +12,7 @@ this host, or any PID on another host, holds it).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import errno
 import fcntl
@@ -22,7 +23,7 @@ import shlex
 import shutil
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -43,6 +44,8 @@ LAST_WEIGHTS = "last.safetensors"
 BEST_WEIGHTS = "best.safetensors"
 TENSORBOARD = "tensorboard"
 LOCK = ".dcal.lock"
+MADE_BY = ".dcal-folder.json"  # the marker: which dcal command made this folder, for what (see claim_folder)
+TRAIN_LOG = "train.log"  # the log of a run that dcal ablation / dcal demo trained (stdout of fit)
 EPOCH_CHECKPOINT = re.compile(r"epoch\d{4,}\.pth")
 # what a training run writes; anything else (train.log of dcal ablation, a user's notes) is not a run
 RUN_FILES = (CONFIG, METRICS, LAST, BEST, LAST_WEIGHTS, BEST_WEIGHTS, TENSORBOARD)
@@ -56,6 +59,10 @@ RESUMABLE_KEYS = ("output_dir", "data.root", "train.epochs", "train.log_every", 
                   "train.max_bad_steps", "eval.*")
 _ABSENT = object()
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+class NotOursError(FileExistsError):
+    """A folder or file that dcal would replace or remove, but did not write itself (for this purpose)."""
 
 
 class RunExistsError(FileExistsError):
@@ -125,15 +132,17 @@ def _one_based(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_metrics(folder: str | Path, records: list[dict[str, Any]]) -> None:
     """Replace the folder's :data:`METRICS` with ``records`` (atomically: a resume that drops lost work)."""
-    from dcal.checkpoint import atomic_write_text
+    from dcal.checkpoint import atomic_write_text, json_text
 
-    atomic_write_text(Path(folder) / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(Path(folder) / METRICS, "".join(json_text(r, indent=None) for r in records))
 
 
 def append_metrics(folder: str | Path, record: dict[str, Any]) -> None:
     """One line of :data:`METRICS`, flushed to disk before returning (it survives a later kill)."""
+    from dcal.checkpoint import json_text
+
     with open(Path(folder) / METRICS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json_text(record, indent=None))
         f.flush()
         os.fsync(f.fileno())
 
@@ -181,16 +190,23 @@ def write_config(folder: str | Path, config_yaml: str) -> None:
     atomic_write_text(Path(folder) / CONFIG, config_yaml)
 
 
+def nothing_saved(folder: str | Path) -> bool:
+    """Whether ``folder`` holds no training to keep: no checkpoint, no weights, no metrics record (at most the
+    ``config.yaml``, empty ``metrics.jsonl`` and ``tensorboard/`` of a run stopped before its first checkpoint)."""
+    folder = Path(folder)
+    metrics = folder / METRICS
+    return not (any(n not in (CONFIG, METRICS, TENSORBOARD) for n in run_content(folder))
+                or (metrics.is_file() and metrics.read_text(encoding="utf-8").strip()))
+
+
 def discard_unsaved_start(folder: str | Path) -> list[str]:
     """Delete the files of a run that was killed before it saved anything (``config.yaml``, an empty
     ``metrics.jsonl``, ``tensorboard/``: nothing to resume or lose); returns their names, [] (and deletes
     nothing) when the folder holds a checkpoint, weights or a metrics record."""
     folder = Path(folder)
-    found = run_content(folder)
-    metrics = folder / METRICS
-    if any(n not in (CONFIG, METRICS, TENSORBOARD) for n in found) or (metrics.is_file() and metrics.read_text(
-            encoding="utf-8").strip()):
+    if not nothing_saved(folder):
         return []
+    found = run_content(folder)
     for name in found:
         path = folder / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -331,12 +347,19 @@ def check_run_folder(folder: str | Path, cfg: DictConfig, resume: bool,
         if found and last.exists():
             raise RunExistsError(f"{folder} already holds a run ({', '.join(found)}); pass --resume to continue "
                                  "it or train into another output_dir=")
+        if found and nothing_saved(folder):
+            raise RunExistsError(f"{folder} holds the start of a run stopped before its first checkpoint "
+                                 f"({', '.join(found)}); pass --resume to start it again, or train into another "
+                                 "output_dir=")
         if found:
             raise RunExistsError(f"{folder} already holds (the start of) a run ({', '.join(found)}) with no "
                                  f"{LAST} to resume from; train into another output_dir= or remove them")
         return None
     if not last.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint {last} to continue from")
+        if nothing_saved(folder):
+            return None  # stopped before its first checkpoint (or never started): fit starts it
+        raise FileNotFoundError(f"--resume: no checkpoint {last} to continue from, but {folder} holds "
+                                f"{', '.join(run_content(folder))}: train into another output_dir=")
     source = str(folder / CONFIG)
     saved = read_config_text(folder)
     if saved is None:  # killed before config.yaml was written: the checkpoint carries the config too
@@ -385,6 +408,118 @@ def _show(value: Any) -> str:
     return "(absent)" if value is _ABSENT else repr(value) if isinstance(value, str) else json.dumps(value)
 
 
+# ----------------------------------------------------------------------------------------------- ownership
+# dcal removes or replaces a folder only when it made it: the command that creates a folder it may later remove
+# writes MADE_BY in it at once, naming itself and the folder's role; removal checks that marker and then deletes
+# only the names dcal writes in a run folder, so a user's file put there later survives.
+_SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root", "/run",
+                "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var")
+
+
+def check_output_dir(path: str | Path, flag: str = "--output-dir") -> Path:
+    """``path`` as a folder dcal may create runs in: refused (one line, ``ValueError``) when it is a file, or a
+    system folder or the home folder itself (where a run's sub-folders would sit among the user's own)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a file, not a folder")
+    resolved = path.expanduser().resolve()
+    home = Path.home().resolve()
+    if str(resolved) in _SYSTEM_DIRS or resolved == home:
+        raise ValueError(f"{flag} {str(path)!r} is {'your home folder' if resolved == home else 'a system folder'} "
+                         f"({resolved}): give a folder of its own, e.g. {flag} runs/demo")
+    return path
+
+
+def read_made_by(folder: str | Path) -> dict[str, Any] | None:
+    """The folder's :data:`MADE_BY` marker as a dict, None when it has none (or an unreadable one)."""
+    path = Path(folder) / MADE_BY
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > 65536:
+        return None
+    try:
+        mark = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return mark if isinstance(mark, dict) else None
+
+
+def claim_folder(folder: str | Path, made_by: str, role: str) -> bool:
+    """Create ``folder`` (parents too) and mark it as made by ``made_by`` (e.g. ``dcal demo``) for ``role``;
+    returns whether it is now ours. A folder that already exists is marked only when it is empty (nothing of
+    anyone's to lose); one that holds other files, or is a link, stays unmarked and is never removed by dcal."""
+    from dcal.checkpoint import atomic_write_text
+
+    folder = Path(folder)
+    if folder.is_symlink():
+        return False
+    if folder.is_dir():
+        mark = read_made_by(folder)
+        if mark is not None:
+            return mark.get("made_by") == made_by and mark.get("role") == role
+        if any(p.name != LOCK for p in folder.iterdir()):
+            return False
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / MADE_BY, json.dumps({
+        "made_by": made_by, "role": role,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join(sys.argv)}) + "\n")
+    return True
+
+
+def is_ours(folder: str | Path, made_by: str, role: str) -> bool:
+    """Whether ``folder`` is a real folder (not a link) whose marker says ``made_by`` made it for ``role``."""
+    folder = Path(folder)
+    mark = None if folder.is_symlink() or not folder.is_dir() else read_made_by(folder)
+    return mark is not None and mark.get("made_by") == made_by and mark.get("role") == role
+
+
+def check_ours(folder: str | Path, made_by: str, role: str, what_to_do: str) -> None:
+    """Raise :class:`NotOursError` (one line naming the folder) unless ``folder`` is absent or ours
+    (:func:`is_ours`)."""
+    folder = Path(folder)
+    if (not folder.exists() and not folder.is_symlink()) or is_ours(folder, made_by, role):
+        return
+    if folder.is_symlink():
+        why = "is a symbolic link"
+    elif not folder.is_dir():
+        why = "is a file"
+    else:
+        mark = read_made_by(folder)
+        why = ("has no dcal marker (" + MADE_BY + "): dcal did not make it" if mark is None else
+               f"was made by {mark.get('made_by')!r} as {mark.get('role')!r}, not by {made_by!r} as {role!r}")
+    raise NotOursError(f"{folder} {why}, so {made_by} will not replace or remove it; {what_to_do}")
+
+
+def remove_run_folder(folder: str | Path, made_by: str, role: str) -> list[str]:
+    """Remove what dcal wrote in the run folder ``folder`` made by ``made_by`` for ``role`` (its run files, epoch
+    checkpoints, train log, lock, temporaries and marker), then the folder if nothing else is left; returns the
+    names of files kept because dcal did not write them. Raises :class:`NotOursError` for a folder that is not
+    ours (:func:`check_ours`); never follows a link. A folder this process holds the :class:`RunLock` of keeps
+    its lock and marker: it is emptied for the holder to train into again."""
+    from dcal.checkpoint import TMP_SUFFIX
+
+    folder = Path(folder)
+    check_ours(folder, made_by, role, "remove it yourself if you mean to")
+    if not folder.exists():
+        return []
+    held = os.path.realpath(folder / LOCK) in RunLock._held
+    kept = []
+    for p in folder.iterdir():
+        ours = (p.name in (*RUN_FILES, TRAIN_LOG, LOCK) or EPOCH_CHECKPOINT.fullmatch(p.name)
+                or (p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)))
+        if p.name == MADE_BY or (held and p.name == LOCK):
+            continue
+        if not ours:
+            kept.append(p.name)
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    if not kept and not held:  # the marker goes last, with the folder; one with someone's files in it stays ours
+        (folder / MADE_BY).unlink()
+        folder.rmdir()
+    return sorted(kept)
+
+
 # ----------------------------------------------------------------------------------------------------- lock
 def _owner_text() -> str:
     return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -421,12 +556,25 @@ def describe_owner(owner: dict[str, Any]) -> str:
 
 
 class RunLock:
-    """Exclusive ownership of a run folder (``with RunLock(folder): ...``); see the module docstring."""
+    """Exclusive ownership of a run folder (``with RunLock(folder): ...``); see the module docstring.
+
+    A command that locks a folder before it inspects, repairs or removes anything in it (``dcal ablation``,
+    ``dcal demo``) lends it to the code it calls (``with lock, lock.lend(): fit(...)``): inside that block, and
+    only there (a context variable: not in another thread), taking the same lock again nests instead of being
+    refused; the lock is dropped when the outer holder releases it."""
+
+    _held: dict[str, int] = {}  # lock files this process holds -> how many holders (a process-wide lock table)
+    _lent: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("dcal_lent_locks", default=frozenset())
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK
         self._fd: int | None = None
+        self._nested = False
+
+    @property
+    def _key(self) -> str:
+        return os.path.realpath(self.path)
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -437,6 +585,10 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock (creating the folder), or raise :class:`RunLockedError` naming the owner."""
+        if self._key in RunLock._held and self._key in RunLock._lent.get():
+            RunLock._held[self._key] += 1
+            self._nested = True
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -461,9 +613,12 @@ class RunLock:
         os.pwrite(fd, data, 0)
         os.fsync(fd)
         self._fd = fd
+        RunLock._held[self._key] = 1
 
     def check(self) -> None:
         """Raise :class:`RunLockedError` if another process holds the lock (takes nothing, writes nothing)."""
+        if self._key in RunLock._held and self._key in RunLock._lent.get():
+            return
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -476,6 +631,17 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[None]:
+        """Inside this block the held lock may be taken again (nested) by the code this holder calls."""
+        if self._fd is None and not self._nested:
+            raise RuntimeError(f"{self.path}: lend() needs the lock to be held")
+        token = RunLock._lent.set(RunLock._lent.get() | {self._key})
+        try:
+            yield
+        finally:
+            RunLock._lent.reset(token)
 
     def _try_flock(self, fd: int, previous: dict[str, Any]) -> bool:
         """True when another process holds the lock."""
@@ -496,10 +662,15 @@ class RunLock:
                 f"or train into another output_dir=")
 
     def release(self) -> None:
-        """Remove the lock file and drop the lock (no-op when not held)."""
+        """Remove the lock file and drop the lock (no-op when not held; a nested holder only counts down)."""
+        if self._nested:
+            self._nested = False
+            RunLock._held[self._key] -= 1
+            return
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        RunLock._held.pop(self._key, None)
         try:
             if _same_file(fd, self.path):
                 self.path.unlink()

@@ -200,10 +200,25 @@ def new_figure(rows: int, cols: int, figsize: tuple[float, float]) -> tuple[Figu
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Lay out and save as PNG (atomically: a reader never sees half a picture)."""
+    """Lay out and save as PNG (atomically: a reader never sees half a picture), marked as dcal's
+    (:data:`PNG_SOFTWARE` in its ``Software`` text: what dcal may later replace, :func:`is_dcal_picture`)."""
     from dcal.checkpoint import atomic_write
 
     fig.tight_layout()
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png", metadata={"Software": PNG_SOFTWARE}))
     return path
+
+
+PNG_SOFTWARE = "dcal"
+
+
+def is_dcal_picture(path: str | Path) -> bool:
+    """Whether ``path`` is a PNG that dcal saved (:func:`save_figure`); reads its text chunks only."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and getattr(im, "text", {}).get("Software") == PNG_SOFTWARE
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False

@@ -123,7 +123,12 @@ def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     """
     from dcal.pretrain import resolve_pretrain
 
-    cfg = resolve_pretrain(cfg)
+    if cfg.model.pretrain:  # check the whole job before the pretraining stage spends minutes on it
+        planned = resolve_pretrain(cfg, train=False)
+        resume = resume or cfg.train.resume
+        dist.on_main(lambda: check_run_folder(Path(planned.output_dir), planned, resume))
+        build_datasets(planned)
+        cfg = resolve_pretrain(cfg)
     info, device = dist.init(cfg.train.device)
     try:
         return _fit(cfg, resume or cfg.train.resume, info, device)
@@ -155,6 +160,11 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
         final = finished(owned=True)  # again, now that no other process can write there
         if final is not None:
             return final
+        if resume and not run_folder.has_checkpoint(out_dir):  # stopped before its first checkpoint: start it
+            gone = dist.on_main(lambda: run_folder.discard_unsaved_start(out_dir))
+            if info.is_main:
+                _log(f"--resume: {out_dir} has no checkpoint yet{f' (removed {gone})' if gone else ''}; starting it")
+            resume = False
         with _StopSignals() as stops:
             try:
                 return _train(cfg, resume, info, device, sets, stops)
@@ -236,6 +246,10 @@ class _RunOutput:
              f"{info.world_size} process(es) of batch {cfg.train.batch_size} on {device}; writing to {self.folder}")
         if cfg.model.freeze_blocks or cfg.model.lora.rank:
             _log(trainable_summary(state.model))
+        if "test" in cfg.data.train_splits:
+            print(f"WARNING: data.train_splits={list(cfg.data.train_splits)} trains on the test split: the test "
+                  "scores of this run are NOT held out (fine for pretraining a backbone, not for reporting)",
+                  file=sys.stderr, flush=True)
 
     def __enter__(self) -> _RunOutput:
         return self

@@ -32,7 +32,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dcal.checkpoint import check_torch_archive, first_line
+from dcal.checkpoint import check_finite, check_torch_archive, first_line
 from dcal.model.attention import (
     attention_probs,
     glca_block,
@@ -674,6 +674,7 @@ def load_pretrained_file(vit: VisionTransformer, path: str | Path) -> None:
         except Exception as e:  # noqa: BLE001 - re-raised with the file named
             raise ValueError(f"pretrained_file {str(path)!r}: not a big_vision/JAX ViT .npz of this backbone "
                              f"({first_line(e)})") from e
+        check_finite(vit.state_dict(), f"pretrained_file {str(path)!r}")
         _reset_head(vit)
         return
     if path.suffix != ".safetensors":
@@ -684,6 +685,7 @@ def load_pretrained_file(vit: VisionTransformer, path: str | Path) -> None:
             raise TypeError("it holds no mapping of names to tensors")
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(f"pretrained_file {str(path)!r}: could not read a state dict ({first_line(e)})") from e
+    check_finite(state, f"pretrained_file {str(path)!r}")
     if any(k.startswith("backbone.") for k in state):  # a dcal checkpoint: keep only the backbone
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     filter_fn = getattr(sys.modules[type(vit).__module__], "checkpoint_filter_fn", None)
