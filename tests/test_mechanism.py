@@ -144,3 +144,27 @@ def test_evaluate_writes_the_mechanism_keys(tmp_path, variant):
         assert {"weight_sa", "weight_glca", "weight_pwca"} <= set(record)  # the learned loss weights
     else:
         assert "pwca_share" not in record and "pwca_share_mean" not in record
+
+
+def test_pwca_attention_in_query_tiles_equals_the_whole_matrix(monkeypatch):
+    """The memory bound of the mechanism measurement: the weighted row computed a tile of query rows at a time
+    equals the one from the whole probability matrix; the class-token row alone equals the full matrix's row 0."""
+    import dcal.model.dcal as dcal_module
+    from tests.helpers import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model(img_size=32, patch_size=8).eval()
+    images, pairs = torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 0])
+    weights = torch.rand(3, 17).softmax(-1)
+    with torch.no_grad():
+        whole = model.pwca_attention(images, pairs, weights)
+        cls_rows = model.pwca_attention(images, pairs)
+        monkeypatch.setattr(dcal_module, "PWCA_QUERY_TILE", 4)  # 17 rows in tiles of 4
+        tiled = model.pwca_attention(images, pairs, weights)
+        one_hot = torch.zeros(3, 17)
+        one_hot[:, 0] = 1
+        row0 = model.pwca_attention(images, pairs, one_hot)
+    for a, b in zip(whole, tiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(cls_rows, row0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

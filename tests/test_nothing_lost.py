@@ -383,3 +383,34 @@ def test_training_on_the_test_split_says_the_scores_are_not_held_out(tmp_path, c
                  "data.dataset=cub", f"data.root={SHARED_DATA / 'cub100'}", "data.classes=1-2", "train.epochs=1",
                  "data.train_splits=[train,test]", f"output_dir={tmp_path / 'r'}"]) == 0
     assert "are NOT held out" in capsys.readouterr().err
+
+
+def test_an_evaluation_that_fails_loses_no_trained_epoch(tmp_path, monkeypatch):
+    """The epoch is checkpointed before its evaluation: after an evaluation that runs out of memory, --resume
+    evaluates the trained epoch without training it again, and the run ends as an uninterrupted one."""
+    import dcal.engine.run as run_module
+    from dcal.config import load_config
+    from dcal.engine import fit
+
+    def cfg(out: Path):
+        return load_config("configs/demo.yaml", ["model.pretrain=null", *SYNTHETIC_RUN, "train.save_every_steps=0",
+                                                 f"output_dir={out}"])
+
+    ref = fit(cfg(tmp_path / "ref"))
+    real, calls = run_module.evaluate, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second epoch's evaluation
+            raise MemoryError("out of memory in the evaluation")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "evaluate", failing_once)
+    with pytest.raises(MemoryError):
+        fit(cfg(tmp_path / "run"))
+    monkeypatch.setattr(run_module, "evaluate", real)
+    steps_before = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert steps_before["epoch"] == 1  # epoch 2 trained, not yet recorded
+    resumed = fit(cfg(tmp_path / "run"), resume=True)
+    drop = ("train_time_s", "images_per_s")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in ref.items() if k not in drop}

@@ -208,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> Any:
     from dcal.config import load_config
-    from dcal.engine import fit
+    from dcal.pretrain import train_stages
 
-    return fit(load_config(args.config, args.overrides), resume=args.resume)
+    return train_stages(load_config(args.config, args.overrides), resume=args.resume)
 
 
 def print_metrics(metrics: dict[str, Any]) -> None:

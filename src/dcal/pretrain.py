@@ -144,6 +144,24 @@ def resolve_pretrain(cfg: Any, folder: str | Path | None = None, log: Callable[[
     return cfg
 
 
+def train_stages(cfg: Any, resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``cfg`` as ``dcal train`` does: with a pretraining stage (``model.pretrain``), the whole job is checked
+    first (the fine-tuning's output folder, its data, its backbone against the pretraining recipe's), then the
+    pretraining is trained or reused (:func:`resolve_pretrain`), then the fine-tuning runs; without one, just
+    ``fit``. Returns the final record."""
+    from dcal import distributed
+    from dcal.engine import build_datasets, fit
+    from dcal.run_folder import check_run_folder
+
+    resume = resume or cfg.train.resume
+    if cfg.model.pretrain:
+        planned = resolve_pretrain(cfg, train=False, log=log)
+        distributed.on_main(lambda: check_run_folder(Path(planned.output_dir), planned, resume))
+        build_datasets(planned)
+        cfg = resolve_pretrain(cfg, log=log)
+    return fit(cfg, resume=resume)
+
+
 def check_backbones_match(cfg: Any, pre: Any) -> None:
     """The fine-tuning config ``cfg`` builds the backbone that the pretraining config ``pre`` trains (same
     tensors and shapes, the position embedding and classifier aside: those are resampled or dropped), checked

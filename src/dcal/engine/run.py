@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from dcal import distributed as dist
 from dcal import run_folder
 from dcal.checkpoint import export_weights, remove_stale_temporaries
-from dcal.config import to_yaml
+from dcal.config import ConfigError, to_yaml
 from dcal.engine.build import ForwardLoss, build_datasets, train_loader
 from dcal.engine.evaluation import evaluate
 from dcal.engine.loop import EpochProgress, NonFiniteLossError, epoch_stats, train_one_epoch
@@ -119,16 +119,11 @@ def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     Under torchrun every process calls ``fit``; all return the same final record. Rank 0 owns ``output_dir``
     (:class:`dcal.run_folder.RunLock`) from before its first write to the end. SIGTERM/SIGINT stop the run after
     the current step with a checkpoint: :class:`TrainingInterrupted`. A config naming a pretraining recipe
-    (``model.pretrain``) is first pointed at its pretrained run, trained once if needed (``dcal.pretrain``).
+    (``model.pretrain``) is refused: :func:`dcal.pretrain.train_stages` runs such a job.
     """
-    from dcal.pretrain import resolve_pretrain
-
-    if cfg.model.pretrain:  # check the whole job before the pretraining stage spends minutes on it
-        planned = resolve_pretrain(cfg, train=False)
-        resume = resume or cfg.train.resume
-        dist.on_main(lambda: check_run_folder(Path(planned.output_dir), planned, resume))
-        build_datasets(planned)
-        cfg = resolve_pretrain(cfg)
+    if cfg.model.pretrain:
+        raise ConfigError(f"model.pretrain={cfg.model.pretrain!r}: fit trains exactly the config it is given; a "
+                          "pretraining stage is run by dcal.pretrain.train_stages (what `dcal train` calls)")
     info, device = dist.init(cfg.train.device)
     try:
         return _fit(cfg, resume or cfg.train.resume, info, device)
@@ -207,6 +202,7 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
                 raise NonFiniteLossError(f"{e} ({out.kept()})") from None
             record = {"epoch": epoch + 1, **stats}  # 1-based in every file, as on the console
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+                out.before_evaluation(state.progress)  # an evaluation that fails (memory) loses no training
                 record.update(evaluate(state.model, sets, device, cfg))
             out.end_epoch(improved=state.end_epoch(record, metric))
         final = state.final_record(cfg.train.epochs, metric, time.perf_counter() - t0)
@@ -288,6 +284,11 @@ class _RunOutput:
                 # metrics.jsonl is the uninterrupted one's (the record only tells resume where it stands)
                 self._save_partial(p, interrupted=True)
             raise self._interrupted(signum, f"at epoch {epoch + 1} step {p.batches}")
+
+    def before_evaluation(self, p: EpochProgress) -> None:
+        """Checkpoint the trained epoch before it is evaluated: a resume after a failed evaluation starts at the
+        epoch's end and evaluates it (as save_every_steps' checkpoints, no metrics line is written for it)."""
+        self._save_partial(p, interrupted=True)
 
     def _save_partial(self, p: EpochProgress, interrupted: bool = False) -> None:
         mark = {"interrupted": True} if interrupted else {}

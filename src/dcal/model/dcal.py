@@ -486,18 +486,27 @@ class DCAL(nn.Module):
         for i, blk in enumerate(self.backbone.blocks[: self.cfg.pwca_blocks]):
             r = block_rope(self.backbone, rope, i)
             q, k, _ = qkv(blk.attn, blk.norm1(x), r)
-            probs = attention_probs(blk.attn, q, torch.cat([k, k[pairs]], dim=2)).mean(dim=1)  # (B, T, 2T)
+            keys = torch.cat([k, k[pairs]], dim=2)
             if query_weights is None and self.backbone.cls_token is not None:
-                rows.append(probs[:, 0])
+                rows.append(attention_probs(blk.attn, q[:, :, :1], keys).mean(dim=1)[:, 0])  # the CLS row alone
             else:
                 w = query_weights if query_weights is not None else uniform_weights(x.shape[0], x.shape[1],
                                                                                     self.num_prefix_tokens, x.device)
-                rows.append(torch.bmm(w.unsqueeze(1).to(probs.dtype), probs).squeeze(1))
+                # the weighted mean of the rows, PWCA_QUERY_TILE query rows at a time: memory bounded by a tile
+                # of probabilities (B, H, tile, 2T), never the whole (B, H, T, 2T) that fused training avoids
+                row = 0
+                for s in range(0, q.shape[2], PWCA_QUERY_TILE):
+                    probs = attention_probs(blk.attn, q[:, :, s:s + PWCA_QUERY_TILE], keys).mean(dim=1)
+                    row = row + torch.bmm(w[:, None, s:s + PWCA_QUERY_TILE].to(probs.dtype), probs).squeeze(1)
+                rows.append(row)
             x = pwca_block(blk, x, pairs, False, r)
         return rows
 
 
 # ------------------------------------------------------------------------------------------- helpers
+PWCA_QUERY_TILE = 256  # query rows of PWCA's probabilities held at once by pwca_attention (a memory bound)
+
+
 class _RecomputedQueryKey(Sequence[QueryKey]):
     """Queries and keys of the SA blocks, each recomputed (no grad) from its block input when indexed."""
 
