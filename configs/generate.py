@@ -192,7 +192,7 @@ eval:
 """
 
 
-# The two stages of `dcal demo` (dcal.demo), as recipes for `dcal train`; a test checks that they match it.
+# The two stages of `dcal demo` (dcal.demo loads these recipes by name), also recipes for `dcal train`.
 _DEMO_COMMON = """\
 data:
   dataset: synthetic

@@ -92,3 +92,72 @@ def test_the_core_packages_import_only_what_design_md_allows(package, allowed):
                 [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             found |= {n for n in names if n.startswith("dcal") and not n.startswith(f"dcal.{package}")}
     assert found <= allowed, sorted(found - allowed)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """dcal's modules and the dcal modules each imports at run time: at the top and inside functions alike (an
+    import deferred into a function still ties the two modules together), ``if TYPE_CHECKING:`` blocks aside."""
+    import ast
+
+    root = Path(dcal.__file__).parent.parent
+    modules = {}
+    for path in (root / "dcal").rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def target(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test)
+                for child in node.body for n in ast.walk(child)}
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dcal"):
+                found = [target(f"{node.module}.{a.name}") for a in node.names]
+            elif isinstance(node, ast.Import):
+                found = [target(a.name) for a in node.names if a.name.startswith("dcal")]
+            else:
+                continue
+            graph[name] |= {t for t in found if t and t != name and not name.startswith(f"{t}.")}
+    return graph
+
+
+def test_no_import_circles_counting_imports_inside_functions():
+    """No two dcal modules import each other, directly or through others, even where one import is deferred into a
+    function (issue 28: the layering must hold by construction, not by deferring imports). A package's own
+    ``__init__`` re-exporting its modules is not a circle."""
+    graph = _import_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not circles, circles

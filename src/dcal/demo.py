@@ -32,32 +32,9 @@ from dcal.config import load_config
 from dcal.pretrain import SA_ONLY
 from dcal.run_folder import RunLock, RunLockedError, check_output_dir, claim_folder, has_checkpoint
 
-# The embedded default: a 6-block, 96-dim ViT with 8x8 patches (64 tokens at 64x64), the same for both stages.
-DEMO_OVERRIDES = [
-    "data.dataset=synthetic",
-    "data.root=unused",
-    "data.resize=72",
-    "data.mean=[0.5,0.5,0.5]",
-    "data.std=[0.25,0.25,0.25]",
-    "data.synthetic_num_classes=6",
-    "data.synthetic_train_per_class=200",
-    "data.synthetic_test_per_class=50",
-    "data.synthetic_image_size=64",
-    "model.backbone=deit_tiny_patch16_224",
-    "model.img_size=64",
-    "model.pretrained=false",
-    "model.timm_kwargs={depth: 6, embed_dim: 96, num_heads: 3, patch_size: 8}",
-    "model.drop_path_rate=0.1",
-    "model.top_r=0.1",
-    "model.glca_blocks=1",
-    "model.pwca_blocks=6",
-    "train.epochs=8",
-    "train.batch_size=32",
-    "train.base_lr=0.008",
-    "train.warmup_epochs=1",
-    "train.workers=0",
-    "train.seed=0",
-]
+# The demo's two stages are the packaged recipes, loaded by name (configs/demo_pretrain.yaml, configs/demo.yaml):
+# a 6-block, 96-dim ViT with 8x8 patches (64 tokens at 64x64), the same for both stages.
+PRETRAIN_RECIPE, FINETUNE_RECIPE = "demo_pretrain", "demo"
 VARIANTS = ("sa_only", "dcal")
 PICTURE, SUMMARY = "rollout.png", "summary.json"
 DEMO_FILES = (PICTURE, SUMMARY)  # besides the runs: what --fresh removes
@@ -65,9 +42,9 @@ FRESH_HINT = "run `dcal demo --fresh` to replace the demo's runs (or choose anot
 
 
 def demo_pretrain_config(output_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """Stage 1's config: the demo ViT, SA-only, on the ``coarse`` task, writing to ``output_dir/pretrain``."""
-    return load_config(None, [*DEMO_OVERRIDES, *overrides, "data.synthetic_task=coarse", *SA_ONLY,
-                              f"output_dir={Path(output_dir) / 'pretrain'}"])
+    """Stage 1's config: the recipe ``demo_pretrain`` (the demo ViT, SA-only, on the ``coarse`` task), writing to
+    ``output_dir/pretrain``."""
+    return load_config(PRETRAIN_RECIPE, [*overrides, *SA_ONLY, f"output_dir={Path(output_dir) / 'pretrain'}"])
 
 
 def demo_config(output_dir: str | Path, variant: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
@@ -76,9 +53,9 @@ def demo_config(output_dir: str | Path, variant: str, overrides: list[str] | tup
     if variant not in VARIANTS:
         raise ValueError(f"demo variant must be one of {VARIANTS}, got {variant!r}")
     blocks = list(SA_ONLY) if variant == "sa_only" else []
-    return load_config(None, [*DEMO_OVERRIDES, *overrides, *blocks, "data.synthetic_task=mark",
-                              f"model.pretrained_file={Path(output_dir) / 'pretrain'}",
-                              f"output_dir={Path(output_dir) / variant}"])
+    return load_config(FINETUNE_RECIPE, [*overrides, *blocks, "model.pretrain=null",
+                                         f"model.pretrained_file={Path(output_dir) / 'pretrain'}",
+                                         f"output_dir={Path(output_dir) / variant}"])
 
 
 MADE_BY = "dcal demo"
