@@ -67,6 +67,11 @@ def test_search_ranks_evaluates_and_draws(embedded, tmp_path, capsys):
     for k in scores:
         assert metrics[k] == pytest.approx(reference[k], abs=1e-4), k
     assert 0.0 < metrics["mAP"] <= 100.0 and metrics["num_skipped_queries"] == 0
+    # dcal eval also answers "same person or not": TPR at three FPRs, their thresholds, the ROC picture
+    for tag in ("1e-2", "1e-3", "1e-4"):
+        assert 0.0 <= reference[f"tpr_at_fpr_{tag}"] <= 100.0 and reference[f"threshold_at_fpr_{tag}"] >= 0.0
+    with Image.open(run / "roc.png") as im:
+        assert im.size[0] > 300
     assert len(metrics["cmc"]) == 10 and metrics["cmc"][0] == metrics["rank1"] and metrics["cmc"][-1] == 100.0
 
     rows = list(csv.DictReader((out / "ranking.csv").open()))
@@ -146,3 +151,31 @@ def test_identities_of_real_market_names_match_the_dataset_reader(split):
     assert len(ids) >= len(data.paths)  # the reader drops junk (-1) images, which keep their pid here
     for path, pid, cam in zip(data.paths, data.pids, data.camids, strict=True):
         assert ids[str(path)] == (pid, cam), path
+
+
+def test_search_threshold_and_rerank(embedded, tmp_path, capsys):
+    _, _, feats = embedded
+    q, g = str(feats / "query.safetensors"), str(feats / "gallery.safetensors")
+    out = tmp_path / "plain"
+    assert main(["search", "--query", q, "--gallery", g, "--output-dir", str(out), "--num-vis", "0"]) == 0
+    rows = list(csv.DictReader((out / "ranking.csv").open()))
+    assert {r["in_gallery"] for r in rows} == {""}  # no threshold: no answer
+    best = {r["query"]: float(r["distance"]) for r in rows if r["rank"] == "1"}
+    ordered = sorted(best.values())
+    assert ordered[1] < ordered[2]
+    cut = (ordered[1] + ordered[2]) / 2  # the two nearest queries are in the gallery, the others not
+    out_t = tmp_path / "threshold"
+    assert main(["search", "--query", q, "--gallery", g, "--output-dir", str(out_t), "--num-vis", "0",
+                 "--threshold", repr(cut), "--chunk-size", "1"]) == 0
+    assert f"{len(best) - 2} of {len(best)} queries not in the gallery" in capsys.readouterr().out
+    rows_t = list(csv.DictReader((out_t / "ranking.csv").open()))
+    assert [(r["query"], r["gallery"]) for r in rows_t] == [(r["query"], r["gallery"]) for r in rows]
+    assert all(r["in_gallery"] == str(int(best[r["query"]] <= cut)) for r in rows_t)
+    # re-ranking: the neighbour graph and the dense matrices give the same ranking and numbers
+    results = {}
+    for method in ("graph", "dense"):
+        o = tmp_path / method
+        assert main(["search", "--query", q, "--gallery", g, "--output-dir", str(o), "--num-vis", "0",
+                     "--rerank", method]) == 0
+        results[method] = ((o / "ranking.csv").read_text(), json.loads((o / "metrics.json").read_text()))
+    assert results["graph"] == results["dense"]

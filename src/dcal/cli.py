@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dcal.vocabulary import FUSIONS, RETRIEVAL_METRICS
+from dcal.vocabulary import FUSIONS, RERANK_METHODS, RETRIEVAL_METRICS
 
 EPILOG = "Config keys are dotted (data.root=..., train.epochs=...); see configs/ and the README."
 
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[threads])
     _add_source(p)
     p.add_argument("--json", help="also write the metrics to this JSON file (default: printed only)")
+    p.add_argument("--roc", default=None,
+                   help="Re-ID: the ROC picture (same person or not: TPR against FPR over all query x gallery pairs) "
+                        "(default: <run>/roc.png, or ./roc.png with --checkpoint)")
 
     p = sub.add_parser("demo", help="pretrain a small ViT, fine-tune SA-only and DCAL on a generated fine-grained "
                        "set (CPU, minutes)", parents=[threads])
@@ -161,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distance between L2-normalised features (the same ranking; cosine reads 1 - cos)")
     p.add_argument("--save-gallery",
                    help="also save the gallery features here, to reuse them in later searches (default: not saved)")
+    p.add_argument("--rerank", default=None, choices=RERANK_METHODS,
+                   help="k-reciprocal re-ranking: on the sparse neighbour graph (bounded memory) or the dense "
+                        "N x N matrices; the same distances (default: none)")
+    p.add_argument("--chunk-size", type=_at_least_one, default=None,
+                   help="query x gallery distances held at once (default: from the free memory)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="a query whose best match is farther than this distance is 'not in the gallery' (the CSV's "
+                        "in_gallery column); 'dcal eval' reports thresholds for FPR 1e-2..1e-4 (default: none)")
     _add_embedding(p)
 
     p = sub.add_parser("export", help="export to ONNX (inference graph) and/or .safetensors (weights + config)",
@@ -222,17 +233,31 @@ def print_metrics(metrics: dict[str, Any]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> Any:
+    from dcal.checkpoint import atomic_write_text
     from dcal.engine import evaluate_checkpoint
     from dcal.run_folder import load_run
 
     loaded = load_run(args.run, args.checkpoint, args.overrides)
-    metrics = evaluate_checkpoint(loaded.cfg, loaded.model)
+    reid = loaded.cfg.task == "reid"
+    metrics = evaluate_checkpoint(loaded.cfg, loaded.model, roc=reid)
+    curve = metrics.pop("roc_curve", None)
     print_metrics(metrics)
     if args.json:
-        from dcal.checkpoint import atomic_write_text, json_text
+        from dcal.checkpoint import json_text
 
         atomic_write_text(args.json, json_text(metrics))
+    if curve is not None:
+        print(f"saved {_save_roc(args.roc or str(Path(args.run or '.') / 'roc.png'), curve, metrics)}")
     return metrics
+
+
+def _save_roc(path: str, curve: dict[str, list[float]], metrics: dict[str, Any]) -> Path:
+    from dcal.metrics.reid import ROC_FPRS, fpr_tag
+    from dcal.visualize import save_roc_figure
+
+    points = {f: (metrics[f"tpr_at_fpr_{fpr_tag(f)}"] / 100.0, metrics[f"threshold_at_fpr_{fpr_tag(f)}"])
+              for f in ROC_FPRS if f"tpr_at_fpr_{fpr_tag(f)}" in metrics}
+    return save_roc_figure(path, curve["fpr"], curve["tpr"], points)
 
 
 def cmd_demo(args: argparse.Namespace) -> Any:
@@ -352,7 +377,9 @@ def cmd_search(args: argparse.Namespace) -> Any:
     check_compatible(query, gallery)
     if args.save_gallery:
         print(f"saved gallery features to {gallery.save(args.save_gallery)}")
-    ranking = rank_gallery(query, gallery, topk=args.max_rank, metric=args.metric)
+    ranking = rank_gallery(query, gallery, topk=args.max_rank, metric=args.metric, rerank=args.rerank is not None,
+                           rerank_method=args.rerank or "graph", chunk_size=args.chunk_size,
+                           threshold=args.threshold)
     out = Path(args.output_dir)
     if not (ranking.order >= 0).any():
         raise ValueError(f"no query could be ranked: the protocol excludes every gallery image of --gallery "
@@ -366,6 +393,9 @@ def cmd_search(args: argparse.Namespace) -> Any:
             print_metrics(ranking.metrics)
     else:
         print("no evaluation: the file names of the query or gallery carry no pid/camid")
+    if ranking.in_gallery is not None:
+        away = int((~ranking.in_gallery).sum())
+        print(f"{away} of {len(query)} queries not in the gallery (best match farther than {args.threshold:g})")
     if args.num_vis:
         print(f"{len(pics)} ranking pictures in {out / 'visrank'}")
     return ranking

@@ -59,6 +59,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.fusion": vocab.FUSIONS,
     "eval.reid_feature": vocab.REID_FEATURES,
     "eval.metric": vocab.RETRIEVAL_METRICS,
+    "eval.rerank_method": vocab.RERANK_METHODS,
 }
 
 # A timm model name, optionally with a pretrained tag (``vit_base_patch16_224.augreg_in21k``): no ``hf-hub:`` /
@@ -221,6 +222,8 @@ class EvalConfig:
     flip: bool = False  # Re-ID: average the features of the image and its mirror
     metric: str = "euclidean"  # euclidean (on L2-normalised features) | cosine
     rerank: bool = False  # k-reciprocal re-ranking
+    rerank_method: str = "graph"  # graph (sparse neighbour graph, bounded memory) | dense (N x N matrices)
+    chunk_size: int | None = None  # Re-ID: distances held at once while evaluating; None = from free memory
     max_rank: int = 50  # CMC curve length
     batch_size: int | None = None  # None = train.batch_size
 
@@ -697,6 +700,8 @@ def validate(cfg: DictConfig) -> None:
         _fail("eval.max_rank", f"must be >= 1; got {e.max_rank}")
     if e.batch_size is not None and e.batch_size < 1:
         _fail("eval.batch_size", f"must be >= 1 or null; got {e.batch_size}")
+    if e.chunk_size is not None and e.chunk_size < 1:
+        _fail("eval.chunk_size", f"must be >= 1 or null; got {e.chunk_size}")
     if e.fusion != "sa" and m.glca_blocks == 0:
         _fail("eval.fusion", f"is {e.fusion!r} but model.glca_blocks=0 (no GLCA branch): use 'sa'")
 

@@ -5,7 +5,9 @@
   searched many times (``dcal embed``).
 * :func:`rank_gallery` – the top-k gallery items of each query by distance, with the protocol's exclusions when
   ids are known (:mod:`dcal.metrics.reid`: gallery items of the query's identity *and* camera, and junk pid -1, are
-  left out of the ranking, as in evaluation and in torchreid's ``visualize_ranked_results``).
+  left out of the ranking, as in evaluation and in torchreid's ``visualize_ranked_results``); the gallery is
+  streamed in blocks (top-k per block, merged), never one query x gallery matrix; optionally re-ranked
+  (k-reciprocal, :mod:`dcal.metrics.rerank`) and with a distance threshold that answers "not in the gallery".
 * :func:`ranking_csv` and :func:`save_ranking_pictures` (torchreid's visrank: the query, then the top-10, true
   matches framed green and false ones red).
 
@@ -33,7 +35,6 @@ from torch import Tensor
 from dcal.data.images import open_rgb, printable, safe_file_name
 from dcal.data.reid import FOLDER_CAMERA_PATTERN, MARKET_PATTERN, VERI_PATTERN
 from dcal.inference import LoadedModel, csv_text, list_images, run_batches
-from dcal.metrics.reid import compute_distance
 
 FEATURE_FORMAT = "dcal-features"
 
@@ -183,54 +184,57 @@ def check_compatible(a: FeatureSet, b: FeatureSet, what: str = "query and galler
 @dataclass
 class Ranking:
     """``order`` (Q, k): gallery indices of each query's top-k (-1 past the end of a short ranking), ``distance``
-    (Q, k), ``match`` (Q, k) bool (all False when ids are unknown), and ``metrics`` when ids are known."""
+    (Q, k), ``match`` (Q, k) bool (all False when ids are unknown), ``metrics`` when ids are known, and with a
+    ``threshold`` ``in_gallery`` (Q,) bool: the best match is at most ``threshold`` away."""
 
     order: np.ndarray
     distance: np.ndarray
     match: np.ndarray
     metrics: dict[str, Any] | None = None
+    threshold: float | None = None
+    in_gallery: np.ndarray | None = None
 
 
 def rank_gallery(query: FeatureSet, gallery: FeatureSet, topk: int = 50, metric: str = "euclidean",
-                 evaluate: bool = True) -> Ranking:
+                 evaluate: bool = True, rerank: bool = False, rerank_method: str = "graph",
+                 chunk_size: int | None = None, threshold: float | None = None) -> Ranking:
     """The ``topk`` nearest gallery items of every query (ties by gallery index), evaluated (mAP, CMC, mINP with
-    :func:`dcal.metrics.evaluate_reid`) when both sides carry ids."""
-    from dcal.metrics.reid import NoValidQueryError, evaluate_reid, reid_scores
+    :func:`dcal.metrics.eval_reid_features`' streaming evaluator) when both sides carry ids; the gallery is read
+    in blocks of about ``chunk_size`` distances. ``rerank``: k-reciprocal re-ranking (``rerank_method``:
+    ``graph`` or ``dense``, :func:`dcal.metrics.distance_source`). ``threshold``: a query whose best match is
+    farther than it is "not in the gallery" (``Ranking.in_gallery``)."""
+    from dcal.metrics.reid import NoValidQueryError, distance_source, evaluate_distances, nearest_gallery, reid_scores
 
-    dist = compute_distance(query.features, gallery.features, metric=metric)
-    ids = query.has_ids and gallery.has_ids
+    src = distance_source(query.features, gallery.features, metric=metric, rerank=rerank,
+                          rerank_method=rerank_method, chunk_size=chunk_size)
+    ids = (query.pids, gallery.pids, query.camids, gallery.camids) if query.has_ids and gallery.has_ids else None
     metrics = None
-    if ids:
-        qp, qc = np.asarray(query.pids)[:, None], np.asarray(query.camids)[:, None]
-        gp, gc = np.asarray(gallery.pids)[None], np.asarray(gallery.camids)[None]
-        if evaluate:
-            try:
-                with warnings.catch_warnings():  # a gallery shorter than 50 shortens the CMC: expected here
-                    warnings.simplefilter("ignore")
-                    res = evaluate_reid(dist, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=50)
-                # the keys and units (%) of dcal eval and metrics.jsonl, and the whole CMC curve (%)
-                metrics = {**reid_scores(res), "cmc": [100.0 * float(c) for c in res["cmc"]]}
-            except NoValidQueryError as e:
-                metrics = {"error": str(e)}
-        dist = np.where(((gp == qp) & (gc == qc)) | (gp == -1), np.inf, dist).astype(np.float32)
-    k = min(topk, len(gallery))
-    part = np.argpartition(dist, k - 1, axis=1)[:, :k] if k < dist.shape[1] else np.tile(np.arange(k), (len(dist), 1))
-    d = np.take_along_axis(dist, part, 1)
-    order = np.take_along_axis(part, np.lexsort((part, d), axis=1), 1)  # by distance, then gallery index
-    d = np.take_along_axis(dist, order, 1)
-    order = np.where(np.isinf(d), -1, order)
+    if ids is not None and evaluate:
+        try:
+            with warnings.catch_warnings():  # a gallery shorter than 50 shortens the CMC: expected here
+                warnings.simplefilter("ignore")
+                res = evaluate_distances(src, *ids, max_rank=50, chunk_size=chunk_size)
+            # the keys and units (%) of dcal eval and metrics.jsonl, and the whole CMC curve (%)
+            metrics = {**reid_scores(res), "cmc": [100.0 * float(c) for c in res["cmc"]]}
+        except NoValidQueryError as e:
+            metrics = {"error": str(e)}
+    order, d = nearest_gallery(src, topk, ids, chunk_size)
     match = np.zeros(order.shape, dtype=bool)
-    if ids:
+    if ids is not None:
         match = (np.asarray(gallery.pids)[order] == np.asarray(query.pids)[:, None]) & (order >= 0)
-    return Ranking(order, d, match, metrics)
+    in_gallery = None if threshold is None else d[:, 0] <= threshold
+    return Ranking(order, d, match, metrics, threshold, in_gallery)
 
 
 def ranking_csv(query: FeatureSet, gallery: FeatureSet, ranking: Ranking) -> str:
     """One row per (query, rank): ``query, query_pid, query_camid, rank, gallery, gallery_pid, gallery_camid,
-    distance, match`` (ids and match empty when unknown; names :func:`printable`, camids 0-based)."""
+    distance, match, in_gallery`` (ids and match empty when unknown; ``in_gallery`` 1 when the query's best match
+    is within the search's threshold, 0 when it is "not in the gallery", empty without a threshold; names
+    :func:`printable`, camids 0-based)."""
     rows: list[list[Any]] = [["query", "query_pid", "query_camid", "rank", "gallery", "gallery_pid",
-                              "gallery_camid", "distance", "match"]]
+                              "gallery_camid", "distance", "match", "in_gallery"]]
     ids = query.has_ids and gallery.has_ids
+    inside = [""] * len(query) if ranking.in_gallery is None else [int(v) for v in ranking.in_gallery]
     for q in range(len(query)):
         qid = [query.pids[q], query.camids[q]] if query.has_ids else ["", ""]
         for r, (g, d) in enumerate(zip(ranking.order[q], ranking.distance[q], strict=True), start=1):
@@ -238,7 +242,7 @@ def ranking_csv(query: FeatureSet, gallery: FeatureSet, ranking: Ranking) -> str
                 break
             gid = [gallery.pids[g], gallery.camids[g]] if gallery.has_ids else ["", ""]
             rows.append([printable(query.paths[q]), *qid, r, printable(gallery.paths[g]), *gid, f"{d:.6f}",
-                         int(ranking.match[q, r - 1]) if ids else ""])
+                         int(ranking.match[q, r - 1]) if ids else "", inside[q]])
     return csv_text(rows)
 
 

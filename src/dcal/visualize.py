@@ -222,3 +222,26 @@ def is_dcal_picture(path: str | Path) -> bool:
             return im.format == "PNG" and getattr(im, "text", {}).get("Software") == PNG_SOFTWARE
     except (OSError, UnidentifiedImageError, ValueError):
         return False
+
+
+def save_roc_figure(path: str | Path, fpr: Sequence[float], tpr: Sequence[float],
+                    points: dict[float, tuple[float, float]], title: str = "same person or not") -> Path:
+    """The ROC of a Re-ID evaluation (TPR against FPR on a log axis) with the operating points ``points``
+    (target FPR -> (TPR, distance threshold)) marked and labelled."""
+    fig, axes = new_figure(1, 1, (5.5, 4.2))
+    ax = axes[0, 0]
+    fpr_a, tpr_a = np.asarray(fpr, float), np.asarray(tpr, float)
+    keep = fpr_a > 0
+    ax.plot(fpr_a[keep], tpr_a[keep], color="tab:blue")
+    for target, (t, thr) in points.items():
+        ax.plot([target], [t], "o", color="tab:red")
+        ax.annotate(f"FPR {target:g}: TPR {100 * t:.1f}%, d <= {thr:.4g}", (target, t), textcoords="offset points",
+                    xytext=(6, -12), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlim(min([1e-5, *points]) / 2, 1.0)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positive rate (pairs of different identities)")
+    ax.set_ylabel("true positive rate (same identity, other camera)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    return save_figure(fig, path)

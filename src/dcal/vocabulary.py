@@ -34,6 +34,8 @@ SCHEDULERS = ("cosine", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")  # train.device (the commands' --device also takes cuda:N, mps)
 REID_FEATURES = ("before_bn", "after_bn")
 RETRIEVAL_METRICS = ("euclidean", "cosine")  # eval.metric, dcal search --metric
+# eval.rerank_method, dcal search --rerank: k-reciprocal re-ranking on the sparse neighbour graph | dense matrices
+RERANK_METHODS = ("graph", "dense")
 # the scores an epoch record carries; the first one picks the best checkpoint
 SCORE_KEYS = {"fgvc": ("top1", "top1_sa", "top1_glca"), "reid": ("mAP", "rank1", "mINP")}
 BEST_METRIC = {task: keys[0] for task, keys in SCORE_KEYS.items()}

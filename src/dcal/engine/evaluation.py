@@ -93,10 +93,12 @@ def _gathered_features(model: DCAL, dataset: Dataset, device: torch.device, cfg:
 
 
 def evaluate_reid_model(
-    model: DCAL, query: Dataset, gallery: Dataset, device: torch.device, cfg: DictConfig
+    model: DCAL, query: Dataset, gallery: Dataset, device: torch.device, cfg: DictConfig, roc: bool = False
 ) -> dict[str, Any]:
-    """mAP, CMC rank-1/5/10 and mINP under the standard protocol (``dcal.metrics.evaluate_reid``); features
-    are extracted by every process and scored on rank 0 (the result is the same on every process)."""
+    """mAP, CMC rank-1/5/10 and mINP under the standard protocol (``dcal.metrics.eval_reid_features``: the
+    gallery streamed in blocks of ``eval.chunk_size`` distances); features are extracted by every process and
+    scored on rank 0 (the result is the same on every process). ``roc``: also the TPR at FPR 1e-2/1e-3/1e-4 with
+    their distance thresholds, and the curve under ``roc_curve`` (``fpr``, ``tpr`` lists)."""
     from dcal.metrics import eval_reid_features, reid_scores
 
     qf, q_pids, q_cams, q_bad = _gathered_features(model, query, device, cfg)
@@ -104,27 +106,33 @@ def evaluate_reid_model(
     out: dict[str, Any] | None = None
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         res = eval_reid_features(qf, gf, q_pids.numpy(), g_pids.numpy(), q_cams.numpy(), g_cams.numpy(),
-                                 metric=cfg.eval.metric, rerank=cfg.eval.rerank, max_rank=cfg.eval.max_rank)
+                                 metric=cfg.eval.metric, rerank=cfg.eval.rerank, max_rank=cfg.eval.max_rank,
+                                 rerank_method=cfg.eval.rerank_method, chunk_size=cfg.eval.chunk_size, roc=roc)
         out = reid_scores(res)
+        if roc:
+            out["roc_curve"] = {"fpr": res["roc"]["curve_fpr"].tolist(), "tpr": res["roc"]["curve_tpr"].tolist()}
         if q_bad + g_bad:
             out["eval_bad_images"] = q_bad + g_bad
     return broadcast_object(out)
 
 
-def evaluate(model: DCAL, sets: dict[str, Dataset], device: torch.device, cfg: DictConfig) -> dict[str, Any]:
+def evaluate(model: DCAL, sets: dict[str, Dataset], device: torch.device, cfg: DictConfig,
+             roc: bool = False) -> dict[str, Any]:
     """The scores and, with them, what the cross-attentions do (:mod:`dcal.mechanism`: mark hits of the
-    selections on the generated set, PWCA's distractor share on the first test / query images)."""
+    selections on the generated set, PWCA's distractor share on the first test / query images); ``roc``: Re-ID's
+    same-person-or-not numbers too (:func:`evaluate_reid_model`)."""
     if cfg.task == "fgvc":
         return {**evaluate_fgvc(model, eval_loader(cfg, sets["test"]), device, cfg),
                 **evaluate_mechanism(model, sets["test"], device, cfg)}
-    return {**evaluate_reid_model(model, sets["query"], sets["gallery"], device, cfg),
+    return {**evaluate_reid_model(model, sets["query"], sets["gallery"], device, cfg, roc=roc),
             **evaluate_mechanism(model, sets["query"], device, cfg)}
 
 
 # --------------------------------------------------------------------------------------------- eval only
-def evaluate_checkpoint(cfg: DictConfig, model: DCAL) -> dict[str, Any]:
-    """The scores of a loaded model (:func:`dcal.run_folder.load_run`) on its config's evaluation split(s)."""
+def evaluate_checkpoint(cfg: DictConfig, model: DCAL, roc: bool = False) -> dict[str, Any]:
+    """The scores of a loaded model (:func:`dcal.run_folder.load_run`) on its config's evaluation split(s);
+    ``roc`` as in :func:`evaluate`."""
     device = pick_device(cfg.train.device, "train.device")
     model.to(device)
     sets = build_datasets(cfg, train=False)
-    return evaluate(model, sets, device, cfg)
+    return evaluate(model, sets, device, cfg, roc=roc)

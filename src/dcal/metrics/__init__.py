@@ -3,8 +3,10 @@
 from dcal.metrics.reid import (  # noqa: F401
     NoValidQueryError,
     compute_distance,
+    distance_source,
     eval_reid_features,
     evaluate_reid,
-    re_ranking,
+    nearest_gallery,
     reid_scores,
 )
+from dcal.metrics.rerank import RerankedDistances, re_ranking  # noqa: F401

@@ -32,14 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import sparse
 
 __all__ = [
     "NoValidQueryError",
+    "FeatureDistances",
     "compute_distance",
+    "distance_source",
+    "evaluate_distances",
     "evaluate_reid",
-    "re_ranking",
     "eval_reid_features",
+    "nearest_gallery",
     "reid_scores",
 ]
 
@@ -66,53 +68,134 @@ def _ids(x: Any, n: int, what: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- distance
+# Every distance dcal computes comes from one canonical tile: query rows [i*TILE_ROWS, (i+1)*TILE_ROWS) x gallery
+# rows [j*TILE_COLS, (j+1)*TILE_COLS). BLAS results depend on the shape of the call (MKL rounds a 7-column
+# product differently from the same columns inside a 4096-column one), so the dense matrix and the streamed blocks
+# are equal to the bit only because both are assembled from the same tiles, computed by the same calls.
+TILE_ROWS = 256
+TILE_COLS = 4096
+
+
+def _features(x: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
+    t = torch.as_tensor(x).detach()
+    if t.ndim != 2:
+        raise ValueError(f"{what} must be (N, D), got shape {tuple(t.shape)}")
+    return t
+
+
+def _prepare(x: torch.Tensor, metric: str, normalize: bool, device: torch.device) -> torch.Tensor:
+    x = x.to(device).float()
+    return F.normalize(x, dim=1) if normalize or metric == "cosine" else x
+
+
+def _distance_tile(q: torch.Tensor, g: torch.Tensor, metric: str) -> torch.Tensor:
+    """float32 distances of prepared (rows, D) x (cols, D) features: the formula, in one place."""
+    if metric == "cosine":
+        d = torch.mm(q, g.t())
+        return d.neg_().add_(1.0)
+    d = torch.addmm((g * g).sum(1).unsqueeze(0).expand(len(q), -1), q, g.t(), beta=1.0, alpha=-2.0)
+    d.add_((q * q).sum(1).unsqueeze(1)).clamp_(min=0.0)
+    return d.sqrt_() if metric == "euclidean" else d
+
+
+class FeatureDistances:
+    """The query x gallery distances of two feature sets, computed on demand in canonical tiles (``block``): the
+    source both the dense matrix (:func:`compute_distance`) and the streaming evaluator read."""
+
+    def __init__(self, query_features: Any, gallery_features: Any, metric: str = "euclidean",
+                 normalize: bool = True) -> None:
+        if metric not in DISTANCE_METRICS:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {DISTANCE_METRICS}")
+        self.q = _features(query_features, "query features")
+        self.g = _features(gallery_features, "gallery features")
+        if self.q.shape[1] != self.g.shape[1]:
+            raise ValueError(f"features must be (Q, D) and (G, D), got {tuple(self.q.shape)} and "
+                             f"{tuple(self.g.shape)}")
+        self.metric, self.normalize = metric, normalize
+        self.device = self.q.device
+        self.nq, self.ng = len(self.q), len(self.g)
+
+    def check_finite(self) -> None:
+        """One line naming the first non-finite feature row (it would make every distance of its row NaN)."""
+        for what, x in (("query", self.q), ("gallery", self.g)):
+            for a in range(0, len(x), 65536):
+                bad = ~torch.isfinite(x[a : a + 65536].float()).all(1)
+                if bad.any():
+                    raise ValueError(f"{what} features hold NaN or inf (row {a + int(bad.nonzero()[0])})")
+
+    def block(self, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+        """float32 distances of query rows ``rows`` x gallery items ``cols`` (both ``(start, stop)``, starting on
+        a tile boundary and ending on one or at the end)."""
+        (r0, r1), (c0, c1) = rows, cols
+        if r0 % TILE_ROWS or c0 % TILE_COLS or (r1 % TILE_ROWS and r1 != self.nq) or \
+                (c1 % TILE_COLS and c1 != self.ng):
+            raise ValueError(f"block {rows} x {cols} does not follow the {TILE_ROWS} x {TILE_COLS} tiles")
+        out = np.empty((r1 - r0, c1 - c0), np.float32) if out is None else out
+        for c in range(c0, c1, TILE_COLS):
+            e = min(c + TILE_COLS, c1)
+            g = _prepare(self.g[c:e], self.metric, self.normalize, self.device)
+            for a in range(r0, r1, TILE_ROWS):
+                b = min(a + TILE_ROWS, r1)
+                q = _prepare(self.q[a:b], self.metric, self.normalize, self.device)
+                out[a - r0 : b - r0, c - c0 : e - c0] = _distance_tile(q, g, self.metric).cpu().numpy()
+        return out
+
+
 def compute_distance(
     query_features: torch.Tensor | np.ndarray,
     gallery_features: torch.Tensor | np.ndarray,
     metric: str = "euclidean",
     normalize: bool = True,
-    chunk_size: int = 4096,
     as_numpy: bool = True,
 ) -> np.ndarray | torch.Tensor:
     """Query x gallery distance matrix, float32, on the CPU.
 
     Args:
-        query_features, gallery_features: ``(Q, D)`` and ``(G, D)`` features (any device; computed there in
-            float32, ``chunk_size`` query rows at a time, and gathered on the CPU).
+        query_features, gallery_features: ``(Q, D)`` and ``(G, D)`` features (any device and float dtype; computed
+            there in float32, tile by tile (``TILE_ROWS`` x ``TILE_COLS``), and gathered on the CPU).
         metric: ``"euclidean"`` (default) ``||q - g||``; ``"sqeuclidean"`` ``||q - g||^2`` (what torchreid's
             and TransReID's ``euclidean`` return; same ranking); ``"cosine"`` ``1 - cos(q, g)``.
         normalize: L2-normalise the features first (the default, the project's re-id distance). Ignored by
             ``"cosine"``, which is scale-free.
         as_numpy: return a numpy array (default) or a CPU torch tensor (sharing memory).
     """
-    if metric not in DISTANCE_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {DISTANCE_METRICS}")
-    q = torch.as_tensor(query_features).detach().float()
-    g = torch.as_tensor(gallery_features).detach().float().to(q.device)
-    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
-        raise ValueError(f"features must be (Q, D) and (G, D), got {tuple(q.shape)} and {tuple(g.shape)}")
-    if normalize or metric == "cosine":
-        q = F.normalize(q, dim=1)
-        g = F.normalize(g, dim=1)
-    out = torch.empty((q.shape[0], g.shape[0]), dtype=torch.float32)
-    gt = g.t()
-    g2 = (g * g).sum(1).unsqueeze(0) if metric != "cosine" else None
-    q2 = (q * q).sum(1) if metric != "cosine" else None
-    on_cpu = q.device.type == "cpu"
-    for a in range(0, q.shape[0], max(1, int(chunk_size))):
-        b = min(a + max(1, int(chunk_size)), q.shape[0])
-        d = out[a:b] if on_cpu else torch.empty((b - a, g.shape[0]), device=q.device)
-        if metric == "cosine":
-            torch.mm(q[a:b], gt, out=d)
-            d.neg_().add_(1.0)
-        else:
-            torch.addmm(g2.expand(b - a, -1), q[a:b], gt, beta=1.0, alpha=-2.0, out=d)
-            d.add_(q2[a:b].unsqueeze(1)).clamp_(min=0.0)
-            if metric == "euclidean":
-                d.sqrt_()
-        if not on_cpu:
-            out[a:b].copy_(d)
-    return out.numpy() if as_numpy else out
+    src = FeatureDistances(query_features, gallery_features, metric, normalize)
+    out = src.block((0, src.nq), (0, src.ng))
+    return out if as_numpy else torch.from_numpy(out)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; else free pages; else 4 GiB)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+BYTES_PER_DISTANCE = 40  # the streaming evaluator's working memory per distance of a block (float, keys, counts)
+
+
+def default_chunk_size() -> int:
+    """Distances per streamed block: a quarter of the available memory, at most 1 GiB of working memory, at least
+    one tile."""
+    budget = min(available_memory() // 4, 1 << 30)
+    return max(TILE_ROWS * TILE_COLS, budget // BYTES_PER_DISTANCE)
+
+
+def _block_shape(nq: int, ng: int, chunk_size: int | None) -> tuple[int, int]:
+    """(query rows, gallery columns) of a streamed block: whole tiles, about ``chunk_size`` distances."""
+    size = default_chunk_size() if chunk_size is None else max(1, int(chunk_size))
+    up = lambda n, t: max(t, -(-n // t) * t)  # noqa: E731
+    rows = min(up(nq, TILE_ROWS), max(TILE_ROWS, size // TILE_COLS // TILE_ROWS * TILE_ROWS))
+    cols = min(up(ng, TILE_COLS), max(TILE_COLS, size // rows // TILE_COLS * TILE_COLS))
+    return rows, cols
 
 
 # ------------------------------------------------------------------------------------------ sort keys
@@ -141,13 +224,33 @@ def _exact_in_float32(chunk: np.ndarray, buf32: np.ndarray) -> bool:
     return True
 
 
+def _sortable(values32: np.ndarray) -> np.ndarray:
+    """int32 image of float32 values (no ``-0.0``, no NaN) with the same order."""
+    bits = values32.view(np.int32)
+    return np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)
+
+
+def _unsortable(ints: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_sortable`."""
+    ints = np.asarray(ints, np.int32)
+    return np.where(ints < 0, ints ^ np.int32(0x7FFFFFFF), ints).view(np.float32)
+
+
+def _keys(values32: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(distance, gallery index) keys of single values, as :func:`_fill_keys` makes them for a block."""
+    return (_sortable(values32).astype(np.int64) << 32) | cols
+
+
 # ------------------------------------------------------------------------------------------- evaluate
-class _Evaluator:
-    def __init__(self, distmat: np.ndarray, q_pids, g_pids, q_camids, g_camids) -> None:
-        self.d = distmat
-        nq, ng = distmat.shape
+class _Groups:
+    """The protocol's bookkeeping: for each query, the gallery items of its identity (junk removed), in gallery
+    order; those under another camera are its true matches, those under its camera are removed."""
+
+    def __init__(self, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray, g_camids: np.ndarray) -> None:
+        nq, ng = len(q_pids), len(g_pids)
         self.q_pids, self.q_cams = q_pids, q_camids
         self.g_pids, self.g_cams = g_pids, g_camids
+        self.ng = ng
         self.junk = np.flatnonzero(g_pids == -1)
         keep = np.flatnonzero(g_pids != -1)
         self.keep = keep
@@ -160,34 +263,10 @@ class _Evaluator:
         found = (upids[gi] == q_pids) if len(upids) else np.zeros(nq, bool)
         self.q_start = np.where(found, starts[gi] if len(upids) else 0, 0)
         self.q_count = np.where(found, counts[gi] if len(upids) else 0, 0)
-        self.col_index = np.arange(ng, dtype=np.int64)
 
-    def positions_fast(self, chunk32: np.ndarray, cols: np.ndarray, inmask: np.ndarray,
-                       keys: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-        """Rank (0-based, among non-junk gallery items, stable) of the gallery items ``cols`` per row."""
-        _fill_keys(chunk32, keys, scratch, self.col_index)
-        if len(self.junk):
-            keys[:, self.junk] = _KEY_PAD
-        rows = np.arange(len(keys))[:, None]
-        kg = keys[rows, cols]
-        kg[~inmask] = _KEY_PAD
-        keys.sort(axis=1)
-        return torch.searchsorted(torch.from_numpy(keys), torch.from_numpy(kg)).numpy()
-
-    def positions_stable(self, chunk: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """Same as ``positions_fast`` by a stable argsort (for distances float32 cannot hold exactly)."""
-        sub = chunk[:, self.keep] if len(self.junk) else chunk
-        order = np.argsort(sub, axis=1, kind="stable")
-        inv = np.empty_like(order)
-        np.put_along_axis(inv, order, np.arange(sub.shape[1])[None, :], axis=1)
-        kept_index = np.full(self.d.shape[1], 0, dtype=np.int64)
-        kept_index[self.keep] = np.arange(self.num_g)
-        return np.take_along_axis(inv, kept_index[cols], axis=1)
-
-    def run_chunk(self, a: int, b: int, bufs: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
-        chunk = self.d[a:b]
-        if chunk.dtype.kind == "f" and np.isnan(chunk).any():
-            raise ValueError(f"the distance matrix holds NaN (query rows {a}..{b - 1})")
+    def same_identity(self, a: int, b: int) -> tuple[np.ndarray, ...]:
+        """For queries a..b-1: ``cols`` (n, W) gallery items of the query's identity (padded), ``inmask`` (the
+        real ones), ``is_match`` (another camera) and ``is_inval`` (the query's camera: removed)."""
         n = b - a
         count = self.q_count[a:b]
         width = max(int(count.max()) if n else 0, 1)
@@ -196,33 +275,115 @@ class _Evaluator:
         cols = self.order[np.minimum(self.q_start[a:b, None] + ar[None, :], max(len(self.order) - 1, 0))] \
             if len(self.order) else np.zeros((n, width), np.int64)
         same_cam = self.g_cams[cols] == self.q_cams[a:b, None]
-        is_match = inmask & ~same_cam
-        is_inval = inmask & same_cam
+        return cols, inmask, inmask & ~same_cam, inmask & same_cam
+
+
+def _scores(pos: np.ndarray, inmask: np.ndarray, is_match: np.ndarray, is_inval: np.ndarray, ng: int
+            ) -> tuple[np.ndarray, ...]:
+    """AP, INP, valid, first-hit position and the matches' positions, from ``pos``: each same-identity item's
+    0-based position among the non-junk gallery items (stable order)."""
+    ar = np.arange(pos.shape[1])
+    pos = np.where(inmask, pos, ng + ar[None, :])  # padding sorts last
+    srt = np.argsort(pos, axis=1)
+    pos = np.take_along_axis(pos, srt, axis=1)
+    is_match = np.take_along_axis(is_match, srt, axis=1)
+    is_inval = np.take_along_axis(is_inval, srt, axis=1)
+    inval_before = np.cumsum(is_inval, axis=1) - is_inval
+    vpos = pos - inval_before  # 0-based position in the query's filtered ranking
+    k = np.cumsum(is_match, axis=1)  # 1-based rank of each true match among the true matches
+    nrel = is_match.sum(1)
+    valid = nrel > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        prec = np.where(is_match, k / (vpos + 1.0), 0.0)
+        ap = prec.sum(1) / nrel
+        last = np.where(is_match, vpos, -1).max(1)
+        inp = nrel / (last + 1.0)
+    first = np.where(is_match, vpos, np.iinfo(np.int64).max).min(1)
+    return np.where(valid, ap, 0.0), np.where(valid, inp, 0.0), valid, first, vpos[is_match], nrel
+
+
+class _Dense:
+    """Positions by sorting each query's whole row of a distance matrix (:func:`evaluate_reid`)."""
+
+    def __init__(self, distmat: np.ndarray, groups: _Groups) -> None:
+        self.d, self.gr = distmat, groups
+        self.col_index = np.arange(distmat.shape[1], dtype=np.int64)
+
+    def positions_fast(self, chunk32: np.ndarray, cols: np.ndarray, inmask: np.ndarray,
+                       keys: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """Rank (0-based, among non-junk gallery items, stable) of the gallery items ``cols`` per row."""
+        _fill_keys(chunk32, keys, scratch, self.col_index)
+        if len(self.gr.junk):
+            keys[:, self.gr.junk] = _KEY_PAD
+        rows = np.arange(len(keys))[:, None]
+        kg = keys[rows, cols]
+        kg[~inmask] = _KEY_PAD
+        keys.sort(axis=1)
+        return torch.searchsorted(torch.from_numpy(keys), torch.from_numpy(kg)).numpy()
+
+    def positions_stable(self, chunk: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Same as ``positions_fast`` by a stable argsort (for distances float32 cannot hold exactly)."""
+        sub = chunk[:, self.gr.keep] if len(self.gr.junk) else chunk
+        order = np.argsort(sub, axis=1, kind="stable")
+        inv = np.empty_like(order)
+        np.put_along_axis(inv, order, np.arange(sub.shape[1])[None, :], axis=1)
+        kept_index = np.full(self.d.shape[1], 0, dtype=np.int64)
+        kept_index[self.gr.keep] = np.arange(self.gr.num_g)
+        return np.take_along_axis(inv, kept_index[cols], axis=1)
+
+    def run_chunk(self, a: int, b: int, bufs: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        chunk = self.d[a:b]
+        if chunk.dtype.kind == "f" and np.isnan(chunk).any():
+            raise ValueError(f"the distance matrix holds NaN (query rows {a}..{b - 1})")
+        n = b - a
+        cols, inmask, is_match, is_inval = self.gr.same_identity(a, b)
         if not is_match.any():
-            z = np.zeros(n)
-            return z, z, np.zeros(n, bool), np.zeros(n, np.int64)
-        buf32 = bufs["f32"][:n]
-        if _exact_in_float32(chunk, buf32):
-            pos = self.positions_fast(buf32, cols, inmask, bufs["keys"][:n], bufs["i32"][:n])
+            pos = np.zeros(cols.shape, np.int64)
         else:
-            pos = self.positions_stable(chunk, cols)
-        pos = np.where(inmask, pos, self.d.shape[1] + ar[None, :])  # padding sorts last
-        srt = np.argsort(pos, axis=1)
-        pos = np.take_along_axis(pos, srt, axis=1)
-        is_match = np.take_along_axis(is_match, srt, axis=1)
-        is_inval = np.take_along_axis(is_inval, srt, axis=1)
-        inval_before = np.cumsum(is_inval, axis=1) - is_inval
-        vpos = pos - inval_before  # 0-based position in the query's filtered ranking
-        k = np.cumsum(is_match, axis=1)  # 1-based rank of each true match among the true matches
-        nrel = is_match.sum(1)
-        valid = nrel > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            prec = np.where(is_match, k / (vpos + 1.0), 0.0)
-            ap = prec.sum(1) / nrel
-            last = np.where(is_match, vpos, -1).max(1)
-            inp = nrel / (last + 1.0)
-        first = np.where(is_match, vpos, np.iinfo(np.int64).max).min(1)
-        return np.where(valid, ap, 0.0), np.where(valid, inp, 0.0), valid, first
+            buf32 = bufs["f32"][:n]
+            if _exact_in_float32(chunk, buf32):
+                pos = self.positions_fast(buf32, cols, inmask, bufs["keys"][:n], bufs["i32"][:n])
+            else:
+                pos = self.positions_stable(chunk, cols)
+        return _scores(pos, inmask, is_match, is_inval, self.d.shape[1])
+
+
+def _check_ids(nq: int, ng: int, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any) -> _Groups:
+    return _Groups(_ids(q_pids, nq, "q_pids"), _ids(g_pids, ng, "g_pids"), _ids(q_camids, nq, "q_camids"),
+                   _ids(g_camids, ng, "g_camids"))
+
+
+def _max_rank(groups: _Groups, max_rank: int) -> int:
+    if groups.num_g == 0:
+        raise NoValidQueryError("the gallery is empty (or only junk, pid -1)")
+    if groups.num_g < max_rank:
+        warnings.warn(f"gallery has only {groups.num_g} items; max_rank lowered to {groups.num_g}", stacklevel=3)
+        max_rank = groups.num_g
+    return max_rank
+
+
+def _summary(ap: np.ndarray, inp: np.ndarray, valid: np.ndarray, first: np.ndarray, max_rank: int,
+             ranks: list[np.ndarray] | None, nrel: np.ndarray | None) -> dict[str, Any]:
+    nq = len(ap)
+    num_valid = int(valid.sum())
+    if num_valid == 0:
+        raise NoValidQueryError(
+            f"none of the {nq} queries has a true match in the gallery under another camera "
+            "(do query and gallery come from the same dataset?)"
+        )
+    hits = np.bincount(first[valid & (first < max_rank)], minlength=max_rank)[:max_rank]
+    cmc = np.cumsum(hits).astype(np.float32) / np.float32(num_valid)
+    out = {
+        "cmc": cmc,
+        "mAP": float(np.mean(ap[valid])),
+        "mINP": float(np.mean(inp[valid])),
+        "num_valid_queries": num_valid,
+        "num_skipped_queries": nq - num_valid,
+    }
+    if ranks is not None:
+        out["match_ranks"] = np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+        out["num_matches"] = nrel
+    return out
 
 
 def evaluate_reid(
@@ -234,8 +395,11 @@ def evaluate_reid(
     max_rank: int = 50,
     chunk_size: int | None = None,
     num_threads: int | None = None,
+    return_ranks: bool = False,
 ) -> dict[str, Any]:
     """CMC, mAP and mINP of a query x gallery distance matrix under the Market-1501 protocol (module doc).
+
+    For features, :func:`eval_reid_features` evaluates the same way without ever holding the matrix.
 
     Args:
         distmat: ``(Q, G)`` distances (numpy or torch; float32 is the fast path; float64 values that float32
@@ -245,6 +409,8 @@ def evaluate_reid(
             items when that is smaller, as torchreid does). Does not affect mAP/mINP.
         chunk_size: queries per chunk (default: ~16 MB of sort keys per chunk and thread).
         num_threads: worker threads over chunks (default: ``min(torch.get_num_threads(), os.cpu_count())``).
+        return_ranks: also return ``match_ranks`` (the 0-based position of every true match in its query's
+            filtered ranking, query by query, ascending) and ``num_matches`` (true matches per query).
 
     Returns:
         ``cmc`` (float32 array of length ``max_rank``, as torchreid's), ``mAP``, ``mINP`` (floats in [0, 1]),
@@ -257,16 +423,9 @@ def evaluate_reid(
     if d.ndim != 2:
         raise ValueError(f"distmat must be (num_query, num_gallery), got shape {d.shape}")
     nq, ng = d.shape
-    q_pids = _ids(q_pids, nq, "q_pids")
-    q_camids = _ids(q_camids, nq, "q_camids")
-    g_pids = _ids(g_pids, ng, "g_pids")
-    g_camids = _ids(g_camids, ng, "g_camids")
-    ev = _Evaluator(d, q_pids, g_pids, q_camids, g_camids)
-    if ev.num_g == 0:
-        raise NoValidQueryError("the gallery is empty (or only junk, pid -1)")
-    if ev.num_g < max_rank:
-        warnings.warn(f"gallery has only {ev.num_g} items; max_rank lowered to {ev.num_g}", stacklevel=2)
-        max_rank = ev.num_g
+    groups = _check_ids(nq, ng, q_pids, g_pids, q_camids, g_camids)
+    max_rank = _max_rank(groups, max_rank)
+    ev = _Dense(d, groups)
     if chunk_size is None:
         chunk_size = max(1, (16 << 20) // (8 * max(ng, 1)))
     chunk_size = max(1, int(chunk_size))
@@ -280,6 +439,8 @@ def evaluate_reid(
     inp = np.zeros(nq)
     valid = np.zeros(nq, dtype=bool)
     first = np.zeros(nq, dtype=np.int64)
+    nrel = np.zeros(nq, dtype=np.int64)
+    ranks: dict[int, np.ndarray] = {}
 
     def work(worker: int) -> None:
         bufs = {
@@ -288,7 +449,7 @@ def evaluate_reid(
             "keys": np.empty((rows, ng), np.int64),
         }
         for a, b in bounds[worker::num_threads]:
-            ap[a:b], inp[a:b], valid[a:b], first[a:b] = ev.run_chunk(a, b, bufs)
+            ap[a:b], inp[a:b], valid[a:b], first[a:b], ranks[a], nrel[a:b] = ev.run_chunk(a, b, bufs)
 
     if num_threads == 1:
         work(0)
@@ -296,164 +457,279 @@ def evaluate_reid(
         with ThreadPoolExecutor(num_threads) as pool:
             for f in [pool.submit(work, w) for w in range(num_threads)]:
                 f.result()
+    return _summary(ap, inp, valid, first, max_rank, [ranks[a] for a, _ in bounds] if return_ranks else None,
+                    nrel if return_ranks else None)
 
-    num_valid = int(valid.sum())
-    if num_valid == 0:
-        raise NoValidQueryError(
-            f"none of the {nq} queries has a true match in the gallery under another camera "
-            "(do query and gallery come from the same dataset?)"
-        )
-    hits = np.bincount(first[valid & (first < max_rank)], minlength=max_rank)[:max_rank]
-    cmc = np.cumsum(hits).astype(np.float32) / np.float32(num_valid)
-    return {
-        "cmc": cmc,
-        "mAP": float(np.mean(ap[valid])),
-        "mINP": float(np.mean(inp[valid])),
-        "num_valid_queries": num_valid,
-        "num_skipped_queries": nq - num_valid,
-    }
+
+# ------------------------------------------------------------------------------------------- streaming
+class _Stream:
+    """Exact positions without the matrix: a query's true match has position = the number of non-junk gallery
+    items whose (distance, index) key is smaller, counted block by block. Pass 1 reads the keys of each query's
+    same-identity items from the tiles that hold them; pass 2 streams every block once and counts, for each
+    query, how many keys fall below each of those (a batched binary search into the query's few sorted keys and
+    a histogram); the pair counts for the ROC come out of the same pass."""
+
+    def __init__(self, src: Any, groups: _Groups, chunk_size: int | None, roc: bool) -> None:
+        self.src, self.gr = src, groups
+        self.rows, self.cols = _block_shape(src.nq, src.ng, chunk_size)
+        self.junk = np.zeros(src.ng, bool)
+        self.junk[groups.junk] = True
+        self.roc = roc
+        self.neg_hist = np.zeros(1 << 16, np.int64)  # pairs by the top 16 bits of their sortable distance
+
+    def _key_block(self, a: int, b: int, c0: int, c1: int) -> np.ndarray:
+        return _block_keys(self.src, a, b, c0, c1, self.junk)
+
+    def same_identity_keys(self, a: int, b: int, cols: np.ndarray, inmask: np.ndarray) -> np.ndarray:
+        """Pass 1: the keys of ``cols`` (padding: the largest key), read from the blocks that hold them."""
+        mk = np.full(cols.shape, _KEY_PAD, np.int64)
+        block_of = cols // self.cols
+        for t in np.unique(block_of[inmask]):
+            c0 = int(t) * self.cols
+            keys = self._key_block(a, b, c0, min(c0 + self.cols, self.src.ng))
+            ri, sj = np.nonzero(inmask & (block_of == t))
+            mk[ri, sj] = keys[ri, cols[ri, sj] - c0]
+        return mk
+
+    def count_below(self, a: int, b: int, mk: np.ndarray) -> np.ndarray:
+        """Pass 2: for each (query, slot) the number of non-junk gallery keys below ``mk``; ROC histogram."""
+        n, width = mk.shape
+        srt = np.argsort(mk, axis=1)
+        sk = np.take_along_axis(mk, srt, axis=1)
+        sk_t = torch.from_numpy(sk)
+        # only keys below a query's last real key can count for one of its real slots
+        real = sk != _KEY_PAD
+        top = np.where(real.any(1), np.where(real, sk, np.iinfo(np.int64).min).max(1), np.iinfo(np.int64).min)
+        bins = width + 1
+        hist = np.zeros(n * bins, np.int64)
+        for c0 in range(0, self.src.ng, self.cols):
+            keys = self._key_block(a, b, c0, min(c0 + self.cols, self.src.ng))
+            if self.roc:
+                hi = (keys[:, ~self.junk[c0 : c0 + keys.shape[1]]] >> 48) + (1 << 15)
+                self.neg_hist += np.bincount(hi.ravel(), minlength=1 << 16)
+            below = keys < top[:, None]
+            ri, ci = np.nonzero(below)
+            if len(ri) * width <= keys.size:  # few: search each key in its own query's sorted keys
+                slot = torch.searchsorted(sk_t[torch.from_numpy(ri)], torch.from_numpy(keys[ri, ci])[:, None],
+                                          right=True)[:, 0].numpy()
+                hist += np.bincount(ri * bins + slot, minlength=n * bins)
+            else:
+                slot = torch.searchsorted(sk_t, torch.from_numpy(keys), right=True).numpy()
+                slot += (np.arange(n) * bins)[:, None]
+                hist += np.bincount(slot.ravel(), minlength=n * bins)
+        below_sorted = np.cumsum(hist.reshape(n, bins), axis=1)[:, :width]
+        pos = np.empty_like(below_sorted)
+        np.put_along_axis(pos, srt, below_sorted, axis=1)
+        return pos
+
+    def run(self, max_rank: int, return_ranks: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        nq = self.src.nq
+        ap, inp = np.zeros(nq), np.zeros(nq)
+        valid, first = np.zeros(nq, bool), np.zeros(nq, np.int64)
+        nrel = np.zeros(nq, np.int64)
+        ranks, pos_keys, same_keys = [], [], []
+        for a in range(0, nq, self.rows):
+            b = min(a + self.rows, nq)
+            cols, inmask, is_match, is_inval = self.gr.same_identity(a, b)
+            mk = self.same_identity_keys(a, b, cols, inmask)
+            if is_match.any() or self.roc:
+                pos = self.count_below(a, b, mk)
+            else:
+                pos = np.zeros(cols.shape, np.int64)
+            ap[a:b], inp[a:b], valid[a:b], first[a:b], r, nrel[a:b] = _scores(pos, inmask, is_match, is_inval,
+                                                                              self.src.ng)
+            ranks.append(r)
+            pos_keys.append(mk[is_match])
+            same_keys.append(mk[inmask])
+        res = _summary(ap, inp, valid, first, max_rank, ranks if return_ranks else None,
+                       nrel if return_ranks else None)
+        state = {"pos_keys": np.concatenate(pos_keys), "same_keys": np.concatenate(same_keys)}
+        return res, state
+
+
+# ------------------------------------------------------------------------------------- same person or not
+ROC_FPRS = (1e-2, 1e-3, 1e-4)
+
+
+def fpr_tag(fpr: float) -> str:
+    """``1e-2`` for 0.01: how an FPR is written in the result's keys."""
+    return f"{fpr:.0e}".replace("e-0", "e-")
+
+
+def _roc(stream: _Stream, state: dict[str, Any], fprs: tuple[float, ...]) -> dict[str, Any]:
+    """TPR at each FPR of ``fprs`` over all query x gallery pairs (positives: same identity under another camera;
+    negatives: another identity; same identity and camera, and junk, left out) and the distance threshold
+    reaching it ("same person" when the distance is <= threshold), exact: the (k+1)-th smallest negative
+    distance, k = floor(FPR x negatives), is found from the 16-bit histogram of pass 2 and a second histogram of
+    the low 16 bits of the pairs in its bin (one more pass); the positives' distances are known exactly."""
+    same_hi = (state["same_keys"] >> 48) + (1 << 15)
+    neg_hist = stream.neg_hist - np.bincount(same_hi, minlength=1 << 16)
+    n_neg = int(neg_hist.sum())
+    pos_sort = np.sort((state["pos_keys"] >> 32).astype(np.int32))  # sortable distances of the positives
+    n_pos = len(pos_sort)
+    cum = np.cumsum(neg_hist)
+    out: dict[str, Any] = {"num_positive_pairs": n_pos, "num_negative_pairs": n_neg}
+    # the curve at the 16-bit bin edges (exact counts at those thresholds), for the picture
+    edges = np.flatnonzero(neg_hist)
+    edge_top = ((edges - (1 << 15)) << 16) + 0xFFFF  # the largest sortable value of each bin
+    out["curve_fpr"] = cum[edges] / max(n_neg, 1)
+    out["curve_tpr"] = np.searchsorted(pos_sort, edge_top, side="right") / max(n_pos, 1)
+    if n_neg == 0 or n_pos == 0:
+        return out
+    targets = {f: int(np.floor(f * n_neg)) for f in fprs}  # 0-based index of the first negative not allowed
+    bin_of = {f: int(np.searchsorted(cum, k, side="right")) for f, k in targets.items()}
+    low = {bn: np.zeros(1 << 16, np.int64) for bn in set(bin_of.values())}
+    src = stream.src
+    for a in range(0, src.nq, stream.rows):
+        b = min(a + stream.rows, src.nq)
+        for c0 in range(0, src.ng, stream.cols):
+            keys = stream._key_block(a, b, c0, min(c0 + stream.cols, src.ng))
+            keys = keys[:, ~stream.junk[c0 : c0 + keys.shape[1]]]
+            hi = (keys >> 48) + (1 << 15)
+            for bn, h in low.items():
+                h += np.bincount(((keys[hi == bn] >> 32) & 0xFFFF), minlength=1 << 16)
+    same = state["same_keys"]
+    for bn, h in low.items():
+        sel = same[same_hi == bn]
+        h -= np.bincount((sel >> 32) & 0xFFFF, minlength=1 << 16)
+    for f, k in targets.items():
+        bn = bin_of[f]
+        before = int(cum[bn - 1]) if bn else 0
+        lo = int(np.searchsorted(np.cumsum(low[bn]), k - before, side="right"))
+        v = np.int32(((bn - (1 << 15)) << 16) | lo)  # sortable value of the (k+1)-th negative
+        threshold = float(np.nextafter(_unsortable(np.array([v]))[0], np.float32(-np.inf)))
+        tag = fpr_tag(f)
+        out[f"tpr_at_fpr_{tag}"] = float(np.searchsorted(pos_sort, v, side="left") / n_pos)
+        out[f"fpr_at_fpr_{tag}"] = (before + int(low[bn][:lo].sum())) / n_neg
+        out[f"threshold_at_fpr_{tag}"] = threshold
+    return out
 
 
 def reid_scores(res: dict[str, Any]) -> dict[str, Any]:
     """The Re-ID numbers as dcal writes them everywhere (``metrics.jsonl``, ``dcal eval --json``, ``dcal search``'s
     ``metrics.json``, the console): ``mAP``, ``rank1``, ``rank5``, ``rank10``, ``mINP`` in percent and
     ``num_skipped_queries``, from the result of :func:`evaluate_reid` or :func:`eval_reid_features` (whose
-    fractions stay fractions, as torchreid's)."""
+    fractions stay fractions, as torchreid's); with an ROC, ``tpr_at_fpr_1e-2`` (%) and ``threshold_at_fpr_1e-2``
+    (a distance) for each FPR of ``ROC_FPRS``."""
     cmc = np.asarray(res["cmc"])
     ranks = {f"rank{k}": float(res.get(f"rank{k}", cmc[min(k, len(cmc)) - 1])) for k in (1, 5, 10)}
     out = {"mAP": res["mAP"], **ranks, "mINP": res["mINP"]}
-    return {**{k: 100.0 * float(v) for k, v in out.items()}, "num_skipped_queries": int(res["num_skipped_queries"])}
+    scores = {**{k: 100.0 * float(v) for k, v in out.items()}, "num_skipped_queries": int(res["num_skipped_queries"])}
+    for f in ROC_FPRS if "roc" in res else ():  # same person or not: TPR (%) and the distance threshold
+        tag = fpr_tag(f)
+        if f"tpr_at_fpr_{tag}" in res["roc"]:
+            scores[f"tpr_at_fpr_{tag}"] = 100.0 * res["roc"][f"tpr_at_fpr_{tag}"]
+            scores[f"threshold_at_fpr_{tag}"] = res["roc"][f"threshold_at_fpr_{tag}"]
+    return scores
 
 
-# ----------------------------------------------------------------------------------------- re-ranking
-def _topk_stable(rows32: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of the k smallest values of each row, ordered by (value, column)."""
-    n, m = rows32.shape
-    keys = np.empty((n, m), np.int64)
-    buf = np.empty((n, m), np.float32)
-    _exact_in_float32(rows32, buf)
-    _fill_keys(buf, keys, np.empty((n, m), np.int32), np.arange(m, dtype=np.int64))
-    if k < m:
-        keys = np.partition(keys, k - 1, axis=1)[:, :k]
-    keys.sort(axis=1)
-    return (keys & 0xFFFFFFFF).astype(np.int64)
+# --------------------------------------------------------------------------------------------- search
+def _block_keys(src: Any, a: int, b: int, c0: int, c1: int, junk: np.ndarray | None) -> np.ndarray:
+    """int64 (distance, gallery index) keys of a block; ``junk`` columns (a bool mask over the gallery) set to the
+    largest key."""
+    d = src.block((a, b), (c0, c1))
+    np.add(d, 0.0, out=d)  # -0.0 -> +0.0: equal values get equal keys
+    if np.isnan(d).any():
+        raise ValueError(f"the distances hold NaN (query rows {a}..{b - 1}, gallery {c0}..{c1 - 1})")
+    keys = np.empty(d.shape, np.int64)
+    _fill_keys(d, keys, np.empty(d.shape, np.int32), np.arange(c0, c1, dtype=np.int64))
+    if junk is not None and junk[c0:c1].any():
+        keys[:, junk[c0:c1]] = _KEY_PAD
+    return keys
 
 
-def re_ranking(
-    q_g_dist: np.ndarray | torch.Tensor,
-    q_q_dist: np.ndarray | torch.Tensor,
-    g_g_dist: np.ndarray | torch.Tensor,
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
-) -> np.ndarray:
-    """k-reciprocal re-ranking (Zhong et al., CVPR 2017); returns the new ``(Q, G)`` float32 distances.
+def _groups_or_none(src: Any, ids: tuple[Any, Any, Any, Any] | None) -> _Groups | None:
+    return None if ids is None else _check_ids(src.nq, src.ng, *ids)
 
-    On the joint set of N = Q + G images (distance d, each row divided by its maximum): N(p, k) = the k + 1
-    nearest images of p (p itself included, ties by index); R(p, k) = {g in N(p, k) : p in N(g, k)};
-    R*(p, k1) = R(p, k1) united with every R(q, round(k1/2)), q in R(p, k1), that shares at least 2/3 of its
-    members with R(p, k1); V_p = exp(-d(p, .)) on R*(p, k1), 0 elsewhere, normalised to sum 1; local query
-    expansion V_p <- mean of V_q over the k2 nearest q of p (k2 = 1: none); Jaccard distance
-    d_J(p, g) = 1 - sum_j min(V_pj, V_gj) / sum_j max(V_pj, V_gj); result
-    ``(1 - lambda_value) * d_J + lambda_value * d`` on the query x gallery block.
 
-    Memory: the inputs are the full joint matrix, O((Q + G)^2) float32 (g_g_dist alone is G^2: 1 GB for
-    Market-1501, 27 GB for MSMT17), plus O((Q + G) * k1^2) sparse entries and ~256 MB blocks; it is meant
-    for Market / Duke / VeRi-sized problems.
-    """
-    qg = _to_numpy(q_g_dist).astype(np.float32, copy=False)
-    qq = _to_numpy(q_q_dist).astype(np.float32, copy=False)
-    gg = _to_numpy(g_g_dist).astype(np.float32, copy=False)
-    nq, ng = qg.shape
-    if qq.shape != (nq, nq) or gg.shape != (ng, ng):
-        raise ValueError(f"shapes {qg.shape}, {qq.shape}, {gg.shape} are not (Q,G), (Q,Q), (G,G)")
-    n = nq + ng
-    k1 = max(1, min(int(k1), n - 1))
-    k2 = max(1, min(int(k2), k1 + 1))
-    kh = int(np.around(k1 / 2.0))
-
-    def joint_rows(a: int, b: int) -> np.ndarray:
-        if b <= nq:
-            return np.concatenate([qq[a:b], qg[a:b]], axis=1)
-        if a >= nq:
-            return np.concatenate([qg[:, a - nq : b - nq].T, gg[a - nq : b - nq]], axis=1)
-        return np.concatenate([joint_rows(a, nq), joint_rows(nq, b)], axis=0)
-
-    # Row maxima and the k1 + 1 nearest neighbours of every image, block by block.
-    row_max = np.empty(n, np.float32)
-    nbr = np.empty((n, k1 + 1), np.int64)
-    block = max(1, (256 << 20) // (16 * n))
-    for a in range(0, n, block):
-        b = min(a + block, n)
-        rows = joint_rows(a, b)
-        row_max[a:b] = rows.max(1)
-        nbr[a:b] = _topk_stable(rows, k1 + 1)
-    row_max[row_max <= 0] = 1.0
-
-    def dist_at(i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """Normalised joint distance d(i, j) for index arrays i, j."""
-        out = np.empty(i.shape, np.float32)
-        iq, jq = i < nq, j < nq
-        for sel, src, di, dj in (
-            (iq & jq, qq, 0, 0), (iq & ~jq, qg, 0, nq), (~iq & ~jq, gg, nq, nq), (~iq & jq, None, nq, 0)
-        ):
-            if src is None:
-                out[sel] = qg[j[sel], i[sel] - nq]
-            else:
-                out[sel] = src[i[sel] - di, j[sel] - dj]
-        return out / row_max[i]
-
-    def neighbours(k: int) -> sparse.csr_matrix:
-        data = np.ones(n * (k + 1), np.float32)
-        return sparse.csr_matrix((data, nbr[:, : k + 1].reshape(-1), np.arange(0, n * (k + 1) + 1, k + 1)),
-                                 shape=(n, n))
-
-    def reciprocal(k: int) -> sparse.csr_matrix:
-        nk = neighbours(k)
-        return nk.multiply(nk.T).tocsr()
-
-    r1 = reciprocal(k1)
-    rh = reciprocal(kh) if kh >= 1 else sparse.identity(n, np.float32, format="csr")
-    size_h = np.asarray(rh.sum(1)).ravel()
-    overlap = (rh @ r1.T).T.tocsr()  # overlap[p, q] = |R(q, k1/2) & R(p, k1)|
-    cand = overlap.multiply(r1).tocoo()  # only q in R(p, k1)
-    ok = cand.data >= (2.0 / 3.0) * size_h[cand.col] - 1e-9
-    accept = sparse.csr_matrix((np.ones(int(ok.sum()), np.float32), (cand.row[ok], cand.col[ok])), shape=(n, n))
-    rstar = ((r1 + accept @ rh) > 0).tocoo()
-    w = np.exp(-dist_at(rstar.row.astype(np.int64), rstar.col.astype(np.int64))).astype(np.float64)
-    v = sparse.csr_matrix((w, (rstar.row, rstar.col)), shape=(n, n))
-    sums = np.asarray(v.sum(1)).ravel()
-    sums[sums == 0] = 1.0
-    v = sparse.diags(1.0 / sums) @ v
-    if k2 > 1:
-        qe = sparse.csr_matrix(
-            (np.full(n * k2, 1.0 / k2), nbr[:, :k2].reshape(-1), np.arange(0, n * k2 + 1, k2)), shape=(n, n)
-        )
-        v = (qe @ v).tocsr()
-    v.sort_indices()
-    vt = v.T.tocsr()  # row j: the images with a non-zero weight on j
-    vsum = np.asarray(v.sum(1)).ravel()
-
-    jaccard = np.empty((nq, ng), np.float32)
-    qblock = max(1, (64 << 20) // (8 * n))
-    for a in range(0, nq, qblock):
-        b = min(a + qblock, nq)
-        vq = v[a:b]
-        owner = np.repeat(np.arange(b - a), np.diff(vq.indptr))
-        sub = vt[vq.indices]
-        per = np.diff(sub.indptr)
-        mins = np.minimum(sub.data, np.repeat(vq.data, per))
-        idx = np.repeat(owner, per) * n + sub.indices
-        smin = np.bincount(idx, weights=mins, minlength=(b - a) * n).reshape(b - a, n)[:, nq:]
-        denom = vsum[a:b, None] + vsum[None, nq:] - smin
-        with np.errstate(divide="ignore", invalid="ignore"):
-            jaccard[a:b] = np.where(denom > 0, 1.0 - smin / denom, 1.0)
-
-    original = qg / row_max[:nq, None]
-    return ((1.0 - lambda_value) * jaccard + lambda_value * original).astype(np.float32)
+def nearest_gallery(src: Any, k: int, ids: tuple[Any, Any, Any, Any] | None = None,
+                    chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest gallery items of every query of a distance source (:func:`distance_source`), ties by
+    gallery index, streamed block by block (top-k per block, merged): ``order`` (Q, k) int64 (-1 past the end
+    of a short ranking) and ``distance`` (Q, k) float32 (inf there). With ``ids`` = (q_pids, g_pids, q_camids,
+    g_camids) the protocol's exclusions apply (same identity and camera; junk pid -1)."""
+    groups = _groups_or_none(src, ids)
+    rows, cols = _block_shape(src.nq, src.ng, chunk_size)
+    k = max(1, min(int(k), src.ng))
+    junk = None
+    if groups is not None:
+        junk = np.zeros(src.ng, bool)
+        junk[groups.junk] = True
+    best_all = np.empty((src.nq, k), np.int64)
+    for a in range(0, src.nq, rows):
+        b = min(a + rows, src.nq)
+        best = np.full((b - a, 0), _KEY_PAD, np.int64)
+        if groups is not None:
+            same, _, _, removed = groups.same_identity(a, b)
+        for c0 in range(0, src.ng, cols):
+            c1 = min(c0 + cols, src.ng)
+            keys = _block_keys(src, a, b, c0, c1, junk)
+            if groups is not None:
+                ri, sj = np.nonzero(removed & (same >= c0) & (same < c1))
+                keys[ri, same[ri, sj] - c0] = _KEY_PAD
+            if keys.shape[1] > k:
+                keys = np.partition(keys, k - 1, axis=1)[:, :k]
+            best = np.concatenate([best, keys], axis=1)
+            if best.shape[1] > k:
+                best = np.partition(best, k - 1, axis=1)[:, :k]
+        best.sort(axis=1)
+        best_all[a:b] = best
+    pad = best_all == _KEY_PAD
+    order = np.where(pad, -1, best_all & 0xFFFFFFFF)
+    dist = np.where(pad, np.float32(np.inf), _unsortable((best_all >> 32).astype(np.int32)))
+    return order, dist.astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------- convenience
+RERANK_METHODS = ("graph", "dense")
+
+
+class MatrixDistances:
+    """A distance source over a matrix already in memory (the dense re-ranking's output)."""
+
+    def __init__(self, distmat: np.ndarray) -> None:
+        self.d = distmat
+        self.nq, self.ng = distmat.shape
+
+    def block(self, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+        return np.array(self.d[rows[0] : rows[1], cols[0] : cols[1]], dtype=np.float32, copy=True)
+
+
+def dense_rerank_bytes(nq: int, ng: int) -> int:
+    """Memory of :func:`re_ranking` on dense matrices: Q x G, Q x Q, G x G distances, the Jaccard block, the
+    result and their temporaries (float32)."""
+    return 4 * (nq * nq + ng * ng + 4 * nq * ng)
+
+
+def distance_source(q_feats: Any, g_feats: Any, metric: str = "euclidean", normalize: bool = True,
+                    rerank: bool = False, rerank_method: str = "graph", rerank_kwargs: dict[str, Any] | None = None,
+                    chunk_size: int | None = None) -> Any:
+    """What the streaming evaluator and :func:`nearest_gallery` read: the plain distances of two feature sets, or
+    their k-reciprocal re-ranking (Zhong et al.) through the sparse neighbour graph (``"graph"``: never an
+    N x N matrix) or the dense matrices (``"dense"``, the reference; refused in one line when it would not fit
+    in the available memory)."""
+    src = FeatureDistances(q_feats, g_feats, metric, normalize)
+    src.check_finite()
+    if not rerank:
+        return src
+    if rerank_method not in RERANK_METHODS:
+        raise ValueError(f"unknown re-ranking method {rerank_method!r}; expected one of {RERANK_METHODS}")
+    from dcal.metrics.rerank import RerankedDistances, re_ranking
+
+    if rerank_method == "graph":
+        return RerankedDistances(src, chunk_size=chunk_size, **(rerank_kwargs or {}))
+    need, have = dense_rerank_bytes(src.nq, src.ng), available_memory()
+    if need > have:
+        raise MemoryError(
+            f"dense re-ranking of {src.nq} queries x {src.ng} gallery items needs about {need / 2**30:.1f} GiB, "
+            f"{have / 2**30:.1f} GiB are available: use the neighbour graph (eval.rerank_method=graph, "
+            "dcal search --rerank graph), the same distances without any N x N matrix")
+    qg = compute_distance(q_feats, g_feats, metric, normalize)
+    qq = compute_distance(q_feats, q_feats, metric, normalize)
+    gg = compute_distance(g_feats, g_feats, metric, normalize)
+    return MatrixDistances(re_ranking(qg, qq, gg, **(rerank_kwargs or {})))
+
+
 def eval_reid_features(
     q_feats: torch.Tensor | np.ndarray,
     g_feats: torch.Tensor | np.ndarray,
@@ -466,25 +742,44 @@ def eval_reid_features(
     rerank: bool = False,
     max_rank: int = 50,
     rerank_kwargs: dict[str, Any] | None = None,
+    rerank_method: str = "graph",
+    chunk_size: int | None = None,
+    roc: bool = False,
+    return_ranks: bool = False,
 ) -> dict[str, Any]:
-    """Distances (:func:`compute_distance`), optional re-ranking (:func:`re_ranking`, k1=20, k2=6,
-    lambda=0.3 unless ``rerank_kwargs`` says otherwise) and :func:`evaluate_reid`.
+    """Re-ID evaluation of features, exactly :func:`evaluate_reid` of :func:`compute_distance`'s matrix (or of
+    :func:`re_ranking`'s, with ``rerank``; k1=20, k2=6, lambda=0.3 unless ``rerank_kwargs`` says otherwise), but
+    streamed: the gallery is read in blocks of about ``chunk_size`` distances (default: from the available
+    memory, :func:`default_chunk_size`) and the matrix is never held.
+
+    ``roc``: also ``res["roc"]``, the TPR at FPR 1e-2, 1e-3, 1e-4 over all query x gallery pairs and the distance
+    threshold of each (:func:`_roc`), with the curve for the picture. ``return_ranks``: as in
+    :func:`evaluate_reid`.
 
     Returns ``evaluate_reid``'s dict plus ``rank1``, ``rank5``, ``rank10`` (floats; rank-k beyond the gallery
     size is the last CMC value) and ``reranked``.
     """
-    distmat = compute_distance(q_feats, g_feats, metric=metric, normalize=normalize)
-    if rerank:
-        qq = compute_distance(q_feats, q_feats, metric=metric, normalize=normalize)
-        gg = compute_distance(g_feats, g_feats, metric=metric, normalize=normalize)
-        distmat = re_ranking(distmat, qq, gg, **(rerank_kwargs or {}))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = evaluate_reid(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max(max_rank, 10))
-    cmc = res["cmc"]
-    for k in (1, 5, 10):
-        res[f"rank{k}"] = float(cmc[min(k, len(cmc)) - 1])
-    res["cmc"] = cmc[: max_rank]
+    src = distance_source(q_feats, g_feats, metric, normalize, rerank, rerank_method, rerank_kwargs, chunk_size)
+    res = evaluate_distances(src, q_pids, g_pids, q_camids, g_camids, max_rank, chunk_size, roc, return_ranks)
     res["reranked"] = bool(rerank)
     return res
 
+
+def evaluate_distances(src: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any, max_rank: int = 50,
+                       chunk_size: int | None = None, roc: bool = False, return_ranks: bool = False
+                       ) -> dict[str, Any]:
+    """The streaming evaluation of :func:`eval_reid_features` on a distance source already built
+    (:func:`distance_source`: ``dcal search`` evaluates and ranks with one re-ranking graph)."""
+    groups = _check_ids(src.nq, src.ng, q_pids, g_pids, q_camids, g_camids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rank_len = _max_rank(groups, max(max_rank, 10))
+    stream = _Stream(src, groups, chunk_size, roc)
+    res, state = stream.run(rank_len, return_ranks)
+    if roc:
+        res["roc"] = _roc(stream, state, ROC_FPRS)
+    cmc = res["cmc"]
+    for k in (1, 5, 10):
+        res[f"rank{k}"] = float(cmc[min(k, len(cmc)) - 1])
+    res["cmc"] = cmc[:max_rank]
+    return res

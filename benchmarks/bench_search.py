@@ -1,0 +1,176 @@
+"""Search and evaluation at scale, case by case (``--cases``).
+
+    python benchmarks/bench_search.py --cases eval [--dims 768 128] [--distractors 0 100000 500000] [--json out.json]
+
+``eval``: exact Re-ID evaluation, dense (``compute_distance`` + ``evaluate_reid``: the Q x G matrix, sorted)
+against streaming (``eval_reid_features``: the gallery in blocks, the matrix never held), on a Market-1501-sized
+problem (3,368 queries, 15,913 gallery images: 750 identities, 6 cameras) plus generated distractor features
+(another identity each), for each feature dimension. Every measurement runs in a fresh ``spawn`` process: its
+time, and its peak resident memory beyond the features (the kernel's high-water mark, reset once the features
+exist; ``ru_maxrss`` minus the resident size before, where the reset is not available). The script checks
+that both evaluators give the same numbers and exits 1 when they do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# spawned workers import this file by its name: keep its folder on the path they inherit (tests load it by path)
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+MARKET = {"num_query": 3368, "num_gallery": 15913, "num_ids": 750, "num_cams": 6}
+NOISE = 2.6  # per-dimension noise around unit-variance identity centres: mAP neither trivial nor chance
+
+
+def make_problem(dim: int, distractors: int, num_query: int, num_gallery: int, seed: int = 0) -> dict[str, Any]:
+    """Features, pids and camids: identity centres plus noise, then ``distractors`` random features of pid 0."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    ids = np.arange(1, MARKET["num_ids"] + 1)
+    g_pids = np.concatenate([rng.choice(ids, num_gallery), np.zeros(distractors, np.int64)])
+    q_pids = rng.choice(ids, num_query)
+    g_cams, q_cams = rng.integers(0, MARKET["num_cams"], len(g_pids)), rng.integers(0, MARKET["num_cams"], num_query)
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(len(ids) + 1, dim, generator=gen)
+    qf = centres[torch.from_numpy(q_pids)] + NOISE * torch.randn(num_query, dim, generator=gen)
+    gf = torch.empty(len(g_pids), dim)
+    for a in range(0, len(g_pids), 65536):  # in pieces: no temporary of the gallery's size
+        b = min(a + 65536, len(g_pids))
+        noise = torch.randn(b - a, dim, generator=gen)
+        gf[a:b] = torch.where(torch.from_numpy(g_pids[a:b] == 0)[:, None], noise * (1 + NOISE**2) ** 0.5,
+                              centres[torch.from_numpy(g_pids[a:b])] + NOISE * noise)
+    return {"qf": qf, "gf": gf, "q_pids": q_pids, "g_pids": g_pids, "q_cams": q_cams, "g_cams": g_cams}
+
+
+def _rss_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's resident high-water mark (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _eval_case(params: dict[str, Any], queue: mp.Queue) -> None:
+    import torch
+
+    from dcal.metrics import compute_distance, eval_reid_features, evaluate_reid
+
+    torch.set_num_threads(params["threads"]) if params["threads"] else None
+    p = make_problem(params["dim"], params["distractors"], params["num_query"], params["num_gallery"])
+    ids = (p["q_pids"], p["g_pids"], p["q_cams"], p["g_cams"])
+    before = _rss_bytes("VmRSS") or 0
+    reset = _reset_peak()
+    t0 = time.perf_counter()
+    if params["evaluator"] == "dense":
+        res = evaluate_reid(compute_distance(p["qf"], p["gf"]), *ids, max_rank=50)
+    else:
+        res = eval_reid_features(p["qf"], p["gf"], *ids, max_rank=50, chunk_size=params["chunk_size"])
+    seconds = time.perf_counter() - t0
+    peak = _rss_bytes("VmHWM") if reset else None
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    queue.put({"seconds": seconds, "peak_beyond_features_gb": max(peak - before, 0) / 2**30,
+               "mAP": res["mAP"], "mINP": res["mINP"], "cmc": [float(c) for c in res["cmc"]],
+               "num_valid_queries": res["num_valid_queries"]})
+
+
+def _spawn(target: Callable[[dict[str, Any], mp.Queue], None], params: dict[str, Any]) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(params, queue))
+    proc.start()
+    while True:  # a worker that dies (memory, import error) must not leave us waiting forever
+        try:
+            out = queue.get(timeout=2)
+            break
+        except Exception:  # queue.Empty
+            if not proc.is_alive():
+                raise RuntimeError(f"the benchmark worker died (exit code {proc.exitcode})") from None
+    proc.join()
+    return out
+
+
+def run_eval(args: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
+    rows, same = [], True
+    for dim in args.dims:
+        for distractors in args.distractors:
+            base = {"dim": dim, "distractors": distractors, "num_query": args.num_query,
+                    "num_gallery": args.num_gallery, "chunk_size": args.chunk_size, "threads": args.threads}
+            got = {ev: _spawn(_eval_case, {**base, "evaluator": ev}) for ev in ("dense", "streaming")}
+            equal = all(abs(got["dense"][k] - got["streaming"][k]) <= 1e-12 for k in ("mAP", "mINP")) and \
+                got["dense"]["cmc"] == got["streaming"]["cmc"]
+            same &= equal
+            for ev, r in got.items():
+                rows.append({"case": "eval", "dim": dim, "gallery": args.num_gallery + distractors,
+                             "evaluator": ev, **r, "equal": equal})
+    return rows, same
+
+
+CASES: dict[str, Callable[[argparse.Namespace], tuple[list[dict[str, Any]], bool]]] = {"eval": run_eval}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| case | dim | gallery | evaluator | time (s) | peak beyond features (GB) | mAP | equal |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['dim']} | {r['gallery']:,} | {r['evaluator']} | "
+                     f"{r['seconds']:.1f} | {r['peak_beyond_features_gb']:.2f} | {100 * r['mAP']:.2f} | "
+                     f"{'yes' if r['equal'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["eval"])
+    ap.add_argument("--dims", nargs="+", type=int, default=[768, 128])
+    ap.add_argument("--distractors", nargs="+", type=int, default=[0, 100_000, 500_000],
+                    help="generated distractor features added to the gallery")
+    ap.add_argument("--num-query", type=int, default=MARKET["num_query"])
+    ap.add_argument("--num-gallery", type=int, default=MARKET["num_gallery"])
+    ap.add_argument("--chunk-size", type=int, default=None, help="streaming block (default: from free memory)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--json", default=None, help="write the rows here")
+    args = ap.parse_args(argv)
+    rows, ok = [], True
+    for case in args.cases:
+        got, same = CASES[case](args)
+        rows += got
+        ok &= same
+    print(f"{platform.processor() or platform.machine()}, {args.num_query} queries; python {sys.version.split()[0]}")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+    if not ok:
+        print("the dense and streaming evaluators disagree", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
