@@ -114,9 +114,9 @@ def test_two_process_reid_run_writes_one_set_of_files(tmp_path, market_data):
     assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
     # the features gathered from both processes score as one process scoring the whole query and gallery
     from dcal.engine import evaluate_checkpoint
-    from dcal.run_folder import load_run
+    from dcal.loading import load_model
 
-    run = load_run(checkpoint=out / "last.pth", overrides=[f"data.root={market_data}"])
+    run = load_model(checkpoint=out / "last.pth", overrides=[f"data.root={market_data}"])
     single = evaluate_checkpoint(run.cfg, run.model)
     for k in ("mAP", "rank1", "mINP"):
         assert ends[-1][k] == pytest.approx(single[k], abs=1e-4), k

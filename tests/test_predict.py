@@ -11,7 +11,8 @@ from PIL import Image
 
 import dcal
 from dcal.cli import main
-from dcal.inference import list_images, load_model
+from dcal.inference import list_images
+from dcal.loading import load_model
 from tests.tiny_runs import CLASSES
 
 

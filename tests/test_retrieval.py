@@ -13,7 +13,7 @@ from PIL import Image
 
 from dcal.cli import main
 from dcal.engine import build_datasets, eval_loader, extract_features
-from dcal.inference import load_model
+from dcal.loading import load_model
 from dcal.retrieval import GREEN, RED, FeatureSet, parse_identity, ranking_picture
 from tests.helpers import SHARED_DATA, needs_shared, write_images
 

@@ -21,6 +21,7 @@ from dcal.cli import build_parser, main
 from dcal.config import load_config
 from dcal.engine import fit
 from dcal.inference import Prediction, csv_text, predictions_csv
+from dcal.loading import load_model
 from dcal.retrieval import save_ranking_pictures
 from dcal.run_folder import (
     LOCK,
@@ -28,7 +29,6 @@ from dcal.run_folder import (
     RunLock,
     RunLockedError,
     discard_unsaved_start,
-    load_run,
     run_content,
 )
 from tests.helpers import REPO, SYNTHETIC_RUN
@@ -249,14 +249,14 @@ def test_a_checkpoint_of_the_previous_format_loads_and_resumes(finished, tmp_pat
     out = copy_run(finished, tmp_path)
     for name in ("last.pth", "best.pth"):
         as_previous_version(out / name)
-    names = load_run(run=out).classes  # best.safetensors
+    names = load_model(run=out).classes  # best.safetensors
     assert names is not None and len(names) == 2
-    old = load_run(checkpoint=out / "best.pth")  # its class names: from the exports beside it
+    old = load_model(checkpoint=out / "best.pth")  # its class names: from the exports beside it
     assert old.classes == names and old.checkpoint == out / "best.pth"
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(out / "last.pth", alone / "last.pth")
-    assert load_run(checkpoint=alone / "last.pth").classes is None  # nothing beside it holds them
+    assert load_model(checkpoint=alone / "last.pth").classes is None  # nothing beside it holds them
 
     assert train(out, "--resume", "train.epochs=2") == 0
     assert [(r["epoch"], bool(r.get("final"))) for r in records(out)] == [(1, False), (1, True), (2, False),
@@ -264,4 +264,4 @@ def test_a_checkpoint_of_the_previous_format_loads_and_resumes(finished, tmp_pat
     state = load_training_state(out / "last.pth")
     assert state["epoch"] == 1 and "model_config" not in state and state["extra"] == {"classes": names}
     shutil.copy(out / "last.pth", alone / "last.pth")
-    assert load_run(checkpoint=alone / "last.pth").classes == names  # a checkpoint now carries its class names
+    assert load_model(checkpoint=alone / "last.pth").classes == names  # a checkpoint now carries its class names

@@ -10,7 +10,7 @@ import yaml
 from dcal.checkpoint import export_weights
 from dcal.config import load_config, to_yaml
 from dcal.engine import build_model
-from dcal.run_folder import load_run
+from dcal.loading import load_model
 from tests.helpers import TINY_TIMM_KWARGS
 
 TINY = [
@@ -38,7 +38,7 @@ def test_checkpoint_without_glca_pool_loads_as_cls(tmp_path, caplog):
     path = tmp_path / "old.safetensors"
     export_weights(path, model, yaml.safe_dump(values))
     with caplog.at_level(logging.WARNING, logger="dcal"):
-        run = load_run(checkpoint=path)
+        run = load_model(checkpoint=path)
     assert run.cfg.model.glca_pool == "cls" and run.model.cfg.glca_pool == "cls"
     lines = [r.getMessage() for r in caplog.records if r.name == "dcal"]
     assert len(lines) == 1 and "glca_pool=cls" in lines[0] and "old.safetensors" in lines[0]
@@ -49,5 +49,5 @@ def test_checkpoint_with_glca_pool_loads_silently(tmp_path, caplog):
     path = tmp_path / "new.safetensors"
     export_weights(path, build_model(cfg, 3), to_yaml(cfg))
     with caplog.at_level(logging.WARNING, logger="dcal"):
-        loaded_cfg = load_run(checkpoint=path).cfg
+        loaded_cfg = load_model(checkpoint=path).cfg
     assert loaded_cfg.model.glca_pool == "mean" and not [r for r in caplog.records if r.name == "dcal"]

@@ -19,7 +19,7 @@ from dcal.checkpoint import CheckpointMismatchError, export_weights
 from dcal.cli import main
 from dcal.config import TIMM_KWARGS, ConfigError, _float_keys, load_config, to_yaml
 from dcal.engine import build_model
-from dcal.run_folder import load_run
+from dcal.loading import load_model
 from tests.helpers import TINY_TIMM_KWARGS, tiny_model
 
 TINY = ["data.dataset=synthetic", "model.img_size=32",
@@ -77,7 +77,7 @@ def test_the_crafted_pth_does_run_code_when_unpickled(tmp_path):
 
 def test_a_sound_export_loads(tmp_path, tiny):
     values, model = tiny
-    loaded = load_run(checkpoint=write_export(tmp_path / "ok.safetensors", model, values)).model
+    loaded = load_model(checkpoint=write_export(tmp_path / "ok.safetensors", model, values)).model
     torch.testing.assert_close(loaded.state_dict(), model.state_dict())
 
 
@@ -104,7 +104,7 @@ def test_a_stored_config_cannot_make_timm_load_a_file(tmp_path, tiny, capsys, ke
     with pytest.raises(ConfigError, match=want):
         dcal.load_model(checkpoint=path)
     with pytest.raises(ConfigError, match=want):
-        load_run(checkpoint=path)
+        load_model(checkpoint=path)
     for argv in (["eval", "--checkpoint", str(path)], ["predict", "--checkpoint", str(path), str(tmp_path)]):
         err = one_line_error(capsys, argv)
         assert str(path) in err and want in err
@@ -134,7 +134,7 @@ def test_stored_pretrained_keys_are_never_acted_on(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(timm, "create_model", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     for stored in (with_model(values, pretrained=True), with_model(values, pretrained_file=str(evil))):
         path = write_export(tmp_path / "pretrained.safetensors", model, stored)
-        run = load_run(checkpoint=path, overrides=["model.pretrained=true"])
+        run = load_model(checkpoint=path, overrides=["model.pretrained=true"])
         assert not run.cfg.model.pretrained and run.cfg.model.pretrained_file is None
         torch.testing.assert_close(run.model.state_dict(), model.state_dict())
     assert calls and not any(kw.get("pretrained") for kw in calls)
@@ -202,7 +202,7 @@ def test_a_small_file_cannot_ask_for_a_large_model(tmp_path, tiny, monkeypatch):
     bomb = with_model(values, timm_kwargs={"depth": 48, "embed_dim": 4096, "num_heads": 32, "patch_size": 8})
     path = write_export(tmp_path / "bomb.safetensors", model, bomb)
     assert path.stat().st_size < 2 << 20
-    import dcal.engine.build as build  # load_run builds through it
+    import dcal.loading as build  # load_model builds through it
 
     devices = []
 
@@ -215,7 +215,7 @@ def test_a_small_file_cannot_ask_for_a_large_model(tmp_path, tiny, monkeypatch):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     with pytest.raises(CheckpointMismatchError, match=r"bomb\.safetensors' does not fit.*shape mismatch"):
-        load_run(checkpoint=path)
+        load_model(checkpoint=path)
     assert devices == ["meta"]
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) * 1024 < 200 << 20  # ru_maxrss: KiB on Linux
     assert time.perf_counter() - start < 30
@@ -266,7 +266,7 @@ def test_bad_yaml_is_refused_in_one_line(tmp_path, capsys, text, match):
 def test_bad_stored_config_is_refused_in_one_line(tmp_path, tiny, capsys, text, match):
     path = write_export(tmp_path / "stored.safetensors", tiny[1], text)
     with pytest.raises(ConfigError, match=match):
-        load_run(checkpoint=path)
+        load_model(checkpoint=path)
     err = one_line_error(capsys, ["eval", "--checkpoint", str(path)])
     assert str(path) in err
 

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 SUBMODULES = (
     "ablation", "checkpoint", "cli", "config", "data", "demo", "distributed", "engine", "errors", "export",
-    "inference", "losses", "mechanism", "metrics", "model", "names", "pretrain", "report", "retrieval", "run_folder",
+    "inference", "loading", "losses", "mechanism", "metrics", "model", "names", "pretrain", "report", "retrieval", "run_folder",
     "visualize", "vocabulary",
 )
 # public name -> the module that defines it
@@ -27,12 +27,13 @@ _ATTRIBUTES = {
     "random_derangement": "dcal.model",
     "rollout_cls_row": "dcal.model",
     "sample_pairs": "dcal.model",
-    "load_model": "dcal.inference",
+    "load_model": "dcal.loading",
     "predict": "dcal.inference",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
-    from dcal.inference import load_model, predict  # noqa: F401
+    from dcal.inference import predict  # noqa: F401
+    from dcal.loading import load_model  # noqa: F401
     from dcal.model import (  # noqa: F401
         DCAL,
         DCALConfig,

@@ -235,9 +235,9 @@ def print_metrics(metrics: dict[str, Any]) -> None:
 def cmd_eval(args: argparse.Namespace) -> Any:
     from dcal.checkpoint import atomic_write_text
     from dcal.engine import evaluate_checkpoint
-    from dcal.run_folder import load_run
+    from dcal.loading import load_model
 
-    loaded = load_run(args.run, args.checkpoint, args.overrides)
+    loaded = load_model(args.run, args.checkpoint, "cpu", args.overrides)
     reid = loaded.cfg.task == "reid"
     metrics = evaluate_checkpoint(loaded.cfg, loaded.model, roc=reid)
     curve = metrics.pop("roc_curve", None)
@@ -270,7 +270,8 @@ def cmd_visualize(args: argparse.Namespace) -> Any:
     import torch
 
     from dcal.data.transforms import config_mean_std
-    from dcal.inference import list_images, load_model, run_batches
+    from dcal.inference import list_images, run_batches
+    from dcal.loading import load_model
     from dcal.visualize import attention_rows, denormalize, prediction_titles, save_attention_figure
 
     loaded = load_model(args.run, args.checkpoint, "cpu", args.overrides)
@@ -323,7 +324,8 @@ def _test_images(cfg: Any, num: int) -> tuple[Any, list[str]]:
 
 
 def cmd_predict(args: argparse.Namespace) -> Any:
-    from dcal.inference import load_model, predict, predictions_table, write_predictions
+    from dcal.inference import predict, predictions_table, write_predictions
+    from dcal.loading import load_model
 
     loaded = load_model(args.run, args.checkpoint, args.device)
     preds = predict(loaded, args.paths, topk=args.topk, fusion=args.fusion, workers=args.workers,
@@ -352,7 +354,7 @@ def _report_failed(features: Any) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> Any:
-    from dcal.inference import load_model
+    from dcal.loading import load_model
     from dcal.retrieval import embed_images
 
     feats = embed_images(load_model(args.run, args.checkpoint, args.device), args.paths, **_embed_kwargs(args))
@@ -364,7 +366,7 @@ def cmd_embed(args: argparse.Namespace) -> Any:
 
 
 def cmd_search(args: argparse.Namespace) -> Any:
-    from dcal.inference import load_model
+    from dcal.loading import load_model
     from dcal.retrieval import check_compatible, features_of, is_features_file, rank_gallery, write_search
 
     loaded = load_model(args.run, args.checkpoint, args.device) if args.run or args.checkpoint else None
@@ -404,7 +406,7 @@ def cmd_search(args: argparse.Namespace) -> Any:
 def cmd_export(args: argparse.Namespace) -> Any:
     import torch
 
-    from dcal.inference import load_model
+    from dcal.loading import load_model
 
     if not (args.onnx or args.safetensors):
         raise ValueError("give --onnx FILE and/or --safetensors FILE")

@@ -175,8 +175,9 @@ def _run_stages(output_dir: Path, pre: Any, cfgs: dict[str, Any], num_images: in
     from dcal.checkpoint import atomic_write_text, json_text
     from dcal.data.transforms import config_mean_std
     from dcal.engine import build_datasets
+    from dcal.loading import load_model
     from dcal.pretrain import ensure_pretrained, pretrain_state
-    from dcal.run_folder import load_run, remove_run_folder
+    from dcal.run_folder import remove_run_folder
     from dcal.visualize import attention_rows, denormalize, prediction_titles, rollout_maps, save_attention_figure
 
     t0 = time.perf_counter()
@@ -218,7 +219,7 @@ def _run_stages(output_dir: Path, pre: Any, cfgs: dict[str, Any], num_images: in
     shown = denormalize(batch, *config_mean_std(cfg))
     models, preds = {}, {}
     for variant in VARIANTS:
-        models[variant] = load_run(run=output_dir / variant).model
+        models[variant] = load_model(run=output_dir / variant, device="cpu").model
         with torch.no_grad():
             preds[variant] = models[variant].eval().predict(batch).argmax(-1).tolist()
     sa_maps, _ = rollout_maps(models["sa_only"], batch)

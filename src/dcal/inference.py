@@ -1,7 +1,6 @@
 """Use a trained model on your own images: load a run, read files and folders, predict classes.
 
-* :func:`load_model` – a run directory or checkpoint file -> :class:`dcal.run_folder.LoadedRun` (model, config,
-  the run's test transform, class names) in eval mode on a device.
+* loading a model is :func:`dcal.loading.load_model` (``dcal.load_model``).
 * :func:`list_images` / :func:`run_batches` – files and folders (recursive) read in batches by a DataLoader, with
   a progress bar on a terminal; a file that cannot be read is reported with the reason and skipped, the others go
   on. ``dcal embed`` / ``dcal search`` (``dcal.retrieval``) read images the same way.
@@ -30,22 +29,10 @@ from tqdm import tqdm
 
 from dcal.data.images import list_image_files, open_rgb, printable, to_rgb
 from dcal.distributed import pick_device
+from dcal.loading import LoadedModel
 from dcal.model import DCAL
 from dcal.model.dcal import fusion_branches
 from dcal.names import shorten
-from dcal.run_folder import LoadedRun, load_run
-
-# ------------------------------------------------------------------------------------------------ loading
-LoadedModel = LoadedRun  # what load_model returns (the run folder's one loaded-model type, under its older name)
-
-
-def load_model(run: str | Path | None = None, checkpoint: str | Path | None = None, device: str | None = None,
-               overrides: Sequence[str] = ()) -> LoadedRun:
-    """Load a run directory (its best, else last, checkpoint) or a checkpoint file for inference, in eval mode on
-    ``device`` (:func:`dcal.run_folder.load_run`: model, config, class names, the run's test transform)."""
-    loaded = load_run(run, checkpoint, list(overrides))
-    loaded.model.eval().to(pick_device(device, "--device"))
-    return loaded
 
 
 def default_transform(model: DCAL) -> Callable[[Image.Image], Tensor]:
@@ -161,7 +148,7 @@ def _as_items(images_or_paths: Any) -> list[str | Path | Image.Image]:
 
 
 def predict(
-    model: DCAL | LoadedRun,
+    model: DCAL | LoadedModel,
     images_or_paths: Tensor | str | Path | Image.Image | Iterable[str | Path | Image.Image],
     topk: int = 5,
     *,
@@ -179,7 +166,7 @@ def predict(
     used unless given). Unreadable files come back with ``error`` set; the others are predicted. Probabilities are
     the mean of the fused branches' softmaxes (module doc).
     """
-    if isinstance(model, LoadedRun):
+    if isinstance(model, LoadedModel):
         transform = transform or model.transform
         classes = classes if classes is not None else model.classes
         model = model.model

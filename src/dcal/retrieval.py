@@ -34,7 +34,8 @@ from torch import Tensor
 
 from dcal.data.images import open_rgb, printable, safe_file_name
 from dcal.data.reid import FOLDER_CAMERA_PATTERN, MARKET_PATTERN, VERI_PATTERN
-from dcal.inference import LoadedModel, csv_text, list_images, run_batches
+from dcal.inference import csv_text, list_images, run_batches
+from dcal.loading import LoadedModel
 
 FEATURE_FORMAT = "dcal-features"
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from dcal.metrics import compute_distance, eval_reid_features, evaluate_reid, nearest_gallery, re_ranking
+from dcal.metrics import distance as distance_mod
 from dcal.metrics import reid as reid_mod
-from dcal.metrics.reid import TILE_COLS, TILE_ROWS, FeatureDistances, distance_source
+from dcal.metrics.distance import TILE_COLS, TILE_ROWS, FeatureDistances
+from dcal.metrics.reid import distance_source
 from tests.metrics.test_reid_metrics import reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:gallery has only:UserWarning")
@@ -158,14 +160,14 @@ def test_dense_rerank_that_would_not_fit_is_refused(monkeypatch) -> None:
 
 
 def test_default_chunk_follows_free_memory(monkeypatch) -> None:
-    monkeypatch.setattr(reid_mod, "available_memory", lambda: 8 << 30)
-    assert reid_mod.default_chunk_size() == (1 << 30) // reid_mod.BYTES_PER_DISTANCE  # capped at 1 GiB
-    monkeypatch.setattr(reid_mod, "available_memory", lambda: 400 << 20)
-    size = reid_mod.default_chunk_size()
-    assert size * reid_mod.BYTES_PER_DISTANCE <= 100 << 20
-    rows, cols = reid_mod._block_shape(3368, 515913, size)
+    monkeypatch.setattr(distance_mod, "available_memory", lambda: 8 << 30)
+    assert distance_mod.default_chunk_size() == (1 << 30) // distance_mod.BYTES_PER_DISTANCE  # capped at 1 GiB
+    monkeypatch.setattr(distance_mod, "available_memory", lambda: 400 << 20)
+    size = distance_mod.default_chunk_size()
+    assert size * distance_mod.BYTES_PER_DISTANCE <= 100 << 20
+    rows, cols = distance_mod._block_shape(3368, 515913, size)
     assert rows % TILE_ROWS == 0 and cols % TILE_COLS == 0 and rows * cols <= size
-    assert reid_mod._block_shape(3368, 515913, 1) == (TILE_ROWS, TILE_COLS)  # at least one tile
+    assert distance_mod._block_shape(3368, 515913, 1) == (TILE_ROWS, TILE_COLS)  # at least one tile
 
 
 def _peak(fn) -> int:
@@ -186,4 +188,4 @@ def test_memory_is_bounded_by_the_chunk_not_the_gallery() -> None:
         peaks.append(_peak(lambda a=args: eval_reid_features(*a, chunk_size=chunk)))
     dense_matrix = 256 * 32768 * 4
     assert peaks[1] < 1.2 * peaks[0] + (1 << 20)  # 4x the gallery, about the same memory
-    assert peaks[1] < reid_mod.BYTES_PER_DISTANCE * chunk + 2 * dense_matrix // 4
+    assert peaks[1] < distance_mod.BYTES_PER_DISTANCE * chunk + 2 * dense_matrix // 4

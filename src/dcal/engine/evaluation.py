@@ -1,5 +1,5 @@
 """Evaluation: FGVC top-1 and Re-ID mAP/CMC, sharded over the torchrun processes (finished runs load with
-:func:`dcal.run_folder.load_run`).
+:func:`dcal.loading.load_model`).
 
 Under torchrun every process evaluates a contiguous share of the test set (``eval_loader``); FGVC counts are
 summed, Re-ID features are gathered in dataset order and scored once on rank 0, so a large gallery is not one
@@ -130,7 +130,7 @@ def evaluate(model: DCAL, sets: dict[str, Dataset], device: torch.device, cfg: D
 
 # --------------------------------------------------------------------------------------------- eval only
 def evaluate_checkpoint(cfg: DictConfig, model: DCAL, roc: bool = False) -> dict[str, Any]:
-    """The scores of a loaded model (:func:`dcal.run_folder.load_run`) on its config's evaluation split(s);
+    """The scores of a loaded model (:func:`dcal.loading.load_model`) on its config's evaluation split(s);
     ``roc`` as in :func:`evaluate`."""
     device = pick_device(cfg.train.device, "train.device")
     model.to(device)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from dcal.metrics.reid import (
+from dcal.metrics.distance import (
     _KEY_PAD,
     TILE_COLS,
     TILE_ROWS,
