@@ -87,7 +87,8 @@ def test_flat_search_equals_brute_force_with_ties_protocol_and_filters(gallery, 
     cases = [({}, {}),
              ({"query_pids": qp, "query_camids": qc}, {"qp": qp, "qc": qc, "gp": gp, "gc": gc}),
              ({"query_pids": qp, "query_camids": qc, "cameras": [1, 3], "frames": (100, 600)},
-              {"qp": qp, "qc": qc, "gp": gp, "gc": gc, "allowed": np.isin(gc, [1, 3]) & (frame >= 100) & (frame <= 600)})]
+              {"qp": qp, "qc": qc, "gp": gp, "gc": gc,
+               "allowed": np.isin(gc, [1, 3]) & (frame >= 100) & (frame <= 600)})]
     for ours, theirs in cases:
         res = GalleryIndex.open(tmp / "idx").search(q, k, **ours)
         want_rows, want_d = reference(q, g, k, **theirs)
@@ -205,7 +206,8 @@ def test_a_killed_add_leaves_the_index_as_it_was_and_its_lock_is_taken_over(gall
     before = _snapshot(folder)
     code = ("import os, sys; from dcal.gallery import index as gi\n"
             "gi._write_manifest = lambda *a: os._exit(9)\n"  # killed right before the commit
-            f"sys.exit(__import__('dcal.cli').cli.main(['index', 'add', {str(folder)!r}, {str(tmp / 'more.safetensors')!r}]))")
+            f"sys.exit(__import__('dcal.cli').cli.main(['index', 'add', {str(folder)!r}, "
+            f"{str(tmp / 'more.safetensors')!r}]))")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 9, res.stderr
