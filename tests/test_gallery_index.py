@@ -313,3 +313,19 @@ def test_milvus_backend_gives_the_faiss_results(gallery):
     gi.remove_from_index(tmp / "faiss", pids=[3])
     a, b = GalleryIndex.open(tmp / "faiss").search(q, 10), GalleryIndex.open(tmp / "milvus").search(q, 10)
     np.testing.assert_array_equal(a.rows, b.rows)
+
+
+def test_index_benchmark_runs_at_a_tiny_size(tmp_path):
+    from tests.helpers import load_script
+
+    bench = load_script("bench_index")
+    out = bench.main(["--sizes", "3000", "--dims", "32", "--queries", "20", "--threads", "1",
+                      "--json", str(tmp_path / "b.json"), "--work", str(tmp_path / "w")])
+    records = {r["type"]: r for r in out["records"]}
+    assert set(records) == set(bench.TYPES)
+    assert all(0 < r[f"recall@{k}"] <= 1 for r in records.values() for k in (1, 10, 100))
+    assert records["hnsw"]["recall@10"] > 0.9 and set(records["ivf"]["queries_per_s"]) == {1}
+    assert records["ivf"]["index"].startswith("IVF") and records["flat"]["file_bytes"] > 3000 * 32 * 4
+    memory = out["computed_memory (not measured)"]
+    assert memory["flat"]["100M_GB"] == pytest.approx(10 * memory["flat"]["10M_GB"], rel=0.05)
+    assert json.loads((tmp_path / "b.json").read_text())["records"]

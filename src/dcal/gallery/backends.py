@@ -99,7 +99,7 @@ FLAT_MAX_VECTORS = 2_000_000  # auto: exact Flat search up to here (about 20 ms 
 
 
 class FaissBackend:
-    """A faiss index (module doc). ``search_params``: nprobe (IVF), efSearch (HNSW), k_factor (refine)."""
+    """A faiss index (module doc). ``search_params``: nprobe (IVF), efSearch (HNSW), k_factor_rf (refine)."""
 
     name = "faiss"
     max_k = 1 << 62
@@ -124,9 +124,11 @@ class FaissBackend:
 
     def _apply_params(self) -> None:
         ps = self.faiss.ParameterSpace()
+        faiss = self.faiss
+        inner = faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexIDMap) else self.index
         for key, value in self.search_params.items():
             try:
-                ps.set_index_parameter(self.index, key, value)
+                ps.set_index_parameter(inner, key, value)
             except RuntimeError:
                 raise BackendError(f"{key}={value}: index {self.spec!r} has no such search parameter") from None
 
@@ -198,7 +200,7 @@ class FaissBackend:
 
 
 def default_search_params(index: Any) -> dict[str, int]:
-    """nprobe = lists / 16 (IVF; at least 1), efSearch 128 (HNSW), k_factor 4 (refine): defaults aimed at
+    """nprobe = lists / 16 (IVF; at least 1), efSearch 128 (HNSW), k_factor_rf 4 (refine): defaults aimed at
     recall@10 near 0.99, which the benchmark measures; ``dcal index search --nprobe`` changes them per search."""
     import faiss
 
@@ -210,7 +212,7 @@ def default_search_params(index: Any) -> dict[str, int]:
     if "HNSW" in text:
         out["efSearch"] = 128
     if "Refine" in text:
-        out["k_factor"] = 4
+        out["k_factor_rf"] = 4
     return out
 
 
