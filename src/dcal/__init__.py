@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 SUBMODULES = (
     "ablation", "checkpoint", "cli", "config", "data", "demo", "distributed", "engine", "errors", "export",
-    "inference", "loading", "losses", "mechanism", "metrics", "model", "names", "pretrain", "report", "retrieval", "run_folder",
-    "visualize", "vocabulary",
+    "gallery", "inference", "loading", "losses", "mechanism", "metrics", "model", "names", "pretrain", "report",
+    "retrieval", "run_folder", "visualize", "vocabulary",
 )
 # public name -> the module that defines it
 _ATTRIBUTES = {

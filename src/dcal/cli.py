@@ -1,5 +1,5 @@
-"""The ``dcal`` command line: train, eval, demo, visualize, complexity, ablation, predict, embed, search, export,
-report."""
+"""The ``dcal`` command line: train, eval, demo, visualize, complexity, ablation, predict, embed, search, index,
+export, report."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dcal.vocabulary import FUSIONS, RERANK_METHODS, RETRIEVAL_METRICS
+from dcal.vocabulary import FEATURE_DTYPES, FUSIONS, INDEX_BACKENDS, INDEX_KINDS, RERANK_METHODS, RETRIEVAL_METRICS
 
 EPILOG = "Config keys are dotted (data.root=..., train.epochs=...); see configs/ and the README."
 
@@ -36,7 +36,7 @@ class _IntermixedParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        if self._inner:
+        if self._inner or self._subparsers is not None:  # argparse cannot intermix a parser with subcommands
             return super().parse_known_args(args, namespace)
         self._inner = True
         try:
@@ -146,10 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write the predictions to this .csv or .json file (default: printed only)")
     _add_inference(p)
 
-    p = sub.add_parser("embed", help="Re-ID features of image folders, saved for 'dcal search'", parents=[threads])
+    p = sub.add_parser("embed", help="Re-ID features of image folders, saved for 'dcal search' and 'dcal index'",
+                       parents=[threads], epilog="A folder --output is a shard set: resumable (run the same command "
+                       "again after a kill) and shared by the processes of torchrun --nproc_per_node=N -m dcal embed.")
     _add_source(p, overrides=False)
     p.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
-    p.add_argument("--output", required=True, help=".safetensors file: features + index (paths, pid, camid)")
+    p.add_argument("--output", required=True, help="a .safetensors file (features + index: paths, pid, camid) or a "
+                   "folder: a shard set for large galleries")
+    p.add_argument("--shard-size", type=_at_least_one, default=10_000, help="images per shard (folder --output)")
+    p.add_argument("--dtype", default="float16", choices=FEATURE_DTYPES,
+                   help="stored feature precision (folder --output; a .safetensors file is float32)")
     _add_embedding(p)
 
     p = sub.add_parser("search", help="rank a gallery for each query; mAP/CMC when ids are known; visrank pictures",
@@ -173,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a query whose best match is farther than this distance is 'not in the gallery' (the CSV's "
                         "in_gallery column); 'dcal eval' reports thresholds for FPR 1e-2..1e-4 (default: none)")
     _add_embedding(p)
+
+    _add_index_parser(sub, threads)
 
     p = sub.add_parser("export", help="export to ONNX (inference graph) and/or .safetensors (weights + config)",
                        parents=[threads])
@@ -215,6 +223,64 @@ def build_parser() -> argparse.ArgumentParser:
                         "number in the table stays the last epoch's")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every variant, e.g. train.epochs=5")
     return parser
+
+
+def _add_index_parser(sub: Any, threads: argparse.ArgumentParser) -> None:
+    """``dcal index build|add|search|info|remove`` (:mod:`dcal.gallery.index`)."""
+    p = sub.add_parser("index", help="a gallery index on disk (faiss or Milvus): build, add, search, info, remove",
+                       epilog="Needs pip install 'dcal[search]' (faiss-cpu); the Milvus backend 'dcal[milvus]'.")
+    cmds = p.add_subparsers(dest="index_command", metavar="action", required=True, parser_class=_IntermixedParser)
+    sources = "features files (dcal embed), shard-set folders (dcal embed --output FOLDER) or image folders"
+
+    q = cmds.add_parser("build", help="a new index from features or images", parents=[threads])
+    q.add_argument("index", help="the index folder to create")
+    q.add_argument("sources", nargs="+", help=sources + " (image folders need --run or --checkpoint)")
+    q.add_argument("--type", default="auto", metavar="TYPE",
+                   help=f"{' | '.join(INDEX_KINDS)}, or any faiss index_factory string (auto: flat up to 2M vectors, "
+                        "else ivf)")
+    q.add_argument("--backend", default="faiss", choices=INDEX_BACKENDS, help="where the vectors live")
+    q.add_argument("--milvus-uri", default=None, help="Milvus server (http://host:19530) or a milvus-lite .db file "
+                   "(default: milvus.db in the index folder)")
+    q.add_argument("--collection", default=None, help="Milvus collection name (default: a new random one)")
+    q.add_argument("--metric", default="euclidean", choices=RETRIEVAL_METRICS, help="distance searches report")
+    q.add_argument("--overwrite", action="store_true", help="replace an index already in the folder")
+    _add_source(q, overrides=False, required=False)
+    _add_embedding(q)
+
+    q = cmds.add_parser("add", help="append images or features to an index (nothing re-embedded)", parents=[threads])
+    q.add_argument("index", help="the index folder")
+    q.add_argument("sources", nargs="+", help=sources + "; items whose path the index holds are skipped")
+    _add_source(q, overrides=False, required=False)
+    _add_embedding(q)
+
+    q = cmds.add_parser("search", help="the nearest gallery items of each query; ranking.csv and visrank/",
+                        parents=[threads])
+    q.add_argument("index", help="the index folder")
+    q.add_argument("--query", required=True, help="query features file, shard set, or image folder (with --run)")
+    q.add_argument("--topk", type=_at_least_one, default=50, help="ranked gallery items per query")
+    q.add_argument("--output-dir", default="search", help="ranking.csv, visrank/")
+    q.add_argument("--num-vis", type=int, default=100, help="queries drawn with their top-10 (-1: all, 0: none)")
+    q.add_argument("--cameras", default=None, help="only gallery items of these cameras, numbered as in the file "
+                   "names (c1 = 1), e.g. 1,3 (default: all)")
+    q.add_argument("--frames", default=None, metavar="FIRST:LAST",
+                   help="only gallery items whose name's frame / time number lies in this window (default: all)")
+    q.add_argument("--no-protocol", action="store_true", help="keep the gallery items of the query's identity "
+                   "under the query's camera, and junk pid -1 (left out by default, as in evaluation)")
+    q.add_argument("--nprobe", type=_at_least_one, default=None,
+                   help="IVF lists searched (default: the index's, lists / 16): more is slower and nearer exact")
+    q.add_argument("--ef-search", type=_at_least_one, default=None, help="HNSW search breadth (default: 128)")
+    q.add_argument("--metric", default=None, choices=RETRIEVAL_METRICS, help="default: the index's")
+    _add_source(q, overrides=False, required=False)
+    _add_embedding(q)
+
+    q = cmds.add_parser("info", help="what an index holds and how it was built")
+    q.add_argument("index", help="the index folder")
+    q.add_argument("--json", action="store_true", help="print JSON")
+
+    q = cmds.add_parser("remove", help="remove items by path or identity (where the index type allows it)")
+    q.add_argument("index", help="the index folder")
+    q.add_argument("--path", nargs="+", default=[], help="gallery paths as the index stores them (see ranking.csv)")
+    q.add_argument("--pid", nargs="+", type=int, default=[], help="every item of these identities")
 
 
 def cmd_train(args: argparse.Namespace) -> Any:
@@ -355,14 +421,57 @@ def _report_failed(features: Any) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> Any:
     from dcal.loading import load_model
-    from dcal.retrieval import embed_images
+    from dcal.retrieval import embed_images, is_features_file
 
+    if not is_features_file(args.output):
+        return _embed_shards(args)
+    from dcal.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise ValueError("under torchrun --output must be a folder (a shard set the processes share)")
     feats = embed_images(load_model(args.run, args.checkpoint, args.device), args.paths, **_embed_kwargs(args))
     _report_failed(feats)
     path = feats.save(args.output)
     ids = "with pid/camid" if feats.has_ids else "without ids (names carry none)"
     print(f"wrote {path}: {len(feats)} features of dimension {feats.features.shape[1]}, {ids}")
     return feats
+
+
+def _embed_shards(args: argparse.Namespace) -> Any:
+    """``dcal embed --output FOLDER``: a resumable shard set; under torchrun each process embeds its shards."""
+    from dcal import distributed as dist
+    from dcal.gallery.shards import embed_shards, finish_shards, plan_shards, start_shards
+    from dcal.inference import load_model
+
+    info, device = dist.init(args.device or "auto")
+    try:
+        loaded = load_model(args.run, args.checkpoint, str(device))
+        options = {k: v for k, v in _embed_kwargs(args).items() if k != "workers"}
+        plan = plan_shards(loaded, args.paths, args.output, shard_size=args.shard_size, dtype=args.dtype, **options)
+        resumed = dist.on_main(lambda: start_shards(plan))
+        dist.barrier()
+        error: BaseException | None = None
+        try:
+            record = embed_shards(loaded, plan, rank=info.rank, world_size=info.world_size, workers=args.workers)
+        except BaseException as e:  # every process must reach the agreement below, or the others wait forever
+            error, record = e, {}
+        if not dist.all_agree(error is None, device):
+            if error is not None:
+                raise error
+            raise RuntimeError("another process failed (its error is printed above); run the command again to "
+                               "resume")
+        totals = dist.all_reduce_sum([record["embedded"], len(record["skipped"])], device)
+        shards = dist.on_main(lambda: finish_shards(plan.folder))
+    finally:
+        dist.shutdown(info)
+    if info.is_main:
+        rate = totals[0] / record["seconds"] if record["seconds"] > 0 else 0.0
+        print(f"{'resumed; ' if resumed else ''}embedded {int(totals[0])} images now ({rate:.1f} images/s"
+              f"{' on rank 0' if info.enabled else ''}), {int(totals[1])} unreadable skipped")
+        print(f"wrote {plan.folder}: {len(shards)} features of dimension {shards.manifest['meta']['dim']} in "
+              f"{shards.manifest['num_shards']} shards ({shards.manifest['dtype']}), {shards.manifest['failed']} "
+              "images unreadable in all")
+    return shards
 
 
 def cmd_search(args: argparse.Namespace) -> Any:
@@ -401,6 +510,81 @@ def cmd_search(args: argparse.Namespace) -> Any:
     if args.num_vis:
         print(f"{len(pics)} ranking pictures in {out / 'visrank'}")
     return ranking
+
+
+def cmd_index(args: argparse.Namespace) -> Any:
+    from dcal.checkpoint import json_text
+    from dcal.gallery import index as gi
+
+    gi.set_threads(args.threads if "threads" in args else None)
+    action = args.index_command
+    if action == "info":
+        info = gi.GalleryIndex.open(args.index).info()
+        print(json_text(info, indent=1).rstrip() if args.json else "\n".join(f"{k:>18}: {v}" for k, v in info.items()))
+        return info
+    if action == "remove":
+        if not (args.path or args.pid):
+            raise ValueError("give --path and/or --pid: what to remove")
+        index, n = gi.remove_from_index(args.index, args.path, args.pid)
+        print(f"removed {n} items from {args.index}: {len(index)} remain")
+        return index
+    from dcal.inference import load_model
+
+    loaded = load_model(args.run, args.checkpoint, args.device) if args.run or args.checkpoint else None
+    if action == "build":
+        sources = [gi.open_source(s, loaded, **_embed_kwargs(args)) for s in args.sources]
+        _report_failed_sources(sources)
+        index = gi.build_index(args.index, sources, args.type, backend=args.backend, metric=args.metric,
+                               overwrite=args.overwrite, milvus_uri=args.milvus_uri, collection=args.collection)
+        print(f"built {args.index}: {len(index)} vectors, {index.manifest['index']} ({index.manifest['backend']})")
+        return index
+    if action == "add":
+        held = set(gi.GalleryIndex.open(args.index).idmap.paths()) if loaded is not None else set()
+        sources = [gi.open_source(s, loaded, skip_paths=held, **_embed_kwargs(args)) for s in args.sources]
+        _report_failed_sources(sources)
+        index, added, skipped = gi.add_to_index(args.index, sources)
+        print(f"added {added} items to {args.index} ({skipped} already there skipped): {len(index)} in all")
+        return index
+    return _index_search(args, gi, loaded)
+
+
+def _report_failed_sources(sources: Any) -> None:
+    for s in sources:
+        for path, err in s.failed.items():
+            print(f"skipped {path}: {err}", file=sys.stderr)
+
+
+def _index_search(args: argparse.Namespace, gi: Any, loaded: Any) -> Any:
+    import torch
+
+    from dcal.retrieval import FeatureSet
+
+    params = {k: v for k, v in (("nprobe", args.nprobe), ("efSearch", args.ef_search)) if v is not None}
+    index = gi.GalleryIndex.open(args.index, search_params=params)
+    source = gi.open_source(args.query, loaded, **_embed_kwargs(args))
+    _report_failed_sources([source])
+    parts = list(source.chunks())
+    query = FeatureSet(torch.cat([p.features.float() for p in parts]), sum((p.paths for p in parts), []),
+                       None, None, source.meta)
+    if all(p.has_ids for p in parts):
+        query.pids, query.camids = sum((p.pids for p in parts), []), sum((p.camids for p in parts), [])
+    gi.check_features(index.manifest["features"], query.meta, f"--query {args.query}", index.folder)
+    cameras = [int(c) - 1 for c in args.cameras.split(",") if c.strip()] if args.cameras else None
+    frames = None
+    if args.frames:
+        first, sep, last = args.frames.partition(":")
+        if not sep or not first.strip().lstrip("-").isdigit() or not last.strip().lstrip("-").isdigit():
+            raise ValueError(f"--frames {args.frames!r}: expected FIRST:LAST, two integers")
+        frames = (int(first), int(last))
+    result = index.search(query.features, args.topk, query_pids=query.pids, query_camids=query.camids,
+                          protocol=not args.no_protocol, cameras=cameras, frames=frames,
+                          metric=args.metric or index.manifest["metric"])
+    out = Path(args.output_dir)
+    pics = gi.write_index_search(out, query, index, result, None if args.num_vis < 0 else args.num_vis)
+    found = int((result.rows >= 0).any(1).sum())
+    print(f"{len(query)} queries against {len(index)} gallery items ({found} with a result); ranking in "
+          f"{out / 'ranking.csv'}" + (f", {len(pics)} pictures in {out / 'visrank'}" if args.num_vis else ""))
+    return result
 
 
 def cmd_export(args: argparse.Namespace) -> Any:
@@ -497,7 +681,7 @@ def _rank_tag() -> str:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "visualize": cmd_visualize,
             "complexity": cmd_complexity, "ablation": cmd_ablation, "predict": cmd_predict, "embed": cmd_embed,
-            "search": cmd_search, "export": cmd_export, "report": cmd_report,
+            "search": cmd_search, "index": cmd_index, "export": cmd_export, "report": cmd_report,
             "recipes": cmd_recipes}
 
 

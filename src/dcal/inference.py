@@ -13,6 +13,7 @@ the paper's sum does.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import sys
@@ -100,9 +101,11 @@ def run_batches(
     batch_size: int = 32,
     workers: int = 0,
     desc: str = "images",
+    progress: tqdm | None = None,
 ) -> tuple[Tensor | None, list[int], dict[int, str]]:
     """``fn`` on every readable item, in batches: (outputs of the readable items stacked on the CPU, their
-    indices into ``items``, {index: reason} of the unreadable ones)."""
+    indices into ``items``, {index: reason} of the unreadable ones). ``progress``: a caller's bar to advance
+    (one bar over several calls, e.g. the shards of ``dcal embed``) instead of a bar of this call's own."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     loader = DataLoader(ImageInputs(items, transform), batch_size=batch_size, num_workers=workers,
@@ -110,8 +113,10 @@ def run_batches(
     outputs: list[Tensor] = []
     done: list[int] = []
     failed: dict[int, str] = {}
-    bar = tqdm(total=len(items), desc=desc, unit="img", dynamic_ncols=True, disable=not sys.stderr.isatty())
-    with torch.inference_mode(), bar:
+    own = progress is None
+    bar = tqdm(total=len(items), desc=desc, unit="img", dynamic_ncols=True, disable=not sys.stderr.isatty()) \
+        if own else progress
+    with torch.inference_mode(), (bar if own else contextlib.nullcontext()):
         for images, idx, errors in loader:
             failed.update(errors)
             if images is not None:

@@ -54,6 +54,22 @@ def parse_identity(path: str | Path) -> tuple[int, int] | None:
     return None
 
 
+# the frame (or time) number that names carry: Market/Duke 0002_c1s1_000451_03 (frame of sequence s1), VeRi
+# 0002_c002_00030600_0 (a time stamp), MARS 0001C1T0001F001 (frame of tracklet T0001)
+_FRAME_PATTERNS = (re.compile(r"^-?\d+_c\d+s\d+_(\d+)_"), re.compile(r"^\d+_c\d{3}_(\d+)_"),
+                   re.compile(r"^-?\d+C\d+T\d+F(\d+)"))
+
+
+def parse_frame(path: str | Path) -> int | None:
+    """The frame / time number of a Market/Duke, VeRi or MARS file name, else None."""
+    name = Path(path).name
+    for pattern in _FRAME_PATTERNS:
+        m = pattern.match(name)
+        if m is not None:
+            return int(m.group(1))
+    return None
+
+
 # --------------------------------------------------------------------------------------------- features
 @dataclass
 class FeatureSet:
@@ -112,6 +128,49 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def embedding_options(loaded: LoadedModel, fusion: str | None = None, after_bn: bool | None = None,
+                      flip: bool | None = None, batch_size: int | None = None) -> dict[str, Any]:
+    """The embedding settings, each defaulting to the run's evaluation setting (``eval.fusion``,
+    ``eval.reid_feature``, ``eval.flip``, ``eval.batch_size``)."""
+    cfg = loaded.cfg
+    return {"fusion": fusion or cfg.eval.fusion,
+            "after_bn": (cfg.eval.reid_feature == "after_bn") if after_bn is None else after_bn,
+            "flip": bool(cfg.eval.flip) if flip is None else flip,
+            "batch_size": batch_size or cfg.eval.batch_size or cfg.train.batch_size}
+
+
+def embedding_meta(loaded: LoadedModel, options: dict[str, Any], dim: int | None) -> dict[str, Any]:
+    """How features were computed (a features file's ``meta``): the weights' digest and the settings that
+    :func:`check_compatible` compares."""
+    return {"checkpoint": str(loaded.checkpoint), "checkpoint_sha256": file_digest(loaded.checkpoint),
+            "fusion": options["fusion"], "after_bn": options["after_bn"], "flip": options["flip"],
+            "dim": dim, "img_size": list(loaded.model.backbone.patch_embed.img_size)}
+
+
+def embed_files(loaded: LoadedModel, files: Sequence[str | Path], options: dict[str, Any], workers: int = 0,
+                progress: Any = None) -> tuple[Tensor | None, list[str], dict[str, str]]:
+    """Embed ``files`` (a list, not folders) with :func:`embedding_options`: (features of the readable files or
+    None, their paths, {path: reason} of the unreadable ones)."""
+    model = loaded.model
+    device = next(model.parameters()).device
+
+    def embed(images: Tensor) -> Tensor:
+        return model.embed(images, options["fusion"], options["after_bn"], options["flip"]).float()
+
+    model.eval()
+    feats, done, failed = run_batches(embed, list(files), loaded.transform, device, options["batch_size"], workers,
+                                      desc="embed", progress=progress)
+    return feats, [str(files[i]) for i in done], {str(files[i]): err for i, err in failed.items()}
+
+
+def identities(paths: Sequence[str]) -> tuple[list[int] | None, list[int] | None]:
+    """(pids, camids) of ``paths`` by :func:`parse_identity`, or (None, None) when any name carries none."""
+    ids = [parse_identity(p) for p in paths]
+    if not all(i is not None for i in ids):
+        return None, None
+    return [i[0] for i in ids], [i[1] for i in ids]  # type: ignore[index]
+
+
 def embed_images(
     loaded: LoadedModel,
     paths: Sequence[str | Path],
@@ -123,33 +182,17 @@ def embed_images(
     workers: int = 0,
 ) -> FeatureSet:
     """Embed every image of ``paths`` (files and folders, recursive) in batches; options default to the run's
-    evaluation settings (``eval.fusion``, ``eval.reid_feature``, ``eval.flip``, ``eval.batch_size``)."""
-    model, cfg = loaded.model, loaded.cfg
-    fusion = fusion or cfg.eval.fusion
-    after_bn = (cfg.eval.reid_feature == "after_bn") if after_bn is None else after_bn
-    flip = bool(cfg.eval.flip) if flip is None else flip
-    batch_size = batch_size or cfg.eval.batch_size or cfg.train.batch_size
-    device = next(model.parameters()).device
-
-    def embed(images: Tensor) -> Tensor:
-        return model.embed(images, fusion, after_bn, flip).float()
-
+    evaluation settings (:func:`embedding_options`)."""
+    options = embedding_options(loaded, fusion, after_bn, flip, batch_size)
     files = list_images(paths)
     if not files:
         raise FileNotFoundError(f"no image found in {', '.join(map(str, paths))}")
-    model.eval()
-    feats, done, failed = run_batches(embed, files, loaded.transform, device, batch_size, workers, desc="embed")
+    feats, kept, failed = embed_files(loaded, files, options, workers)
     if feats is None:
-        raise ValueError(f"none of the {len(files)} images could be read (first: {files[0]}: {failed[0]})")
-    kept = [str(files[i]) for i in done]
-    ids = [parse_identity(p) for p in kept]
-    has_ids = all(i is not None for i in ids)
-    meta = {"checkpoint": str(loaded.checkpoint), "checkpoint_sha256": file_digest(loaded.checkpoint),
-            "fusion": fusion, "after_bn": after_bn, "flip": flip, "dim": int(feats.shape[1]),
-            "img_size": list(model.backbone.patch_embed.img_size)}
-    return FeatureSet(feats, kept, [i[0] for i in ids] if has_ids else None,  # type: ignore[index]
-                      [i[1] for i in ids] if has_ids else None, meta,  # type: ignore[index]
-                      {str(files[i]): err for i, err in failed.items()})
+        raise ValueError(f"none of the {len(files)} images could be read (first: {files[0]}: "
+                         f"{next(iter(failed.values()))})")
+    pids, camids = identities(kept)
+    return FeatureSet(feats, kept, pids, camids, embedding_meta(loaded, options, int(feats.shape[1])), failed)
 
 
 def is_features_file(path: str | Path) -> bool:

@@ -469,9 +469,11 @@ class RunLock:
     _held: dict[str, int] = {}  # lock files this process holds -> how many holders (a process-wide lock table)
     _lent: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("dcal_lent_locks", default=frozenset())
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, user: str = "dcal run",
+                 advice: str = "wait for it to end or train into another output_dir=") -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK
+        self.user, self.advice = user, advice  # the locked message: "in use by another <user> ...; <advice>"
         self._fd: int | None = None
         self._nested = False
 
@@ -561,8 +563,7 @@ class RunLock:
     def _locked_message(self, owner: dict[str, Any]) -> str:
         gone = (" (that PID has exited: its data-loading workers may hold the lock a few seconds more)"
                 if owner and _alive_here(owner) is False else "")
-        return (f"{self.folder} is in use by another dcal run: {describe_owner(owner)}{gone}; wait for it to end "
-                f"or train into another output_dir=")
+        return f"{self.folder} is in use by another {self.user}: {describe_owner(owner)}{gone}; {self.advice}"
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (no-op when not held; a nested holder only counts down)."""

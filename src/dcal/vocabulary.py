@@ -36,6 +36,10 @@ REID_FEATURES = ("before_bn", "after_bn")
 RETRIEVAL_METRICS = ("euclidean", "cosine")  # eval.metric, dcal search --metric
 # eval.rerank_method, dcal search --rerank: k-reciprocal re-ranking on the sparse neighbour graph | dense matrices
 RERANK_METHODS = ("graph", "dense")
+# dcal index build --type (any faiss index_factory string is taken too); auto: flat up to FLAT_MAX_VECTORS, else ivf
+INDEX_KINDS = ("auto", "flat", "ivf", "ivf-pq", "ivf-sq8", "hnsw")
+INDEX_BACKENDS = ("faiss", "milvus")  # dcal index build --backend
+FEATURE_DTYPES = ("float16", "float32")  # dcal embed --dtype (feature shards)
 # the scores an epoch record carries; the first one picks the best checkpoint
 SCORE_KEYS = {"fgvc": ("top1", "top1_sa", "top1_glca"), "reid": ("mAP", "rank1", "mINP")}
 BEST_METRIC = {task: keys[0] for task, keys in SCORE_KEYS.items()}
