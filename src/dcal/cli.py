@@ -441,7 +441,7 @@ def _embed_shards(args: argparse.Namespace) -> Any:
     """``dcal embed --output FOLDER``: a resumable shard set; under torchrun each process embeds its shards."""
     from dcal import distributed as dist
     from dcal.gallery.shards import embed_shards, finish_shards, plan_shards, start_shards
-    from dcal.inference import load_model
+    from dcal.loading import load_model
 
     info, device = dist.init(args.device or "auto")
     try:
@@ -528,7 +528,7 @@ def cmd_index(args: argparse.Namespace) -> Any:
         index, n = gi.remove_from_index(args.index, args.path, args.pid)
         print(f"removed {n} items from {args.index}: {len(index)} remain")
         return index
-    from dcal.inference import load_model
+    from dcal.loading import load_model
 
     loaded = load_model(args.run, args.checkpoint, args.device) if args.run or args.checkpoint else None
     if action == "build":
