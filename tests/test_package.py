@@ -161,3 +161,85 @@ def test_no_import_circles_counting_imports_inside_functions():
         if v not in index:
             visit(v)
     assert not circles, circles
+
+
+def _anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped (``_`` and ``-`` kept), spaces as
+    hyphens, a repeated heading numbered ``-1``, ``-2``, ... Lines inside fenced code blocks are not headings."""
+    import re
+
+    found: set[str] = set()
+    fenced = False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        heading = re.match(r"#{1,6} +(.*?) *#* *$", line)
+        if fenced or not heading:
+            continue
+        text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.group(1))  # a link in a heading: its text
+        base = re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+        slug, n = base, 0
+        while slug in found:
+            n += 1
+            slug = f"{base}-{n}"
+        found.add(slug)
+    return found
+
+
+def broken_links(repo: Path, pages: list[Path]) -> list[str]:
+    """Every relative ``](path)`` and ``](path#anchor)`` of ``pages`` (outside fenced code) that names no file, or a
+    heading that the Markdown file it names does not have; web addresses are not checked."""
+    import re
+
+    broken = []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        prose = re.sub(r"^ *```.*?^ *```", "", text, flags=re.M | re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(repo)}: ]({target})"
+            if not file.exists():
+                broken.append(f"{where}: no file {path}")
+            elif anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text(encoding="utf-8")):
+                broken.append(f"{where}: {file.relative_to(repo)} has no heading #{anchor}")
+    return broken
+
+
+def test_every_relative_link_of_the_readme_and_docs_points_to_a_file_and_heading():
+    repo = Path(__file__).resolve().parents[1]
+    pages = [repo / "README.md", repo / "CHANGELOG.md", repo / "benchmarks" / "README.md",
+             *sorted((repo / "docs").glob("*.md"))]
+    assert len(pages) > 8
+    assert broken_links(repo, pages) == []
+
+
+def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A page\n\n## Some `code`: here\n\n```\n# not a heading\n```\n")
+    page = tmp_path / "README.md"
+    page.write_text("[ok](docs/a.md#some-code-here) [self](#top) [web](https://x.org/y#z)\n\n# Top\n\n"
+                    "[gone](docs/b.md) [bad anchor](docs/a.md#not-a-heading) ![pic](docs/a.png)\n\n"
+                    "```\n[in code](nowhere.md)\n```\n")
+    assert broken_links(tmp_path, [page]) == [
+        "README.md: ](docs/b.md): no file docs/b.md",
+        "README.md: ](docs/a.md#not-a-heading): docs/a.md has no heading #not-a-heading",
+        "README.md: ](docs/a.png): no file docs/a.png",
+    ]
+
+
+def test_docs_commands_md_lists_every_command_and_option_of_the_parser():
+    """docs/commands.md's option tables are written from dcal.cli's parser by docs/cli_reference.py: a flag added,
+    removed or renamed in the code without rerunning it fails here."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("cli_reference", repo / "docs" / "cli_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.DOC.read_text(encoding="utf-8")
+    assert module.replace_section(text, module.render()) == text, "run: python docs/cli_reference.py"
+    for command in ("train", "eval", "demo", "predict", "embed", "search", "index build", "export", "ablation"):
+        assert f"### `dcal {command}`" in text
