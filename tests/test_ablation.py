@@ -101,6 +101,28 @@ def test_every_evaluated_epoch_is_kept_and_drawn_as_curves(ablation):
         assert im.size[0] > 1000 and im.size[1] > 300
 
 
+def test_the_curve_bands_are_drawn_on_the_scale_of_their_lines(tmp_path, monkeypatch):
+    """The band of a percentage panel (PWCA share, stored as a fraction) surrounds its line: mean ± std, both
+    scaled, never the unscaled mean with a scaled std."""
+    import matplotlib.axes
+
+    from dcal.ablation import plot_curves
+
+    def run(shares):
+        return {"curve": [{"epoch": e, "top1": 50.0 + e + s, "train_top1": 60.0, "pwca_share_mean": 0.4 + s / 100}
+                          for e, s in zip((1, 2), shares, strict=True)]}
+
+    summary = {"metrics": ["top1"], "sets": ["t"],
+               "rows": [{"variant": "DCAL", "runs": [run((0, 0)), run((2, 2))]}]}
+    bands = []
+    real = matplotlib.axes.Axes.fill_between
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between",
+                        lambda self, x, lo, hi, **kw: bands.append((lo, hi)) or real(self, x, lo, hi, **kw))
+    plot_curves(summary, tmp_path / "c.png")
+    lo, hi = bands[-1]  # the PWCA share panel, in %
+    assert all(a < 41.0 < b for a, b in zip(lo, hi, strict=True))
+
+
 def test_rerun_reuses_and_an_interrupted_run_resumes(ablation):
     recipe, out, summary, _ = ablation
     dcal_run = out / "dcal" / "seed1"

@@ -450,11 +450,11 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path | None:
             epochs, mean, sd = _band(r["runs"], key)
             if not epochs:
                 continue
-            m = [scale * x for x in mean]
+            m, s = [scale * x for x in mean], [scale * x for x in sd]
             ax.plot(epochs, m, color=color, label=r["variant"], lw=1.6)
             if len(r["runs"]) > 1:
-                ax.fill_between(epochs, [a - scale * b for a, b in zip(mean, sd, strict=True)],
-                                [a + scale * b for a, b in zip(mean, sd, strict=True)], color=color, alpha=0.18)
+                ax.fill_between(epochs, [a - b for a, b in zip(m, s, strict=True)],
+                                [a + b for a, b in zip(m, s, strict=True)], color=color, alpha=0.18)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
