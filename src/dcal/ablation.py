@@ -432,8 +432,9 @@ def _band(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float],
 
 
 def plot_curves(summary: dict[str, Any], path: Path) -> Path | None:
-    """Test score over epochs per variant (mean over seeds, band = ± one sample std), the training top-1 beside
-    it, and PWCA's distractor share where a variant has one; None when no run has a curve of 2+ points."""
+    """Test score over epochs per variant (mean over seeds, band = ± one sample std, every seed as a thin line),
+    the training top-1 beside it, and PWCA's distractor share where a variant has one; None when no run has a curve
+    of 2+ points."""
     from dcal.visualize import new_figure, save_figure
 
     main, rows = summary["metrics"][0], summary["rows"]
@@ -452,6 +453,9 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path | None:
                 continue
             m, s = [scale * x for x in mean], [scale * x for x in sd]
             ax.plot(epochs, m, color=color, label=r["variant"], lw=1.6)
+            for run in r["runs"]:  # every seed's own curve, thin: a collapsed seed shows as itself
+                points = [(p["epoch"], scale * p[key]) for p in run.get("curve", []) if p.get(key) is not None]
+                ax.plot([e for e, _ in points], [v for _, v in points], color=color, lw=0.6, alpha=0.45)
             if len(r["runs"]) > 1:
                 ax.fill_between(epochs, [a - b for a, b in zip(m, s, strict=True)],
                                 [a + b for a, b in zip(m, s, strict=True)], color=color, alpha=0.18)
