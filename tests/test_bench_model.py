@@ -43,11 +43,27 @@ def test_update_readme_replaces_between_the_marker_lines_only():
         mod.replace_section(text.replace(f"\n{mod.END}\n", "\n"), "x")
 
 
-def test_profile_inference_prints_the_three_forwards(capsys):
+def test_profile_inference_prints_the_forwards(capsys):
     assert load_script("profile_inference").main(["--img-size", "32", "--reps", "1"]) == 0
     out = capsys.readouterr().out
     assert "deit_tiny_patch16_224 32x32 batch 1" in out
-    assert all(f"{name} " in out for name in ("timm", "DCAL SA-only", "DCAL (SA + GLCA)")) and "x timm" in out
+    names = ("timm", "DCAL SA-only", "DCAL (SA + GLCA)", "DCAL, two-pass")
+    assert all(f"{name} " in out for name in names) and "x timm" in out
+
+
+def test_profile_inference_two_pass_is_the_same_model_without_the_workspace():
+    from tests.helpers import tiny_model
+
+    script = load_script("profile_inference")
+    model = tiny_model().eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        model.release_workspace()
+        got = script.two_pass(model, x)
+    assert "_kept_workspace" not in vars(model) and "_workspace" not in vars(model)
+    assert torch.equal(got["selected"], want["selected"])
+    torch.testing.assert_close(got["logits"]["glca"], want["logits"]["glca"], atol=1e-5, rtol=1e-5)
 
 
 TINY = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8)

@@ -205,9 +205,11 @@ def rollout_row(attentions: Sequence[Tensor | QueryKey], start: Tensor | None = 
     last = attentions[-1]
     # float32 even under autocast: the rollout decides which patches GLCA sees, bf16 scores would reorder them
     with torch.autocast(device_type=(last.q if isinstance(last, QueryKey) else last).device.type, enabled=False):
-        # one tile's scratch for all blocks (untouched pages cost nothing until a tile uses them)
+        # one tile's scratch for all blocks' query/key tiles (untouched pages cost nothing until a tile uses them);
+        # explicit maps need none
         device = (last.q if isinstance(last, QueryKey) else last).device
-        buffer = torch.empty(default_tile_elements(device), dtype=torch.float32, device=device)
+        buffer = (torch.empty(default_tile_elements(device), dtype=torch.float32, device=device)
+                  if isinstance(last, QueryKey) else None)
         if start is None:
             row = 0.5 * cls_attention_row(last).float()
             row[:, 0] += 0.5  # e₀ᵀ S̄_L = 0.5 e₀ᵀ S_L + 0.5 e₀ᵀ
