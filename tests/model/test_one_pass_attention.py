@@ -93,11 +93,22 @@ def test_bad_inputs_say_what_was_expected():
 
 
 def test_chunk_rows_keep_every_thread_busy():
-    """About 64 rows, split evenly; few (image, chunk) items: a multiple of the threads (785 rows: 14 of 57 on 2)."""
-    assert fused_rollout.attention_chunk_rows(785, 8, 2) == 61  # 13 chunks, 104 items
-    assert fused_rollout.attention_chunk_rows(785, 1, 2) == 57
-    assert fused_rollout.attention_chunk_rows(785, 1, 3) == 53  # 15 chunks, not 13, on 3 threads
+    """About 128 rows, split evenly; few (image, chunk) items: a multiple of the threads (785 rows: 8 of 99 on 2)."""
+    assert fused_rollout.attention_chunk_rows(785, 8, 2) == 113  # 7 chunks, 56 items
+    assert fused_rollout.attention_chunk_rows(785, 1, 2) == 99
+    assert fused_rollout.attention_chunk_rows(785, 1, 3) == 88  # 9 chunks, not 7, on 3 threads
     assert fused_rollout.attention_chunk_rows(17, 1, 2) == 9 and fused_rollout.attention_chunk_rows(1, 1, 4) == 1
+
+
+def test_nan_propagates_as_in_timms_attention():
+    """A NaN in a query makes that row's output NaN (as F.scaled_dot_product_attention), not a silent number."""
+    _kernel()
+    q, k, v, _, _ = _problem(1, 2, 20, 8)
+    q = q.clone()
+    q[0, 1, 3, 0] = float("nan")
+    out = fused_rollout.attention_mean(q, k, v, 0.35, torch.empty(1, 20, 20))
+    want = F.scaled_dot_product_attention(q, k, v, scale=0.35)
+    assert torch.equal(out.isnan(), want.isnan()) and out[0, 1, 3].isnan().all()
 
 
 # ------------------------------------------------------------------------------------------ in the model

@@ -143,9 +143,10 @@ def left_multiply(q: Tensor, k: Tensor, lse: Tensor, row: Tensor, scale: float, 
     return torch.ops.dcal_rollout.left_multiply(q, k, lse.float(), row.float(), float(scale), rows)
 
 
-# Query rows per chunk of attention_mean: a chunk's score tile and its rows of the mean map (64 x 785 floats each
-# at T = 785) stay in a core's L2 with K and V of one head.
-ATTENTION_CHUNK_ROWS = 64
+# Query rows per chunk of attention_mean, about: a chunk's score tile and its rows of the mean map (113 x 785 floats
+# each at T = 785) stay in a core's L2; 128 measured a little faster than 32 or 64 (CPU time against the flash
+# kernel, benchmarks/README.md).
+ATTENTION_CHUNK_ROWS = 128
 
 
 def attention_chunk_rows(num_tokens: int, batch: int, threads: int, target: int = ATTENTION_CHUNK_ROWS) -> int:

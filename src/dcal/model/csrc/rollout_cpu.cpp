@@ -120,9 +120,28 @@ at::Tensor left_multiply(const at::Tensor& q, const at::Tensor& k, const at::Ten
 
 // One SA block's attention output and its head-mean probabilities in one pass (inference with the rollout):
 // per (image, chunk of query rows), for each head one GEMM writes the chunk's scores (base 2) into a per-thread
-// tile that stays in L2, one pass takes the row max, one exp2 and the row sums, one adds p / H into the block's
+// tile that stays in L2, one pass takes the row max, one exp2 (the polynomial above) and the row sums, one adds
+// p / H into the block's
 // mean map (B, T, T), and a second GEMM gives the unnormalised P V, scaled by 1 / row sum. QKᵀ runs once: the
 // rollout later reads the mean maps instead of recomputing the scores.
+// 2^x for x <= 0 (scores minus their row maximum): Cephes' exp2f polynomial on the fraction (about 2 ULP), the
+// integer part added to the exponent bits; below -125 the result is 2^-125 (next to a row sum >= 1 it is
+// nothing), a NaN stays NaN. Cheaper than SLEEF's full-range exp2 in the one-pass attention's inner loop.
+inline __m256 exp2_nonpositive(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-125.f), x);  // max_ps returns its second operand for a NaN
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
 at::Tensor attention_mean(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                           int64_t chunk_rows, at::Tensor& mean) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
@@ -183,7 +202,7 @@ at::Tensor attention_mean(const at::Tensor& q, const at::Tensor& k, const at::Te
           const __m256 shift = _mm256_set1_ps(-mx);
           __m256 vsum = _mm256_setzero_ps();
           for (int64_t j = 0; j < ld; j += 8) {
-            const __m256 e = Sleef_exp2f8_u10(_mm256_add_ps(_mm256_loadu_ps(row + j), shift));
+            const __m256 e = exp2_nonpositive(_mm256_add_ps(_mm256_loadu_ps(row + j), shift));
             _mm256_storeu_ps(row + j, e);
             vsum = _mm256_add_ps(vsum, e);
           }
