@@ -390,6 +390,165 @@ def measure_data(case: Case, n: int, reps: int) -> dict[str, Any] | None:
     return {**case.data, **result}
 
 
+# ------------------------------------------------------------------------------ --quick: one process
+@dataclass
+class QuickSetting:
+    """One headline setting of ``--quick``: DCAL inference against plain timm, same weights, one process."""
+
+    name: str
+    arch: str
+    task: str
+    img_size: tuple[int, int]
+    batches: tuple[int, ...]
+    parts_batch: int  # the batch of the per-part table
+    num_classes: int = 200
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # tests shrink the backbone with these
+
+
+QUICK = (
+    QuickSetting("DeiT-T 448", "deit_tiny_patch16_224", "fgvc", (448, 448), (1, 8, 32), 8),
+    QuickSetting("DeiT-S 448", "deit_small_patch16_224", "fgvc", (448, 448), (1, 8, 32), 1),
+    QuickSetting("DeiT-S Re-ID 256x128", "deit_small_patch16_224", "reid", (256, 128), (32,), 32, 751),
+)
+TIMM_PARTS = ("embed", "SA blocks", "heads")
+DCAL_PARTS = ("embed", "SA blocks", "rollout", "selection", "GLCA", "heads")
+
+
+class _Clock:
+    """Seconds per named part, read at each :meth:`mark` (the time since the previous mark)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def mark(self, part: str) -> None:
+        now = time.perf_counter()
+        self.parts[part] = self.parts.get(part, 0.0) + now - self.last
+        self.last = now
+
+
+def timm_parts(vit: Any, x: torch.Tensor, clock: _Clock) -> torch.Tensor:
+    """timm ``VisionTransformer.forward`` in its own steps (what ``forward_features`` and ``forward_head`` run)."""
+    t = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    clock.mark("embed")
+    t = vit.blocks(t)
+    clock.mark("SA blocks")
+    out = vit.forward_head(vit.norm(t))
+    clock.mark("heads")
+    return out
+
+
+def dcal_parts(model: Any, x: torch.Tensor, clock: _Clock) -> torch.Tensor:
+    """DCAL ``predict`` (FGVC) / ``embed`` (Re-ID) in the steps of ``DCAL.forward`` (a test pins the result)."""
+    from dcal.model.rollout import select_top
+
+    x0, rope = model._embed(x)
+    clock.mark("embed")
+    with model._workspace(x0, True) as workspace:
+        x_prev, x_last, attentions = model._sa_stream(x0, rope, True, workspace)
+        clock.mark("SA blocks")
+        scores = model._scores(attentions, x_last, "rollout")
+        clock.mark("rollout")
+        selected = select_top(scores, model.num_local_queries)
+        del attentions
+        clock.mark("selection")
+    tokens = model._glca_stream(x_prev, selected, rope)
+    clock.mark("GLCA")
+    out: dict[str, Any] = {"logits": {}, "features": {}, "bn_features": {}}
+    model._head("sa", x_last, out)
+    model._head("glca", tokens, out)
+    if model.cfg.task == "fgvc":
+        result = sum(out["logits"][b].softmax(dim=-1) for b in ("sa", "glca"))
+    else:
+        result = torch.cat([out["features"][b] for b in ("sa", "glca")], dim=-1)
+    clock.mark("heads")
+    return result
+
+
+def quick_forwards(model: Any, x: torch.Tensor, parts: bool) -> dict[str, Any]:
+    """The callables one round times: timm (the model's own backbone), DCAL SA-only, DCAL; with ``parts`` also
+    timm's and DCAL's forwards split into parts (they return a :class:`_Clock`)."""
+    fgvc = model.cfg.task == "fgvc"
+    forwards: dict[str, Any] = {
+        "timm": lambda: model.backbone(x),
+        "sa": lambda: model.predict(x, "sa") if fgvc else model.embed(x, "sa"),
+        "dcal": lambda: model.predict(x) if fgvc else model.embed(x),
+    }
+    if parts:
+        forwards["timm parts"] = _clocked(lambda clock: timm_parts(model.backbone, x, clock))
+        forwards["dcal parts"] = _clocked(lambda clock: dcal_parts(model, x, clock))
+    return forwards
+
+
+def _clocked(fn: Any) -> Any:
+    def run() -> _Clock:
+        clock = _Clock()
+        fn(clock)
+        return clock
+
+    return run
+
+
+def quick(settings: tuple[QuickSetting, ...] = QUICK, rounds: int = 3, log: Any = print) -> list[dict[str, Any]]:
+    """Medians over ``rounds`` interleaved rounds per (setting, batch): each round runs timm, SA-only and DCAL
+    once each (and, at the setting's ``parts_batch``, both split into parts). No separate warm-up: one call at
+    batch 1 warms the code paths, and the median of three rounds drops a cold first one."""
+    import dcal
+
+    results = []
+    for st in settings:
+        torch.manual_seed(0)
+        model = dcal.create_model(st.arch, task=st.task, num_classes=st.num_classes, img_size=st.img_size,
+                                  glca_blocks=1, pwca_blocks=0, **st.timm_kwargs).eval()
+        with torch.inference_mode():
+            for fn in quick_forwards(model, torch.randn(1, 3, *st.img_size), True).values():
+                fn()
+            for b in st.batches:
+                x = torch.randn(b, 3, *st.img_size, generator=torch.Generator().manual_seed(b))
+                forwards = quick_forwards(model, x, b == st.parts_batch)
+                times: dict[str, list[Any]] = {name: [] for name in forwards}
+                for _ in range(rounds):
+                    for name, fn in forwards.items():
+                        t0 = time.perf_counter()
+                        got = fn()
+                        times[name].append(got.parts if isinstance(got, _Clock) else time.perf_counter() - t0)
+                row: dict[str, Any] = {"setting": st.name, "batch": b,
+                                       **{v: statistics.median(times[v]) for v in ("timm", "sa", "dcal")}}
+                for name, keys in (("timm parts", TIMM_PARTS), ("dcal parts", DCAL_PARTS)):
+                    if name in times:
+                        row[name] = {k: statistics.median(p[k] for p in times[name]) for k in keys}
+                log(f"  [quick] {st.name}, batch {b}: timm {row['timm']:.3f}s, SA-only {row['sa']:.3f}s, "
+                    f"DCAL {row['dcal']:.3f}s")
+                results.append(row)
+        model.release_workspace()
+    return results
+
+
+def format_quick(results: list[dict[str, Any]], rounds: int) -> str:
+    """The headline ratios, then per setting the per-part table (timm and DCAL side by side)."""
+    out = [f"Inference, medians of {rounds} interleaved rounds in one process (same weights: timm = the DCAL "
+           "model's own backbone):", "",
+           "| setting | batch | timm s/batch | SA-only / timm | DCAL / timm |", "| --- | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        out.append(f"| {r['setting']} | {r['batch']} | {r['timm']:.3f} | {r['sa'] / r['timm']:.3f} | "
+                   f"{r['dcal'] / r['timm']:.3f} |")
+    for r in results:
+        if "dcal parts" not in r:
+            continue
+        tp, dp = r["timm parts"], r["dcal parts"]
+        out += ["", f"Where the time goes, {r['setting']}, batch {r['batch']} (medians per part, s/batch; DCAL's "
+                "SA blocks write the head-mean maps, its heads include GLCA's and the fusion):", "",
+                "| part | timm | DCAL | DCAL − timm |", "| --- | ---: | ---: | ---: |"]
+        for part in DCAL_PARTS:
+            t = tp.get(part)
+            out.append(f"| {part} | {'—' if t is None else f'{t:.4f}'} | {dp[part]:.4f} | "
+                       f"{dp[part] - (t or 0.0):+.4f} |")
+        t_sum, d_sum = sum(tp.values()), sum(dp.values())
+        out.append(f"| sum of parts | {t_sum:.4f} | {d_sum:.4f} | {d_sum - t_sum:+.4f} |")
+        out.append(f"| whole forward | {r['timm']:.4f} | {r['dcal']:.4f} | {r['dcal'] - r['timm']:+.4f} |")
+    return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------------------------- report
 def summarise(case: Case, raw: dict[str, Any], flops: dict[str, dict[str, int]]) -> dict[str, Any]:
     """Medians, ratios against plain timm (or the first variant) and the FLOP ratios of the same pairs."""
@@ -561,6 +720,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-fused-rollout", action="store_true",
                     help="CPU: the eager rollout tiles instead of the fused kernel (sets DCAL_FUSED_ROLLOUT=0)")
     ap.add_argument("--data-items", type=int, default=64, help="images decoded per data-pipeline repetition")
+    ap.add_argument("--quick", action="store_true",
+                    help="inference only, one process, a few minutes: DCAL / timm and SA-only / timm at 448 (DeiT-T, "
+                         "DeiT-S; batch 1, 8, 32) and Re-ID 256x128 (DeiT-S, batch 32), medians of --reps "
+                         "interleaved rounds, and where the time goes per part")
     ap.add_argument("--json", type=Path, default=None, help="write all results as JSON here")
     ap.add_argument("--markdown", type=Path, default=None, help="write the report as markdown here")
     args = ap.parse_args(argv)
@@ -578,6 +741,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = "python benchmarks/bench_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     machine = machine_info(args.threads, args.device)
     started, load_before = time.time(), _loadavg()
+    if args.quick:
+        return run_quick(args, command, machine, QUICK, log)
     results: dict[str, Any] = {"command": command.strip(), "machine": machine, "cases": {}}
     sections = []
     for name in args.cases:
@@ -628,6 +793,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     report = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n"
     print(report)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.markdown:
+        args.markdown.write_text(report)
+    return results
+
+
+def run_quick(args: argparse.Namespace, command: str, machine: dict[str, Any], settings: tuple[QuickSetting, ...],
+              log: Any) -> dict[str, Any]:
+    """``--quick``: :func:`quick`'s tables with the machine line; written where ``--json`` / ``--markdown`` say."""
+    if args.device != "cpu":
+        raise SystemExit("--quick measures the CPU (run the full benchmark with --device cuda on a GPU)")
+    started, load_before = time.time(), _loadavg()
+    rows = quick(settings, args.reps, log)
+    elapsed = time.time() - started
+    report = (f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+              f"(`torch.set_num_threads({args.threads})`), timm {machine['timm']}, rollout: {machine['rollout']}; "
+              f"load average before/after: {load_before} / {_loadavg()}; run took {elapsed / 60:.1f} min.\n\n"
+              f"Command: `{command.strip()}`\n\n" + format_quick(rows, args.reps) + "\n")
+    print(report)
+    results = {"command": command.strip(), "machine": machine, "quick": rows, "elapsed_s": elapsed}
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if args.markdown:

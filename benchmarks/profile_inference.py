@@ -1,16 +1,18 @@
-"""Where DCAL's inference time goes: plain timm, DCAL SA-only and DCAL (SA + GLCA) interleaved in one process.
+"""Where DCAL's inference time goes: plain timm, DCAL SA-only, DCAL (SA + GLCA) and DCAL without the one-pass
+attention kernel (the two-pass path: fused attention, then QKᵀ again in the rollout) interleaved in one process.
 
     python benchmarks/profile_inference.py --backbone vit_small_patch14_reg4_dinov2 --img-size 448 --batch 1 --profile
 
-One model (random weights), the three forwards run round-robin ``--reps`` times after one warm-up each, medians
+One model (random weights), the forwards run round-robin ``--reps`` times after one warm-up each, medians
 printed with their ratios to timm; ``--profile`` adds ``torch.profiler``'s table of DCAL's most expensive operators
-for one forward. In one process the three share the machine's state at each moment, which makes a short run
+for one forward. In one process they share the machine's state at each moment, which makes a short run
 steadier than ``bench_model.py`` (a process per variant), at the cost of no memory numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -26,7 +28,8 @@ def time_forwards(backbone: str, img_size: int, batch: int, reps: int) -> tuple[
     model = create_model(backbone, num_classes=200, img_size=img_size, task="fgvc").eval()
     x = torch.randn(batch, 3, img_size, img_size)
     forwards = {"timm": lambda: model.backbone(x), "DCAL SA-only": lambda: model(x, branches=("sa",)),
-                "DCAL (SA + GLCA)": lambda: model(x, branches=model.branches)}
+                "DCAL (SA + GLCA)": lambda: model(x, branches=model.branches),
+                "DCAL, two-pass": lambda: two_pass(model, x)}
     times: dict[str, list[float]] = {name: [] for name in forwards}
     with torch.inference_mode():
         for forward in forwards.values():
@@ -37,6 +40,16 @@ def time_forwards(backbone: str, img_size: int, batch: int, reps: int) -> tuple[
                 forward()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}, forwards["DCAL (SA + GLCA)"]
+
+
+def two_pass(model: torch.nn.Module, x: torch.Tensor) -> object:
+    """DCAL's forward without the one-pass attention kernel (no inference workspace): timm's fused attention in
+    every SA block, then the rollout recomputes each block's scores from its queries and keys."""
+    model._workspace = lambda x, need_attn: contextlib.nullcontext(None)
+    try:
+        return model(x, branches=model.branches)
+    finally:
+        del model._workspace
 
 
 def main(argv: list[str] | None = None) -> int:

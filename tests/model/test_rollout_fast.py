@@ -156,37 +156,46 @@ def _fresh_outputs(model, x):
     return out
 
 
-def test_inference_workspace_is_kept_grown_reused_and_released():
-    """CPU inference keeps one qkv workspace between calls (grown to the largest batch); reusing it, larger or
-    stale, changes no output; train() and release_workspace() drop it; autograd and autocast never use it."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["maps", "qkv"])
+def test_inference_workspace_is_kept_grown_reused_and_released(kernel, monkeypatch):
+    """CPU inference keeps one workspace between calls (grown to the largest batch): the blocks' head-mean maps
+    with the compiled kernels, their qkv projections without; reusing it, larger or stale, changes no output;
+    train() and release_workspace() drop it; autograd and autocast never use it."""
+    from dcal.model import fused_rollout
+
+    if kernel and not fused_rollout.available():
+        pytest.skip(f"the compiled CPU kernels are unavailable here: {fused_rollout.why_unavailable()}")
+    if not kernel:
+        monkeypatch.setattr(fused_rollout, "_load", lambda: "turned off by the test")
     model = tiny_model(img_size=64).eval()
     small, large = torch.randn(2, 3, 64, 64), torch.randn(5, 3, 64, 64)
     want_small, want_large = _fresh_outputs(model, small), _fresh_outputs(model, large)
+    shape = (lambda b: (3, b * 17 * 17, 1)) if kernel else (lambda b: (3, b * 17, 3 * 48))
     with torch.no_grad():
         model(small)
-        first = model._kept_qkv
-        assert first.shape == (3, 2 * 17, 3 * 48)
+        kind, first = model._kept_workspace
+        assert kind == ("maps" if kernel else "qkv") and first.shape == shape(2)
         got_large = model(large)  # grows
-        grown = model._kept_qkv
-        assert grown.shape == (3, 5 * 17, 3 * 48)
+        grown = model._kept_workspace[1]
+        assert grown.shape == shape(5)
         got_small = model(small)  # reuses the larger one, stale rows and all
-        assert model._kept_qkv is grown
+        assert model._kept_workspace[1] is grown
     for got, want in ((got_small, want_small), (got_large, want_large)):
         assert torch.equal(got["selected"], want["selected"])
         for branch in want["logits"]:
             assert torch.equal(got["logits"][branch], want["logits"][branch])
     model.train()
-    assert "_kept_qkv" not in vars(model)
+    assert "_kept_workspace" not in vars(model)
     model.eval()
     model(small)  # autograd on: no workspace (autograd keeps the projections itself)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(small)
-    assert "_kept_qkv" not in vars(model)
+    assert "_kept_workspace" not in vars(model)
     with torch.no_grad():
         model.cls_rollout(small)
-    assert "_kept_qkv" in vars(model)
+    assert "_kept_workspace" in vars(model)
     model.release_workspace()
-    assert "_kept_qkv" not in vars(model)
+    assert "_kept_workspace" not in vars(model)
 
 
 def test_inference_workspace_is_never_shared_between_threads():

@@ -10,7 +10,8 @@ Each function reproduces timm's ``Block.forward`` / ``EvaBlock.forward`` exactly
 optional attention-output norm and gate, Eva's separate q/v biases, rotary embeddings on the patch tokens,
 grouped key/value heads), so that with the same weights and inputs the outputs are those of timm.
 Attention runs in ``F.scaled_dot_product_attention`` (fused kernels), and the rollout gets each SA block's
-queries and keys (:func:`sa_block_keep_qk`, :func:`sa_query_key`) instead of its probabilities. The one switch
+queries and keys (:func:`sa_block_keep_qk`, :func:`sa_query_key`) instead of its probabilities; CPU inference
+computes output and head-mean probabilities in one pass instead (:func:`sa_block_mean_probs`). The one switch
 to explicit matmul + softmax is timm's own per-module ``fused_attn``, read here as timm reads it;
 :func:`explicit_attention` turns it off for a whole model (the FLOP counter's path: torch's flop counter does
 not see fused attention on the CPU), and then :func:`sa_block_with_probs` is the SA blocks' path.
@@ -28,6 +29,7 @@ from timm.models.eva import EvaAttention, EvaBlock
 from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 
+from dcal.model import fused_rollout
 from dcal.model.rollout import QueryKey
 
 
@@ -296,6 +298,19 @@ def sa_block_keep_qk(block: Block | EvaBlock, x: Tensor, qkv_out: Tensor | None 
     o, lse = attend_with_lse(attn, q, k, v)
     out = _finish_block(block, x, attn_output(attn, o, h))
     return out, QueryKey(q.detach(), k.detach(), None if lse is None else lse.detach(), attn.scale)
+
+
+def sa_block_mean_probs(block: Block | EvaBlock, x: Tensor, mean_out: Tensor,
+                        rope: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """timm ``Block.forward`` with the attention computed by the one-pass CPU kernel
+    (:func:`dcal.model.fused_rollout.attention_mean`), which also writes the block's head-averaged probabilities
+    S_i into ``mean_out`` (a contiguous float32 (B, T, T) tensor): one QKᵀ serves output and rollout. Inference
+    only (no autograd, no attention dropout); the caller checks that the kernel is available."""
+    attn = block.attn
+    h = block.norm1(x)
+    q, k, v = qkv(attn, h, rope)
+    o = fused_rollout.attention_mean(q, k, v, attn.scale, mean_out)
+    return _finish_block(block, x, attn_output(attn, o, h)), mean_out
 
 
 @torch.no_grad()

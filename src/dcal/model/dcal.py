@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dcal.checkpoint import check_finite, check_torch_archive, first_line
+from dcal.model import fused_rollout
 from dcal.model.attention import (
     attention_probs,
     glca_block,
@@ -41,6 +42,7 @@ from dcal.model.attention import (
     qkv,
     sa_block,
     sa_block_keep_qk,
+    sa_block_mean_probs,
     sa_block_with_probs,
     sa_query_key,
 )
@@ -207,9 +209,9 @@ class DCAL(nn.Module):
         return super().train(mode)
 
     def release_workspace(self) -> None:
-        """Free the CPU inference workspace (the SA blocks' qkv projections kept for the rollout, L·B·T·3D floats
-        of the largest batch seen); the next CPU inference allocates it again."""
-        self.__dict__.pop("_kept_qkv", None)
+        """Free the CPU inference workspace (:meth:`_workspace`: the SA blocks' head-mean attention maps, L·B·T²
+        floats of the largest batch seen, or their qkv projections); the next CPU inference allocates it again."""
+        self.__dict__.pop("_kept_workspace", None)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward (SA, GLCA and PWCA streams) to save memory."""
@@ -226,53 +228,66 @@ class DCAL(nn.Module):
         return embed(self.backbone, images)
 
     @contextlib.contextmanager
-    def _qkv_workspace(self, x: Tensor, need_attn: bool) -> Iterator[Tensor | None]:
-        """CPU inference with the rollout: an (L, ≥B·T, 3D) tensor the SA blocks write their qkv projections into,
-        kept on the model between calls (None elsewhere: under autograd, autocast, FLOP counting, tracing,
-        ``torch.compile``, on CUDA).
+    def _workspace(self, x: Tensor, need_attn: bool) -> Iterator[tuple[str, Tensor] | None]:
+        """CPU inference with the rollout: memory the SA blocks write into, kept on the model between calls; None
+        elsewhere (under autograd, autocast, FLOP counting, tracing, ``torch.compile``, on CUDA).
 
-        The rollout reads every block's queries and keys after the SA stream, so L projections are alive at
-        once; allocated afresh on every call they would be fresh pages each time, whose page faults show in
-        inference time (benchmarks/README.md). The workspace is taken off the model while in use,
-        so two threads never share one (the second allocates its own); it is put back afterwards, grown to the
-        largest batch seen, and dropped by ``train()`` and :meth:`release_workspace`.
+        With the compiled kernels and float32 tokens, ``("maps", (L, ≥B·T·T))``: each block's head-mean
+        probabilities, written by the one-pass attention (:func:`sa_block_mean_probs`). Otherwise, with a plain
+        fused qkv Linear, ``("qkv", (L, ≥B·T, 3D))``: the qkv projections, from which the rollout recomputes the
+        scores in tiles. The rollout reads every block's share after the SA stream, so L of them are alive at once;
+        allocated afresh on every call they would be fresh pages each time, whose page faults show in inference
+        time (benchmarks/README.md). The workspace is taken off the model while in use, so two threads never
+        share one (the second allocates its own); it is put back afterwards, grown to the largest batch seen, and
+        dropped by ``train()`` and :meth:`release_workspace`.
         """
-        qkv_proj = getattr(self.backbone.blocks[0].attn, "qkv", None)
+        blocks = self.backbone.blocks
+        qkv_proj = getattr(blocks[0].attn, "qkv", None)
         tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-        use = (need_attn and x.device.type == "cpu" and not torch.is_grad_enabled() and isinstance(qkv_proj, nn.Linear)
-               and all(b.attn.fused_attn for b in self.backbone.blocks) and not torch.is_autocast_enabled("cpu")
-               and not tracing)
-        if not use:
+        use = (need_attn and x.device.type == "cpu" and not torch.is_grad_enabled()
+               and all(b.attn.fused_attn for b in blocks) and not torch.is_autocast_enabled("cpu") and not tracing)
+        dropout = any(b.attn.training and b.attn.attn_drop.p > 0 for b in blocks)
+        B, T = x.shape[:2]
+        if use and x.dtype == torch.float32 and not dropout and fused_rollout.available():
+            kind, rows, width = "maps", B * T * T, 1
+        elif use and isinstance(qkv_proj, nn.Linear):
+            kind, rows, width = "qkv", B * T, qkv_proj.out_features
+        else:
             yield None
             return
-        rows, width, depth = x.shape[0] * x.shape[1], qkv_proj.out_features, len(self.backbone.blocks)
-        ws = self.__dict__.pop("_kept_qkv", None)
+        depth = len(blocks)
+        kept = self.__dict__.pop("_kept_workspace", None)
+        ws = kept[1] if kept is not None and kept[0] == kind else None
         if ws is None or ws.dtype != x.dtype or ws.shape[1] < rows or ws.shape[::2] != (depth, width):
             ws = torch.empty(depth, rows, width, dtype=x.dtype, device=x.device)
         try:
-            yield ws
+            yield kind, ws
         finally:
-            self.__dict__["_kept_qkv"] = ws
+            self.__dict__["_kept_workspace"] = (kind, ws)
 
     def _sa_stream(
-        self, x: Tensor, rope: Tensor | None, need_attn: bool, workspace: Tensor | None = None
+        self, x: Tensor, rope: Tensor | None, need_attn: bool, workspace: tuple[str, Tensor] | None = None
     ) -> tuple[Tensor, Tensor, Sequence[Tensor | QueryKey]]:
         """SA blocks 1..L. Returns x_(L-1) (GLCA's input), x_L, and, if asked, what the rollout needs of each
         block's head-averaged attention S_1 … S_L.
 
-        Every block runs timm's fused attention (the same ops as ``Block.forward``, so SA is the backbone) and
-        hands out its queries and keys (:class:`QueryKey`); the rollout then applies each S_i to its row vector in
-        tiles of query rows, so the L (B, H, T, T) probability tensors are never written (benchmarks/README.md).
-        With gradient checkpointing only the block inputs (kept by the checkpoints anyway) are stored and the
-        queries/keys are recomputed, one block at a time, when the rollout reads them. A block whose ``fused_attn``
-        is off (:func:`explicit_attention`, FLOP counting) computes S explicitly, one softmax for output and S,
-        block L its class-token row only where the rollout starts from it. ``workspace``
-        (:meth:`_qkv_workspace`): where block i writes its qkv projection, row i.
+        CPU inference with the compiled kernels (``workspace`` of kind ``maps``, :meth:`_workspace`): each block's
+        attention computes its output and S_i (B, T, T) from one QKᵀ (:func:`sa_block_mean_probs`), and the
+        rollout multiplies its row by the stored maps. Elsewhere every block runs timm's fused attention (the same
+        ops as ``Block.forward``, so SA is the backbone) and hands out its queries and keys (:class:`QueryKey`);
+        the rollout then applies each S_i to its row vector in tiles of query rows, so the L (B, H, T, T)
+        probability tensors are never written (benchmarks/README.md); a ``qkv`` workspace is where block i writes
+        its qkv projection, row i. With gradient checkpointing only the block inputs (kept by the checkpoints
+        anyway) are stored and the queries/keys are recomputed, one block at a time, when the rollout reads them.
+        A block whose ``fused_attn`` is off (:func:`explicit_attention`, FLOP counting) computes S explicitly, one
+        softmax for output and S, block L its class-token row only where the rollout starts from it.
         """
         blocks = self.backbone.blocks
         explicit = [need_attn and not blk.attn.fused_attn for blk in blocks]
         recompute = (need_attn and not any(explicit) and self.grad_checkpointing and self.training
                      and torch.is_grad_enabled())
+        kind, ws = workspace if workspace is not None else (None, None)
+        B, T = x.shape[:2]
         token_row = self.backbone.global_pool == "token"
         attentions: list[Tensor | QueryKey] = []
         x_prev = x
@@ -281,8 +296,10 @@ class DCAL(nn.Module):
             r = block_rope(self.backbone, rope, i)
             if explicit[i]:
                 x, attn = self._run(sa_block_with_probs, blk, x, token_row and i == len(blocks) - 1, r)
+            elif need_attn and kind == "maps":
+                x, attn = sa_block_mean_probs(blk, x, ws[i, : B * T * T].view(B, T, T), r)
             elif need_attn and not recompute:
-                x, attn = sa_block_keep_qk(blk, x, None if workspace is None else workspace[i], r)
+                x, attn = sa_block_keep_qk(blk, x, ws[i] if kind == "qkv" else None, r)
             else:
                 attn = x  # the block input (recompute) or nothing needed
                 x = self._run(sa_block, blk, x, r)
@@ -393,7 +410,7 @@ class DCAL(nn.Module):
 
         x0, rope = self._embed(images)
         need_attn = use_glca and self.cfg.query_selection != "random"
-        with self._qkv_workspace(x0, need_attn) as workspace:
+        with self._workspace(x0, need_attn) as workspace:
             x_prev, x, attentions = self._sa_stream(x0, rope, need_attn, workspace)
             selected = self._select(attentions, x) if use_glca else None
             del attentions  # queries/keys (inference) or block-input references: not needed any more
@@ -448,7 +465,7 @@ class DCAL(nn.Module):
         if bad:
             raise ValueError(f"selection must be 'rollout' or 'last_layer', got {bad[0]!r}")
         x0, rope = self._embed(images)
-        with self._qkv_workspace(x0, need_attn=True) as workspace:
+        with self._workspace(x0, need_attn=True) as workspace:
             _, x, attentions = self._sa_stream(x0, rope, True, workspace)
             return {s: self._scores(attentions, x, s) for s in selections}
 
@@ -464,7 +481,7 @@ class DCAL(nn.Module):
             raise ValueError("the model has no GLCA block (glca_blocks=0)")
         x0, rope = self._embed(images)
         need_attn = self.cfg.query_selection != "random"
-        with self._qkv_workspace(x0, need_attn) as workspace:
+        with self._workspace(x0, need_attn) as workspace:
             x_prev, x, attentions = self._sa_stream(x0, rope, need_attn, workspace)
             selected = self._select(attentions, x)
         blk = self.glca_blocks[0]

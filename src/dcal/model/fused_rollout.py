@@ -1,21 +1,27 @@
-"""The fused CPU rollout step: r S_i in one compiled kernel per block (``csrc/rollout_cpu.cpp``).
+"""The rollout's compiled CPU kernels (``csrc/rollout_cpu.cpp``).
 
+:func:`attention_mean` (inference): one SA block's attention output and its head-mean probabilities S_i (B, T, T)
+from one QKᵀ per query chunk; the rollout then multiplies its row by the stored maps, so the scores are never
+computed twice (the block output equals ``F.scaled_dot_product_attention``'s to float rounding).
+
+:func:`left_multiply`, the fused rollout step r S_i (training, and inference where the maps are not used):
 :meth:`dcal.model.rollout.QueryKey.left_multiply` runs it on the CPU when the forward's softmax normalisers are
-known (inference and training with the flash kernel). It computes what the eager tiles compute, r S_i =
-mean_h Σ_t r_t exp(scale q_t·k_j − lse_t), with the same GEMM (BLAS) and the same exp2 (SLEEF, as torch's
-``exp2_``), but per chunk of query rows small enough to stay in L2, with exp2 and the weighted row sum in one
-pass over the chunk and the (image, head, chunk) items spread over the threads: no score tile goes to memory and
-no thread waits for a problem of another (``benchmarks/README.md`` has the measurements).
+known. It computes what the eager tiles compute, r S_i = mean_h Σ_t r_t exp(scale q_t·k_j − lse_t), with the
+same GEMM (BLAS) and the same exp2 (SLEEF, as torch's ``exp2_``), but per chunk of query rows small enough to stay
+in L2, with exp2 and the weighted row sum in one pass over the chunk and the (image, head, chunk) items spread
+over the threads: no score tile goes to memory (``benchmarks/README.md`` has the measurements).
 
-It is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 20 s on 2 cores, once: the
-library is cached in torch's extension folder, ``TORCH_EXTENSIONS_DIR``), for x86-64 CPUs with AVX2 only. Where
-it cannot be built or loaded, dcal says why once (a warning) and uses the eager tiles, which give the same
-result. ``DCAL_FUSED_ROLLOUT=0`` turns it off; ``DCAL_FUSED_ROLLOUT=1`` makes a failed build an error.
+The library is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 20 s on 2
+cores, once: it is cached in torch's extension folder, ``TORCH_EXTENSIONS_DIR``), for x86-64 CPUs with AVX2 only.
+Where it cannot be built or loaded, dcal says why once (a warning) and uses timm's fused attention with the eager
+rollout tiles, which give the same result. ``DCAL_FUSED_ROLLOUT=0`` turns both kernels off;
+``DCAL_FUSED_ROLLOUT=1`` makes a failed build an error.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -76,14 +82,19 @@ def _build() -> None:
     # shapes for torch.compile's tracing (fake tensors), so that the op stays inside a compiled graph
     torch.library.register_fake("dcal_rollout::left_multiply")(
         lambda q, k, lse, row, scale, chunk_rows: q.new_empty(q.shape[0], q.shape[2]))
+    torch.library.register_fake("dcal_rollout::attention_mean")(
+        lambda q, k, v, scale, chunk_rows, mean: q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+        .permute(0, 2, 1, 3))
 
 
 def build_folder() -> Path:
     """Where the library is built and cached: one folder per torch and Python version (a library built against
-    other torch headers must not be reused), under ``TORCH_EXTENSIONS_DIR`` or torch's default extension root."""
+    other torch headers must not be reused) and per source (two checkouts of different versions never rebuild,
+    or replace, each other's library), under ``TORCH_EXTENSIONS_DIR`` or torch's default extension root."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    tag = f"torch{torch.__version__}_py{sys.version_info.major}{sys.version_info.minor}"
+    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    tag = f"torch{torch.__version__}_py{sys.version_info.major}{sys.version_info.minor}_{source}"
     name = "dcal_rollout_cpu_" + "".join(c if c.isalnum() else "_" for c in tag)
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
 
@@ -130,3 +141,28 @@ def left_multiply(q: Tensor, k: Tensor, lse: Tensor, row: Tensor, scale: float, 
     q, k = (t.float() if t.stride(-1) == 1 else t.float().contiguous() for t in (q, k))
     rows = chunk_rows(q.shape[2]) if rows is None else rows
     return torch.ops.dcal_rollout.left_multiply(q, k, lse.float(), row.float(), float(scale), rows)
+
+
+# Query rows per chunk of attention_mean, about: a chunk's score tile and its rows of the mean map (113 x 785 floats
+# each at T = 785) stay in a core's L2; 128 measured a little faster than 32 or 64 (CPU time against the flash
+# kernel, benchmarks/README.md).
+ATTENTION_CHUNK_ROWS = 128
+
+
+def attention_chunk_rows(num_tokens: int, batch: int, threads: int, target: int = ATTENTION_CHUNK_ROWS) -> int:
+    """Query rows per chunk of :func:`attention_mean`: about ``target``, the T rows split evenly, and at small
+    batches enough chunks that every thread gets the same number of (image, chunk) items."""
+    chunks = math.ceil(num_tokens / target)
+    if batch * chunks < 16 * threads:  # few items: a multiple of the threads (B = 1, T = 785: 13 -> 14 on 2)
+        chunks = next((c for c in range(chunks, chunks + threads) if batch * c % threads == 0), chunks)
+    return math.ceil(num_tokens / min(chunks, num_tokens))
+
+
+def attention_mean(q: Tensor, k: Tensor, v: Tensor, scale: float, mean: Tensor,
+                   rows: int | None = None) -> Tensor:
+    """softmax(scale q kᵀ) v, (B, H, T, d), for float32 (B, H, T, d) ``q``, ``k``, ``v`` (any strides with a unit
+    stride along d), writing the head-mean probabilities into ``mean`` (a contiguous float32 (B, T, T) tensor);
+    :func:`available` must be True."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    rows = attention_chunk_rows(q.shape[2], q.shape[0], torch.get_num_threads()) if rows is None else rows
+    return torch.ops.dcal_rollout.attention_mean(q, k, v, float(scale), rows, mean)

@@ -170,6 +170,14 @@ def _left_multiply(row: Tensor, attention: Tensor | QueryKey, buffer: Tensor | N
     return torch.bmm(row.unsqueeze(1), attention.to(row.dtype)).squeeze(1)
 
 
+def _rollout_step(row: Tensor, attention: Tensor | QueryKey, buffer: Tensor | None = None) -> Tensor:
+    """r S̄ = 0.5 r S + 0.5 r; with an explicit map one ``baddbmm`` (one pass over the map, no temporaries)."""
+    if isinstance(attention, QueryKey):
+        return 0.5 * attention.left_multiply(row, buffer=buffer) + 0.5 * row
+    r = row.unsqueeze(1)
+    return torch.baddbmm(r, r, attention.to(row.dtype), beta=0.5, alpha=0.5).squeeze(1)
+
+
 def attention_row(attention: Tensor | QueryKey, start: Tensor | None = None) -> Tensor:
     """r₀ S of one block, (B, T): the class token's row (``start=None``) or the row vector ``start`` (B, T) times
     the head-averaged attention (the paper's "last layer only" selection, for any pooling)."""
@@ -197,18 +205,19 @@ def rollout_row(attentions: Sequence[Tensor | QueryKey], start: Tensor | None = 
     last = attentions[-1]
     # float32 even under autocast: the rollout decides which patches GLCA sees, bf16 scores would reorder them
     with torch.autocast(device_type=(last.q if isinstance(last, QueryKey) else last).device.type, enabled=False):
-        # one tile's scratch for all blocks (untouched pages cost nothing until a tile uses them)
+        # one tile's scratch for all blocks' query/key tiles (untouched pages cost nothing until a tile uses them);
+        # explicit maps need none
         device = (last.q if isinstance(last, QueryKey) else last).device
-        buffer = torch.empty(default_tile_elements(device), dtype=torch.float32, device=device)
+        buffer = (torch.empty(default_tile_elements(device), dtype=torch.float32, device=device)
+                  if isinstance(last, QueryKey) else None)
         if start is None:
             row = 0.5 * cls_attention_row(last).float()
             row[:, 0] += 0.5  # e₀ᵀ S̄_L = 0.5 e₀ᵀ S_L + 0.5 e₀ᵀ
         else:
-            start = start.float()
-            row = 0.5 * _left_multiply(start, last, buffer) + 0.5 * start
+            row = _rollout_step(start.float(), last, buffer)
         # By index, from L-1 down: a lazy sequence (checkpointed training) then computes one block at a time.
         for i in range(len(attentions) - 2, -1, -1):
-            row = 0.5 * _left_multiply(row, attentions[i], buffer) + 0.5 * row
+            row = _rollout_step(row, attentions[i], buffer)
     return row
 
 

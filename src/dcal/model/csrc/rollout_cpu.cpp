@@ -1,6 +1,7 @@
-// One rollout step r S_i on the CPU (paper Eq. 2) without writing score tiles to memory.
+// The rollout's CPU kernels (paper Eq. 2): attention_mean, one SA block's output and head-mean probabilities in
+// one pass (inference), and left_multiply, one rollout step r S_i from queries, keys and normalisers (training).
 //
-// S_i = mean_h softmax(scale q kᵀ). With the softmax normalisers lse that the forward's flash kernel returned,
+// left_multiply: S_i = mean_h softmax(scale q kᵀ). With the softmax normalisers lse that the forward's flash kernel returned,
 // (r S_i)_j = mean_h Σ_t r_t 2^(log₂e (scale q_t·k_j − lse_t)). The work is cut into (image, head, chunk of
 // query rows) items, spread evenly over the intra-op threads; for each item one BLAS GEMM writes the chunk's
 // scores (base 2, log₂e riding on alpha) into a per-thread tile small enough to stay in L2, and one pass over it
@@ -116,10 +117,136 @@ at::Tensor left_multiply(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return out;
 }
 
+
+// One SA block's attention output and its head-mean probabilities in one pass (inference with the rollout):
+// per (image, chunk of query rows), for each head one GEMM writes the chunk's scores (base 2) into a per-thread
+// tile that stays in L2, one pass takes the row max, one exp2 (the polynomial above) and the row sums, one adds
+// p / H into the block's
+// mean map (B, T, T), and a second GEMM gives the unnormalised P V, scaled by 1 / row sum. QKᵀ runs once: the
+// rollout later reads the mean maps instead of recomputing the scores.
+// 2^x for x <= 0 (scores minus their row maximum): Cephes' exp2f polynomial on the fraction (about 2 ULP), the
+// integer part added to the exponent bits; below -125 the result is 2^-125 (next to a row sum >= 1 it is
+// nothing), a NaN stays NaN. Cheaper than SLEEF's full-range exp2 in the one-pass attention's inner loop.
+inline __m256 exp2_nonpositive(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-125.f), x);  // max_ps returns its second operand for a NaN
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
+at::Tensor attention_mean(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                          int64_t chunk_rows, at::Tensor& mean) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+              "dcal_attention_mean: q, k and v must all be (B, H, T, d), got ", q.sizes(), ", ", k.sizes(), " and ",
+              v.sizes());
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+  check_float_cpu(q, "q");
+  check_float_cpu(k, "k");
+  check_float_cpu(v, "v");
+  check_float_cpu(mean, "mean");
+  TORCH_CHECK(mean.dim() == 3 && mean.size(0) == B && mean.size(1) == T && mean.size(2) == T && mean.is_contiguous(),
+              "dcal_attention_mean: mean must be a contiguous (B, T, T) = (", B, ", ", T, ", ", T, ") tensor, got ",
+              mean.sizes());
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "dcal_attention_mean: q, k and v need unit stride along d, got ", q.strides(), ", ", k.strides(),
+              " and ", v.strides());
+  TORCH_CHECK(chunk_rows >= 1, "dcal_attention_mean: chunk_rows must be >= 1, got ", chunk_rows);
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(T > 0 && d > 0 && T * 8 < kIntMax && H * d < kIntMax && q.stride(2) < kIntMax &&
+                  k.stride(2) < kIntMax && v.stride(2) < kIntMax,
+              "dcal_attention_mean: sizes and row strides must fit BLAS's 32-bit integers, got ", q.sizes());
+
+  const int64_t ld = (T + 7) / 8 * 8;  // tile row length: whole 8-float vectors, padding lanes set to -inf
+  const int64_t vec_end = T / 8 * 8;   // the mean map's rows are T long: vectors up to here, then a scalar tail
+  const int64_t chunks = (T + chunk_rows - 1) / chunk_rows;
+  // (B, T, H, d) memory: the (B, H, T, d) view returned below transposes back to timm's (B, T, H·d) for free
+  at::Tensor out = at::empty({B, T, H, d}, q.options());
+  float* op = out.mutable_data_ptr<float>();
+  float* mp = mean.mutable_data_ptr<float>();
+  const float* qp = q.const_data_ptr<float>();
+  const float* kp = k.const_data_ptr<float>();
+  const float* vp = v.const_data_ptr<float>();
+  const float alpha = static_cast<float>(scale) * kLog2e, one = 1.f, zero = 0.f;
+  const float inv_heads = 1.f / static_cast<float>(H);
+  const int m = static_cast<int>(T), kd = static_cast<int>(d), ldt = static_cast<int>(ld);
+  const int ldk = static_cast<int>(k.stride(2)), ldq = static_cast<int>(q.stride(2));
+  const int ldv = static_cast<int>(v.stride(2)), ldo = static_cast<int>(H * d);
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+
+  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> tile, inv_sum;
+    if (tile.size() < static_cast<size_t>(chunk_rows * ld)) tile.assign(chunk_rows * ld, 0.f);
+    if (inv_sum.size() < static_cast<size_t>(chunk_rows)) inv_sum.assign(chunk_rows, 0.f);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks, s = item % chunks * chunk_rows;
+      const int n = static_cast<int>(std::min(chunk_rows, T - s));
+      for (int64_t h = 0; h < H; ++h) {
+        sgemm_("T", "N", &m, &n, &kd, &alpha, kp + b * k.stride(0) + h * k.stride(1), &ldk,
+               qp + b * q.stride(0) + h * q.stride(1) + s * q.stride(2), &ldq, &zero, tile.data(), &ldt);
+        for (int i = 0; i < n; ++i) {
+          float* row = tile.data() + i * ld;
+          for (int64_t j = T; j < ld; ++j) row[j] = -std::numeric_limits<float>::infinity();
+          __m256 vmax = neg_inf;
+          for (int64_t j = 0; j < ld; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(row + j));
+          alignas(32) float lanes[8];
+          _mm256_store_ps(lanes, vmax);
+          const float mx = *std::max_element(lanes, lanes + 8);
+          const __m256 shift = _mm256_set1_ps(-mx);
+          __m256 vsum = _mm256_setzero_ps();
+          for (int64_t j = 0; j < ld; j += 8) {
+            const __m256 e = exp2_nonpositive(_mm256_add_ps(_mm256_loadu_ps(row + j), shift));
+            _mm256_storeu_ps(row + j, e);
+            vsum = _mm256_add_ps(vsum, e);
+          }
+          _mm256_store_ps(lanes, vsum);
+          float sum = 0.f;
+          for (float lane : lanes) sum += lane;
+          const float w = 1.f / sum;
+          inv_sum[i] = w;
+          const float wm = w * inv_heads;
+          const __m256 vw = _mm256_set1_ps(wm);
+          float* mrow = mp + (b * T + s + i) * T;
+          if (h == 0) {
+            int64_t j = 0;
+            for (; j < vec_end; j += 8) _mm256_storeu_ps(mrow + j, _mm256_mul_ps(vw, _mm256_loadu_ps(row + j)));
+            for (; j < T; ++j) mrow[j] = wm * row[j];
+          } else {
+            int64_t j = 0;
+            for (; j < vec_end; j += 8)
+              _mm256_storeu_ps(mrow + j, _mm256_fmadd_ps(vw, _mm256_loadu_ps(row + j), _mm256_loadu_ps(mrow + j)));
+            for (; j < T; ++j) mrow[j] += wm * row[j];
+          }
+        }
+        // out[b, s:s+n, h] = (e V) / row sums: column-major d x n = Vᵀ (d x T) · eᵀ (T x n)
+        float* o = op + ((b * T + s) * H + h) * d;
+        sgemm_("N", "N", &kd, &n, &m, &one, vp + b * v.stride(0) + h * v.stride(1), &ldv, tile.data(), &ldt, &zero,
+               o, &ldo);
+        for (int i = 0; i < n; ++i) {
+          float* orow = o + i * H * d;
+          for (int64_t j = 0; j < d; ++j) orow[j] *= inv_sum[i];
+        }
+      }
+    }
+  });
+  return out.permute({0, 2, 1, 3});
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dcal_rollout, m) {
   m.def("left_multiply(Tensor q, Tensor k, Tensor lse, Tensor row, float scale, int chunk_rows) -> Tensor");
+  m.def("attention_mean(Tensor q, Tensor k, Tensor v, float scale, int chunk_rows, Tensor(a!) mean) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dcal_rollout, CPU, m) { m.impl("left_multiply", &left_multiply); }
+TORCH_LIBRARY_IMPL(dcal_rollout, CPU, m) {
+  m.impl("left_multiply", &left_multiply);
+  m.impl("attention_mean", &attention_mean);
+}
