@@ -110,7 +110,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "cub"  # cub|cars|aircraft|folder|synthetic|market1501|dukemtmc|msmt17|veri|reid_folder
+    dataset: str = "cub"  # a name registered in dcal.data.registry.DATASETS (dcal.data.dataset_names())
     root: str = "data"  # dataset folder: override with data.root=/path/to/dataset
     resize: Any = 550  # pre-crop resize: int or [H, W]; None = none (FGVC: straight to img_size)
     hflip: float = 0.5  # horizontal flip probability (training)
@@ -804,19 +804,9 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
 
 
 def dataset_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """Extra keyword arguments ``dcal.data.build_dataset`` takes for ``cfg.data.dataset``."""
-    d = cfg.data
-    if d.dataset == "synthetic":
-        return {
-            "num_classes": d.synthetic_num_classes,
-            "train_per_class": d.synthetic_train_per_class,
-            "test_per_class": d.synthetic_test_per_class,
-            "image_size": d.synthetic_image_size,
-            "seed": d.synthetic_seed,
-            "task": d.synthetic_task,
-        }
-    if d.dataset == "aircraft":
-        return {"annotation_level": d.aircraft_annotation_level}
-    if d.dataset == "msmt17":
-        return {"val_in_train": d.msmt17_val_in_train}
-    return {}
+    """The options ``dcal.data.build_dataset`` takes for ``cfg.data.dataset``, from the ``data.*`` keys its
+    registration names."""
+    from dcal.data.registry import dataset_entry
+
+    options = dataset_entry(cfg.data.dataset).options
+    return {option: cfg.data[key] for option, key in options.items() if key is not None}

@@ -26,10 +26,9 @@ from torch.utils.data import Dataset
 
 from dcal.data.images import IMAGE_EXTENSIONS, list_image_files, list_subfolders, open_rgb
 from dcal.data.layout import DatasetFormatError, DatasetNotFoundError, find_dataset_root
-from dcal.vocabulary import REID_DATASETS
+from dcal.data.registry import SPLITS, build_dataset, dataset_names
 
 __all__ = [
-    "REID_DATASETS",
     "REID_SPLITS",
     "IMAGE_EXTENSIONS",
     "ReIDDatasetError",
@@ -43,7 +42,7 @@ __all__ = [
     "describe_splits",
 ]
 
-REID_SPLITS = ("train", "query", "gallery")
+REID_SPLITS = SPLITS["reid"]
 
 MARKET_PATTERN = re.compile(r"([-\d]+)_c(\d)")
 VERI_PATTERN = re.compile(r"([\d]+)_c(\d\d\d)")
@@ -337,11 +336,48 @@ def _reid_folder(
     return base, samples
 
 
+# ---------------------------------------------------------------------------------- the registered readers
+def _reid_set(
+    name: str, split: str, found: tuple[Path, list[tuple[str, int, int]]], transform: Callable | None
+) -> ReIDDataset:
+    base, samples = found
+    if not samples:
+        raise EmptySplitError(f"{name}/{split}: no image found in {base} for this split")
+    return ReIDDataset(samples, name=name, split=split, root=base, transform=transform)
+
+
+def read_market1501(root: str | os.PathLike, split: str, transform: Callable | None = None) -> ReIDDataset:
+    return _reid_set("market1501", split, _market_like("market1501", root, split), transform)
+
+
+def read_dukemtmc(root: str | os.PathLike, split: str, transform: Callable | None = None) -> ReIDDataset:
+    return _reid_set("dukemtmc", split, _market_like("dukemtmc", root, split), transform)
+
+
+def read_msmt17(
+    root: str | os.PathLike, split: str, transform: Callable | None = None, val_in_train: bool = True
+) -> ReIDDataset:
+    return _reid_set("msmt17", split, _msmt17(root, split, val_in_train=bool(val_in_train)), transform)
+
+
+def read_veri(root: str | os.PathLike, split: str, transform: Callable | None = None) -> ReIDDataset:
+    return _reid_set("veri", split, _veri(root, split), transform)
+
+
+def read_reid_folder(
+    root: str | os.PathLike, split: str, transform: Callable | None = None, camera_base: int = 1,
+    default_camid: int | None = None,
+) -> ReIDDataset:
+    found = _reid_folder(root, split, camera_base=int(camera_base), default_camid=default_camid)
+    return _reid_set("reid_folder", split, found, transform)
+
+
 # ----------------------------------------------------------------------------------------------- API
 def build_reid_dataset(
     name: str, root: str | os.PathLike, split: str, transform: Callable | None = None, **kwargs: Any
 ) -> ReIDDataset:
-    """Read one split of a re-id dataset.
+    """Read one split of a re-id dataset: :func:`dcal.data.build_dataset` for a dataset registered with task
+    ``reid``.
 
     Args:
         name: ``market1501``, ``dukemtmc``, ``msmt17``, ``veri`` or ``reid_folder``.
@@ -371,34 +407,11 @@ def build_reid_dataset(
         ReIDFileNameError: a file name or list line does not follow the layout (names the file).
         EmptySplitError: the split holds no image.
     """
-    if name not in REID_DATASETS:
-        raise ValueError(f"unknown re-id dataset {name!r}; expected one of {REID_DATASETS}")
+    if name not in dataset_names("reid"):
+        raise ValueError(f"unknown re-id dataset {name!r}; expected one of {dataset_names('reid')}")
     if split not in REID_SPLITS:
         raise ValueError(f"unknown re-id split {split!r}; expected one of {REID_SPLITS}")
-    relabel = kwargs.pop("relabel", None)
-    if name in _MARKET_LIKE:
-        _reject_kwargs(name, kwargs)
-        base, samples = _market_like(name, root, split)
-    elif name == "msmt17":
-        val_in_train = bool(kwargs.pop("val_in_train", True))
-        _reject_kwargs(name, kwargs)
-        base, samples = _msmt17(root, split, val_in_train=val_in_train)
-    elif name == "veri":
-        _reject_kwargs(name, kwargs)
-        base, samples = _veri(root, split)
-    else:
-        camera_base = int(kwargs.pop("camera_base", 1))
-        default_camid = kwargs.pop("default_camid", None)
-        _reject_kwargs(name, kwargs)
-        base, samples = _reid_folder(root, split, camera_base=camera_base, default_camid=default_camid)
-    if not samples:
-        raise EmptySplitError(f"{name}/{split}: no image found in {base} for this split")
-    return ReIDDataset(samples, name=name, split=split, root=base, transform=transform, relabel=relabel)
-
-
-def _reject_kwargs(name: str, kwargs: dict[str, Any]) -> None:
-    if kwargs:
-        raise TypeError(f"build_reid_dataset({name!r}): unexpected keyword arguments {sorted(kwargs)}")
+    return build_dataset(name, root, split, transform, **kwargs)
 
 
 def check_query_gallery(query: Any, gallery: Any) -> dict[str, int]:
