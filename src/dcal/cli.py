@@ -338,7 +338,7 @@ def cmd_visualize(args: argparse.Namespace) -> Any:
     from dcal.data.transforms import config_mean_std
     from dcal.inference import list_images, run_batches
     from dcal.loading import load_model
-    from dcal.visualize import attention_rows, denormalize, prediction_titles, save_attention_figure
+    from dcal.visualize import save_attention_picture
 
     loaded = load_model(args.run, args.checkpoint, "cpu", args.overrides)
     cfg, model = loaded.cfg, loaded.model
@@ -356,16 +356,10 @@ def cmd_visualize(args: argparse.Namespace) -> Any:
         truths = labels if cfg.task == "fgvc" else None
     if len(batch) < 2 and model.cfg.pwca_blocks:
         raise ValueError("the PWCA picture pairs images: give at least 2")
-    predictions = {}
-    if cfg.task == "fgvc":
-        with torch.no_grad():
-            preds = model.predict(batch).argmax(-1).tolist()
-        names = loaded.classes or [str(c) for c in range(model.cfg.num_classes)]
-        predictions["pred"] = [names[p] for p in preds]
-    titles, colors = prediction_titles(labels, predictions, truths)
-    shown = denormalize(batch, *config_mean_std(cfg))
+    # FGVC: one title line per column with the predicted class (the model is named "pred" there)
+    classes = (loaded.classes or [str(c) for c in range(model.cfg.num_classes)]) if cfg.task == "fgvc" else None
     out = args.output or str(Path(args.run or ".") / "rollout.png")
-    path = save_attention_figure(out, shown, attention_rows(model, batch, shown), titles, title_colors=colors)
+    path = save_attention_picture(out, {"pred": model}, batch, *config_mean_std(cfg), labels, classes, truths)
     print(f"saved {path}")
     return path
 

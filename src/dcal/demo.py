@@ -178,7 +178,7 @@ def _run_stages(output_dir: Path, pre: Any, cfgs: dict[str, Any], num_images: in
     from dcal.loading import load_model
     from dcal.pretrain import ensure_pretrained, pretrain_state
     from dcal.run_folder import remove_run_folder
-    from dcal.visualize import attention_rows, denormalize, prediction_titles, rollout_maps, save_attention_figure
+    from dcal.visualize import save_attention_picture
 
     t0 = time.perf_counter()
     log("\n=== stage 1: pretraining the ViT SA-only on the generic coarse task (shape x texture, no marks) ===")
@@ -216,21 +216,13 @@ def _run_stages(output_dir: Path, pre: Any, cfgs: dict[str, Any], num_images: in
     cfg = cfgs["dcal"]
     test = build_datasets(cfg, train=False)["test"]
     batch = torch.stack([test[i][0] for i in range(num_images)])
-    shown = denormalize(batch, *config_mean_std(cfg))
-    models, preds = {}, {}
-    for variant in VARIANTS:
-        models[variant] = load_model(run=output_dir / variant, device="cpu").model
-        with torch.no_grad():
-            preds[variant] = models[variant].eval().predict(batch).argmax(-1).tolist()
-    sa_maps, _ = rollout_maps(models["sa_only"], batch)
-    # SA-only's rollout, then DCAL's: rollout + selected queries, GLCA's local-query attention (Fig. 3a), PWCA's
-    # target CLS on the target and on the distractor with the distractor's share (Fig. 3b)
-    rows = [{"label": "SA only:\nrollout", "images": shown, "maps": sa_maps}]
-    rows += [{**row, "label": f"DCAL: {row['label']}"} for row in attention_rows(models["dcal"], batch, shown)]
     truths = [test.classes[test.targets[i]] for i in range(num_images)]
-    titles, colors = prediction_titles(truths, {"SA only": [test.classes[p] for p in preds["sa_only"]],
-                                                "DCAL": [test.classes[p] for p in preds["dcal"]]}, truths)
-    picture = save_attention_figure(output_dir / PICTURE, shown, rows, titles, title_colors=colors)
+    # SA-only's rollout, then DCAL's: rollout + selected queries, GLCA's local-query attention (Fig. 3a), PWCA's
+    # attention of the target's pooled-feature query on the target and on the distractor, with its share (Fig. 3b)
+    models = {"SA only": load_model(run=output_dir / "sa_only", device="cpu").model,
+              "DCAL": load_model(run=output_dir / "dcal", device="cpu").model}
+    picture = save_attention_picture(output_dir / PICTURE, models, batch, *config_mean_std(cfg), truths,
+                                     test.classes, truths)
     summary = {"written_by": MADE_BY, "sa_only": sa, "dcal": dc, "pretrained": str(output_dir / "pretrain"),
                "picture": str(picture)}
     atomic_write_text(output_dir / SUMMARY, json_text(summary))

@@ -13,7 +13,7 @@ forward never materialises probabilities it does not need.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -118,9 +118,9 @@ def attention_rows(model: DCAL, images: torch.Tensor, shown: np.ndarray,
     local-query attention (with GLCA), and the PWCA attention on the target and on its distractor (with PWCA).
     ``shown``: the images as (B, H, W, 3) in [0, 1] (see :func:`denormalize`)."""
     maps, selected = rollout_maps(model, images)
-    rows: list[dict[str, object]] = [{"label": "SA rollout\n(boxes: GLCA queries)", "images": shown, "maps": maps,
-                                      "boxes": selected}]
-    if model.cfg.glca_blocks:
+    rows: list[dict[str, object]] = [{"label": "SA rollout", "images": shown, "maps": maps}]
+    if model.cfg.glca_blocks:  # the patches GLCA selected, boxed on the rollout they were selected by
+        rows[0].update(label="SA rollout\n(boxes: GLCA queries)", boxes=selected)
         rows.append({"label": "GLCA: local queries'\nattention", "images": shown,
                      "maps": glca_attention_maps(model, images)[0]})
     if model.cfg.pwca_blocks:
@@ -131,6 +131,31 @@ def attention_rows(model: DCAL, images: torch.Tensor, shown: np.ndarray,
         rows.append({"label": "PWCA: target CLS\non the distractor", "images": shown[pw["pairs"]],
                      "maps": pw["distractor"]})
     return rows
+
+
+def save_attention_picture(path: str | Path, models: Mapping[str, DCAL], images: torch.Tensor,
+                           mean: Sequence[float], std: Sequence[float], labels: Sequence[str],
+                           classes: Sequence[str] | None = None, truths: Sequence[str] | None = None) -> Path:
+    """The attention picture of ``dcal visualize`` (one model) and ``dcal demo`` (SA-only and DCAL side by side):
+    one column per image, titled by its ``labels`` and, when ``classes`` are given (FGVC), each model's predicted
+    class (marked against ``truths`` when they are known: :func:`prediction_titles`); then each model's
+    :func:`attention_rows`, labelled with the model's name when there are several.
+
+    Args:
+        models: name -> model, in the order of their rows and title lines.
+        images: (B, 3, H, W), normalised with ``mean`` / ``std`` (the run's test transform).
+    """
+    shown = denormalize(images, mean, std)
+    rows, predictions = [], {}
+    for name, model in models.items():
+        model.eval()
+        own = attention_rows(model, images, shown)
+        rows += own if len(models) == 1 else [{**row, "label": f"{name}: {row['label']}"} for row in own]
+        if classes is not None:
+            with torch.no_grad():
+                predictions[name] = [classes[p] for p in model.predict(images).argmax(-1).tolist()]
+    titles, colors = prediction_titles(labels, predictions, truths)
+    return save_attention_figure(path, shown, rows, titles, title_colors=colors)
 
 
 def prediction_titles(labels: Sequence[str], predictions: dict[str, Sequence[str]],
