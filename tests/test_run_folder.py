@@ -165,6 +165,29 @@ def test_resume_with_more_epochs_continues_with_one_final_record_per_length(fini
     assert "train.epochs" in capsys.readouterr().err and records(out) == rs
 
 
+def test_resume_is_an_argument_not_a_config_key(finished, tmp_path, capsys):
+    """One way to say resume: fit(resume=) / --resume. train.resume is refused in one line naming both; a folder
+    whose config.yaml still holds the key (every run written before it was removed) is the same run."""
+    from omegaconf import OmegaConf
+
+    from dcal.config import ConfigError, default_config
+    from dcal.run_folder import other_config_changes
+
+    with pytest.raises(ConfigError, match=r"^config key 'train.resume' does not exist: resume a run with "
+                                          r"fit\(cfg, resume=True\) \(dcal train --resume\)$"):
+        load_config(None, ["train.resume=true"])
+    assert train(tmp_path / "new", "train.resume=true") == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+    out = copy_run(finished, tmp_path)
+    text = (out / "config.yaml").read_text()
+    assert "\ntrain:\n" in text and "resume" not in text
+    (out / "config.yaml").write_text(text.replace("\ntrain:\n", "\ntrain:\n  resume: false\n"))
+    cfg = load_config(None, [f"output_dir={out}", *ONE_EPOCH])
+    plain = OmegaConf.to_container
+    assert other_config_changes(out, plain(cfg), plain(default_config())) == []  # an ablation or pretraining reuses it
+    assert fit(cfg, resume=True)["final"] and "nothing to do" in capsys.readouterr().out
+
+
 def test_written_files_have_the_users_umask(finished, tmp_path, monkeypatch):
     for name in ("config.yaml", "last.pth", "best.pth", "best.safetensors", "last.safetensors", "metrics.jsonl"):
         assert stat.S_IMODE((finished / name).stat().st_mode) == FILE_MODE, name

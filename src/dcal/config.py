@@ -212,7 +212,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row (each such step is not applied)
     sync_bn: bool = False  # under torchrun: BatchNorm (Re-ID BNNecks) with global-batch statistics
     deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact reruns and resumes; slower)
-    resume: bool = False  # resume from output_dir's last checkpoint
+    # resuming is not a key: it is how a run is started (dcal train --resume, fit(cfg, resume=True))
 
 
 @dataclass
@@ -276,6 +276,10 @@ def _close_keys(key: str, valid: list[str]) -> list[str]:
     return list(dict.fromkeys(similar + related))[:3]
 
 
+# keys that are not config keys, and what to use instead (a saved config that has them: upgrade_saved_config)
+REMOVED_KEYS = {"train.resume": "resume a run with fit(cfg, resume=True) (dcal train --resume)"}
+
+
 def _check_keys(cls: type, values: Any, prefix: str = "") -> None:
     """Unknown keys anywhere in ``values`` (a plain nested dict) -> ConfigError with close matches."""
     if not isinstance(values, dict):
@@ -284,6 +288,8 @@ def _check_keys(cls: type, values: Any, prefix: str = "") -> None:
     fields = _fields(cls)
     for key, value in values.items():
         dotted = f"{prefix}{key}"
+        if dotted in REMOVED_KEYS:
+            raise ConfigError(f"config key {dotted!r} does not exist: {REMOVED_KEYS[dotted]}")
         if not isinstance(key, str) or key not in fields:
             close = _close_keys(str(key), list(fields))
             hint = f" (did you mean {', '.join(repr(prefix + c) for c in close)}?)" if close else ""
@@ -752,9 +758,10 @@ def _check_parts(cfg: DictConfig) -> None:
 
 
 def upgrade_saved_config(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """A config read back from a checkpoint, with the keys that older dcal versions did not write set to what
-    those versions did: no ``model.glca_pool`` means the model was trained with the CLS-token GLCA feature
-    (before the revised GLCA of docs/design.md), so it loads as ``cls`` and says so in one line."""
+    """A config read back from a run folder or a model file, with the keys that older dcal versions did not write
+    set to what those versions did: no ``model.glca_pool`` means the model was trained with the CLS-token GLCA feature
+    (before the revised GLCA of docs/design.md), so it loads as ``cls`` and says so in one line. ``train.resume``
+    (written into every config until it was removed: how that run was started, not what it trains) is dropped."""
     model = values.get("model")
     if isinstance(model, dict) and "glca_pool" not in model:
         values = {**values, "model": {**model, "glca_pool": "cls"}}
@@ -762,6 +769,9 @@ def upgrade_saved_config(values: dict[str, Any], source: str) -> dict[str, Any]:
             "%s: saved before model.glca_pool existed; loading it as glca_pool=cls, the GLCA it was trained with",
             source,
         )
+    train = values.get("train")
+    if isinstance(train, dict) and "resume" in train:
+        values = {**values, "train": {k: v for k, v in train.items() if k != "resume"}}
     return values
 
 

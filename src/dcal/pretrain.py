@@ -153,7 +153,6 @@ def train_stages(cfg: Any, resume: bool = False, log: Callable[[str], None] = pr
     from dcal.engine import build_datasets, fit
     from dcal.run_folder import check_run_folder
 
-    resume = resume or cfg.train.resume
     if cfg.model.pretrain:
         planned = resolve_pretrain(cfg, train=False, log=log)
         distributed.on_main(lambda: check_run_folder(Path(planned.output_dir), planned, resume))

@@ -48,7 +48,7 @@ RUN_CHECKPOINTS = (BEST_WEIGHTS, BEST, LAST_WEIGHTS, LAST)  # what a run folder 
 # how it is evaluated, and the knobs to get past a diverged step (clip_grad, amp, max_bad_steps) or memory and
 # speed limits of another machine; every other key changes what is trained and must equal the saved one
 RESUMABLE_KEYS = ("output_dir", "data.root", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
-                  "train.save_every_steps", "train.workers", "train.device", "train.resume", "train.compile",
+                  "train.save_every_steps", "train.workers", "train.device", "train.compile",
                   "train.grad_checkpointing", "train.deterministic", "train.clip_grad", "train.amp",
                   "train.max_bad_steps", "eval.*")
 _ABSENT = object()
@@ -171,10 +171,11 @@ def read_config_text(folder: str | Path) -> str | None:
 def read_config(folder: str | Path) -> dict[str, Any] | None:
     """The folder's :data:`CONFIG` as plain values (the strict YAML reader; errors name the file), None when
     it has none."""
-    from dcal.config import read_yaml
+    from dcal.config import read_yaml, upgrade_saved_config
 
     text = read_config_text(folder)
-    return None if text is None else read_yaml(text, str(Path(folder) / CONFIG))
+    source = str(Path(folder) / CONFIG)
+    return None if text is None else upgrade_saved_config(read_yaml(text, source), source)
 
 
 def write_config(folder: str | Path, config_yaml: str) -> None:

@@ -115,6 +115,8 @@ def _log(msg: str) -> None:
 
 def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     """Train (and evaluate every ``train.eval_every`` epochs) as ``cfg`` says; returns the final record.
+    ``resume``: continue the run in ``output_dir`` (``dcal train --resume``): the one place a run is resumed;
+    without it a folder holding a run is refused.
 
     Under torchrun every process calls ``fit``; all return the same final record. Rank 0 owns ``output_dir``
     (:class:`dcal.run_folder.RunLock`) from before its first write to the end. SIGTERM/SIGINT stop the run after
@@ -126,7 +128,7 @@ def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
                           "pretraining stage is run by dcal.pretrain.train_stages (what `dcal train` calls)")
     info, device = dist.init(cfg.train.device)
     try:
-        return _fit(cfg, resume or cfg.train.resume, info, device)
+        return _fit(cfg, resume, info, device)
     finally:
         dist.shutdown(info)
 
