@@ -4,6 +4,7 @@ export, report."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,28 @@ from typing import Any
 from dcal.vocabulary import FEATURE_DTYPES, FUSIONS, INDEX_BACKENDS, INDEX_KINDS, RERANK_METHODS, RETRIEVAL_METRICS
 
 EPILOG = "Config keys are dotted (data.root=..., train.epochs=...); see configs/ and the README."
+
+
+class ConsoleHandler(logging.Handler):
+    """How the commands show dcal's log messages (``logging.getLogger(__name__)`` in every module): the message
+    alone, one line, INFO on stdout and warnings on stderr. The stream is looked up at each message, so a
+    redirected ``sys.stdout`` (a run's ``train.log`` under ``dcal ablation``, a test's capture) receives them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 (logging's contract: a failing handler reports, never raises)
+            self.handleError(record)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show dcal's messages from ``level`` up on the console (:class:`ConsoleHandler`), once per process."""
+    logger = logging.getLogger("dcal")
+    if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(ConsoleHandler())
+    logger.setLevel(level)
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -682,6 +705,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "visualize":
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_threads(getattr(args, "threads", None))
+    configure_logging()
     from dcal.config import ConfigError
     from dcal.errors import error_line
 

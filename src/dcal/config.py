@@ -39,6 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dcal import vocabulary as vocab
 
+logger = logging.getLogger(__name__)
 FGVC_LR_REFERENCE_BATCH = 512  # lr = base_lr * batch_size / 512 (paper §4.1)
 REID_DEFAULT_LR = 0.008  # paper §4.1, Re-ID
 
@@ -765,7 +766,7 @@ def upgrade_saved_config(values: dict[str, Any], source: str) -> dict[str, Any]:
     model = values.get("model")
     if isinstance(model, dict) and "glca_pool" not in model:
         values = {**values, "model": {**model, "glca_pool": "cls"}}
-        logging.getLogger("dcal").warning(
+        logger.warning(
             "%s: saved before model.glca_pool existed; loading it as glca_pool=cls, the GLCA it was trained with",
             source,
         )

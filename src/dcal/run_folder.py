@@ -17,6 +17,7 @@ import datetime
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import shlex
@@ -52,6 +53,7 @@ RESUMABLE_KEYS = ("output_dir", "data.root", "train.epochs", "train.log_every", 
                   "train.grad_checkpointing", "train.deterministic", "train.clip_grad", "train.amp",
                   "train.max_bad_steps", "eval.*")
 _ABSENT = object()
+logger = logging.getLogger(__name__)
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
@@ -512,8 +514,8 @@ class RunLock:
                 raise
             break
         if previous:
-            print(f"warning: {self.path}: taking over the stale lock of {describe_owner(previous)}: that process "
-                  "is gone", file=sys.stderr, flush=True)
+            logger.warning("warning: %s: taking over the stale lock of %s: that process is gone", self.path,
+                           describe_owner(previous))
         data = _owner_text().encode("utf-8")
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
