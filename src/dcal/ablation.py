@@ -6,7 +6,7 @@ GLCA means ``eval.fusion=sa`` without the user saying so). Sets:
 
 * ``table3``: SA only, +GLCA, +PWCA, DCAL (the paper's Table 3 rows);
 * ``selection``: how GLCA's local queries are chosen: rollout, random, last layer only, and ``glca_pool=cls``
-  (the CLS-token reading of GLCA, under which the selection has no effect: docs/design.md, GLCA);
+  (the class-token reading of GLCA, under which the selection has no effect: docs/design.md, GLCA);
 * ``pairs``: the PWCA distractor (Table 4): random, intra-class, inter-class, 1:1 mix, Gaussian noise;
 * ``blocks``: the number of GLCA blocks M and PWCA blocks T (Fig. 2).
 
@@ -392,8 +392,9 @@ def format_markdown(summary: dict[str, Any]) -> str:
         *([f"Backbone: {summary['backbone']}."] if summary.get("backbone") else []),
         "*Best epoch = the epoch with the highest metric on the evaluation split, i.e. selected on it: optimistic, "
         "for reference only; the last epoch is the number to compare.",
-        *(["PWCA share: of the target CLS token's attention, the part on the distractor's tokens, mean over the "
-           "pair-wise blocks, on the first test images (dcal.mechanism; a self-pair gives 50)."] if mech else []),
+        *(["PWCA share: of the attention of the target's pooled-feature query (its class token, or the patch mean "
+           "where there is none), the part on the distractor's tokens, mean over the pair-wise blocks, on the first "
+           "test images (dcal.mechanism; a self-pair gives 50)."] if mech else []),
     ]
     if summary.get("command"):
         notes.append(f"Command: `{summary['command']}`")

@@ -163,7 +163,9 @@ class ModelConfig:
     drop_path_rate: float = 0.1  # stochastic depth
     query_selection: str = "rollout"  # rollout | random | last_layer (ablation)
     pair_strategy: str = "random"  # PWCA distractor: random | intra | inter | mix | noise (Table 4)
-    glca_pool: str = "mean"  # GLCA feature: mean of the local queries' outputs (docs/design.md, GLCA) | cls (earlier)
+    # GLCA feature: mean of the local queries' outputs (docs/design.md, GLCA) | cls (the class token's output, for
+    # comparison)
+    glca_pool: str = "mean"
     patch_stride: int | None = None  # < patch size: TransReID's overlapping patches (docs/design.md); None = patch size
     # extra timm.create_model arguments, e.g. {depth: 4, embed_dim: 96, num_heads: 3, patch_size: 8} for a
     # small from-scratch ViT (the demo); drop_path_rate and img_size have their own keys

@@ -1,11 +1,11 @@
 """Pictures of what a trained model attends to (the paper's Fig. 3 and 4).
 
-* :func:`rollout_maps` – the SA attention rollout of the CLS token (Eq. 2) and the patches GLCA selects as local
-  queries (Fig. 3a/4a).
+* :func:`rollout_maps` – the SA attention rollout of the pooled feature's row (Eq. 2; the class token's for a
+  class-token ViT) and the patches GLCA selects as local queries (Fig. 3a/4a).
 * :func:`glca_attention_maps` – what GLCA's local queries attend to: the mean over the local queries and heads of
   the first GLCA block's attention over the tokens of x_(L-1) (Fig. 3a).
-* :func:`pwca_attention_maps` – for an image pair, the PWCA attention of the target's CLS split between the target's
-  and the distractor's tokens, and the share that goes to the distractor (Fig. 3b/4b).
+* :func:`pwca_attention_maps` – for an image pair, the PWCA attention of the target's pooled-feature query split
+  between the target's and the distractor's tokens, and the share that goes to the distractor (Fig. 3b/4b).
 
 Attention probabilities are computed here explicitly, without autograd, from the blocks' weights; the model's own
 forward never materialises probabilities it does not need.
@@ -39,8 +39,8 @@ def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
 
 @torch.no_grad()
 def rollout_maps(model: DCAL, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Rollout CLS maps upsampled to the image size, (B, H, W) in [0, 1], and the GLCA selection mask
-    (B, gh, gw) (all False when the model has no GLCA)."""
+    """Rollout maps of the pooled feature's row, upsampled to the image size, (B, H, W) in [0, 1], and the GLCA
+    selection mask (B, gh, gw) (all False when the model has no GLCA)."""
     model.eval()
     gh, gw = model.backbone.patch_embed.grid_size
     selected = torch.zeros(images.shape[0], gh * gw, dtype=torch.bool)
@@ -72,13 +72,13 @@ def glca_attention_maps(model: DCAL, images: torch.Tensor) -> tuple[np.ndarray, 
 
 
 def pwca_attention_maps(model: DCAL, images: torch.Tensor, pairs: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-    """The PWCA attention of each target image's CLS token over the concatenated keys of the target and its
-    distractor (Eq. 4), in the last PWCA block (T), averaged over heads (Fig. 3b/4b), from
-    :func:`dcal.mechanism.pwca_attention` (the PWCA stream as in training, in eval mode). ``pairs[i]`` is the
-    distractor of image ``i`` (default: the next image in the batch).
+    """The PWCA attention of each target image's pooled-feature query (class token, or patch mean) over the
+    concatenated keys of the target and its distractor (Eq. 4), in the last PWCA block (T), averaged over heads
+    (Fig. 3b/4b), from :func:`dcal.mechanism.pwca_attention` (the PWCA stream as in training, in eval mode).
+    ``pairs[i]`` is the distractor of image ``i`` (default: the next image in the batch).
 
     Returns ``target`` and ``distractor`` (B, H, W) maps in [0, 1] (each over its own image's patches),
-    ``share`` (B,): the fraction of the CLS attention that goes to the distractor's tokens in block T, and
+    ``share`` (B,): the fraction of that query's attention that goes to the distractor's tokens in block T, and
     ``share_mean`` (B,): that fraction averaged over the T pair-wise blocks.
     """
     pw = pwca_attention(model, images, pairs)
@@ -109,7 +109,7 @@ def save_rollout_figure(
     """
     return save_attention_figure(
         path, images, [{"label": label, "images": images, "maps": m, "boxes": sel} for label, (m, sel) in rows.items()],
-        titles, title="Attention rollout of the CLS token (boxes: GLCA local queries)")
+        titles, title="Attention rollout of the pooled feature (boxes: GLCA local queries)")
 
 
 def attention_rows(model: DCAL, images: torch.Tensor, shown: np.ndarray,
@@ -125,10 +125,10 @@ def attention_rows(model: DCAL, images: torch.Tensor, shown: np.ndarray,
                      "maps": glca_attention_maps(model, images)[0]})
     if model.cfg.pwca_blocks:
         pw = pwca_attention_maps(model, images, pairs)
-        rows.append({"label": "PWCA: target CLS\non the target", "images": shown, "maps": pw["target"],
+        rows.append({"label": "PWCA: target query\non the target", "images": shown, "maps": pw["target"],
                      "captions": [f"to distractor {s:.1%}\n(mean of T {m:.1%})"
                                   for s, m in zip(pw["share"], pw["share_mean"], strict=True)]})
-        rows.append({"label": "PWCA: target CLS\non the distractor", "images": shown[pw["pairs"]],
+        rows.append({"label": "PWCA: target query\non the distractor", "images": shown[pw["pairs"]],
                      "maps": pw["distractor"]})
     return rows
 
