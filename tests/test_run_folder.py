@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from dcal import checkpoint
@@ -256,35 +255,13 @@ def test_only_a_start_without_any_checkpoint_or_record_is_discarded(tmp_path):
         assert discard_unsaved_start(kept) == [] and len(list(kept.iterdir())) == 2
 
 
-def as_previous_version(path: Path) -> None:
-    """Rewrite a training checkpoint as dcal wrote it before training states saved themselves (TrainState): with
-    the model's construction arguments under ``model_config`` (an entry nothing read) and no ``extra`` (the
-    class names, which only the ``.safetensors`` exports beside it held)."""
-    state = torch.load(path, weights_only=True)
-    del state["extra"]
-    state["model_config"] = {"backbone": "deit_tiny_patch16_224", "task": "fgvc", "num_classes": 2,
-                             "glca_blocks": 1, "pwca_blocks": 2, "patch_stride": None, "depth": 2, "embed_dim": 32,
-                             "num_heads": 2, "patch_size": 8, "img_size": [32, 32]}
-    torch.save(state, path)
-
-
-def test_a_checkpoint_of_the_previous_format_loads_and_resumes(finished, tmp_path):
-    out = copy_run(finished, tmp_path)
-    for name in ("last.pth", "best.pth"):
-        as_previous_version(out / name)
-    names = load_model(run=out).classes  # best.safetensors
+def test_a_training_checkpoint_carries_its_class_names(finished, tmp_path):
+    """A .pth is a model file of its own: its class names travel in it (``extra``), not only in the exports."""
+    names = load_model(run=finished).classes  # best.safetensors
     assert names is not None and len(names) == 2
-    old = load_model(checkpoint=out / "best.pth")  # its class names: from the exports beside it
-    assert old.classes == names and old.checkpoint == out / "best.pth"
+    state = load_training_state(finished / "last.pth")
+    assert state["extra"] == {"classes": names} and "model_config" not in state
     alone = tmp_path / "alone"
     alone.mkdir()
-    shutil.copy(out / "last.pth", alone / "last.pth")
-    assert load_model(checkpoint=alone / "last.pth").classes is None  # nothing beside it holds them
-
-    assert train(out, "--resume", "train.epochs=2") == 0
-    assert [(r["epoch"], bool(r.get("final"))) for r in records(out)] == [(1, False), (1, True), (2, False),
-                                                                          (2, True)]
-    state = load_training_state(out / "last.pth")
-    assert state["epoch"] == 1 and "model_config" not in state and state["extra"] == {"classes": names}
-    shutil.copy(out / "last.pth", alone / "last.pth")
-    assert load_model(checkpoint=alone / "last.pth").classes == names  # a checkpoint now carries its class names
+    shutil.copy(finished / "last.pth", alone / "last.pth")
+    assert load_model(checkpoint=alone / "last.pth").classes == names

@@ -258,7 +258,7 @@ def run_ablation(
     fine-tunes from one SA-only backbone trained once into ``pretrain/<recipe stem>`` beside ``OUT``
     (``dcal.pretrain``)."""
     if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     check_no_output_dir(overrides)
     base = load_config(config, overrides)  # bad recipes and overrides fail here, before anything is written
     variants = plan(sets, backbone_depth(base))

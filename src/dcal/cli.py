@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML recipe every variant starts from (a file or a packaged "
                    "recipe's name)")
     p.add_argument("--set", default="table3", help="table3 | selection | pairs | blocks, or several: table3,selection")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per variant: train.seed, train.seed+1, ...")
+    p.add_argument("--seeds", type=_at_least_one, default=3, help="seeds per variant: train.seed, train.seed+1, ...")
     p.add_argument("--output-dir", default=None, help="default: runs/ablation_<sets>_<recipe name> (each run goes "
                    "to DIR/<variant>/seed<k>: output_dir=... is refused)")
     p.add_argument("--pretrain", default=None, metavar="RECIPE",

@@ -760,18 +760,9 @@ def _check_parts(cfg: DictConfig) -> None:
         _fail("data.train_splits", f"must be distinct splits out of {list(allowed)}; got {splits}")
 
 
-def upgrade_saved_config(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """A config read back from a run folder or a model file, with the keys that older dcal versions did not write
-    set to what those versions did: no ``model.glca_pool`` means the model was trained with the CLS-token GLCA feature
-    (before the revised GLCA of docs/design.md), so it loads as ``cls`` and says so in one line. ``train.resume``
-    (written into every config until it was removed: how that run was started, not what it trains) is dropped."""
-    model = values.get("model")
-    if isinstance(model, dict) and "glca_pool" not in model:
-        values = {**values, "model": {**model, "glca_pool": "cls"}}
-        logger.warning(
-            "%s: saved before model.glca_pool existed; loading it as glca_pool=cls, the GLCA it was trained with",
-            source,
-        )
+def upgrade_saved_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A config read back from a run folder or a model file, without ``train.resume``: every config was written
+    with it until it stopped being a key (it said how that run was started, not what it trains)."""
     train = values.get("train")
     if isinstance(train, dict) and "resume" in train:
         values = {**values, "train": {k: v for k, v in train.items() if k != "resume"}}
@@ -787,7 +778,7 @@ def load_saved_config(text: str, source: str, overrides: list[str] | tuple[str, 
     ``model.pretrain`` are never acted on (the weights come from the checkpoint, so a checkpoint cannot make dcal
     download, read or train anything else). Errors name ``source``."""
     try:
-        values = upgrade_saved_config(read_yaml(text, "its stored config"), source)
+        values = upgrade_saved_config(read_yaml(text, "its stored config"))
         model = values.get("model")
         if isinstance(model, dict):
             values = {**values, "model": {k: v for k, v in model.items() if k not in WEIGHT_SOURCES}}

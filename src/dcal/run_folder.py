@@ -113,17 +113,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object (one record per line), got {type(record).__name__}")
         out.append(record)
-    return _one_based(out)
-
-
-def _one_based(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records numbered as now: epochs from 1, as the console shows them. A ``metrics.jsonl`` of a dcal that
-    numbered them from 0 (it holds an epoch 0; today's never does) is renumbered on reading, so that an older run
-    folder is reported, reused and resumed (resume rewrites the file) with the numbers its console showed."""
-    if not any(r.get("epoch") == 0 for r in records):
-        return records
-    shift = ("epoch", "best_epoch")
-    return [{**r, **{k: r[k] + 1 for k in shift if isinstance(r.get(k), int)}} for r in records]
+    return out
 
 
 def write_metrics(folder: str | Path, records: list[dict[str, Any]]) -> None:
@@ -177,7 +167,7 @@ def read_config(folder: str | Path) -> dict[str, Any] | None:
 
     text = read_config_text(folder)
     source = str(Path(folder) / CONFIG)
-    return None if text is None else upgrade_saved_config(read_yaml(text, source), source)
+    return None if text is None else upgrade_saved_config(read_yaml(text, source))
 
 
 def write_config(folder: str | Path, config_yaml: str) -> None:
@@ -270,7 +260,7 @@ def check_run_folder(folder: str | Path, cfg: DictConfig, resume: bool,
     saved = read_config_text(folder)
     if saved is None:  # killed before config.yaml was written: the checkpoint carries the config too
         saved = load_training_state(last)["config"]
-    changes = config_changes(upgrade_saved_config(read_yaml(saved, source), source), OmegaConf.to_container(cfg),
+    changes = config_changes(upgrade_saved_config(read_yaml(saved, source)), OmegaConf.to_container(cfg),
                              OmegaConf.to_container(default_config()))
     if changes:
         raise ResumeConfigError(

@@ -32,7 +32,6 @@ __all__ = [
     "REID_SPLITS",
     "IMAGE_EXTENSIONS",
     "ReIDDatasetError",
-    "ReIDFolderNotFoundError",
     "ReIDFileNameError",
     "EmptySplitError",
     "NoCommonIdentityError",
@@ -53,10 +52,6 @@ MSMT_CAMERA_TOKEN = re.compile(r"^[-\d]+_c(\d+)")
 
 class ReIDDatasetError(DatasetFormatError):
     """Base class of the content errors of a re-id dataset (bad names, empty splits, ...)."""
-
-
-# the name of DatasetNotFoundError in this module's API (the layout errors of both tasks are one family)
-ReIDFolderNotFoundError = DatasetNotFoundError
 
 
 class ReIDFileNameError(ReIDDatasetError):
@@ -245,7 +240,7 @@ def _read_msmt_list(list_file: Path, image_dir: Path) -> list[tuple[str, int, in
                 continue
             samples.append((str(image_dir / relpath), pid, camid))
     if samples and not os.path.exists(samples[0][0]):
-        raise ReIDFolderNotFoundError(
+        raise DatasetNotFoundError(
             f"MSMT17: {samples[0][0]} (first entry of {list_file}) does not exist: "
             "wrong root or image folder?"
         )
@@ -262,10 +257,10 @@ def _msmt17(
         try:
             base = find_dataset_root(root, candidates, [train_dir, test_dir] + lists, "MSMT17")
             break
-        except ReIDFolderNotFoundError as e:
+        except DatasetNotFoundError as e:
             error = e
     if base is None:
-        raise ReIDFolderNotFoundError(
+        raise DatasetNotFoundError(
             f"{error} (V1 layout; the V2 layout has mask_train_v2/ and mask_test_v2/ "
             "instead of train/ and test/)"
         )
@@ -297,7 +292,7 @@ def _reid_folder(
     base = Path(root).expanduser()
     folder = base / split
     if not folder.is_dir():
-        raise ReIDFolderNotFoundError(
+        raise DatasetNotFoundError(
             f"reid_folder: {folder} does not exist; expected {base}/{{train,query,gallery}}/<pid>/<image>"
         )
     loose = list_image_files(folder, recursive=False)
@@ -403,7 +398,7 @@ def build_reid_dataset(
               give query and gallery different ``default_camid`` values to keep cross-set matches.
 
     Raises:
-        ReIDFolderNotFoundError: a folder or list file is missing (the message names it).
+        DatasetNotFoundError: a folder or list file is missing (the message names it).
         ReIDFileNameError: a file name or list line does not follow the layout (names the file).
         EmptySplitError: the split holds no image.
     """

@@ -346,8 +346,6 @@ def _records_until(records: list[dict[str, Any]], state: TrainState) -> list[dic
     """The metrics records written up to the checkpoint ``state`` was restored from (later ones belong to lost
     work); the checkpoint's own record is added if the run died between writing the checkpoint and its line."""
     mine = state.record
-    if mine and mine["epoch"] == state.epoch:  # a checkpoint of a dcal that numbered records from 0
-        mine = {**mine, "epoch": mine["epoch"] + 1}
     end = _position(mine) if mine else (state.epoch + 1, math.inf)  # state.epoch: the 0-based loop index
     kept = [r for r in records if _position(r) <= end]  # a finished run's final record stays: it is history
     if mine and not mine.get("interrupted") and all(_position(r) != end or r.get("final") for r in kept):
