@@ -25,6 +25,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+def pytest_configure(config):
+    """dcal's log messages reach the console as under the ``dcal`` command (its handler), so that tests of library
+    functions read the same stdout / stderr as a user of the commands; ``caplog`` sees them too."""
+    from dcal.cli import configure_logging
+
+    configure_logging()
+
+
 def pytest_sessionstart(session):
     """In CI (DCAL_REQUIRE_SHARED=1, set by .ci/run) the real-data tests must run, not skip."""
     if os.environ.get("DCAL_REQUIRE_SHARED") == "1" and not SHARED_DATA.is_dir():

@@ -12,6 +12,7 @@ from PIL import Image
 
 from dcal.ablation import mean_std, plan, run_ablation
 from dcal.cli import main
+from tests.helpers import logged
 
 RECIPE = """
 data: {dataset: synthetic, root: unused, resize: 36, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25],
@@ -26,10 +27,10 @@ def ablation(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ablation")
     recipe = tmp / "tiny.yaml"
     recipe.write_text(RECIPE)
-    lines: list[str] = []
     # the user's model.glca_blocks=2 must lose against each variant's own keys
-    summary = run_ablation(recipe, ["table3", "selection"], seeds=2, overrides=["model.glca_blocks=2"],
-                           output_dir=tmp / "out", log=lines.append)
+    with logged("dcal.ablation") as lines:
+        summary = run_ablation(recipe, ["table3", "selection"], seeds=2, overrides=["model.glca_blocks=2"],
+                               output_dir=tmp / "out")
     return recipe, tmp / "out", summary, lines
 
 
@@ -129,9 +130,9 @@ def test_rerun_reuses_and_an_interrupted_run_resumes(ablation):
     metrics = dcal_run / "metrics.jsonl"
     kept = metrics.read_text().splitlines()[:-1]  # as if killed while the final record was being written
     metrics.write_text("\n".join(kept) + '\n{"final": tr')
-    lines: list[str] = []
-    again = run_ablation(recipe, ["table3", "selection"], seeds=2, overrides=["model.glca_blocks=2"],
-                         output_dir=out, log=lines.append)
+    with logged("dcal.ablation") as lines:
+        again = run_ablation(recipe, ["table3", "selection"], seeds=2, overrides=["model.glca_blocks=2"],
+                             output_dir=out)
     assert sum("(reused" in line for line in lines) == 13 and sum("(resumed" in line for line in lines) == 1
     assert [r["last_top1"] for r in again["rows"]] == [r["last_top1"] for r in summary["rows"]]
 
@@ -140,9 +141,9 @@ def test_a_moved_ablation_folder_is_reused(ablation, tmp_path):
     recipe, out, summary, _ = ablation
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
-    lines: list[str] = []
-    again = run_ablation(recipe, ["table3", "selection"], seeds=2, overrides=["model.glca_blocks=2"],
-                         output_dir=moved, log=lines.append)
+    with logged("dcal.ablation") as lines:
+        again = run_ablation(recipe, ["table3", "selection"], seeds=2, overrides=["model.glca_blocks=2"],
+                             output_dir=moved)
     assert sum("(reused" in line for line in lines) == 14
     assert [r["last_top1"] for r in again["rows"]] == [r["last_top1"] for r in summary["rows"]]
 
@@ -151,7 +152,7 @@ def test_a_run_dir_with_another_config_is_not_overwritten(ablation):
     recipe, out, _, _ = ablation
     before = (out / "sa_only" / "seed0" / "metrics.jsonl").read_text()
     with pytest.raises(FileExistsError, match="another config"):
-        run_ablation(recipe, ["table3"], seeds=1, overrides=["train.epochs=1"], output_dir=out, log=lambda _: None)
+        run_ablation(recipe, ["table3"], seeds=1, overrides=["train.epochs=1"], output_dir=out)
     assert (out / "sa_only" / "seed0" / "metrics.jsonl").read_text() == before
 
 

@@ -206,3 +206,20 @@ def test_recipes_lists_prints_and_copies_out(tmp_path, capsys):
     assert main(["recipes", "fgvc/cub_deit_tiny", "--copy", str(tmp_path / "mine")]) == 2  # never replaced
     assert "already exists" in capsys.readouterr().err
     assert main(["recipes", "fgvc/nope"]) == 2
+
+
+def test_library_errors_name_arguments_and_cli_errors_name_flags(tmp_path, capsys):
+    """The same bad value is said in the terms of whoever gave it: an argument to a function, a flag to dcal."""
+    from dcal.ablation import run_ablation
+    from dcal.gallery.index import build_index
+
+    with pytest.raises(ValueError, match=r"^seeds must be >= 1, got 0$"):
+        run_ablation("demo", ["table3"], seeds=0, output_dir=tmp_path / "abl")
+    with pytest.raises(SystemExit):
+        main(["ablation", "--config", "demo", "--seeds", "0"])
+    assert "--seeds: expects an int >= 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^backend='nope': expected one of"):
+        build_index(tmp_path / "index", [object()], backend="nope")
+    with pytest.raises(ValueError, match=r"^metric='nope': expected one of"):
+        build_index(tmp_path / "index", [object()], metric="nope")
+    assert not (tmp_path / "abl").exists() and not (tmp_path / "index").exists()

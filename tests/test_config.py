@@ -265,3 +265,22 @@ def test_recipes_resolve_by_name_from_the_package(tmp_path, monkeypatch):
 
     pre = pretrain_config(load_config("demo").model.pretrain, tmp_path / "pre")
     assert pre.data.synthetic_task == "coarse" and pre.output_dir == str(tmp_path / "pre")
+
+
+def test_validate_reads_as_a_schema_one_check_per_section():
+    """config.validate is the choices, finiteness, then one check per section, each written beside its dataclass
+    (in the order of RunConfig's sections), so that a key's constraints are found next to the key."""
+    import dataclasses
+    import inspect
+
+    from dcal import config
+
+    sections = [f.type if isinstance(f.type, type) else getattr(config, str(f.type))
+                for f in dataclasses.fields(config.RunConfig) if f.name in ("data", "model", "loss", "train", "eval")]
+    assert [c.__name__ for c in config.SECTION_CHECKS] == [f"_check_{s.__name__[:-6].lower()}" for s in sections]
+    lines, _ = inspect.getsourcelines(config)
+    source = "".join(lines)
+    for section, check in zip(sections, config.SECTION_CHECKS, strict=True):
+        # the check follows its dataclass directly
+        after = source[source.index(f"class {section.__name__}:"):]
+        assert after.index(f"def {check.__name__}(") < after.index("@dataclass"), check.__name__

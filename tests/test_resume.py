@@ -115,32 +115,6 @@ def test_sigterm_mid_epoch_saves_there_and_resume_equals_uninterrupted(straight,
     assert_same_run(straight, stopped)
 
 
-def test_a_run_folder_numbered_from_epoch_0_by_an_older_dcal_resumes_renumbered(straight, tmp_path):
-    """Records used to number epochs from 0 (the console from 1); they now number them from 1 everywhere. A folder
-    written the old way (its metrics.jsonl and its checkpoint's record hold epoch 0) is read renumbered, resumes
-    exactly, and ends with today's numbering."""
-    from dcal.checkpoint import save_training_state
-    from dcal.run_folder import read_metrics
-
-    old = tmp_path / "old"
-    proc = dcal_train(old, delay=1.0)
-    metrics = old / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and '"step": 2,' in metrics.read_text(), proc)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    written = records(old)
-    assert [(r["epoch"], r["step"]) for r in written] == [(1, 2)]
-    metrics.write_text("".join(json.dumps({**r, "epoch": r["epoch"] - 1}) + "\n" for r in written))
-    state = load_training_state(old / "last.pth")
-    state["record"] = {**state["record"], "epoch": state["record"]["epoch"] - 1}  # as the old dcal saved it
-    save_training_state(old / "last.pth", **state)
-    assert [r["epoch"] for r in read_metrics(metrics)] == [1]  # read renumbered
-
-    finish(dcal_train(old, "--resume"))
-    assert_same_run(straight, old)  # 1-based records, the uninterrupted run's weights
-
-
 def test_a_second_sigint_stops_at_once_and_claims_no_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc = dcal_train(out, delay=1.0)

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from dcal import checkpoint
@@ -165,6 +164,29 @@ def test_resume_with_more_epochs_continues_with_one_final_record_per_length(fini
     assert "train.epochs" in capsys.readouterr().err and records(out) == rs
 
 
+def test_resume_is_an_argument_not_a_config_key(finished, tmp_path, capsys):
+    """One way to say resume: fit(resume=) / --resume. train.resume is refused in one line naming both; a folder
+    whose config.yaml still holds the key (every run written before it was removed) is the same run."""
+    from omegaconf import OmegaConf
+
+    from dcal.config import ConfigError, default_config
+    from dcal.run_folder import other_config_changes
+
+    with pytest.raises(ConfigError, match=r"^config key 'train.resume' does not exist: resume a run with "
+                                          r"fit\(cfg, resume=True\) \(dcal train --resume\)$"):
+        load_config(None, ["train.resume=true"])
+    assert train(tmp_path / "new", "train.resume=true") == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+    out = copy_run(finished, tmp_path)
+    text = (out / "config.yaml").read_text()
+    assert "\ntrain:\n" in text and "resume" not in text
+    (out / "config.yaml").write_text(text.replace("\ntrain:\n", "\ntrain:\n  resume: false\n"))
+    cfg = load_config(None, [f"output_dir={out}", *ONE_EPOCH])
+    plain = OmegaConf.to_container
+    assert other_config_changes(out, plain(cfg), plain(default_config())) == []  # an ablation or pretraining reuses it
+    assert fit(cfg, resume=True)["final"] and "nothing to do" in capsys.readouterr().out
+
+
 def test_written_files_have_the_users_umask(finished, tmp_path, monkeypatch):
     for name in ("config.yaml", "last.pth", "best.pth", "best.safetensors", "last.safetensors", "metrics.jsonl"):
         assert stat.S_IMODE((finished / name).stat().st_mode) == FILE_MODE, name
@@ -233,35 +255,13 @@ def test_only_a_start_without_any_checkpoint_or_record_is_discarded(tmp_path):
         assert discard_unsaved_start(kept) == [] and len(list(kept.iterdir())) == 2
 
 
-def as_previous_version(path: Path) -> None:
-    """Rewrite a training checkpoint as dcal wrote it before training states saved themselves (TrainState): with
-    the model's construction arguments under ``model_config`` (an entry nothing read) and no ``extra`` (the
-    class names, which only the ``.safetensors`` exports beside it held)."""
-    state = torch.load(path, weights_only=True)
-    del state["extra"]
-    state["model_config"] = {"backbone": "deit_tiny_patch16_224", "task": "fgvc", "num_classes": 2,
-                             "glca_blocks": 1, "pwca_blocks": 2, "patch_stride": None, "depth": 2, "embed_dim": 32,
-                             "num_heads": 2, "patch_size": 8, "img_size": [32, 32]}
-    torch.save(state, path)
-
-
-def test_a_checkpoint_of_the_previous_format_loads_and_resumes(finished, tmp_path):
-    out = copy_run(finished, tmp_path)
-    for name in ("last.pth", "best.pth"):
-        as_previous_version(out / name)
-    names = load_model(run=out).classes  # best.safetensors
+def test_a_training_checkpoint_carries_its_class_names(finished, tmp_path):
+    """A .pth is a model file of its own: its class names travel in it (``extra``), not only in the exports."""
+    names = load_model(run=finished).classes  # best.safetensors
     assert names is not None and len(names) == 2
-    old = load_model(checkpoint=out / "best.pth")  # its class names: from the exports beside it
-    assert old.classes == names and old.checkpoint == out / "best.pth"
+    state = load_training_state(finished / "last.pth")
+    assert state["extra"] == {"classes": names} and "model_config" not in state
     alone = tmp_path / "alone"
     alone.mkdir()
-    shutil.copy(out / "last.pth", alone / "last.pth")
-    assert load_model(checkpoint=alone / "last.pth").classes is None  # nothing beside it holds them
-
-    assert train(out, "--resume", "train.epochs=2") == 0
-    assert [(r["epoch"], bool(r.get("final"))) for r in records(out)] == [(1, False), (1, True), (2, False),
-                                                                          (2, True)]
-    state = load_training_state(out / "last.pth")
-    assert state["epoch"] == 1 and "model_config" not in state and state["extra"] == {"classes": names}
-    shutil.copy(out / "last.pth", alone / "last.pth")
-    assert load_model(checkpoint=alone / "last.pth").classes == names  # a checkpoint now carries its class names
+    shutil.copy(finished / "last.pth", alone / "last.pth")
+    assert load_model(checkpoint=alone / "last.pth").classes == names

@@ -1,5 +1,4 @@
-"""``model.glca_pool`` and ``model.patch_stride`` travel with every saved config; checkpoints written before
-``glca_pool`` existed load as ``cls``, the GLCA they were trained with."""
+"""``model.glca_pool`` and ``model.patch_stride`` travel with every saved config."""
 
 from __future__ import annotations
 
@@ -30,24 +29,10 @@ def test_keys_reach_the_model_and_the_saved_config():
     assert load_config(None, TINY).model.glca_pool == "mean"
 
 
-def test_checkpoint_without_glca_pool_loads_as_cls(tmp_path, caplog):
-    cfg = load_config(None, [*TINY, "model.glca_pool=cls"])
-    model = build_model(cfg, 3)
-    values = yaml.safe_load(to_yaml(cfg))
-    del values["model"]["glca_pool"]  # what dcal wrote before this key existed
-    path = tmp_path / "old.safetensors"
-    export_weights(path, model, yaml.safe_dump(values))
-    with caplog.at_level(logging.WARNING, logger="dcal"):
-        run = load_model(checkpoint=path)
-    assert run.cfg.model.glca_pool == "cls" and run.model.cfg.glca_pool == "cls"
-    lines = [r.getMessage() for r in caplog.records if r.name == "dcal"]
-    assert len(lines) == 1 and "glca_pool=cls" in lines[0] and "old.safetensors" in lines[0]
-
-
 def test_checkpoint_with_glca_pool_loads_silently(tmp_path, caplog):
     cfg = load_config(None, TINY)
     path = tmp_path / "new.safetensors"
     export_weights(path, build_model(cfg, 3), to_yaml(cfg))
-    with caplog.at_level(logging.WARNING, logger="dcal"):
+    with caplog.at_level(logging.WARNING, logger="dcal.config"):
         loaded_cfg = load_model(checkpoint=path).cfg
-    assert loaded_cfg.model.glca_pool == "mean" and not [r for r in caplog.records if r.name == "dcal"]
+    assert loaded_cfg.model.glca_pool == "mean" and not [r for r in caplog.records if r.name == "dcal.config"]

@@ -90,3 +90,40 @@ def test_prediction_titles_mark_wrong_predictions_in_red():
     assert "pred \u2717" in titles[1] and "Cormorant" in titles[1] and colors[1] == WRONG
     titles, colors = prediction_titles(["a.jpg"], {"pred": ["alpha"]})  # truth unknown: no mark, no colour
     assert titles == ["a.jpg\npred: alpha"] and colors == ["black"]
+
+
+def test_one_picture_pipeline_for_visualize_and_the_demo(monkeypatch, tmp_path):
+    """dcal demo's picture (SA-only and DCAL side by side) and dcal visualize's (one model) are one function: each
+    model's rows, named when there are several, with the rows and titles the demo drew before they were one."""
+    import dcal.visualize as vis
+
+    torch.manual_seed(0)
+    sa_only = tiny_model(img_size=32, patch_size=8, top_r=0.25, glca_blocks=0, pwca_blocks=0).eval()
+    full = tiny_model(img_size=32, patch_size=8, top_r=0.25).eval()
+    images = torch.randn(3, 3, 32, 32)
+    classes = ["a", "b", "c", "d", "e"]
+    drawn = {}
+    monkeypatch.setattr(vis, "save_attention_figure", lambda path, shown, rows, titles, title_colors: drawn.update(
+        shown=shown, rows=rows, titles=titles, colors=title_colors) or path)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    truths = ["a", "b", "c"]
+    vis.save_attention_picture(tmp_path / "p.png", {"SA only": sa_only, "DCAL": full}, images, mean, std, truths,
+                               classes, truths)
+    shown = vis.denormalize(images, mean, std)
+    np.testing.assert_array_equal(drawn["shown"], shown)
+    # the demo's rows before: SA-only's rollout (no GLCA, so no boxes), then DCAL's rows, each named
+    sa_maps, _ = vis.rollout_maps(sa_only, images)
+    assert [r["label"] for r in drawn["rows"]] == [
+        "SA only: SA rollout", "DCAL: SA rollout\n(boxes: GLCA queries)", "DCAL: GLCA: local queries'\nattention",
+        *[f"DCAL: {r['label']}" for r in vis.attention_rows(full, images, shown)[2:]]]
+    assert "boxes" not in drawn["rows"][0] and drawn["rows"][1]["boxes"].any()
+    np.testing.assert_array_equal(drawn["rows"][0]["maps"], sa_maps)
+    for mine, theirs in zip(drawn["rows"][1:], vis.attention_rows(full, images, shown), strict=True):
+        np.testing.assert_array_equal(mine["maps"], theirs["maps"])
+    with torch.no_grad():
+        preds = {name: [classes[p] for p in m.predict(images).argmax(-1).tolist()]
+                 for name, m in (("SA only", sa_only), ("DCAL", full))}
+    assert (drawn["titles"], drawn["colors"]) == vis.prediction_titles(truths, preds, truths)
+    # one model (dcal visualize): its rows unnamed; Re-ID (no classes): no prediction line
+    vis.save_attention_picture(tmp_path / "p.png", {"pred": full}, images, mean, std, ["x", "y", "z"])
+    assert drawn["rows"][0]["label"] == "SA rollout\n(boxes: GLCA queries)" and drawn["titles"] == ["x", "y", "z"]

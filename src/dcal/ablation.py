@@ -6,7 +6,7 @@ GLCA means ``eval.fusion=sa`` without the user saying so). Sets:
 
 * ``table3``: SA only, +GLCA, +PWCA, DCAL (the paper's Table 3 rows);
 * ``selection``: how GLCA's local queries are chosen: rollout, random, last layer only, and ``glca_pool=cls``
-  (the CLS-token reading of GLCA, under which the selection has no effect: docs/design.md, GLCA);
+  (the class-token reading of GLCA, under which the selection has no effect: docs/design.md, GLCA);
 * ``pairs``: the PWCA distractor (Table 4): random, intra-class, inter-class, 1:1 mix, Gaussian noise;
 * ``blocks``: the number of GLCA blocks M and PWCA blocks T (Fig. 2).
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import re
 import sys
@@ -52,6 +53,7 @@ from dcal.run_folder import (
 )
 from dcal.vocabulary import SCORE_KEYS
 
+logger = logging.getLogger(__name__)
 NO_GLCA = {"model.glca_blocks": 0, "eval.fusion": "sa"}
 
 
@@ -225,7 +227,7 @@ def run_curve(run_dir: Path, task: str) -> list[dict[str, Any]]:
     return [{"epoch": r["epoch"], **{k: r[k] for k in keys if k in r}} for r in _epoch_records(run_dir)]
 
 
-def _pretrained(cfg: Any, log: Callable[[str], None]) -> Path:
+def _pretrained(cfg: Any) -> Path:
     """Train (once) the ablation's pretraining config ``cfg`` (:func:`dcal.pretrain.pretrain_config`, writing to
     ``pretrain/<recipe stem>`` beside the ablation folder, so sibling ablations naming the same recipe share it);
     its log goes to its train.log."""
@@ -237,8 +239,8 @@ def _pretrained(cfg: Any, log: Callable[[str], None]) -> Path:
     with lock, lock.lend():
         with open(folder / TRAIN_LOG, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), \
                 contextlib.redirect_stderr(f):
-            ensure_pretrained(cfg, log=print)
-    log(f"pretrained backbone: {folder} ({time.perf_counter() - t0:.0f}s; log in {folder / TRAIN_LOG})")
+            ensure_pretrained(cfg)
+    logger.info(f"pretrained backbone: {folder} ({time.perf_counter() - t0:.0f}s; log in {folder / TRAIN_LOG})")
     return folder
 
 
@@ -248,7 +250,6 @@ def run_ablation(
     seeds: int = 3,
     overrides: list[str] | tuple[str, ...] = (),
     output_dir: str | Path | None = None,
-    log: Callable[[str], None] = print,
     pretrain: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train every variant of ``sets`` on the recipe ``config`` for ``seeds`` seeds; write and return the summary.
@@ -257,7 +258,7 @@ def run_ablation(
     fine-tunes from one SA-only backbone trained once into ``pretrain/<recipe stem>`` beside ``OUT``
     (``dcal.pretrain``)."""
     if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     check_no_output_dir(overrides)
     base = load_config(config, overrides)  # bad recipes and overrides fail here, before anything is written
     variants = plan(sets, backbone_depth(base))
@@ -290,7 +291,7 @@ def run_ablation(
         check_backbones_match(base, pre_cfg)
         pretrain_state(pre_cfg)  # a folder holding another config's pretraining is refused now
         _check_data(pre_cfg)
-        _pretrained(pre_cfg, log)
+        _pretrained(pre_cfg)
     out.mkdir(parents=True, exist_ok=True)
     done: dict[tuple[str, int], dict[str, Any]] = {}
     total, n = len({s for s, _ in cfgs}) * seeds, 0
@@ -303,8 +304,8 @@ def run_ablation(
                 t0 = time.perf_counter()
                 final, how = run_one(cfg, Path(cfg.output_dir))
                 done[v.slug, k] = run_result(final, Path(cfg.output_dir), base.task, seed)
-                log(f"[{n}/{total}] {v.name} seed {seed}: {_one_line(done[v.slug, k], base.task)} "
-                    f"({how}, {time.perf_counter() - t0:.0f}s)")
+                logger.info(f"[{n}/{total}] {v.name} seed {seed}: {_one_line(done[v.slug, k], base.task)} "
+                            f"({how}, {time.perf_counter() - t0:.0f}s)")
             v.runs.append(done[v.slug, k])
     from dcal.pretrain import describe_backbone
 
@@ -313,8 +314,8 @@ def run_ablation(
                     "recipe": str(config), "overrides": list(overrides), "sets": sets, "seeds": seeds,
                     "command": " ".join(["dcal", "ablation", *sys.argv[2:]]) if sys.argv[1:2] == ["ablation"] else ""})
     write_outputs(summary, out)
-    log(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}"
-        f"{', ' + str(out / 'ablation_curves.png') if (out / 'ablation_curves.png').is_file() else ''}")
+    logger.info(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}"
+                f"{', ' + str(out / 'ablation_curves.png') if (out / 'ablation_curves.png').is_file() else ''}")
     return summary
 
 
@@ -391,8 +392,9 @@ def format_markdown(summary: dict[str, Any]) -> str:
         *([f"Backbone: {summary['backbone']}."] if summary.get("backbone") else []),
         "*Best epoch = the epoch with the highest metric on the evaluation split, i.e. selected on it: optimistic, "
         "for reference only; the last epoch is the number to compare.",
-        *(["PWCA share: of the target CLS token's attention, the part on the distractor's tokens, mean over the "
-           "pair-wise blocks, on the first test images (dcal.mechanism; a self-pair gives 50)."] if mech else []),
+        *(["PWCA share: of the attention of the target's pooled-feature query (its class token, or the patch mean "
+           "where there is none), the part on the distractor's tokens, mean over the pair-wise blocks, on the first "
+           "test images (dcal.mechanism; a self-pair gives 50)."] if mech else []),
     ]
     if summary.get("command"):
         notes.append(f"Command: `{summary['command']}`")

@@ -4,6 +4,7 @@ export, report."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,28 @@ from typing import Any
 from dcal.vocabulary import FEATURE_DTYPES, FUSIONS, INDEX_BACKENDS, INDEX_KINDS, RERANK_METHODS, RETRIEVAL_METRICS
 
 EPILOG = "Config keys are dotted (data.root=..., train.epochs=...); see configs/ and the README."
+
+
+class ConsoleHandler(logging.Handler):
+    """How the commands show dcal's log messages (``logging.getLogger(__name__)`` in every module): the message
+    alone, one line, INFO on stdout and warnings on stderr. The stream is looked up at each message, so a
+    redirected ``sys.stdout`` (a run's ``train.log`` under ``dcal ablation``, a test's capture) receives them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 (logging's contract: a failing handler reports, never raises)
+            self.handleError(record)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show dcal's messages from ``level`` up on the console (:class:`ConsoleHandler`), once per process."""
+    logger = logging.getLogger("dcal")
+    if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(ConsoleHandler())
+    logger.setLevel(level)
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -212,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML recipe every variant starts from (a file or a packaged "
                    "recipe's name)")
     p.add_argument("--set", default="table3", help="table3 | selection | pairs | blocks, or several: table3,selection")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per variant: train.seed, train.seed+1, ...")
+    p.add_argument("--seeds", type=_at_least_one, default=3, help="seeds per variant: train.seed, train.seed+1, ...")
     p.add_argument("--output-dir", default=None, help="default: runs/ablation_<sets>_<recipe name> (each run goes "
                    "to DIR/<variant>/seed<k>: output_dir=... is refused)")
     p.add_argument("--pretrain", default=None, metavar="RECIPE",
@@ -338,7 +361,7 @@ def cmd_visualize(args: argparse.Namespace) -> Any:
     from dcal.data.transforms import config_mean_std
     from dcal.inference import list_images, run_batches
     from dcal.loading import load_model
-    from dcal.visualize import attention_rows, denormalize, prediction_titles, save_attention_figure
+    from dcal.visualize import save_attention_picture
 
     loaded = load_model(args.run, args.checkpoint, "cpu", args.overrides)
     cfg, model = loaded.cfg, loaded.model
@@ -356,16 +379,10 @@ def cmd_visualize(args: argparse.Namespace) -> Any:
         truths = labels if cfg.task == "fgvc" else None
     if len(batch) < 2 and model.cfg.pwca_blocks:
         raise ValueError("the PWCA picture pairs images: give at least 2")
-    predictions = {}
-    if cfg.task == "fgvc":
-        with torch.no_grad():
-            preds = model.predict(batch).argmax(-1).tolist()
-        names = loaded.classes or [str(c) for c in range(model.cfg.num_classes)]
-        predictions["pred"] = [names[p] for p in preds]
-    titles, colors = prediction_titles(labels, predictions, truths)
-    shown = denormalize(batch, *config_mean_std(cfg))
+    # FGVC: one title line per column with the predicted class (the model is named "pred" there)
+    classes = (loaded.classes or [str(c) for c in range(model.cfg.num_classes)]) if cfg.task == "fgvc" else None
     out = args.output or str(Path(args.run or ".") / "rollout.png")
-    path = save_attention_figure(out, shown, attention_rows(model, batch, shown), titles, title_colors=colors)
+    path = save_attention_picture(out, {"pred": model}, batch, *config_mean_std(cfg), labels, classes, truths)
     print(f"saved {path}")
     return path
 
@@ -688,6 +705,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "visualize":
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_threads(getattr(args, "threads", None))
+    configure_logging()
     from dcal.config import ConfigError
     from dcal.errors import error_line
 

@@ -39,6 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dcal import vocabulary as vocab
 
+logger = logging.getLogger(__name__)
 FGVC_LR_REFERENCE_BATCH = 512  # lr = base_lr * batch_size / 512 (paper §4.1)
 REID_DEFAULT_LR = 0.008  # paper §4.1, Re-ID
 
@@ -110,7 +111,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "cub"  # cub|cars|aircraft|folder|synthetic|market1501|dukemtmc|msmt17|veri|reid_folder
+    dataset: str = "cub"  # a name registered in dcal.data.registry.DATASETS (dcal.data.dataset_names())
     root: str = "data"  # dataset folder: override with data.root=/path/to/dataset
     resize: Any = 550  # pre-crop resize: int or [H, W]; None = none (FGVC: straight to img_size)
     hflip: float = 0.5  # horizontal flip probability (training)
@@ -135,6 +136,65 @@ class DataConfig:
     classes: Any = None
     identities: Any = None
     train_splits: list[str] = field(default_factory=lambda: ["train"])
+
+
+def _check_data(cfg: DictConfig) -> None:
+    """:class:`DataConfig`'s constraints (``data.resize`` against ``model.img_size``, which it is cropped to)."""
+    d, m = cfg.data, cfg.model
+    for key, value in (("data.hflip", d.hflip), ("data.random_erasing", d.random_erasing)):
+        if not 0.0 <= value <= 1.0:
+            _fail(key, f"is a probability in [0, 1]; got {value}")
+    if d.pad < 0:
+        _fail("data.pad", f"must be >= 0; got {d.pad}")
+    for key, value in (("data.mean", d.mean), ("data.std", d.std)):
+        if value is not None and len(value) != 3:
+            _fail(key, f"needs 3 values (RGB) or null; got {list(value)}")
+    if d.std is not None and min(d.std) <= 0:
+        _fail("data.std", "must be positive")
+    if d.num_classes is not None and d.num_classes < 2:
+        _fail("data.num_classes", f"must be >= 2 or null (one class leaves nothing to tell apart); got {d.num_classes}")
+    if d.dataset == "synthetic":
+        if not 24 <= d.synthetic_image_size <= 1024:
+            _fail("data.synthetic_image_size", f"must be in [24, 1024]; got {d.synthetic_image_size}")
+        for key in ("synthetic_train_per_class", "synthetic_test_per_class"):
+            if d[key] < 1:
+                _fail(f"data.{key}", f"must be >= 1; got {d[key]}")
+        size = d.synthetic_num_classes * max(d.synthetic_train_per_class, d.synthetic_test_per_class) * (
+            3 * d.synthetic_image_size**2)
+        if size > MAX_SYNTHETIC_BYTES:
+            _fail("data.synthetic_train_per_class", f"and synthetic_test_per_class, synthetic_num_classes, "
+                  f"synthetic_image_size ask for a {size / 2**30:.1f} GiB generated set; at most "
+                  f"{MAX_SYNTHETIC_BYTES >> 30} GiB (it is generated in memory)")
+    if d.synthetic_seed < 0:
+        _fail("data.synthetic_seed", f"must be >= 0; got {d.synthetic_seed}")
+    if cfg.task == "fgvc" and d.resize is not None:
+        img = [m.img_size] * 2 if isinstance(m.img_size, int) else list(m.img_size)
+        rs = [d.resize] * 2 if isinstance(d.resize, int) else list(d.resize)
+        if rs[0] < img[0] or rs[1] < img[1]:
+            _fail("data.resize", f"({d.resize}) must be >= model.img_size ({m.img_size}): it is cropped to it")
+    _check_parts(cfg)
+
+
+def _check_parts(cfg: DictConfig) -> None:
+    """``data.classes`` / ``data.identities`` / ``data.train_splits`` well formed and fitting the task."""
+    from dcal.data.subsets import parse_selection
+
+    d = cfg.data
+    for key, spec, task in (("data.classes", d.classes, "fgvc"), ("data.identities", d.identities, "reid")):
+        if spec is None:
+            continue
+        if cfg.task != task:
+            _fail(key, f"selects {'classes' if task == 'fgvc' else 'identities'} of a {task} data set; "
+                       f"data.dataset={d.dataset!r} is {cfg.task}")
+        spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
+        try:
+            parse_selection(spec, key)
+        except ValueError as e:
+            raise ConfigError(f"config key {e}") from None
+    splits = list(d.train_splits)
+    allowed = ("train", "test") if cfg.task == "fgvc" else ("train",)
+    if not splits or len(set(splits)) != len(splits) or not set(splits) <= set(allowed):
+        _fail("data.train_splits", f"must be distinct splits out of {list(allowed)}; got {splits}")
 
 
 @dataclass
@@ -162,7 +222,9 @@ class ModelConfig:
     drop_path_rate: float = 0.1  # stochastic depth
     query_selection: str = "rollout"  # rollout | random | last_layer (ablation)
     pair_strategy: str = "random"  # PWCA distractor: random | intra | inter | mix | noise (Table 4)
-    glca_pool: str = "mean"  # GLCA feature: mean of the local queries' outputs (docs/design.md, GLCA) | cls (earlier)
+    # GLCA feature: mean of the local queries' outputs (docs/design.md, GLCA) | cls (the class token's output, for
+    # comparison)
+    glca_pool: str = "mean"
     patch_stride: int | None = None  # < patch size: TransReID's overlapping patches (docs/design.md); None = patch size
     # extra timm.create_model arguments, e.g. {depth: 4, embed_dim: 96, num_heads: 3, patch_size: 8} for a
     # small from-scratch ViT (the demo); drop_path_rate and img_size have their own keys
@@ -173,6 +235,53 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
+def _check_model(cfg: DictConfig) -> None:
+    """:class:`ModelConfig`'s constraints (and :class:`LoraConfig`'s: :func:`_check_finetune`)."""
+    m = cfg.model
+    check_backbone_name(m.backbone)
+    check_timm_kwargs(OmegaConf.to_container(m.timm_kwargs))
+    for key, value in (("model.glca_blocks", m.glca_blocks), ("model.pwca_blocks", m.pwca_blocks)):
+        if not 0 <= value <= MAX_BLOCKS:
+            _fail(key, f"must be in [0, {MAX_BLOCKS}]; got {value}")
+    if m.patch_stride is not None and m.patch_stride < 1:
+        _fail("model.patch_stride", f"must be >= 1 (at most the patch size) or null; got {m.patch_stride}")
+    if not 0.0 < m.top_r <= 1.0:
+        _fail("model.top_r", f"is a fraction in (0, 1]; got {m.top_r}")
+    if not 0.0 <= m.drop_path_rate < 1.0:
+        _fail("model.drop_path_rate", f"must be in [0, 1); got {m.drop_path_rate}")
+    depth = m.timm_kwargs.get("depth")
+    if isinstance(depth, int) and m.pwca_blocks > depth:
+        _fail("model.pwca_blocks", f"({m.pwca_blocks}) must be <= the backbone depth ({depth})")
+    _check_finetune(m, depth)
+    sources = [k for k, v in (("model.pretrained", m.pretrained), ("model.pretrained_file", m.pretrained_file),
+                              ("model.pretrain", m.pretrain)) if v]
+    if len(sources) > 1:
+        _fail(sources[1], f"and {sources[0]} are exclusive: set one source of backbone weights")
+
+
+def _check_finetune(m: DictConfig, depth: Any) -> None:
+    """``model.freeze_blocks`` and ``model.lora`` in range (the depth of a named backbone is checked when it is
+    built: dcal.model.finetune.apply_finetune)."""
+    high = depth if isinstance(depth, int) else MAX_BLOCKS
+    if not 0 <= m.freeze_blocks <= high:
+        what = " (the backbone depth)" if isinstance(depth, int) else ""
+        _fail("model.freeze_blocks", f"must be in [0, {high}]{what}; got {m.freeze_blocks}")
+    lo = m.lora
+    if not 0 <= lo.rank <= MAX_LORA_RANK:
+        _fail("model.lora.rank", f"must be in [0, {MAX_LORA_RANK}] (0 = no LoRA); got {lo.rank}")
+    if not 0.0 < lo.alpha <= 1e6:
+        _fail("model.lora.alpha", f"must be in (0, 1e6]; got {lo.alpha}")
+    if not 0.0 <= lo.dropout < 1.0:
+        _fail("model.lora.dropout", f"must be in [0, 1); got {lo.dropout}")
+    targets = list(lo.targets)
+    bad = [t for t in targets if t not in vocab.LORA_TARGETS]
+    if bad or not targets or len(set(targets)) != len(targets):
+        close = difflib.get_close_matches(str(bad[0]), vocab.LORA_TARGETS, n=1, cutoff=0.5) if bad else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        _fail("model.lora.targets", f"must be distinct names out of {', '.join(vocab.LORA_TARGETS)}, at least one; "
+              f"got {targets}{hint}")
+
+
 @dataclass
 class LossConfig:
     label_smoothing: float = 0.0
@@ -180,6 +289,19 @@ class LossConfig:
     triplet_soft_margin: bool = False
     weighting: str = "dynamic"  # dynamic (learnable uncertainty weights) | fixed
     fixed_weights: list[float] | None = None  # [sa, glca, pwca] when weighting=fixed; None = [1, 1, 1]
+
+
+def _check_loss(cfg: DictConfig) -> None:
+    """:class:`LossConfig`'s constraints."""
+    lo = cfg.loss
+    if not 0.0 <= lo.label_smoothing < 1.0:
+        _fail("loss.label_smoothing", f"must be in [0, 1); got {lo.label_smoothing}")
+    if lo.triplet_margin < 0:
+        _fail("loss.triplet_margin", f"must be >= 0; got {lo.triplet_margin}")
+    if lo.fixed_weights is not None:
+        weights = list(lo.fixed_weights)
+        if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+            _fail("loss.fixed_weights", f"needs 3 values [sa, glca, pwca], each >= 0, not all 0; got {weights}")
 
 
 @dataclass
@@ -212,7 +334,47 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row (each such step is not applied)
     sync_bn: bool = False  # under torchrun: BatchNorm (Re-ID BNNecks) with global-batch statistics
     deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact reruns and resumes; slower)
-    resume: bool = False  # resume from output_dir's last checkpoint
+    # resuming is not a key: it is how a run is started (dcal train --resume, fit(cfg, resume=True))
+
+
+def _check_train(cfg: DictConfig) -> None:
+    """:class:`TrainConfig`'s constraints (the batch against the task and PWCA)."""
+    t, m = cfg.train, cfg.model
+    if t.epochs < 1:
+        _fail("train.epochs", f"must be >= 1; got {t.epochs}")
+    if t.batch_size < 1:
+        _fail("train.batch_size", f"must be >= 1; got {t.batch_size}")
+    for key in ("lr", "base_lr", "step_gamma"):
+        if t[key] <= 0:
+            _fail(f"train.{key}", f"must be > 0; got {t[key]}")
+    if t.weight_decay < 0:
+        _fail("train.weight_decay", f"must be >= 0; got {t.weight_decay}")
+    if t.warmup_epochs < 0:
+        _fail("train.warmup_epochs", f"must be >= 0; got {t.warmup_epochs}")
+    if any(s < 0 for s in t.step_epochs):
+        _fail("train.step_epochs", f"must be epochs >= 0; got {list(t.step_epochs)}")
+    if t.workers < 0:
+        _fail("train.workers", f"must be >= 0; got {t.workers}")
+    if not 0 <= t.seed < 2**31:
+        _fail("train.seed", f"must be in [0, 2**31); got {t.seed}")
+    if t.clip_grad is not None and t.clip_grad <= 0:
+        _fail("train.clip_grad", f"must be > 0 or null; got {t.clip_grad}")
+    if cfg.task == "reid":
+        if t.num_instances < 1 or t.batch_size % t.num_instances:
+            _fail(
+                "train.num_instances",
+                f"({t.num_instances}) must be >= 1 and divide train.batch_size ({t.batch_size}): "
+                "a Re-ID batch is P identities x K instances",
+            )
+    for key, value in (("train.log_every", t.log_every), ("train.eval_every", t.eval_every)):
+        if value < 1:
+            _fail(key, f"must be >= 1; got {value}")
+    for key, low in (("save_every", 0), ("save_every_steps", 0), ("max_bad_steps", 1), ("momentum", 0),
+                     ("min_lr", 0), ("warmup_lr", 0)):
+        if t[key] < low:
+            _fail(f"train.{key}", f"must be >= {low}; got {t[key]}")
+    if t.batch_size < 2 and m.pwca_blocks > 0:
+        _fail("train.batch_size", f"must be >= 2 with PWCA (each image is paired with another); got {t.batch_size}")
 
 
 @dataclass
@@ -228,6 +390,19 @@ class EvalConfig:
     batch_size: int | None = None  # None = train.batch_size
 
 
+def _check_eval(cfg: DictConfig) -> None:
+    """:class:`EvalConfig`'s constraints (the fusion against the model's branches)."""
+    e, m = cfg.eval, cfg.model
+    if e.max_rank < 1:
+        _fail("eval.max_rank", f"must be >= 1; got {e.max_rank}")
+    if e.batch_size is not None and e.batch_size < 1:
+        _fail("eval.batch_size", f"must be >= 1 or null; got {e.batch_size}")
+    if e.chunk_size is not None and e.chunk_size < 1:
+        _fail("eval.chunk_size", f"must be >= 1 or null; got {e.chunk_size}")
+    if e.fusion != "sa" and m.glca_blocks == 0:
+        _fail("eval.fusion", f"is {e.fusion!r} but model.glca_blocks=0 (no GLCA branch): use 'sa'")
+
+
 @dataclass
 class RunConfig:
     """A whole run: data, model, loss, training, evaluation (the method's own hyper-parameters are
@@ -240,6 +415,10 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# each section's constraints, in the order validate() checks them (choices and finiteness come first)
+SECTION_CHECKS = (_check_data, _check_model, _check_loss, _check_train, _check_eval)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,6 +455,10 @@ def _close_keys(key: str, valid: list[str]) -> list[str]:
     return list(dict.fromkeys(similar + related))[:3]
 
 
+# keys that are not config keys, and what to use instead (a saved config that has them: upgrade_saved_config)
+REMOVED_KEYS = {"train.resume": "resume a run with fit(cfg, resume=True) (dcal train --resume)"}
+
+
 def _check_keys(cls: type, values: Any, prefix: str = "") -> None:
     """Unknown keys anywhere in ``values`` (a plain nested dict) -> ConfigError with close matches."""
     if not isinstance(values, dict):
@@ -284,6 +467,8 @@ def _check_keys(cls: type, values: Any, prefix: str = "") -> None:
     fields = _fields(cls)
     for key, value in values.items():
         dotted = f"{prefix}{key}"
+        if dotted in REMOVED_KEYS:
+            raise ConfigError(f"config key {dotted!r} does not exist: {REMOVED_KEYS[dotted]}")
         if not isinstance(key, str) or key not in fields:
             close = _close_keys(str(key), list(fields))
             hint = f" (did you mean {', '.join(repr(prefix + c) for c in close)}?)" if close else ""
@@ -588,7 +773,8 @@ def check_timm_kwargs(kwargs: Any, key: str = "model.timm_kwargs") -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check choices, finiteness and ranges of a derived config."""
+    """Check choices, finiteness and ranges of a derived config: the choices (:data:`CHOICES`), then each
+    section's constraints, written beside its fields (:data:`SECTION_CHECKS`)."""
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
@@ -601,167 +787,16 @@ def validate(cfg: DictConfig) -> None:
         items = [] if value is None else list(value) if OmegaConf.is_list(value) else [value]
         if not all(math.isfinite(v) for v in items):
             _fail(key, f"must be finite; got {items if OmegaConf.is_list(value) else value}")
-    d, m, lo, t, e = cfg.data, cfg.model, cfg.loss, cfg.train, cfg.eval
-    for key, value in (("data.hflip", d.hflip), ("data.random_erasing", d.random_erasing)):
-        if not 0.0 <= value <= 1.0:
-            _fail(key, f"is a probability in [0, 1]; got {value}")
-    if d.pad < 0:
-        _fail("data.pad", f"must be >= 0; got {d.pad}")
-    for key, value in (("data.mean", d.mean), ("data.std", d.std)):
-        if value is not None and len(value) != 3:
-            _fail(key, f"needs 3 values (RGB) or null; got {list(value)}")
-    if d.std is not None and min(d.std) <= 0:
-        _fail("data.std", "must be positive")
-    if d.num_classes is not None and d.num_classes < 2:
-        _fail("data.num_classes", f"must be >= 2 or null (one class leaves nothing to tell apart); got {d.num_classes}")
-    if d.dataset == "synthetic":
-        if not 24 <= d.synthetic_image_size <= 1024:
-            _fail("data.synthetic_image_size", f"must be in [24, 1024]; got {d.synthetic_image_size}")
-        for key in ("synthetic_train_per_class", "synthetic_test_per_class"):
-            if d[key] < 1:
-                _fail(f"data.{key}", f"must be >= 1; got {d[key]}")
-        size = d.synthetic_num_classes * max(d.synthetic_train_per_class, d.synthetic_test_per_class) * (
-            3 * d.synthetic_image_size**2)
-        if size > MAX_SYNTHETIC_BYTES:
-            _fail("data.synthetic_train_per_class", f"and synthetic_test_per_class, synthetic_num_classes, "
-                  f"synthetic_image_size ask for a {size / 2**30:.1f} GiB generated set; at most "
-                  f"{MAX_SYNTHETIC_BYTES >> 30} GiB (it is generated in memory)")
-    if d.synthetic_seed < 0:
-        _fail("data.synthetic_seed", f"must be >= 0; got {d.synthetic_seed}")
-    if cfg.task == "fgvc" and d.resize is not None:
-        img = [m.img_size] * 2 if isinstance(m.img_size, int) else list(m.img_size)
-        rs = [d.resize] * 2 if isinstance(d.resize, int) else list(d.resize)
-        if rs[0] < img[0] or rs[1] < img[1]:
-            _fail("data.resize", f"({d.resize}) must be >= model.img_size ({m.img_size}): it is cropped to it")
-    check_backbone_name(m.backbone)
-    check_timm_kwargs(OmegaConf.to_container(m.timm_kwargs))
-    for key, value in (("model.glca_blocks", m.glca_blocks), ("model.pwca_blocks", m.pwca_blocks)):
-        if not 0 <= value <= MAX_BLOCKS:
-            _fail(key, f"must be in [0, {MAX_BLOCKS}]; got {value}")
-    if m.patch_stride is not None and m.patch_stride < 1:
-        _fail("model.patch_stride", f"must be >= 1 (at most the patch size) or null; got {m.patch_stride}")
-    if not 0.0 < m.top_r <= 1.0:
-        _fail("model.top_r", f"is a fraction in (0, 1]; got {m.top_r}")
-    if not 0.0 <= m.drop_path_rate < 1.0:
-        _fail("model.drop_path_rate", f"must be in [0, 1); got {m.drop_path_rate}")
-    depth = m.timm_kwargs.get("depth")
-    if isinstance(depth, int) and m.pwca_blocks > depth:
-        _fail("model.pwca_blocks", f"({m.pwca_blocks}) must be <= the backbone depth ({depth})")
-    _check_finetune(m, depth)
-    sources = [k for k, v in (("model.pretrained", m.pretrained), ("model.pretrained_file", m.pretrained_file),
-                              ("model.pretrain", m.pretrain)) if v]
-    if len(sources) > 1:
-        _fail(sources[1], f"and {sources[0]} are exclusive: set one source of backbone weights")
-    _check_parts(cfg)
-    if not 0.0 <= lo.label_smoothing < 1.0:
-        _fail("loss.label_smoothing", f"must be in [0, 1); got {lo.label_smoothing}")
-    if lo.triplet_margin < 0:
-        _fail("loss.triplet_margin", f"must be >= 0; got {lo.triplet_margin}")
-    if lo.fixed_weights is not None:
-        weights = list(lo.fixed_weights)
-        if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
-            _fail("loss.fixed_weights", f"needs 3 values [sa, glca, pwca], each >= 0, not all 0; got {weights}")
-    if t.epochs < 1:
-        _fail("train.epochs", f"must be >= 1; got {t.epochs}")
-    if t.batch_size < 1:
-        _fail("train.batch_size", f"must be >= 1; got {t.batch_size}")
-    for key in ("lr", "base_lr", "step_gamma"):
-        if t[key] <= 0:
-            _fail(f"train.{key}", f"must be > 0; got {t[key]}")
-    if t.weight_decay < 0:
-        _fail("train.weight_decay", f"must be >= 0; got {t.weight_decay}")
-    if t.warmup_epochs < 0:
-        _fail("train.warmup_epochs", f"must be >= 0; got {t.warmup_epochs}")
-    if any(s < 0 for s in t.step_epochs):
-        _fail("train.step_epochs", f"must be epochs >= 0; got {list(t.step_epochs)}")
-    if t.workers < 0:
-        _fail("train.workers", f"must be >= 0; got {t.workers}")
-    if not 0 <= t.seed < 2**31:
-        _fail("train.seed", f"must be in [0, 2**31); got {t.seed}")
-    if t.clip_grad is not None and t.clip_grad <= 0:
-        _fail("train.clip_grad", f"must be > 0 or null; got {t.clip_grad}")
-    if cfg.task == "reid":
-        if t.num_instances < 1 or t.batch_size % t.num_instances:
-            _fail(
-                "train.num_instances",
-                f"({t.num_instances}) must be >= 1 and divide train.batch_size ({t.batch_size}): "
-                "a Re-ID batch is P identities x K instances",
-            )
-    for key, value in (("train.log_every", t.log_every), ("train.eval_every", t.eval_every)):
-        if value < 1:
-            _fail(key, f"must be >= 1; got {value}")
-    for key, low in (("save_every", 0), ("save_every_steps", 0), ("max_bad_steps", 1), ("momentum", 0),
-                     ("min_lr", 0), ("warmup_lr", 0)):
-        if t[key] < low:
-            _fail(f"train.{key}", f"must be >= {low}; got {t[key]}")
-    if t.batch_size < 2 and m.pwca_blocks > 0:
-        _fail("train.batch_size", f"must be >= 2 with PWCA (each image is paired with another); got {t.batch_size}")
-    if e.max_rank < 1:
-        _fail("eval.max_rank", f"must be >= 1; got {e.max_rank}")
-    if e.batch_size is not None and e.batch_size < 1:
-        _fail("eval.batch_size", f"must be >= 1 or null; got {e.batch_size}")
-    if e.chunk_size is not None and e.chunk_size < 1:
-        _fail("eval.chunk_size", f"must be >= 1 or null; got {e.chunk_size}")
-    if e.fusion != "sa" and m.glca_blocks == 0:
-        _fail("eval.fusion", f"is {e.fusion!r} but model.glca_blocks=0 (no GLCA branch): use 'sa'")
+    for check in SECTION_CHECKS:
+        check(cfg)
 
 
-def _check_finetune(m: DictConfig, depth: Any) -> None:
-    """``model.freeze_blocks`` and ``model.lora`` in range (the depth of a named backbone is checked when it is
-    built: dcal.model.finetune.apply_finetune)."""
-    high = depth if isinstance(depth, int) else MAX_BLOCKS
-    if not 0 <= m.freeze_blocks <= high:
-        what = " (the backbone depth)" if isinstance(depth, int) else ""
-        _fail("model.freeze_blocks", f"must be in [0, {high}]{what}; got {m.freeze_blocks}")
-    lo = m.lora
-    if not 0 <= lo.rank <= MAX_LORA_RANK:
-        _fail("model.lora.rank", f"must be in [0, {MAX_LORA_RANK}] (0 = no LoRA); got {lo.rank}")
-    if not 0.0 < lo.alpha <= 1e6:
-        _fail("model.lora.alpha", f"must be in (0, 1e6]; got {lo.alpha}")
-    if not 0.0 <= lo.dropout < 1.0:
-        _fail("model.lora.dropout", f"must be in [0, 1); got {lo.dropout}")
-    targets = list(lo.targets)
-    bad = [t for t in targets if t not in vocab.LORA_TARGETS]
-    if bad or not targets or len(set(targets)) != len(targets):
-        close = difflib.get_close_matches(str(bad[0]), vocab.LORA_TARGETS, n=1, cutoff=0.5) if bad else []
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        _fail("model.lora.targets", f"must be distinct names out of {', '.join(vocab.LORA_TARGETS)}, at least one; "
-              f"got {targets}{hint}")
-
-
-def _check_parts(cfg: DictConfig) -> None:
-    """``data.classes`` / ``data.identities`` / ``data.train_splits`` well formed and fitting the task."""
-    from dcal.data.subsets import parse_selection
-
-    d = cfg.data
-    for key, spec, task in (("data.classes", d.classes, "fgvc"), ("data.identities", d.identities, "reid")):
-        if spec is None:
-            continue
-        if cfg.task != task:
-            _fail(key, f"selects {'classes' if task == 'fgvc' else 'identities'} of a {task} data set; "
-                       f"data.dataset={d.dataset!r} is {cfg.task}")
-        spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
-        try:
-            parse_selection(spec, key)
-        except ValueError as e:
-            raise ConfigError(f"config key {e}") from None
-    splits = list(d.train_splits)
-    allowed = ("train", "test") if cfg.task == "fgvc" else ("train",)
-    if not splits or len(set(splits)) != len(splits) or not set(splits) <= set(allowed):
-        _fail("data.train_splits", f"must be distinct splits out of {list(allowed)}; got {splits}")
-
-
-def upgrade_saved_config(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """A config read back from a checkpoint, with the keys that older dcal versions did not write set to what
-    those versions did: no ``model.glca_pool`` means the model was trained with the CLS-token GLCA feature
-    (before the revised GLCA of docs/design.md), so it loads as ``cls`` and says so in one line."""
-    model = values.get("model")
-    if isinstance(model, dict) and "glca_pool" not in model:
-        values = {**values, "model": {**model, "glca_pool": "cls"}}
-        logging.getLogger("dcal").warning(
-            "%s: saved before model.glca_pool existed; loading it as glca_pool=cls, the GLCA it was trained with",
-            source,
-        )
+def upgrade_saved_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A config read back from a run folder or a model file, without ``train.resume``: every config was written
+    with it until it stopped being a key (it said how that run was started, not what it trains)."""
+    train = values.get("train")
+    if isinstance(train, dict) and "resume" in train:
+        values = {**values, "train": {k: v for k, v in train.items() if k != "resume"}}
     return values
 
 
@@ -774,7 +809,7 @@ def load_saved_config(text: str, source: str, overrides: list[str] | tuple[str, 
     ``model.pretrain`` are never acted on (the weights come from the checkpoint, so a checkpoint cannot make dcal
     download, read or train anything else). Errors name ``source``."""
     try:
-        values = upgrade_saved_config(read_yaml(text, "its stored config"), source)
+        values = upgrade_saved_config(read_yaml(text, "its stored config"))
         model = values.get("model")
         if isinstance(model, dict):
             values = {**values, "model": {k: v for k, v in model.items() if k not in WEIGHT_SOURCES}}
@@ -804,19 +839,9 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
 
 
 def dataset_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """Extra keyword arguments ``dcal.data.build_dataset`` takes for ``cfg.data.dataset``."""
-    d = cfg.data
-    if d.dataset == "synthetic":
-        return {
-            "num_classes": d.synthetic_num_classes,
-            "train_per_class": d.synthetic_train_per_class,
-            "test_per_class": d.synthetic_test_per_class,
-            "image_size": d.synthetic_image_size,
-            "seed": d.synthetic_seed,
-            "task": d.synthetic_task,
-        }
-    if d.dataset == "aircraft":
-        return {"annotation_level": d.aircraft_annotation_level}
-    if d.dataset == "msmt17":
-        return {"val_in_train": d.msmt17_val_in_train}
-    return {}
+    """The options ``dcal.data.build_dataset`` takes for ``cfg.data.dataset``, from the ``data.*`` keys its
+    registration names."""
+    from dcal.data.registry import dataset_entry
+
+    options = dataset_entry(cfg.data.dataset).options
+    return {option: cfg.data[key] for option, key in options.items() if key is not None}

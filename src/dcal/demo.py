@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ import torch
 from dcal.config import load_config
 from dcal.pretrain import SA_ONLY
 from dcal.run_folder import RunLock, RunLockedError, check_output_dir, claim_folder, has_checkpoint
+
+logger = logging.getLogger(__name__)
 
 # The demo's two stages are the packaged recipes, loaded by name (configs/demo_pretrain.yaml, configs/demo.yaml):
 # a 6-block, 96-dim ViT with 8x8 patches (64 tokens at 64x64), the same for both stages.
@@ -127,7 +129,7 @@ def mechanism_line(sa: dict[str, Any], dc: dict[str, Any]) -> str:
     return f"mechanism ({where}): " + "; ".join(parts) if parts else ""
 
 
-def fine_tune(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+def fine_tune(cfg: Any) -> dict[str, Any]:
     """Train the run ``cfg`` into its ``output_dir``, or, when a run is there, continue it (``fit`` with resume:
     a finished run is reused as it is, an interrupted one resumed, one of another config refused); returns its
     final record."""
@@ -137,7 +139,7 @@ def fine_tune(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     folder = Path(cfg.output_dir)
     if not has_checkpoint(folder):
         return fit(cfg)
-    log(f"{folder} holds a run: reusing it if finished, resuming it if not")
+    logger.info(f"{folder} holds a run: reusing it if finished, resuming it if not")
     try:
         return fit(cfg, resume=True)
     except ResumeConfigError as e:
@@ -145,7 +147,7 @@ def fine_tune(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
 
 
 def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[str, ...] = (),
-             num_images: int = 6, fresh: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+             num_images: int = 6, fresh: bool = False) -> dict[str, Any]:
     """Pretrain (or reuse) the backbone, fine-tune (or reuse) SA-only and DCAL from it, print their test
     accuracies and mechanism numbers side by side, save the attention pictures (the rollout of both, and DCAL's
     GLCA local-query and PWCA attention). ``overrides`` apply to both stages; ``fresh`` first removes the demo's
@@ -165,23 +167,22 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
         check_demo_folder(output_dir)  # again, under the locks
         if fresh:
             removed = remove_demo_runs(output_dir)
-            log(f"--fresh: removed {', '.join(str(p) for p in removed)}" if removed else
-                f"--fresh: no demo runs in {output_dir} yet")
-        return _run_stages(output_dir, pre, cfgs, num_images, log)
+            logger.info(f"--fresh: removed {', '.join(str(p) for p in removed)}" if removed else
+                        f"--fresh: no demo runs in {output_dir} yet")
+        return _run_stages(output_dir, pre, cfgs, num_images)
 
 
-def _run_stages(output_dir: Path, pre: Any, cfgs: dict[str, Any], num_images: int,
-                log: Callable[[str], None]) -> dict[str, Any]:
+def _run_stages(output_dir: Path, pre: Any, cfgs: dict[str, Any], num_images: int) -> dict[str, Any]:
     from dcal.checkpoint import atomic_write_text, json_text
     from dcal.data.transforms import config_mean_std
     from dcal.engine import build_datasets
     from dcal.loading import load_model
     from dcal.pretrain import ensure_pretrained, pretrain_state
     from dcal.run_folder import remove_run_folder
-    from dcal.visualize import attention_rows, denormalize, prediction_titles, rollout_maps, save_attention_figure
+    from dcal.visualize import save_attention_picture
 
     t0 = time.perf_counter()
-    log("\n=== stage 1: pretraining the ViT SA-only on the generic coarse task (shape x texture, no marks) ===")
+    logger.info("\n=== stage 1: pretraining the ViT SA-only on the generic coarse task (shape x texture, no marks) ===")
     try:
         if pretrain_state(pre) != "finished":
             # fine-tuning runs of an earlier backbone (the demo's own, checked above) would be reused: they go
@@ -189,8 +190,9 @@ def _run_stages(output_dir: Path, pre: Any, cfgs: dict[str, Any], num_images: in
             for folder in stale:
                 remove_run_folder(folder, MADE_BY, folder.name)
             if stale:
-                log(f"a new backbone: removed the fine-tuning runs of the old one ({', '.join(map(str, stale))})")
-        ensure_pretrained(pre, log=log)
+                logger.info("a new backbone: removed the fine-tuning runs of the old one (%s)",
+                            ", ".join(map(str, stale)))
+        ensure_pretrained(pre)
     except FileExistsError as e:  # a pretraining run of another config, in the demo's own folder
         if isinstance(e, RunLockedError):
             raise
@@ -198,9 +200,9 @@ def _run_stages(output_dir: Path, pre: Any, cfgs: dict[str, Any], num_images: in
     results = {}
     for variant in VARIANTS:
         cfg = cfgs[variant]
-        log(f"\n=== stage 2, {variant}: fine-tuning {cfg.model.pretrained_file} on the mark task, "
-            f"{cfg.model.glca_blocks} GLCA block(s), {cfg.model.pwca_blocks} PWCA block(s) ===")
-        results[variant] = fine_tune(cfg, log=log)
+        logger.info(f"\n=== stage 2, {variant}: fine-tuning {cfg.model.pretrained_file} on the mark task, "
+                    f"{cfg.model.glca_blocks} GLCA block(s), {cfg.model.pwca_blocks} PWCA block(s) ===")
+        results[variant] = fine_tune(cfg)
     sa, dc = results["sa_only"], results["dcal"]
     lines = [
         "",
@@ -211,29 +213,21 @@ def _run_stages(output_dir: Path, pre: Any, cfgs: dict[str, Any], num_images: in
         f"{'fine-tuning time (s)':<28}{sa['train_time_s']:>10.0f}{dc['train_time_s']:>10.0f}",
         mechanism_line(sa, dc),
     ]
-    log("\n".join(lines))
+    logger.info("\n".join(lines))
 
     cfg = cfgs["dcal"]
     test = build_datasets(cfg, train=False)["test"]
     batch = torch.stack([test[i][0] for i in range(num_images)])
-    shown = denormalize(batch, *config_mean_std(cfg))
-    models, preds = {}, {}
-    for variant in VARIANTS:
-        models[variant] = load_model(run=output_dir / variant, device="cpu").model
-        with torch.no_grad():
-            preds[variant] = models[variant].eval().predict(batch).argmax(-1).tolist()
-    sa_maps, _ = rollout_maps(models["sa_only"], batch)
-    # SA-only's rollout, then DCAL's: rollout + selected queries, GLCA's local-query attention (Fig. 3a), PWCA's
-    # target CLS on the target and on the distractor with the distractor's share (Fig. 3b)
-    rows = [{"label": "SA only:\nrollout", "images": shown, "maps": sa_maps}]
-    rows += [{**row, "label": f"DCAL: {row['label']}"} for row in attention_rows(models["dcal"], batch, shown)]
     truths = [test.classes[test.targets[i]] for i in range(num_images)]
-    titles, colors = prediction_titles(truths, {"SA only": [test.classes[p] for p in preds["sa_only"]],
-                                                "DCAL": [test.classes[p] for p in preds["dcal"]]}, truths)
-    picture = save_attention_figure(output_dir / PICTURE, shown, rows, titles, title_colors=colors)
+    # SA-only's rollout, then DCAL's: rollout + selected queries, GLCA's local-query attention (Fig. 3a), PWCA's
+    # attention of the target's pooled-feature query on the target and on the distractor, with its share (Fig. 3b)
+    models = {"SA only": load_model(run=output_dir / "sa_only", device="cpu").model,
+              "DCAL": load_model(run=output_dir / "dcal", device="cpu").model}
+    picture = save_attention_picture(output_dir / PICTURE, models, batch, *config_mean_std(cfg), truths,
+                                     test.classes, truths)
     summary = {"written_by": MADE_BY, "sa_only": sa, "dcal": dc, "pretrained": str(output_dir / "pretrain"),
                "picture": str(picture)}
     atomic_write_text(output_dir / SUMMARY, json_text(summary))
-    log(f"\nattention rollout picture: {picture}\nsummary: {output_dir / SUMMARY}\n"
-        f"demo time: {time.perf_counter() - t0:.0f} s")
+    logger.info(f"\nattention rollout picture: {picture}\nsummary: {output_dir / SUMMARY}\n"
+                f"demo time: {time.perf_counter() - t0:.0f} s")
     return summary

@@ -1,8 +1,8 @@
 """Export a trained model's inference graph to ONNX (``dcal export --onnx``) and check it with onnxruntime.
 
 The graph is what runs at inference: the SA stream (standard attention; its queries and keys feed the rollout,
-Eq. 2), the rollout's CLS row, top-⌈R·N⌉ selection (ONNX ``TopK``), the gather of the selected tokens and the GLCA
-block(s) on x_(L-1); PWCA is training-only and absent. Outputs, with a dynamic batch axis:
+Eq. 2), the rollout's pooled-feature row, top-⌈R·N⌉ selection (ONNX ``TopK``), the gather of the selected tokens
+and the GLCA block(s) on x_(L-1); PWCA is training-only and absent. Outputs, with a dynamic batch axis:
 
 * FGVC: ``probs`` (B, C), the mean of the fused branches' softmaxes (as :func:`dcal.predict` reports them);
 * Re-ID: ``embedding`` (B, D), the concatenated features of :meth:`DCAL.embed` (before or after the BNNeck);

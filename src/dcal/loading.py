@@ -19,14 +19,14 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
-from dcal.checkpoint import StoredModel, check_fits, export_extra, load_model_state, safetensors_metadata
+from dcal.checkpoint import StoredModel, check_fits, load_model_state
 from dcal.config import load_saved_config
 from dcal.data.transforms import build_transforms_from_config
 from dcal.distributed import pick_device
 from dcal.engine.build import build_model
 from dcal.model import DCAL
 from dcal.model.finetune import plain_shapes, plain_state
-from dcal.run_folder import BEST_WEIGHTS, LAST_WEIGHTS, RUN_CHECKPOINTS
+from dcal.run_folder import RUN_CHECKPOINTS
 
 
 def resolve_model_file(run: str | Path | None = None, checkpoint: str | Path | None = None) -> Path:
@@ -47,17 +47,10 @@ def resolve_model_file(run: str | Path | None = None, checkpoint: str | Path | N
     return found[0]
 
 
-def class_names(path: Path, extra: dict[str, Any]) -> list[str] | None:
-    """The class names of the model file ``path`` whose ``extra`` metadata is given: its own, else (a ``.pth``
-    written before training checkpoints carried them) those of the run's exports beside it; None when no file
-    holds names (e.g. Re-ID runs, whose classes are training identities)."""
+def class_names(extra: dict[str, Any]) -> list[str] | None:
+    """The class names a model file's ``extra`` metadata holds; None when it holds none (e.g. Re-ID runs, whose
+    classes are training identities)."""
     names = extra.get("classes")
-    if not isinstance(names, list) and path.suffix != ".safetensors":
-        for p in (path.parent / BEST_WEIGHTS, path.parent / LAST_WEIGHTS):
-            if p.is_file():
-                names = export_extra(p, safetensors_metadata(p)).get("classes")
-                if isinstance(names, list):
-                    break
     return [str(c) for c in names] if isinstance(names, list) else None
 
 
@@ -90,8 +83,7 @@ def load_model(run: str | Path | None = None, checkpoint: str | Path | None = No
     The file is untrusted input: its stored config is checked like a recipe (``load_saved_config``: no code,
     no download, no file named in it is read), and the model it describes is built on the ``meta`` device and
     compared with the file's tensor shapes before the real model is allocated, so a small file cannot ask for a
-    large model. The config is the one authority for the model's shape (a ``model_config`` entry that older
-    checkpoints carry is not read)."""
+    large model. The config is the one authority for the model's shape."""
     path = resolve_model_file(run, checkpoint)
     stored = StoredModel(path)
     cfg = load_saved_config(stored.config_yaml, str(path), overrides)
@@ -107,4 +99,4 @@ def load_model(run: str | Path | None = None, checkpoint: str | Path | None = No
     model = build_model(cfg, shape[0])
     load_model_state(model, plain_state(stored.state_dict(), cfg.model.lora, str(path)), path)
     model.eval().to(pick_device(device, "--device"))
-    return LoadedModel(model, cfg, class_names(path, stored.extra), path)
+    return LoadedModel(model, cfg, class_names(stored.extra), path)

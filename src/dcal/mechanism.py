@@ -2,13 +2,13 @@
 
 * **Selection on the discriminative part** (GLCA, Eq. 2-3): on the generated set
   (``data.dataset=synthetic``, task ``mark``) the class lives in a small mark whose box is known. The share of
-  the ⌈R·N⌉ selected patches that lie on the mark, for the attention **rollout** and for the **last layer's** CLS
-  attention, both computed from the same SA pass of the same model (whatever its own ``query_selection``, and
-  for SA-only models too: the rollout needs no GLCA), against **chance**: the expected share under a random
-  selection, i.e. the fraction of all patches on the mark, computed exactly instead of drawn.
-* **PWCA's distractor share** (Eq. 4): how much of the target CLS token's attention (mean over heads) goes to
-  the distractor's tokens, per pair-wise block, with a fixed derangement (image i paired with image i+1). The
-  paper says "little"; a self-pair gives exactly one half.
+  the ⌈R·N⌉ selected patches that lie on the mark, for the attention **rollout** and for the **last layer's**
+  pooled-feature attention, both computed from the same SA pass of the same model (whatever its own
+  ``query_selection``, and for SA-only models too: the rollout needs no GLCA), against **chance**: the expected
+  share under a random selection, i.e. the fraction of all patches on the mark, computed exactly instead of drawn.
+* **PWCA's distractor share** (Eq. 4): how much of the attention (mean over heads) of the target's pooled-feature
+  query (its class token, or the patch mean) goes to the distractor's tokens, per pair-wise block, with a fixed
+  derangement (image i paired with image i+1). The paper says "little"; a self-pair gives exactly one half.
 
 :func:`evaluate_mechanism` computes both under ``no_grad`` on the first :data:`MECHANISM_IMAGES` test images
 and is called by :func:`dcal.engine.evaluation.evaluate`, so every evaluated epoch's ``metrics.jsonl`` record
@@ -160,8 +160,8 @@ def fixed_derangement(batch: int, device: torch.device | None = None) -> Tensor:
 @torch.no_grad()
 def pwca_attention(model: DCAL, images: Tensor, pairs: Tensor | None = None) -> PWCAAttention:
     """Run the PWCA stream's pair-wise blocks 1..T as in training (weights shared with SA, real distractors
-    whatever ``pair_strategy``) in eval mode (no dropout) and read the target CLS token's attention (Eq. 4) in
-    each. ``pairs[i]``: the distractor of image i (default :func:`fixed_derangement`)."""
+    whatever ``pair_strategy``) in eval mode (no dropout) and read the attention of the target's pooled-feature
+    query (Eq. 4) in each. ``pairs[i]``: the distractor of image i (default :func:`fixed_derangement`)."""
     if not model.cfg.pwca_blocks:
         raise ValueError("the model has no PWCA block (pwca_blocks=0)")
     model.eval()
@@ -174,7 +174,8 @@ def pwca_attention(model: DCAL, images: Tensor, pairs: Tensor | None = None) -> 
 
 
 def pwca_share(model: DCAL, images: Tensor, pairs: Tensor | None = None) -> Tensor:
-    """(T, B): per pair-wise block and image, the share of the target CLS attention on the distractor."""
+    """(T, B): per pair-wise block and image, the share of the target's pooled-feature query's attention on the
+    distractor."""
     return pwca_attention(model, images, pairs).shares
 
 

@@ -20,7 +20,7 @@ Every variant and seed of an ablation fine-tunes from the same checkpoint; their
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from dcal.run_folder import (
     read_config_text,
 )
 
+logger = logging.getLogger(__name__)
 SA_ONLY = ("model.glca_blocks=0", "model.pwca_blocks=0", "eval.fusion=sa")
 CACHE_FOLDER = "pretrain"  # beside the runs: <parent of output_dir (or of the ablation folder)>/pretrain/<stem>
 
@@ -74,7 +75,7 @@ def pretrain_state(cfg: Any) -> str:
     return "started" if has_checkpoint(folder) else "absent"
 
 
-def ensure_pretrained(cfg: Any, log: Callable[[str], None] = print) -> Path:
+def ensure_pretrained(cfg: Any) -> Path:
     """Train the SA-only run ``cfg`` (see :func:`pretrain_config`) unless it is already there; returns its folder.
 
     Reuses a finished run of the same config, resumes an interrupted one, trains a new one; refuses a folder
@@ -85,19 +86,19 @@ def ensure_pretrained(cfg: Any, log: Callable[[str], None] = print) -> Path:
     from dcal import distributed
 
     if distributed.env_world_size() > 1:
-        return _ensure_pretrained(cfg, folder, log)
+        return _ensure_pretrained(cfg, folder)
     lock = RunLock(folder)
     with lock, lock.lend():  # held before the folder is read or repaired, lent to fit
-        return _ensure_pretrained(cfg, folder, log)
+        return _ensure_pretrained(cfg, folder)
 
 
-def _ensure_pretrained(cfg: Any, folder: Path, log: Callable[[str], None]) -> Path:
+def _ensure_pretrained(cfg: Any, folder: Path) -> Path:
     from dcal import distributed
     from dcal.engine import fit
 
     state = pretrain_state(cfg)
     if state == "finished":
-        log(f"pretrained backbone: reusing {folder} (finished, same config)")
+        logger.info(f"pretrained backbone: reusing {folder} (finished, same config)")
         return folder
     if distributed.env_world_size() > 1:
         raise RuntimeError(f"the pretraining run {folder} is {state == 'started' and 'unfinished' or 'missing'}: "
@@ -105,9 +106,9 @@ def _ensure_pretrained(cfg: Any, folder: Path, log: Callable[[str], None]) -> Pa
                            "model.glca_blocks=0 model.pwca_blocks=0 eval.fusion=sa), then start torchrun again")
     resume = state == "started"
     if not resume and discard_unsaved_start(folder):  # killed before its first checkpoint: nothing to keep
-        log(f"{folder}: the pretraining was stopped before its first checkpoint; starting it again")
-    log(f"pretrained backbone: {'resuming' if resume else 'training'} the SA-only run {folder} "
-        f"({cfg.train.epochs} epochs of {cfg.data.dataset})")
+        logger.info(f"{folder}: the pretraining was stopped before its first checkpoint; starting it again")
+    logger.info(f"pretrained backbone: {'resuming' if resume else 'training'} the SA-only run {folder} "
+                f"({cfg.train.epochs} epochs of {cfg.data.dataset})")
     fit(cfg, resume=resume)
     return folder
 
@@ -122,8 +123,7 @@ def cache_folder(recipe: str | Path, beside: str | Path) -> Path:
     return Path(beside) / CACHE_FOLDER / stem
 
 
-def resolve_pretrain(cfg: Any, folder: str | Path | None = None, log: Callable[[str], None] = print,
-                     train: bool = True) -> Any:
+def resolve_pretrain(cfg: Any, folder: str | Path | None = None, train: bool = True) -> Any:
     """``cfg`` with ``model.pretrain`` (a recipe) replaced by ``model.pretrained_file`` = its pretrained run folder,
     which is trained first if needed (``train=False``: only named, for checking the job before it runs); ``folder``
     defaults to :func:`cache_folder` beside ``output_dir``. A config without ``model.pretrain`` is returned as it
@@ -134,7 +134,7 @@ def resolve_pretrain(cfg: Any, folder: str | Path | None = None, log: Callable[[
     folder = Path(folder) if folder is not None else cache_folder(recipe, Path(cfg.output_dir).parent)
     pre = pretrain_config(recipe, folder)
     if train:
-        run = ensure_pretrained(pre, log)
+        run = ensure_pretrained(pre)
     else:
         check_backbones_match(cfg, pre)
         pretrain_state(pre)  # a folder holding another config's pretraining is refused now, not after
@@ -144,7 +144,7 @@ def resolve_pretrain(cfg: Any, folder: str | Path | None = None, log: Callable[[
     return cfg
 
 
-def train_stages(cfg: Any, resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+def train_stages(cfg: Any, resume: bool = False) -> dict[str, Any]:
     """Train ``cfg`` as ``dcal train`` does: with a pretraining stage (``model.pretrain``), the whole job is checked
     first (the fine-tuning's output folder, its data, its backbone against the pretraining recipe's), then the
     pretraining is trained or reused (:func:`resolve_pretrain`), then the fine-tuning runs; without one, just
@@ -153,12 +153,11 @@ def train_stages(cfg: Any, resume: bool = False, log: Callable[[str], None] = pr
     from dcal.engine import build_datasets, fit
     from dcal.run_folder import check_run_folder
 
-    resume = resume or cfg.train.resume
     if cfg.model.pretrain:
-        planned = resolve_pretrain(cfg, train=False, log=log)
+        planned = resolve_pretrain(cfg, train=False)
         distributed.on_main(lambda: check_run_folder(Path(planned.output_dir), planned, resume))
         build_datasets(planned)
-        cfg = resolve_pretrain(cfg, log=log)
+        cfg = resolve_pretrain(cfg)
     return fit(cfg, resume=resume)
 
 

@@ -199,7 +199,8 @@ def mechanism_lines(log: RunLog) -> list[str]:
     rec = last_with(log, "pwca_share")
     if rec is not None:
         blocks = ", ".join(f"{100 * v:.1f}" for v in rec["pwca_share"])
-        lines.append(f"- PWCA share of the target CLS attention on the distractor (epoch {rec['epoch']}): mean "
+        lines.append(f"- PWCA share of the target's pooled-feature query's attention on the distractor (epoch "
+                     f"{rec['epoch']}): mean "
                      f"{100 * rec[PWCA_SHARE]:.1f}%, per block {blocks} (%; a self-pair gives 50)")
     images = (last_with(log, "mechanism_images") or {}).get("mechanism_images")
     if lines and images:

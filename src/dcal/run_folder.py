@@ -17,6 +17,7 @@ import datetime
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import shlex
@@ -48,10 +49,11 @@ RUN_CHECKPOINTS = (BEST_WEIGHTS, BEST, LAST_WEIGHTS, LAST)  # what a run folder 
 # how it is evaluated, and the knobs to get past a diverged step (clip_grad, amp, max_bad_steps) or memory and
 # speed limits of another machine; every other key changes what is trained and must equal the saved one
 RESUMABLE_KEYS = ("output_dir", "data.root", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
-                  "train.save_every_steps", "train.workers", "train.device", "train.resume", "train.compile",
+                  "train.save_every_steps", "train.workers", "train.device", "train.compile",
                   "train.grad_checkpointing", "train.deterministic", "train.clip_grad", "train.amp",
                   "train.max_bad_steps", "eval.*")
 _ABSENT = object()
+logger = logging.getLogger(__name__)
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
@@ -111,17 +113,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object (one record per line), got {type(record).__name__}")
         out.append(record)
-    return _one_based(out)
-
-
-def _one_based(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records numbered as now: epochs from 1, as the console shows them. A ``metrics.jsonl`` of a dcal that
-    numbered them from 0 (it holds an epoch 0; today's never does) is renumbered on reading, so that an older run
-    folder is reported, reused and resumed (resume rewrites the file) with the numbers its console showed."""
-    if not any(r.get("epoch") == 0 for r in records):
-        return records
-    shift = ("epoch", "best_epoch")
-    return [{**r, **{k: r[k] + 1 for k in shift if isinstance(r.get(k), int)}} for r in records]
+    return out
 
 
 def write_metrics(folder: str | Path, records: list[dict[str, Any]]) -> None:
@@ -171,10 +163,11 @@ def read_config_text(folder: str | Path) -> str | None:
 def read_config(folder: str | Path) -> dict[str, Any] | None:
     """The folder's :data:`CONFIG` as plain values (the strict YAML reader; errors name the file), None when
     it has none."""
-    from dcal.config import read_yaml
+    from dcal.config import read_yaml, upgrade_saved_config
 
     text = read_config_text(folder)
-    return None if text is None else read_yaml(text, str(Path(folder) / CONFIG))
+    source = str(Path(folder) / CONFIG)
+    return None if text is None else upgrade_saved_config(read_yaml(text, source))
 
 
 def write_config(folder: str | Path, config_yaml: str) -> None:
@@ -267,7 +260,7 @@ def check_run_folder(folder: str | Path, cfg: DictConfig, resume: bool,
     saved = read_config_text(folder)
     if saved is None:  # killed before config.yaml was written: the checkpoint carries the config too
         saved = load_training_state(last)["config"]
-    changes = config_changes(upgrade_saved_config(read_yaml(saved, source), source), OmegaConf.to_container(cfg),
+    changes = config_changes(upgrade_saved_config(read_yaml(saved, source)), OmegaConf.to_container(cfg),
                              OmegaConf.to_container(default_config()))
     if changes:
         raise ResumeConfigError(
@@ -511,8 +504,8 @@ class RunLock:
                 raise
             break
         if previous:
-            print(f"warning: {self.path}: taking over the stale lock of {describe_owner(previous)}: that process "
-                  "is gone", file=sys.stderr, flush=True)
+            logger.warning("warning: %s: taking over the stale lock of %s: that process is gone", self.path,
+                           describe_owner(previous))
         data = _owner_text().encode("utf-8")
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)

@@ -1,11 +1,11 @@
 """Pictures of what a trained model attends to (the paper's Fig. 3 and 4).
 
-* :func:`rollout_maps` – the SA attention rollout of the CLS token (Eq. 2) and the patches GLCA selects as local
-  queries (Fig. 3a/4a).
+* :func:`rollout_maps` – the SA attention rollout of the pooled feature's row (Eq. 2; the class token's for a
+  class-token ViT) and the patches GLCA selects as local queries (Fig. 3a/4a).
 * :func:`glca_attention_maps` – what GLCA's local queries attend to: the mean over the local queries and heads of
   the first GLCA block's attention over the tokens of x_(L-1) (Fig. 3a).
-* :func:`pwca_attention_maps` – for an image pair, the PWCA attention of the target's CLS split between the target's
-  and the distractor's tokens, and the share that goes to the distractor (Fig. 3b/4b).
+* :func:`pwca_attention_maps` – for an image pair, the PWCA attention of the target's pooled-feature query split
+  between the target's and the distractor's tokens, and the share that goes to the distractor (Fig. 3b/4b).
 
 Attention probabilities are computed here explicitly, without autograd, from the blocks' weights; the model's own
 forward never materialises probabilities it does not need.
@@ -13,7 +13,7 @@ forward never materialises probabilities it does not need.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +39,8 @@ def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
 
 @torch.no_grad()
 def rollout_maps(model: DCAL, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Rollout CLS maps upsampled to the image size, (B, H, W) in [0, 1], and the GLCA selection mask
-    (B, gh, gw) (all False when the model has no GLCA)."""
+    """Rollout maps of the pooled feature's row, upsampled to the image size, (B, H, W) in [0, 1], and the GLCA
+    selection mask (B, gh, gw) (all False when the model has no GLCA)."""
     model.eval()
     gh, gw = model.backbone.patch_embed.grid_size
     selected = torch.zeros(images.shape[0], gh * gw, dtype=torch.bool)
@@ -72,13 +72,13 @@ def glca_attention_maps(model: DCAL, images: torch.Tensor) -> tuple[np.ndarray, 
 
 
 def pwca_attention_maps(model: DCAL, images: torch.Tensor, pairs: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-    """The PWCA attention of each target image's CLS token over the concatenated keys of the target and its
-    distractor (Eq. 4), in the last PWCA block (T), averaged over heads (Fig. 3b/4b), from
-    :func:`dcal.mechanism.pwca_attention` (the PWCA stream as in training, in eval mode). ``pairs[i]`` is the
-    distractor of image ``i`` (default: the next image in the batch).
+    """The PWCA attention of each target image's pooled-feature query (class token, or patch mean) over the
+    concatenated keys of the target and its distractor (Eq. 4), in the last PWCA block (T), averaged over heads
+    (Fig. 3b/4b), from :func:`dcal.mechanism.pwca_attention` (the PWCA stream as in training, in eval mode).
+    ``pairs[i]`` is the distractor of image ``i`` (default: the next image in the batch).
 
     Returns ``target`` and ``distractor`` (B, H, W) maps in [0, 1] (each over its own image's patches),
-    ``share`` (B,): the fraction of the CLS attention that goes to the distractor's tokens in block T, and
+    ``share`` (B,): the fraction of that query's attention that goes to the distractor's tokens in block T, and
     ``share_mean`` (B,): that fraction averaged over the T pair-wise blocks.
     """
     pw = pwca_attention(model, images, pairs)
@@ -109,7 +109,7 @@ def save_rollout_figure(
     """
     return save_attention_figure(
         path, images, [{"label": label, "images": images, "maps": m, "boxes": sel} for label, (m, sel) in rows.items()],
-        titles, title="Attention rollout of the CLS token (boxes: GLCA local queries)")
+        titles, title="Attention rollout of the pooled feature (boxes: GLCA local queries)")
 
 
 def attention_rows(model: DCAL, images: torch.Tensor, shown: np.ndarray,
@@ -118,19 +118,44 @@ def attention_rows(model: DCAL, images: torch.Tensor, shown: np.ndarray,
     local-query attention (with GLCA), and the PWCA attention on the target and on its distractor (with PWCA).
     ``shown``: the images as (B, H, W, 3) in [0, 1] (see :func:`denormalize`)."""
     maps, selected = rollout_maps(model, images)
-    rows: list[dict[str, object]] = [{"label": "SA rollout\n(boxes: GLCA queries)", "images": shown, "maps": maps,
-                                      "boxes": selected}]
-    if model.cfg.glca_blocks:
+    rows: list[dict[str, object]] = [{"label": "SA rollout", "images": shown, "maps": maps}]
+    if model.cfg.glca_blocks:  # the patches GLCA selected, boxed on the rollout they were selected by
+        rows[0].update(label="SA rollout\n(boxes: GLCA queries)", boxes=selected)
         rows.append({"label": "GLCA: local queries'\nattention", "images": shown,
                      "maps": glca_attention_maps(model, images)[0]})
     if model.cfg.pwca_blocks:
         pw = pwca_attention_maps(model, images, pairs)
-        rows.append({"label": "PWCA: target CLS\non the target", "images": shown, "maps": pw["target"],
+        rows.append({"label": "PWCA: target query\non the target", "images": shown, "maps": pw["target"],
                      "captions": [f"to distractor {s:.1%}\n(mean of T {m:.1%})"
                                   for s, m in zip(pw["share"], pw["share_mean"], strict=True)]})
-        rows.append({"label": "PWCA: target CLS\non the distractor", "images": shown[pw["pairs"]],
+        rows.append({"label": "PWCA: target query\non the distractor", "images": shown[pw["pairs"]],
                      "maps": pw["distractor"]})
     return rows
+
+
+def save_attention_picture(path: str | Path, models: Mapping[str, DCAL], images: torch.Tensor,
+                           mean: Sequence[float], std: Sequence[float], labels: Sequence[str],
+                           classes: Sequence[str] | None = None, truths: Sequence[str] | None = None) -> Path:
+    """The attention picture of ``dcal visualize`` (one model) and ``dcal demo`` (SA-only and DCAL side by side):
+    one column per image, titled by its ``labels`` and, when ``classes`` are given (FGVC), each model's predicted
+    class (marked against ``truths`` when they are known: :func:`prediction_titles`); then each model's
+    :func:`attention_rows`, labelled with the model's name when there are several.
+
+    Args:
+        models: name -> model, in the order of their rows and title lines.
+        images: (B, 3, H, W), normalised with ``mean`` / ``std`` (the run's test transform).
+    """
+    shown = denormalize(images, mean, std)
+    rows, predictions = [], {}
+    for name, model in models.items():
+        model.eval()
+        own = attention_rows(model, images, shown)
+        rows += own if len(models) == 1 else [{**row, "label": f"{name}: {row['label']}"} for row in own]
+        if classes is not None:
+            with torch.no_grad():
+                predictions[name] = [classes[p] for p in model.predict(images).argmax(-1).tolist()]
+    titles, colors = prediction_titles(labels, predictions, truths)
+    return save_attention_figure(path, shown, rows, titles, title_colors=colors)
 
 
 def prediction_titles(labels: Sequence[str], predictions: dict[str, Sequence[str]],

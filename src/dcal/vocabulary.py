@@ -6,8 +6,7 @@ from __future__ import annotations
 
 # --------------------------------------------------------------------------------------------- tasks, data
 TASKS = ("fgvc", "reid")
-FGVC_DATASETS = ("cub", "cars", "aircraft", "folder", "synthetic")
-REID_DATASETS = ("market1501", "dukemtmc", "msmt17", "veri", "reid_folder")
+# the dataset names, and the task of each, are their registrations: dcal.data.registry.DATASETS
 # torchvision's list; ``.tif`` / ``.tiff`` / ``.ppm`` / ``.pgm`` count everywhere (folder sets and commands alike)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 AIRCRAFT_LEVELS = ("variant", "family", "manufacturer")  # FGVC-Aircraft's annotation levels: 100, 70, 30 classes

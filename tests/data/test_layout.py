@@ -8,7 +8,7 @@ import pytest
 
 from dcal.data.fgvc import build_fgvc_dataset
 from dcal.data.layout import DatasetFormatError, DatasetNotFoundError, find_dataset_root
-from dcal.data.reid import ReIDFolderNotFoundError, build_reid_dataset
+from dcal.data.reid import build_reid_dataset
 
 
 def test_root_itself_first_then_the_conventional_sub_folders(tmp_path: Path) -> None:
@@ -35,4 +35,3 @@ def test_both_tasks_raise_the_same_family_for_a_missing_dataset(tmp_path: Path, 
     with pytest.raises(DatasetNotFoundError, match="does not exist") as info:
         build(tmp_path / "nowhere")
     assert isinstance(info.value, DatasetFormatError) and isinstance(info.value, FileNotFoundError)
-    assert ReIDFolderNotFoundError is DatasetNotFoundError  # the Re-ID module's public name for it

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from dcal.data import build_dataset
+from dcal.data.layout import DatasetNotFoundError
 from dcal.data.reid import (
     EmptySplitError,
     NoCommonIdentityError,
     ReIDDataset,
     ReIDFileNameError,
-    ReIDFolderNotFoundError,
     build_reid_dataset,
     check_query_gallery,
     describe_splits,
@@ -107,11 +107,11 @@ def test_market_errors_name_the_file_or_folder(tmp_path: Path) -> None:
     assert issubclass(ReIDFileNameError, ValueError)
 
     (base / "bounding_box_test").rename(base / "gallery")
-    with pytest.raises(ReIDFolderNotFoundError, match="bounding_box_test") as err:
+    with pytest.raises(DatasetNotFoundError, match="bounding_box_test") as err:
         build_reid_dataset("market1501", base, "train")
     assert str(base / "bounding_box_test") in str(err.value)
     assert isinstance(err.value, FileNotFoundError)
-    with pytest.raises(ReIDFolderNotFoundError, match="does not exist"):
+    with pytest.raises(DatasetNotFoundError, match="does not exist"):
         build_reid_dataset("market1501", tmp_path / "nowhere", "train")
 
 
@@ -168,7 +168,7 @@ def test_msmt17_errors(tmp_path: Path) -> None:
     with pytest.raises(ReIDFileNameError, match="badname"):
         build_dataset("msmt17", str(base), "query")
     (base / "list_val.txt").unlink()
-    with pytest.raises(ReIDFolderNotFoundError, match="list_val.txt"):
+    with pytest.raises(DatasetNotFoundError, match="list_val.txt"):
         build_dataset("msmt17", str(base), "train")
     with pytest.raises(TypeError, match="unexpected"):
         build_dataset("msmt17", str(base), "train", bogus=1)
@@ -187,7 +187,7 @@ def test_veri(tmp_path: Path) -> None:
     _jpg(base / "image_query" / "0002_c2_00030600_0.jpg")  # 1-digit camera: not VeRi's pattern
     with pytest.raises(ReIDFileNameError, match="0002_c2_00030600_0.jpg"):
         build_dataset("veri", str(base), "query")
-    with pytest.raises(ReIDFolderNotFoundError, match="image_train"):
+    with pytest.raises(DatasetNotFoundError, match="image_train"):
         build_dataset("veri", str(tmp_path / "VeRi" / "image_test"), "train")
 
 
@@ -219,7 +219,7 @@ def test_reid_folder(tmp_path: Path) -> None:
     _jpg(tmp_path / "train" / "loose_c1.jpg")
     with pytest.raises(ReIDFileNameError, match="loose_c1.jpg"):
         build_dataset("reid_folder", str(tmp_path), "train")
-    with pytest.raises(ReIDFolderNotFoundError, match=r"gallery.*\{train,query,gallery\}"):
+    with pytest.raises(DatasetNotFoundError, match=r"gallery.*\{train,query,gallery\}"):
         build_dataset("reid_folder", str(tmp_path / "train"), "gallery")
 
 

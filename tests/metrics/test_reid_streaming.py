@@ -17,8 +17,6 @@ from dcal.metrics.distance import TILE_COLS, TILE_ROWS, FeatureDistances
 from dcal.metrics.reid import distance_source
 from tests.metrics.test_reid_metrics import reference
 
-pytestmark = pytest.mark.filterwarnings("ignore:gallery has only:UserWarning")
-
 
 def _quantised(seed: int, nq: int, ng: int, dim: int = 6, levels: int = 2, n_ids: int = 30, n_cams: int = 4):
     """Features on a small integer grid (many exact ties: equal vectors, equal distances), junk (-1) in the

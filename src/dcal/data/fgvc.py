@@ -24,9 +24,11 @@ from torch.utils.data import Dataset
 
 from dcal.data.images import IMAGE_EXTENSIONS, list_image_files, list_subfolders, open_rgb
 from dcal.data.layout import DatasetFormatError, DatasetNotFoundError, find_dataset_root
+from dcal.data.registry import SPLITS as TASK_SPLITS
+from dcal.data.registry import build_dataset, dataset_names
 from dcal.vocabulary import AIRCRAFT_LEVELS, SYNTHETIC_TASKS
 
-SPLITS = ("train", "test")
+SPLITS = TASK_SPLITS["fgvc"]
 # the class list of each annotation level
 AIRCRAFT_CLASS_FILES = dict(zip(AIRCRAFT_LEVELS, ("variants.txt", "families.txt", "manufacturers.txt"), strict=True))
 
@@ -101,11 +103,6 @@ class FGVCDataset(Dataset):
 # helpers
 
 
-def _check_split(name: str, split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"{name}: unknown split {split!r}; expected one of {SPLITS}")
-
-
 def _read_lines(name: str, path: Path) -> list[tuple[int, str]]:
     """Non-blank lines of a text index as ``(line_number, stripped_line)``."""
     if not path.is_file():
@@ -144,7 +141,7 @@ def _check_images_exist(name: str, paths: Sequence[str], index_file: Path) -> No
 # CUB-200-2011
 
 
-def _build_cub(root: str, split: str, transform: Callable | None) -> FGVCDataset:
+def read_cub(root: str, split: str, transform: Callable | None) -> FGVCDataset:
     """CUB-200-2011 in its official layout.
 
     Class ids in ``classes.txt`` need not be contiguous (subsets such as a 100-class CUB keep the original
@@ -208,7 +205,7 @@ def _loadmat(name: str, path: Path, key: str) -> Any:
     return mat[key]
 
 
-def _build_cars(root: str, split: str, transform: Callable | None) -> FGVCDataset:
+def read_cars(root: str, split: str, transform: Callable | None) -> FGVCDataset:
     """Stanford Cars in the devkit layout ``torchvision.datasets.StanfordCars`` reads.
 
     Read here rather than through torchvision so that layout problems raise :class:`DatasetFormatError`
@@ -251,7 +248,7 @@ def _build_cars(root: str, split: str, transform: Callable | None) -> FGVCDatase
 # FGVC-Aircraft
 
 
-def _build_aircraft(
+def read_aircraft(
     root: str, split: str, transform: Callable | None, annotation_level: str = "variant"
 ) -> FGVCDataset:
     """FGVC-Aircraft (``fgvc-aircraft-2013b/data``); train = the official ``trainval`` split.
@@ -295,7 +292,7 @@ def _build_aircraft(
 # image folder
 
 
-def _build_folder(root: str, split: str, transform: Callable | None) -> FGVCDataset:
+def read_folder(root: str, split: str, transform: Callable | None) -> FGVCDataset:
     """``root/train/<class>/*`` and ``root/test/<class>/*``; classes are the train sub-folders, sorted."""
     base = Path(root).expanduser()
     train_dir = base / "train"
@@ -544,10 +541,15 @@ class SyntheticFGVC(FGVCDataset):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def read_synthetic(root: Any, split: str, transform: Callable | None = None, **options: Any) -> SyntheticFGVC:
+    """The generated set (``root`` is ignored); ``options`` are :class:`SyntheticFGVC`'s."""
+    return SyntheticFGVC(split, transform=transform, **options)
+
+
 def build_fgvc_dataset(
     name: str, root: str | os.PathLike | None, split: str, transform: Callable | None = None, **kwargs: Any
 ) -> FGVCDataset:
-    """Build an FGVC dataset.
+    """Build an FGVC dataset: :func:`dcal.data.build_dataset` for a dataset registered with task ``fgvc``.
 
     Args:
         name: ``cub`` (folder holding ``CUB_200_2011`` or that folder), ``cars`` (folder holding
@@ -565,23 +567,6 @@ def build_fgvc_dataset(
         DatasetFormatError: the layout on disk is not the one expected (missing or malformed index file,
             listed image missing); the message names the file.
     """
-    _check_split(name, split)
-    allowed = {"aircraft": {"annotation_level"}, "synthetic": {"num_classes", "train_per_class",
-               "test_per_class", "image_size", "seed", "task"}}.get(name, set())
-    extra = sorted(set(kwargs) - allowed)
-    if extra:
-        raise TypeError(f"{name}: unexpected keyword argument(s) {extra}; accepted: {sorted(allowed)}")
-    if name == "synthetic":
-        return SyntheticFGVC(split, transform=transform, **kwargs)
-    if root is None:
-        raise ValueError(f"{name}: root is required")
-    root = str(root)
-    if name == "cub":
-        return _build_cub(root, split, transform)
-    if name == "cars":
-        return _build_cars(root, split, transform)
-    if name == "aircraft":
-        return _build_aircraft(root, split, transform, **kwargs)
-    if name == "folder":
-        return _build_folder(root, split, transform)
-    raise ValueError(f"unknown FGVC dataset {name!r}; expected one of cub, cars, aircraft, folder, synthetic")
+    if name not in dataset_names("fgvc"):
+        raise ValueError(f"unknown FGVC dataset {name!r}; expected one of {dataset_names('fgvc')}")
+    return build_dataset(name, root, split, transform, **kwargs)

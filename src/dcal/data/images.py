@@ -16,9 +16,9 @@ through here, so a file that trains is also one that predicts, and the other way
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 
 from dcal.vocabulary import IMAGE_EXTENSIONS
 
+logger = logging.getLogger(__name__)
 MAX_NAME_BYTES = 255  # a file name's limit on Linux, macOS and Windows file systems
 WHITE = (255, 255, 255)
 
@@ -59,8 +60,8 @@ def _loops_into(entry: os.DirEntry, tree: str) -> str | None:
 
 
 def _skip_link(path: str, target: str, tree: str) -> None:
-    warnings.warn(f"skipped {printable(path)}: a symbolic link to {printable(target)}, inside (or above) "
-                  f"{printable(tree)} (following it would read images twice or loop)", stacklevel=3)
+    logger.warning("skipped %s: a symbolic link to %s, inside (or above) %s (following it would read images twice "
+                   "or loop)", printable(path), printable(target), printable(tree))
 
 
 def list_subfolders(folder: str | os.PathLike, tree: str | os.PathLike | None = None) -> list[str]:
@@ -118,7 +119,7 @@ def list_image_files(folder: str | os.PathLike, recursive: bool = True,
                             kind = _file_kind(os.stat(entry.path).st_mode)
                         except OSError:
                             kind = "a broken symbolic link"
-                        warnings.warn(f"skipped {printable(entry.path)}: {kind}, not a regular file", stacklevel=2)
+                        logger.warning("skipped %s: %s, not a regular file", printable(entry.path), kind)
     return [Path(p) for p in sorted(found)]
 
 
@@ -162,8 +163,7 @@ def _upright(image: Image.Image, path: str) -> Image.Image:
     try:
         return ImageOps.exif_transpose(image)
     except Exception as e:  # noqa: BLE001 - Pillow raises several types on malformed EXIF; the pixels are fine
-        warnings.warn(f"{printable(path)}: unreadable EXIF orientation ({type(e).__name__}: {e}); used as stored",
-                      stacklevel=3)
+        logger.warning("%s: unreadable EXIF orientation (%s: %s); used as stored", printable(path), type(e).__name__, e)
         return image.copy()  # the caller closes the file: keep pixels that outlive it
 
 

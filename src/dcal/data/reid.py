@@ -26,14 +26,12 @@ from torch.utils.data import Dataset
 
 from dcal.data.images import IMAGE_EXTENSIONS, list_image_files, list_subfolders, open_rgb
 from dcal.data.layout import DatasetFormatError, DatasetNotFoundError, find_dataset_root
-from dcal.vocabulary import REID_DATASETS
+from dcal.data.registry import SPLITS, build_dataset, dataset_names
 
 __all__ = [
-    "REID_DATASETS",
     "REID_SPLITS",
     "IMAGE_EXTENSIONS",
     "ReIDDatasetError",
-    "ReIDFolderNotFoundError",
     "ReIDFileNameError",
     "EmptySplitError",
     "NoCommonIdentityError",
@@ -43,7 +41,7 @@ __all__ = [
     "describe_splits",
 ]
 
-REID_SPLITS = ("train", "query", "gallery")
+REID_SPLITS = SPLITS["reid"]
 
 MARKET_PATTERN = re.compile(r"([-\d]+)_c(\d)")
 VERI_PATTERN = re.compile(r"([\d]+)_c(\d\d\d)")
@@ -54,10 +52,6 @@ MSMT_CAMERA_TOKEN = re.compile(r"^[-\d]+_c(\d+)")
 
 class ReIDDatasetError(DatasetFormatError):
     """Base class of the content errors of a re-id dataset (bad names, empty splits, ...)."""
-
-
-# the name of DatasetNotFoundError in this module's API (the layout errors of both tasks are one family)
-ReIDFolderNotFoundError = DatasetNotFoundError
 
 
 class ReIDFileNameError(ReIDDatasetError):
@@ -246,7 +240,7 @@ def _read_msmt_list(list_file: Path, image_dir: Path) -> list[tuple[str, int, in
                 continue
             samples.append((str(image_dir / relpath), pid, camid))
     if samples and not os.path.exists(samples[0][0]):
-        raise ReIDFolderNotFoundError(
+        raise DatasetNotFoundError(
             f"MSMT17: {samples[0][0]} (first entry of {list_file}) does not exist: "
             "wrong root or image folder?"
         )
@@ -263,10 +257,10 @@ def _msmt17(
         try:
             base = find_dataset_root(root, candidates, [train_dir, test_dir] + lists, "MSMT17")
             break
-        except ReIDFolderNotFoundError as e:
+        except DatasetNotFoundError as e:
             error = e
     if base is None:
-        raise ReIDFolderNotFoundError(
+        raise DatasetNotFoundError(
             f"{error} (V1 layout; the V2 layout has mask_train_v2/ and mask_test_v2/ "
             "instead of train/ and test/)"
         )
@@ -298,7 +292,7 @@ def _reid_folder(
     base = Path(root).expanduser()
     folder = base / split
     if not folder.is_dir():
-        raise ReIDFolderNotFoundError(
+        raise DatasetNotFoundError(
             f"reid_folder: {folder} does not exist; expected {base}/{{train,query,gallery}}/<pid>/<image>"
         )
     loose = list_image_files(folder, recursive=False)
@@ -337,11 +331,48 @@ def _reid_folder(
     return base, samples
 
 
+# ---------------------------------------------------------------------------------- the registered readers
+def _reid_set(
+    name: str, split: str, found: tuple[Path, list[tuple[str, int, int]]], transform: Callable | None
+) -> ReIDDataset:
+    base, samples = found
+    if not samples:
+        raise EmptySplitError(f"{name}/{split}: no image found in {base} for this split")
+    return ReIDDataset(samples, name=name, split=split, root=base, transform=transform)
+
+
+def read_market1501(root: str | os.PathLike, split: str, transform: Callable | None = None) -> ReIDDataset:
+    return _reid_set("market1501", split, _market_like("market1501", root, split), transform)
+
+
+def read_dukemtmc(root: str | os.PathLike, split: str, transform: Callable | None = None) -> ReIDDataset:
+    return _reid_set("dukemtmc", split, _market_like("dukemtmc", root, split), transform)
+
+
+def read_msmt17(
+    root: str | os.PathLike, split: str, transform: Callable | None = None, val_in_train: bool = True
+) -> ReIDDataset:
+    return _reid_set("msmt17", split, _msmt17(root, split, val_in_train=bool(val_in_train)), transform)
+
+
+def read_veri(root: str | os.PathLike, split: str, transform: Callable | None = None) -> ReIDDataset:
+    return _reid_set("veri", split, _veri(root, split), transform)
+
+
+def read_reid_folder(
+    root: str | os.PathLike, split: str, transform: Callable | None = None, camera_base: int = 1,
+    default_camid: int | None = None,
+) -> ReIDDataset:
+    found = _reid_folder(root, split, camera_base=int(camera_base), default_camid=default_camid)
+    return _reid_set("reid_folder", split, found, transform)
+
+
 # ----------------------------------------------------------------------------------------------- API
 def build_reid_dataset(
     name: str, root: str | os.PathLike, split: str, transform: Callable | None = None, **kwargs: Any
 ) -> ReIDDataset:
-    """Read one split of a re-id dataset.
+    """Read one split of a re-id dataset: :func:`dcal.data.build_dataset` for a dataset registered with task
+    ``reid``.
 
     Args:
         name: ``market1501``, ``dukemtmc``, ``msmt17``, ``veri`` or ``reid_folder``.
@@ -367,38 +398,15 @@ def build_reid_dataset(
               give query and gallery different ``default_camid`` values to keep cross-set matches.
 
     Raises:
-        ReIDFolderNotFoundError: a folder or list file is missing (the message names it).
+        DatasetNotFoundError: a folder or list file is missing (the message names it).
         ReIDFileNameError: a file name or list line does not follow the layout (names the file).
         EmptySplitError: the split holds no image.
     """
-    if name not in REID_DATASETS:
-        raise ValueError(f"unknown re-id dataset {name!r}; expected one of {REID_DATASETS}")
+    if name not in dataset_names("reid"):
+        raise ValueError(f"unknown re-id dataset {name!r}; expected one of {dataset_names('reid')}")
     if split not in REID_SPLITS:
         raise ValueError(f"unknown re-id split {split!r}; expected one of {REID_SPLITS}")
-    relabel = kwargs.pop("relabel", None)
-    if name in _MARKET_LIKE:
-        _reject_kwargs(name, kwargs)
-        base, samples = _market_like(name, root, split)
-    elif name == "msmt17":
-        val_in_train = bool(kwargs.pop("val_in_train", True))
-        _reject_kwargs(name, kwargs)
-        base, samples = _msmt17(root, split, val_in_train=val_in_train)
-    elif name == "veri":
-        _reject_kwargs(name, kwargs)
-        base, samples = _veri(root, split)
-    else:
-        camera_base = int(kwargs.pop("camera_base", 1))
-        default_camid = kwargs.pop("default_camid", None)
-        _reject_kwargs(name, kwargs)
-        base, samples = _reid_folder(root, split, camera_base=camera_base, default_camid=default_camid)
-    if not samples:
-        raise EmptySplitError(f"{name}/{split}: no image found in {base} for this split")
-    return ReIDDataset(samples, name=name, split=split, root=base, transform=transform, relabel=relabel)
-
-
-def _reject_kwargs(name: str, kwargs: dict[str, Any]) -> None:
-    if kwargs:
-        raise TypeError(f"build_reid_dataset({name!r}): unexpected keyword arguments {sorted(kwargs)}")
+    return build_dataset(name, root, split, transform, **kwargs)
 
 
 def check_query_gallery(query: Any, gallery: Any) -> dict[str, int]:

@@ -8,7 +8,7 @@ process's job. Unreadable test images are skipped (``data.on_bad_image=skip``) a
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,13 +23,15 @@ from dcal.mechanism import evaluate_mechanism
 from dcal.model import DCAL
 from dcal.model.dcal import fusion_branches
 
+logger = logging.getLogger(__name__)
+
 
 def _batches(loader: Iterable) -> Iterable[tuple[Any, torch.Tensor | None, int]]:
     """(data, dataset indices or None, number of bad images) per batch, warning about each bad file."""
     for batch in loader:
         data, bad = unpack_batch(batch)
         for path, reason in bad:
-            warnings.warn(f"skipped unreadable test image {path} ({reason})", stacklevel=1)
+            logger.warning("skipped unreadable test image %s (%s)", path, reason)
         yield data, getattr(batch, "indices", None), len(bad)
 
 

@@ -9,9 +9,9 @@ that a resumed epoch ends with the same record as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,7 @@ from dcal.engine.build import ForwardLoss
 if TYPE_CHECKING:
     from dcal.engine.state import TrainState
 
+logger = logging.getLogger(__name__)
 MAX_BAD_EXAMPLES = 20  # bad file names kept per epoch for the error message
 
 
@@ -63,7 +64,7 @@ class EpochProgress:
         self.batches += 1
         self.read_images += n_good + len(bad)
         for path, reason in bad:
-            warnings.warn(f"skipped unreadable image {path} ({reason})", stacklevel=2)
+            logger.warning("skipped unreadable image %s (%s)", path, reason)
             self.bad_images += 1
             if len(self.bad_examples) < MAX_BAD_EXAMPLES:
                 self.bad_examples.append(path)
@@ -91,7 +92,7 @@ class EpochProgress:
                 "none of them was applied. Set train.clip_grad or train.amp=none and continue with "
                 "--resume, or lower train.lr and start again (the lr schedule is part of the checkpoint)"
             )
-        warnings.warn(f"non-finite loss at {where}: step not applied", stacklevel=3)
+        logger.warning("non-finite loss at %s: step not applied", where)
 
 
 def unpack_batch(batch: Any) -> tuple[Any, list[tuple[str, str]]]:

@@ -17,6 +17,7 @@ other processes happens here, at the loop's edges (:class:`_RunOutput`; the fold
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import signal
@@ -44,6 +45,7 @@ from dcal.model.finetune import trainable_summary
 from dcal.run_folder import ResumeConfigError, RunLock, check_run_folder, read_metrics
 from dcal.vocabulary import BEST_METRIC, SCORE_KEYS
 
+logger = logging.getLogger(__name__)
 TIME_KEYS = ("images_per_s", "train_time_s")  # record values that depend on the machine, not on the run
 # Test hook (tests/test_resume.py): seconds to sleep after each step, so that a test can SIGKILL a run mid-epoch.
 STEP_DELAY_ENV = "DCAL_TEST_STEP_DELAY_S"
@@ -109,12 +111,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     """Train (and evaluate every ``train.eval_every`` epochs) as ``cfg`` says; returns the final record.
+    ``resume``: continue the run in ``output_dir`` (``dcal train --resume``): the one place a run is resumed;
+    without it a folder holding a run is refused.
 
     Under torchrun every process calls ``fit``; all return the same final record. Rank 0 owns ``output_dir``
     (:class:`dcal.run_folder.RunLock`) from before its first write to the end. SIGTERM/SIGINT stop the run after
@@ -126,7 +126,7 @@ def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
                           "pretraining stage is run by dcal.pretrain.train_stages (what `dcal train` calls)")
     info, device = dist.init(cfg.train.device)
     try:
-        return _fit(cfg, resume or cfg.train.resume, info, device)
+        return _fit(cfg, resume, info, device)
     finally:
         dist.shutdown(info)
 
@@ -137,7 +137,7 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
     def finished(owned: bool) -> dict[str, Any] | None:
         final = dist.on_main(lambda: check_run_folder(out_dir, cfg, resume, owned))
         if final is not None and info.is_main:
-            _log(f"{out_dir}: already finished ({final['epoch']} epochs); nothing to do")
+            logger.info(f"{out_dir}: already finished ({final['epoch']} epochs); nothing to do")
         return final
 
     final = finished(owned=False)  # fail (or finish) fast, before the data is read
@@ -158,7 +158,8 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
         if resume and not run_folder.has_checkpoint(out_dir):  # stopped before its first checkpoint: start it
             gone = dist.on_main(lambda: run_folder.discard_unsaved_start(out_dir))
             if info.is_main:
-                _log(f"--resume: {out_dir} has no checkpoint yet{f' (removed {gone})' if gone else ''}; starting it")
+                removed = f" (removed {gone})" if gone else ""
+                logger.info(f"--resume: {out_dir} has no checkpoint yet{removed}; starting it")
             resume = False
         with _StopSignals() as stops:
             try:
@@ -236,16 +237,17 @@ class _RunOutput:
         self.writer = _tensorboard(self.folder)
         if resume:
             where = f" batch {state.progress.batches + 1} of" if state.progress else ""
-            _log(f"resuming {self.folder} at{where} epoch {state.start_epoch + 1}/{cfg.train.epochs}")
-        _log(f"{cfg.task}: {len(train_set)} training images, {cfg.data.num_classes or train_set.num_classes} classes; "
-             f"model {cfg.model.backbone} branches {state.model.branches}; {steps_per_epoch} steps/epoch x "
-             f"{info.world_size} process(es) of batch {cfg.train.batch_size} on {device}; writing to {self.folder}")
+            logger.info(f"resuming {self.folder} at{where} epoch {state.start_epoch + 1}/{cfg.train.epochs}")
+        classes = cfg.data.num_classes or train_set.num_classes
+        logger.info(f"{cfg.task}: {len(train_set)} training images, {classes} classes; model {cfg.model.backbone} "
+                    f"branches {state.model.branches}; {steps_per_epoch} steps/epoch x {info.world_size} process(es) "
+                    f"of batch {cfg.train.batch_size} on {device}; writing to {self.folder}")
         if cfg.model.freeze_blocks or cfg.model.lora.rank:
-            _log(trainable_summary(state.model))
+            logger.info(trainable_summary(state.model))
         if "test" in cfg.data.train_splits:
-            print(f"WARNING: data.train_splits={list(cfg.data.train_splits)} trains on the test split: the test "
-                  "scores of this run are NOT held out (fine for pretraining a backbone, not for reporting)",
-                  file=sys.stderr, flush=True)
+            logger.warning("WARNING: data.train_splits=%s trains on the test split: the test scores of this run are "
+                           "NOT held out (fine for pretraining a backbone, not for reporting)",
+                           list(cfg.data.train_splits))
 
     def __enter__(self) -> _RunOutput:
         return self
@@ -267,8 +269,8 @@ class _RunOutput:
         self.eta.tick()
         if self.main and not sys.stderr.isatty() and p.batches % cfg.train.log_every == 0:
             rate = p.seen * self.world_size / max(p.elapsed, 1e-9)
-            _log(f"epoch {epoch + 1}/{cfg.train.epochs} step {p.batches}/{self.steps_per_epoch} loss "
-                 f"{p.sums.get('loss', math.nan) / max(p.steps, 1):.4f} {rate:.1f} img/s eta {self.eta}")
+            logger.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {p.batches}/{self.steps_per_epoch} loss "
+                        f"{p.sums.get('loss', math.nan) / max(p.steps, 1):.4f} {rate:.1f} img/s eta {self.eta}")
         if self.step_delay:
             time.sleep(self.step_delay)
         if p.batches >= self.steps_per_epoch:
@@ -315,7 +317,7 @@ class _RunOutput:
                 for k, v in record.items():
                     if isinstance(v, (int, float)) and k != "epoch":
                         self.writer.add_scalar(k, v, epoch + 1)
-            _log(_summary(record, cfg))
+            logger.info(_summary(record, cfg))
         signum = self.stops.agreed(self.device) if epoch + 1 < cfg.train.epochs else 0  # the last: just finish
         if signum:
             raise self._interrupted(signum, f"after epoch {epoch + 1}")
@@ -327,8 +329,8 @@ class _RunOutput:
                        self.meta["extra"])
         run_folder.append_metrics(self.folder, final)
         metric = BEST_METRIC[self.cfg.task]
-        _log(f"done: best {metric} {self.state.best:.2f} at epoch {self.state.best_epoch + 1}; checkpoints in "
-             f"{self.folder}")
+        logger.info(f"done: best {metric} {self.state.best:.2f} at epoch {self.state.best_epoch + 1}; checkpoints "
+                    f"in {self.folder}")
 
     def _interrupted(self, signum: int, where: str) -> TrainingInterrupted:
         return TrainingInterrupted(signum, f"interrupted by {signal.Signals(signum).name} {where}; saved "
@@ -344,8 +346,6 @@ def _records_until(records: list[dict[str, Any]], state: TrainState) -> list[dic
     """The metrics records written up to the checkpoint ``state`` was restored from (later ones belong to lost
     work); the checkpoint's own record is added if the run died between writing the checkpoint and its line."""
     mine = state.record
-    if mine and mine["epoch"] == state.epoch:  # a checkpoint of a dcal that numbered records from 0
-        mine = {**mine, "epoch": mine["epoch"] + 1}
     end = _position(mine) if mine else (state.epoch + 1, math.inf)  # state.epoch: the 0-based loop index
     kept = [r for r in records if _position(r) <= end]  # a finished run's final record stays: it is history
     if mine and not mine.get("interrupted") and all(_position(r) != end or r.get("final") for r in kept):

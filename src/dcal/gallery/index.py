@@ -596,9 +596,9 @@ def build_index(folder: str | Path, sources: Sequence[FeatureSource], kind: str 
     if not sources:
         raise ValueError("give at least one features file, shard set or image folder")
     if backend not in INDEX_BACKENDS:
-        raise ValueError(f"--backend {backend!r}: expected one of {INDEX_BACKENDS}")
+        raise ValueError(f"backend={backend!r}: expected one of {INDEX_BACKENDS}")
     if metric not in RETRIEVAL_METRICS:
-        raise ValueError(f"--metric {metric!r}: expected one of {RETRIEVAL_METRICS}")
+        raise ValueError(f"metric={metric!r}: expected one of {RETRIEVAL_METRICS}")
     features = {k: sources[0].meta.get(k) for k in (*FEATURE_KEYS, "checkpoint", "img_size")}
     for s in sources[1:]:
         check_features(features, s.meta, s.name, folder)

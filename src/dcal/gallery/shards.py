@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
 SHARDS_MANIFEST = "shards.json"
 SHARDS_FORMAT = "dcal-feature-shards"
 SHARDS_VERSION = 1
@@ -193,7 +195,7 @@ def embed_shards(loaded: Any, plan: ShardPlan, *, rank: int = 0, world_size: int
             feats, kept, failed = _embed_part(loaded, plan.shard_files(i), plan.options, workers, bar)
             skipped.update(failed)
             for path, reason in failed.items():
-                print(f"skipped {path}: {reason}", file=sys.stderr)
+                logger.warning("skipped %s: %s", path, reason)
             if feats is None:  # every image of the shard unreadable: an empty shard keeps the numbering
                 feats = torch.zeros(0, 0)
             pids, camids = identities(kept)

@@ -24,8 +24,8 @@ ten seconds on two cores on top of the distance matrix.
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -43,6 +43,8 @@ from dcal.metrics.distance import (
     available_memory,
     compute_distance,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "NoValidQueryError",
@@ -181,11 +183,12 @@ def _check_ids(nq: int, ng: int, q_pids: Any, g_pids: Any, q_camids: Any, g_cami
                    _ids(g_camids, ng, "g_camids"))
 
 
-def _max_rank(groups: _Groups, max_rank: int) -> int:
+def _max_rank(groups: _Groups, max_rank: int, quiet: bool = False) -> int:
     if groups.num_g == 0:
         raise NoValidQueryError("the gallery is empty (or only junk, pid -1)")
     if groups.num_g < max_rank:
-        warnings.warn(f"gallery has only {groups.num_g} items; max_rank lowered to {groups.num_g}", stacklevel=3)
+        if not quiet:
+            logger.warning("gallery has only %d items; max_rank lowered to %d", groups.num_g, groups.num_g)
         max_rank = groups.num_g
     return max_rank
 
@@ -599,9 +602,7 @@ def evaluate_distances(src: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_cami
     """The streaming evaluation of :func:`eval_reid_features` on a distance source already built
     (:func:`distance_source`: ``dcal search`` evaluates and ranks with one re-ranking graph)."""
     groups = _check_ids(src.nq, src.ng, q_pids, g_pids, q_camids, g_camids)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rank_len = _max_rank(groups, max(max_rank, 10))
+    rank_len = _max_rank(groups, max(max_rank, 10), quiet=True)
     stream = _Stream(src, groups, chunk_size, roc)
     res, state = stream.run(rank_len, return_ranks)
     if roc:
