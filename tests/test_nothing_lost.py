@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -287,20 +288,33 @@ def test_a_killed_pretraining_and_finetuning_continue_with_the_printed_command_t
     ref = tmp_path / "ref" / "fine"
     subprocess.run([*cmd, f"output_dir={ref}"], env=env, check=True, capture_output=True)
     out = tmp_path / "killed" / "fine"
+    checkpoints = [out.parent / "pretrain" / "pre" / "last.pth", out / "last.pth"]
+
+    def saved() -> list[float]:
+        return [p.stat().st_mtime_ns if p.exists() else 0 for p in checkpoints]
+
     rng = random.Random(0)
     kills = 0
     for attempt in range(6):  # five kills at random moments, then the printed command runs to the end
         args = [*cmd, f"output_dir={out}"] + (["--resume"] if attempt else [])
+        before = saved()
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            proc.wait(timeout=rng.uniform(3.0, 9.0) if attempt < 5 else 300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            kills += 1
-            continue
-        assert proc.returncode == 0, proc.stderr.read()
-        break
+        if attempt == 5:
+            assert proc.wait(timeout=300) == 0, proc.stderr.read()
+            break
+        if attempt == 0:  # while it starts: before the pretraining's first checkpoint
+            time.sleep(rng.uniform(0.5, 2.0))
+        else:  # at a random moment after this process saved a checkpoint (mid-step, mid-save, mid-evaluation)
+            deadline = time.monotonic() + 120
+            while saved() == before and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is not None:  # finished before the kill
+            assert proc.returncode == 0, proc.stderr.read()
+            break
+        proc.kill()
+        proc.wait()
+        kills += 1
     assert kills >= 2  # the job was really interrupted
     assert final(out) == final(ref)
     assert final(out.parent / "pretrain" / "pre") == final(ref.parent / "pretrain" / "pre")
