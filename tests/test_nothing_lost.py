@@ -246,6 +246,19 @@ def test_the_ablation_checks_every_stage_before_it_pretrains(tmp_path, capsys):
     assert not (tmp_path / "pretrain").exists()
 
 
+def test_an_ablation_run_folder_of_another_config_is_refused_before_the_pretraining(tmp_path, capsys):
+    import yaml
+
+    _, fine = _pretrain_recipes(tmp_path)
+    out = tmp_path / "abl"
+    run = out / "sa_only" / "seed0"
+    claim_folder(run, "dcal ablation", "run")
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": 7}}))
+    assert main(["ablation", "--config", str(fine), "--set", "table3", "--seeds", "1", "--output-dir", str(out)]) == 2
+    assert "holds a run with another config" in capsys.readouterr().err
+    assert not (tmp_path / "pretrain").exists()
+
+
 def test_a_pretraining_killed_before_its_first_checkpoint_is_started_again(tmp_path, capsys):
     from dcal.pretrain import cache_folder
 

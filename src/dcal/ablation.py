@@ -282,8 +282,9 @@ def run_ablation(
         for k in range(seeds):
             cfgs[v.slug, k] = load_config(config, [*overrides, *_overrides(v.keys), f"train.seed={base_seed + k}",
                                                    f"output_dir={out / v.slug / f'seed{base_seed + k}'}"])
-    for c in cfgs.values():
+    for c in cfgs.values():  # a folder that is not ours, or holds another config's run: refused before anything trains
         check_run_dir(Path(c.output_dir))
+        _check_same_config(Path(c.output_dir), c)
     _check_data(base)
     if pre_cfg is not None:
         from dcal.pretrain import check_backbones_match, pretrain_state
