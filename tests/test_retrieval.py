@@ -72,6 +72,11 @@ def test_search_ranks_evaluates_and_draws(embedded, tmp_path, capsys):
         assert 0.0 <= reference[f"tpr_at_fpr_{tag}"] <= 100.0 and reference[f"threshold_at_fpr_{tag}"] >= 0.0
     with Image.open(run / "roc.png") as im:
         assert im.size[0] > 300
+    # a roc.png that dcal did not write is never replaced by the default; with --checkpoint there is no default
+    (run / "roc.png").write_bytes(b"mine")
+    assert main(["eval", "--run", str(run), f"data.root={root}"]) == 0
+    assert (run / "roc.png").read_bytes() == b"mine"
+    (run / "roc.png").unlink()
     assert len(metrics["cmc"]) == 10 and metrics["cmc"][0] == metrics["rank1"] and metrics["cmc"][-1] == 100.0
 
     rows = list(csv.DictReader((out / "ranking.csv").open()))

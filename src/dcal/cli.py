@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the metrics to this JSON file (default: printed only)")
     p.add_argument("--roc", default=None,
                    help="Re-ID: the ROC picture (same person or not: TPR against FPR over all query x gallery pairs) "
-                        "(default: <run>/roc.png, or ./roc.png with --checkpoint)")
+                        "(default: <run>/roc.png with --run, unless a file dcal did not write is there; none with "
+                        "--checkpoint)")
 
     p = sub.add_parser("demo", help="pretrain a small ViT, fine-tune SA-only and DCAL on a generated fine-grained "
                        "set (CPU, minutes)", parents=[threads])
@@ -335,8 +336,16 @@ def cmd_eval(args: argparse.Namespace) -> Any:
         from dcal.checkpoint import json_text
 
         atomic_write_text(args.json, json_text(metrics))
-    if curve is not None:
-        print(f"saved {_save_roc(args.roc or str(Path(args.run or '.') / 'roc.png'), curve, metrics)}")
+    roc = args.roc or (str(Path(args.run) / "roc.png") if args.run else None)
+    if curve is not None and roc is None:
+        print("ROC picture: not saved (give --roc FILE; with --run it goes to <run>/roc.png)")
+    elif curve is not None:
+        from dcal.visualize import is_dcal_picture
+
+        if Path(roc).exists() and not args.roc and not is_dcal_picture(roc):
+            print(f"ROC picture: not saved, {roc} exists and dcal did not write it (give --roc FILE)")
+        else:
+            print(f"saved {_save_roc(roc, curve, metrics)}")
     return metrics
 
 
