@@ -466,9 +466,12 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path | None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    seeds = len(rows[0]["runs"])
-    fig.suptitle(f"dcal ablation: {', '.join(summary.get('sets', []))}, mean over {seeds} seed(s)"
-                 f"{' ± one std' if seeds > 1 else ''}; the reported number is the last epoch's")
+    counts = {len(r["runs"]) for r in rows}
+    seeds = (f"{counts.pop()} seed(s)" if len(counts) == 1 else
+             "seeds " + ", ".join(f"{r['variant']} {len(r['runs'])}" for r in rows))
+    fig.suptitle(f"dcal ablation: {', '.join(summary.get('sets', []))}, mean over {seeds}"
+                 f"{' ± one std' if max(len(r['runs']) for r in rows) > 1 else ''}; the reported number is the "
+                 "last epoch's")
     return save_figure(fig, path, dpi=110)
 
 
