@@ -282,7 +282,8 @@ def run_ablation(
         for k in range(seeds):
             cfgs[v.slug, k] = load_config(config, [*overrides, *_overrides(v.keys), f"train.seed={base_seed + k}",
                                                    f"output_dir={out / v.slug / f'seed{base_seed + k}'}"])
-    for c in cfgs.values():  # a folder that is not ours, or holds another config's run: refused before anything trains
+    for c in cfgs.values():  # a busy folder, one not ours, or another config's run: refused before anything trains
+        RunLock(Path(c.output_dir)).check()
         check_run_dir(Path(c.output_dir))
         _check_same_config(Path(c.output_dir), c)
     _check_data(base)
