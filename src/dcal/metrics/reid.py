@@ -332,23 +332,23 @@ class _Stream:
         real = sk != _KEY_PAD
         top = np.where(real.any(1), np.where(real, sk, np.iinfo(np.int64).min).max(1), np.iinfo(np.int64).min)
         bins = width + 1
-        hist = np.zeros(n * bins, np.int64)
+        hist = np.zeros(n * bins, np.int64)  # keys by how many of the query's sorted keys lie at or below them
+        below_sorted = np.zeros((n, width), np.int64)
         for c0 in range(0, self.src.ng, self.cols):
             keys = self._key_block(a, b, c0, min(c0 + self.cols, self.src.ng))
             if self.roc:
                 hi = (keys[:, ~self.junk[c0 : c0 + keys.shape[1]]] >> 48) + (1 << 15)
                 self.neg_hist += np.bincount(hi.ravel(), minlength=1 << 16)
             below = keys < top[:, None]
-            ri, ci = np.nonzero(below)
-            if len(ri) * width <= keys.size:  # few: search each key in its own query's sorted keys
+            if np.count_nonzero(below) * max(width, 8) <= keys.size:  # few: search each in its query's sorted keys
+                ri, ci = np.nonzero(below)
                 slot = torch.searchsorted(sk_t[torch.from_numpy(ri)], torch.from_numpy(keys[ri, ci])[:, None],
                                           right=True)[:, 0].numpy()
                 hist += np.bincount(ri * bins + slot, minlength=n * bins)
-            else:
-                slot = torch.searchsorted(sk_t, torch.from_numpy(keys), right=True).numpy()
-                slot += (np.arange(n) * bins)[:, None]
-                hist += np.bincount(slot.ravel(), minlength=n * bins)
-        below_sorted = np.cumsum(hist.reshape(n, bins), axis=1)[:, :width]
+            else:  # many: sort the block's rows (vectorised sort) and search the query's keys in them
+                keys.sort(axis=1)
+                below_sorted += torch.searchsorted(torch.from_numpy(keys), sk_t).numpy()
+        below_sorted += np.cumsum(hist.reshape(n, bins), axis=1)[:, :width]
         pos = np.empty_like(below_sorted)
         np.put_along_axis(pos, srt, below_sorted, axis=1)
         return pos
