@@ -33,13 +33,15 @@ def _quantised(seed: int, nq: int, ng: int, dim: int = 6, levels: int = 2, n_ids
 
 @pytest.mark.parametrize(("nq", "ng", "chunk"), [(40, 90, None), (300, 9000, 1), (300, 9000, 10**9)])
 @pytest.mark.parametrize(("metric", "normalize"), [("euclidean", True), ("cosine", True), ("sqeuclidean", False)])
-def test_streaming_equals_dense_evaluator(nq: int, ng: int, chunk: int | None, metric: str, normalize: bool) -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_streaming_equals_dense_evaluator(nq: int, ng: int, chunk: int | None, metric: str, normalize: bool,
+                                          threads: int) -> None:
     qf, gf, qp, gp, qc, gc = _quantised(nq + ng, nq, ng)
     d = compute_distance(qf, gf, metric, normalize)
     assert len(np.unique(d)) < d.size / 3  # ties everywhere
     dense = evaluate_reid(d, qp, gp, qc, gc, max_rank=50, return_ranks=True)
     res = eval_reid_features(qf, gf, qp, gp, qc, gc, metric=metric, normalize=normalize, chunk_size=chunk,
-                             return_ranks=True)
+                             return_ranks=True, num_threads=threads)
     assert 0 < dense["num_skipped_queries"] < nq  # queries without a match are in the set
     np.testing.assert_array_equal(res["match_ranks"], dense["match_ranks"])
     np.testing.assert_array_equal(res["num_matches"], dense["num_matches"])
@@ -93,9 +95,10 @@ def test_nearest_gallery_equals_a_stable_sort_with_the_exclusions() -> None:
     np.testing.assert_array_equal(order, np.argsort(compute_distance(qf[:3], gf[:7]), 1, kind="stable"))
 
 
-def test_roc_equals_a_slow_reference() -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_roc_equals_a_slow_reference(threads: int) -> None:
     qf, gf, qp, gp, qc, gc = _quantised(3, 300, 5000, dim=12, levels=3)
-    res = eval_reid_features(qf, gf, qp, gp, qc, gc, roc=True, chunk_size=1)["roc"]
+    res = eval_reid_features(qf, gf, qp, gp, qc, gc, roc=True, chunk_size=1, num_threads=threads)["roc"]
     d = compute_distance(qf, gf)
     same = gp[None] == qp[:, None]
     keep = (gp[None] != -1) & ~(same & (gc[None] == qc[:, None]))

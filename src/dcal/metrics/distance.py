@@ -145,11 +145,13 @@ def default_chunk_size() -> int:
     return max(TILE_ROWS * TILE_COLS, budget // BYTES_PER_DISTANCE)
 
 
-def _block_shape(nq: int, ng: int, chunk_size: int | None) -> tuple[int, int]:
-    """(query rows, gallery columns) of a streamed block: whole tiles, about ``chunk_size`` distances."""
+def _block_shape(nq: int, ng: int, chunk_size: int | None, parts: int = 1) -> tuple[int, int]:
+    """(query rows, gallery columns) of a streamed block: whole tiles, about ``chunk_size / parts`` distances, at
+    most ``nq / parts`` rows (rounded up to a tile), so that ``parts`` threads can each hold one block."""
     size = default_chunk_size() if chunk_size is None else max(1, int(chunk_size))
+    size = max(1, size // max(1, parts))
     up = lambda n, t: max(t, -(-n // t) * t)  # noqa: E731
-    rows = min(up(nq, TILE_ROWS), max(TILE_ROWS, size // TILE_COLS // TILE_ROWS * TILE_ROWS))
+    rows = min(up(-(-nq // max(1, parts)), TILE_ROWS), max(TILE_ROWS, size // TILE_COLS // TILE_ROWS * TILE_ROWS))
     cols = min(up(ng, TILE_COLS), max(TILE_COLS, size // rows // TILE_COLS * TILE_COLS))
     return rows, cols
 

@@ -297,12 +297,17 @@ class _Stream:
     """Exact positions without the matrix: a query's true match has position = the number of non-junk gallery
     items whose (distance, index) key is smaller, counted block by block. Pass 1 reads the keys of each query's
     same-identity items from the tiles that hold them; pass 2 streams every block once and counts, for each
-    query, how many keys fall below each of those (a batched binary search into the query's few sorted keys and
-    a histogram); the pair counts for the ROC come out of the same pass."""
+    query, how many keys fall below each of those (a sort of the block's rows and a search, or, where few keys
+    can count, a search of each key and a histogram); the pair counts for the ROC come out of the same pass.
+    Query row blocks run on ``num_threads`` threads, each holding one block of ``chunk_size / num_threads``."""
 
-    def __init__(self, src: Any, groups: _Groups, chunk_size: int | None, roc: bool) -> None:
+    def __init__(self, src: Any, groups: _Groups, chunk_size: int | None, roc: bool,
+                 num_threads: int | None = None) -> None:
         self.src, self.gr = src, groups
-        self.rows, self.cols = _block_shape(src.nq, src.ng, chunk_size)
+        if num_threads is None:
+            num_threads = min(torch.get_num_threads(), os.cpu_count() or 1)
+        self.threads = max(1, int(num_threads))
+        self.rows, self.cols = _block_shape(src.nq, src.ng, chunk_size, self.threads)
         self.junk = np.zeros(src.ng, bool)
         self.junk[groups.junk] = True
         self.roc = roc
@@ -322,7 +327,7 @@ class _Stream:
             mk[ri, sj] = keys[ri, cols[ri, sj] - c0]
         return mk
 
-    def count_below(self, a: int, b: int, mk: np.ndarray) -> np.ndarray:
+    def count_below(self, a: int, b: int, mk: np.ndarray, neg_hist: np.ndarray) -> np.ndarray:
         """Pass 2: for each (query, slot) the number of non-junk gallery keys below ``mk``; ROC histogram."""
         n, width = mk.shape
         srt = np.argsort(mk, axis=1)
@@ -338,7 +343,7 @@ class _Stream:
             keys = self._key_block(a, b, c0, min(c0 + self.cols, self.src.ng))
             if self.roc:
                 hi = (keys[:, ~self.junk[c0 : c0 + keys.shape[1]]] >> 48) + (1 << 15)
-                self.neg_hist += np.bincount(hi.ravel(), minlength=1 << 16)
+                neg_hist += np.bincount(hi.ravel(), minlength=1 << 16)
             below = keys < top[:, None]
             if np.count_nonzero(below) * max(width, 8) <= keys.size:  # few: search each in its query's sorted keys
                 ri, ci = np.nonzero(below)
@@ -353,28 +358,36 @@ class _Stream:
         np.put_along_axis(pos, srt, below_sorted, axis=1)
         return pos
 
+    def row_block(self, a: int) -> tuple[Any, ...]:
+        """Scores of the queries ``a .. a + rows``, their matches' keys and their share of the ROC histogram."""
+        b = min(a + self.rows, self.src.nq)
+        cols, inmask, is_match, is_inval = self.gr.same_identity(a, b)
+        mk = self.same_identity_keys(a, b, cols, inmask)
+        neg_hist = np.zeros(1 << 16, np.int64) if self.roc else self.neg_hist
+        if is_match.any() or self.roc:
+            pos = self.count_below(a, b, mk, neg_hist)
+        else:
+            pos = np.zeros(cols.shape, np.int64)
+        scores = _scores(pos, inmask, is_match, is_inval, self.src.ng)
+        return scores, mk[is_match], mk[inmask], neg_hist
+
     def run(self, max_rank: int, return_ranks: bool) -> tuple[dict[str, Any], dict[str, Any]]:
         nq = self.src.nq
-        ap, inp = np.zeros(nq), np.zeros(nq)
-        valid, first = np.zeros(nq, bool), np.zeros(nq, np.int64)
-        nrel = np.zeros(nq, np.int64)
-        ranks, pos_keys, same_keys = [], [], []
-        for a in range(0, nq, self.rows):
-            b = min(a + self.rows, nq)
-            cols, inmask, is_match, is_inval = self.gr.same_identity(a, b)
-            mk = self.same_identity_keys(a, b, cols, inmask)
-            if is_match.any() or self.roc:
-                pos = self.count_below(a, b, mk)
-            else:
-                pos = np.zeros(cols.shape, np.int64)
-            ap[a:b], inp[a:b], valid[a:b], first[a:b], r, nrel[a:b] = _scores(pos, inmask, is_match, is_inval,
-                                                                              self.src.ng)
-            ranks.append(r)
-            pos_keys.append(mk[is_match])
-            same_keys.append(mk[inmask])
-        res = _summary(ap, inp, valid, first, max_rank, ranks if return_ranks else None,
+        starts = range(0, nq, self.rows)
+        if self.threads > 1 and len(starts) > 1:  # numpy's sorts and torch's kernels release the GIL
+            with ThreadPoolExecutor(min(self.threads, len(starts))) as pool:
+                blocks = list(pool.map(self.row_block, starts))
+        else:
+            blocks = [self.row_block(a) for a in starts]
+        scores = [blk[0] for blk in blocks]
+        cat = lambda i, dtype: np.concatenate([sc[i] for sc in scores]) if scores else np.zeros(0, dtype)  # noqa: E731
+        ap, inp, valid, first, nrel = cat(0, float), cat(1, float), cat(2, bool), cat(3, np.int64), cat(5, np.int64)
+        if self.roc:
+            self.neg_hist = sum((blk[3] for blk in blocks), np.zeros(1 << 16, np.int64))
+        res = _summary(ap, inp, valid, first, max_rank, [sc[4] for sc in scores] if return_ranks else None,
                        nrel if return_ranks else None)
-        state = {"pos_keys": np.concatenate(pos_keys), "same_keys": np.concatenate(same_keys)}
+        state = {"pos_keys": np.concatenate([blk[1] for blk in blocks] or [np.zeros(0, np.int64)]),
+                 "same_keys": np.concatenate([blk[2] for blk in blocks] or [np.zeros(0, np.int64)])}
         return res, state
 
 
@@ -577,6 +590,7 @@ def eval_reid_features(
     chunk_size: int | None = None,
     roc: bool = False,
     return_ranks: bool = False,
+    num_threads: int | None = None,
 ) -> dict[str, Any]:
     """Re-ID evaluation of features, exactly :func:`evaluate_reid` of :func:`compute_distance`'s matrix (or of
     :func:`re_ranking`'s, with ``rerank``; k1=20, k2=6, lambda=0.3 unless ``rerank_kwargs`` says otherwise), but
@@ -584,26 +598,27 @@ def eval_reid_features(
     memory, :func:`default_chunk_size`) and the matrix is never held.
 
     ``roc``: also ``res["roc"]``, the TPR at FPR 1e-2, 1e-3, 1e-4 over all query x gallery pairs and the distance
-    threshold of each (:func:`_roc`), with the curve for the picture. ``return_ranks``: as in
-    :func:`evaluate_reid`.
+    threshold of each (:func:`_roc`), with the curve for the picture. ``return_ranks``, ``num_threads``: as in
+    :func:`evaluate_reid` (threads over query row blocks; the results do not depend on them).
 
     Returns ``evaluate_reid``'s dict plus ``rank1``, ``rank5``, ``rank10`` (floats; rank-k beyond the gallery
     size is the last CMC value) and ``reranked``.
     """
     src = distance_source(q_feats, g_feats, metric, normalize, rerank, rerank_method, rerank_kwargs, chunk_size)
-    res = evaluate_distances(src, q_pids, g_pids, q_camids, g_camids, max_rank, chunk_size, roc, return_ranks)
+    res = evaluate_distances(src, q_pids, g_pids, q_camids, g_camids, max_rank, chunk_size, roc, return_ranks,
+                             num_threads)
     res["reranked"] = bool(rerank)
     return res
 
 
 def evaluate_distances(src: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any, max_rank: int = 50,
-                       chunk_size: int | None = None, roc: bool = False, return_ranks: bool = False
-                       ) -> dict[str, Any]:
+                       chunk_size: int | None = None, roc: bool = False, return_ranks: bool = False,
+                       num_threads: int | None = None) -> dict[str, Any]:
     """The streaming evaluation of :func:`eval_reid_features` on a distance source already built
     (:func:`distance_source`: ``dcal search`` evaluates and ranks with one re-ranking graph)."""
     groups = _check_ids(src.nq, src.ng, q_pids, g_pids, q_camids, g_camids)
     rank_len = _max_rank(groups, max(max_rank, 10), quiet=True)
-    stream = _Stream(src, groups, chunk_size, roc)
+    stream = _Stream(src, groups, chunk_size, roc, num_threads)
     res, state = stream.run(rank_len, return_ranks)
     if roc:
         res["roc"] = _roc(stream, state, ROC_FPRS)
