@@ -1,12 +1,16 @@
 """Gallery index benchmark (issue 26, index cases): each index type of ``dcal index`` on generated clustered
 vectors, through dcal's own API (``dcal.gallery.index.build_index`` / ``GalleryIndex.search``).
 
-Per (size, dimension, index type): build time, file size, load time, resident memory added by loading, queries/s
-at each thread count (top-100 of every query), recall@1/10/100 against Flat on the same vectors; and, computed
-from each type's storage per vector (not measured), the memory 10M and 100M vectors would need.
+Per (size, dimension, index type): build time (the nprobe / efSearch calibration included), file size, load time,
+resident memory added by loading, queries/s at each thread count (top-100 of every query), recall@1/10/100 against
+Flat for two query sets: ``gallery-like`` (held-out vectors of the gallery's own clusters: queries of identities
+the gallery holds) and ``unlike`` (vectors of other clusters: nothing in the gallery is near them); with
+``--sweep``, queries/s and recall@10 at every nprobe / efSearch; and, computed from each type's storage per vector
+(not measured), the memory 10M and 100M vectors would need.
 
     python benchmarks/bench_index.py                       # 100k and 1M x 384 and 768 (hours of CPU, GBs of disk)
     python benchmarks/bench_index.py --sizes 2000 --dims 32 --queries 50 --json out.json   # a smoke run
+    python benchmarks/bench_index.py --sizes 1000000 --dims 384 --types ivf --sweep      # the nprobe trade-off
 
 Run it on an otherwise idle machine: the timings are wall-clock.
 """
@@ -60,8 +64,17 @@ def bytes_per_vector(kind: str, n: int, dim: int) -> float:
     return per + labels + idmap + quantizer
 
 
-def run_case(n: int, dim: int, kind: str, base: np.ndarray, queries: np.ndarray, exact: np.ndarray | None,
-             threads: list[int], work: Path) -> tuple[dict, np.ndarray]:
+QUERY_KINDS = ("gallery-like", "unlike")  # held-out vectors of the gallery's clusters; vectors of other clusters
+
+
+def recall(rows: np.ndarray, exact: np.ndarray, k: int) -> float:
+    hits = (exact[:, :k, None] == rows[:, None, :k]).any(2).sum(1)  # labels are unique within a row
+    return round(float(hits.mean()) / k, 4)
+
+
+def run_case(n: int, dim: int, kind: str, base: np.ndarray, queries: dict[str, np.ndarray],
+             exact: dict[str, np.ndarray] | None, threads: list[int], work: Path, sweep: bool
+             ) -> tuple[dict, dict[str, np.ndarray]]:
     import torch
 
     from dcal.gallery import index as gi
@@ -80,20 +93,33 @@ def run_case(n: int, dim: int, kind: str, base: np.ndarray, queries: np.ndarray,
     index = gi.GalleryIndex.open(folder)
     load = time.perf_counter() - t
     memory = rss_bytes() - before
-    qps = {}
-    rows = None
+    qps, rows = {}, {}
     for th in threads:
         gi.set_threads(th)
         t = time.perf_counter()
-        rows = index.search(queries, 100).rows
-        qps[th] = round(len(queries) / (time.perf_counter() - t), 1)
+        rows[QUERY_KINDS[0]] = index.search(queries[QUERY_KINDS[0]], 100).rows
+        qps[th] = round(len(queries[QUERY_KINDS[0]]) / (time.perf_counter() - t), 1)
+    for q in QUERY_KINDS[1:]:
+        rows[q] = index.search(queries[q], 100).rows
     record = {"n": n, "dim": dim, "type": kind, "index": index.manifest["index"], "search": index.manifest["search"],
-              "build_s": round(build, 2), "file_bytes": size, "load_s": round(load, 3), "rss_added_bytes": memory,
-              "queries_per_s": qps}
+              "calibration": index.manifest.get("calibration"), "build_s": round(build, 2), "file_bytes": size,
+              "load_s": round(load, 3), "rss_added_bytes": memory, "queries_per_s": qps}
     if exact is not None:
-        for k in (1, 10, 100):
-            hits = [len(np.intersect1d(a[:k], b[:k])) for a, b in zip(rows, exact, strict=True)]
-            record[f"recall@{k}"] = round(float(np.mean(hits)) / k, 4)
+        for q in QUERY_KINDS:
+            record[q] = {f"recall@{k}": recall(rows[q], exact[q], k) for k in (1, 10, 100)}
+        ladder = index.backend.tuning_ladder() if sweep else None
+        if ladder is not None:  # the speed / recall trade-off around the calibrated default, at the most threads
+            key, values = ladder
+            points = []
+            for v in values[: values.index(256) + 1] if 256 in values else values:
+                idx = gi.GalleryIndex.open(folder, search_params={key: v})
+                t = time.perf_counter()
+                got = {QUERY_KINDS[0]: idx.search(queries[QUERY_KINDS[0]], 10).rows}
+                rate = round(len(queries[QUERY_KINDS[0]]) / (time.perf_counter() - t), 1)
+                got.update({q: idx.search(queries[q], 10).rows for q in QUERY_KINDS[1:]})
+                points.append({key: v, "queries_per_s": rate,
+                               **{f"recall@10 {q}": recall(got[q], exact[q], 10) for q in QUERY_KINDS}})
+            record["sweep"] = points
     shutil.rmtree(folder)
     return record, rows
 
@@ -105,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--types", default=",".join(TYPES))
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--threads", default="1,2")
+    p.add_argument("--sweep", action="store_true", help="also queries/s and recall@10 at each nprobe (IVF, up to "
+                   "256) or efSearch (HNSW), with the most threads")
     p.add_argument("--work", default=None, help="where the indexes are written (default: a temporary folder)")
     p.add_argument("--json", default=None, help="write the records here")
     args = p.parse_args(argv)
@@ -117,14 +145,15 @@ def main(argv: list[str] | None = None) -> dict:
     records = []
     for n in sizes:
         for dim in dims:
-            base = clustered(n, dim, seed=0)
-            queries = clustered(args.queries, dim, seed=1)
+            both = clustered(n + args.queries, dim, seed=0)
+            base = both[:n]
+            queries = {"gallery-like": both[n:], "unlike": clustered(args.queries, dim, seed=1)}
             exact = None
             for kind in ["flat", *[t for t in types if t != "flat"]]:
-                record, rows = run_case(n, dim, kind, base, queries, exact, threads, work)
+                record, rows = run_case(n, dim, kind, base, queries, exact, threads, work, args.sweep)
                 if kind == "flat":
                     exact = rows  # the reference: recall 1 by definition
-                    record.update({f"recall@{k}": 1.0 for k in (1, 10, 100)})
+                    record.update({q: {f"recall@{k}": 1.0 for k in (1, 10, 100)} for q in QUERY_KINDS})
                     if "flat" not in types:
                         continue
                 records.append(record)

@@ -129,6 +129,73 @@ def test_ivf_with_every_list_probed_equals_flat_and_hnsw_recall_is_measured(gall
     assert recall >= 0.9
 
 
+def test_true_neighbours_kept_while_adding_equal_brute_force():
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((5000, 16)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    truth = gi.TrueNeighbours(g[rng.choice(5000, 40, replace=False)])
+    labels = rng.permutation(10**6)[:5000]  # labels need not be positions
+    for a in range(0, 5000, 1700):  # pieces of uneven size, across the 16k sub-blocks
+        truth.observe(g[a : a + 1700], labels[a : a + 1700])
+    d = ((truth.queries[:, None, :] - g[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(truth.labels.numpy(), labels[np.argsort(d, axis=1, kind="stable")[:, :11]])
+    # recall leaves the query itself out: the exact labels score 1, only the query itself scores 0
+    assert truth.recall(truth.labels.numpy()) == 1.0
+    assert truth.recall(np.concatenate([truth.labels.numpy()[:, :1], -np.ones((40, 10), np.int64)], 1)) == 0.0
+
+
+def _loo_recall(folder: Path, g: np.ndarray, picks: np.ndarray, key: str, value: int) -> float:
+    """Recall@10 of the index at ``key=value`` for gallery vectors ``picks`` against brute force, self left out."""
+    idx = GalleryIndex.open(folder, search_params={key: value})
+    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+    q = gn[picks]
+    exact = np.argsort(((q[:, None] - gn[None]) ** 2).sum(-1), axis=1, kind="stable")[:, :11]
+    got = idx.search(q, 11).rows
+    return float(np.mean([(len(set(a) & set(b)) - 1) / 10 for a, b in zip(exact, got, strict=True)]))
+
+
+@pytest.mark.parametrize(("kind", "key"), [("IVF64,Flat", "nprobe"), ("HNSW4", "efSearch")])
+def test_the_default_search_parameter_is_the_smallest_reaching_the_recall_target(tmp_path, kind, key, monkeypatch):
+    rng = np.random.default_rng(4)
+    centres = rng.standard_normal((50, 24)).astype(np.float32)
+    g = centres[rng.integers(0, 50, 6000)] + 0.6 * rng.standard_normal((6000, 24)).astype(np.float32)
+    monkeypatch.setattr(gi, "CALIBRATION_QUERIES", 300)
+    index = build_index(tmp_path / "i", [source(features(g, [f"g/{i}.jpg" for i in range(6000)], {**META, "dim": 24}))],
+                        kind)
+    cal = index.manifest["calibration"]
+    assert cal["param"] == key and index.manifest["search"][key] == cal["value"] and cal["queries"] == 300
+    assert f"{key} {cal['value']}" in index.info()["calibrated"]
+    tried = [int(v) for v in cal["tried"]]
+    assert tried[-1] == cal["value"] and cal["recall_at_10"] >= gi.CALIBRATION_RECALL
+    assert all(r < gi.CALIBRATION_RECALL for r in list(cal["tried"].values())[:-1])
+    assert len(tried) > 1  # the data make the first value too small: the test sees a choice
+    # the recall the build measured is the recall of the calibration queries: the same gallery vectors, drawn again
+    picks = np.sort(np.random.default_rng(1).choice(6000, 300, replace=False))
+    assert _loo_recall(tmp_path / "i", g, picks, key, cal["value"]) == pytest.approx(cal["recall_at_10"], abs=1e-4)
+    assert _loo_recall(tmp_path / "i", g, picks, key, tried[-2]) < gi.CALIBRATION_RECALL
+    # exact search has nothing to calibrate
+    flat = build_index(tmp_path / "f", [source(features(g, [f"g/{i}.jpg" for i in range(6000)],
+                                                        {**META, "dim": 24}))], "flat")
+    assert "calibration" not in flat.manifest and "calibrated" not in flat.info()
+
+
+def test_a_calibration_that_cannot_reach_the_target_takes_the_smallest_value_near_the_best():
+    from dcal.gallery.backends import FaissBackend
+
+    rng = np.random.default_rng(4)
+    g = rng.standard_normal((3000, 24)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    be = FaissBackend.create("HNSW2", 24)  # two links per node: recall stays far below 0.99 at any efSearch
+    truth = gi.TrueNeighbours(g[:200])
+    be.add(g, np.arange(3000))
+    truth.observe(g, np.arange(3000))
+    cal = gi.calibrate(be, truth)
+    recalls = {int(v): r for v, r in cal["tried"].items()}
+    assert list(recalls) == [16, 32, 64, 128, 256, 512] and max(recalls.values()) < gi.CALIBRATION_RECALL
+    assert cal["value"] == min(v for v, r in recalls.items() if r >= max(recalls.values()) - 0.005)
+    assert be.search_params["efSearch"] == cal["value"]
+
+
 def test_add_equals_one_build_skips_held_paths_and_refuses_another_model(gallery):
     tmp, g, names, _ = gallery
     build_index(tmp / "both", [source(features(g, names))], "flat")
@@ -319,12 +386,15 @@ def test_index_benchmark_runs_at_a_tiny_size(tmp_path):
     from tests.helpers import load_script
 
     bench = load_script("bench_index")
-    out = bench.main(["--sizes", "3000", "--dims", "32", "--queries", "20", "--threads", "1",
+    out = bench.main(["--sizes", "3000", "--dims", "32", "--queries", "20", "--threads", "1", "--sweep",
                       "--json", str(tmp_path / "b.json"), "--work", str(tmp_path / "w")])
     records = {r["type"]: r for r in out["records"]}
     assert set(records) == set(bench.TYPES)
-    assert all(0 < r[f"recall@{k}"] <= 1 for r in records.values() for k in (1, 10, 100))
-    assert records["hnsw"]["recall@10"] > 0.9 and set(records["ivf"]["queries_per_s"]) == {1}
+    assert all(0 < r[q][f"recall@{k}"] <= 1 for r in records.values() for q in bench.QUERY_KINDS for k in (1, 10, 100))
+    assert records["hnsw"]["gallery-like"]["recall@10"] > 0.9 and set(records["ivf"]["queries_per_s"]) == {1}
+    ivf = records["ivf"]  # calibrated at build; the sweep reaches every list, where IVF is exact
+    assert ivf["calibration"]["value"] == ivf["search"]["nprobe"] and ivf["sweep"][-1]["recall@10 unlike"] == 1.0
+    assert [p["nprobe"] for p in ivf["sweep"]][:3] == [1, 2, 4] and records["flat"]["calibration"] is None
     assert records["ivf"]["index"].startswith("IVF") and records["flat"]["file_bytes"] > 3000 * 32 * 4
     memory = out["computed_memory (not measured)"]
     assert memory["flat"]["100M_GB"] == pytest.approx(10 * memory["flat"]["10M_GB"], rel=0.05)

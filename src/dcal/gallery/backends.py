@@ -161,6 +161,21 @@ class FaissBackend:
             raise BackendError(f"index type {self.spec!r} cannot remove vectors (faiss has no removal for it: "
                                "HNSW graphs and refined indexes); build a new index from the items to keep") from None
 
+    def tuning_ladder(self) -> tuple[str, list[int]] | None:
+        """The search parameter that trades speed for recall and the values a calibration tries, ascending
+        (IVF: nprobe 1, 2, 4 ... up to every list; HNSW: efSearch 16 ... 512); None where search is exact."""
+        ivf = self.faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            lists = int(ivf.nlist)
+            return "nprobe", sorted({min(lists, 1 << i) for i in range(lists.bit_length() + 1)})
+        if "efSearch" in self.search_params:
+            return "efSearch", [16, 32, 64, 128, 256, 512]
+        return None
+
+    def set_search_param(self, key: str, value: int) -> None:
+        self.search_params[key] = int(value)
+        self._apply_params()
+
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         d, labels = self._call(self.index.search, np.ascontiguousarray(x, dtype=np.float32), int(k))
         return d, labels
@@ -200,8 +215,9 @@ class FaissBackend:
 
 
 def default_search_params(index: Any) -> dict[str, int]:
-    """nprobe = lists / 16 (IVF; at least 1), efSearch 128 (HNSW), k_factor_rf 4 (refine): defaults aimed at
-    recall@10 near 0.99, which the benchmark measures; ``dcal index search --nprobe`` changes them per search."""
+    """nprobe = lists / 16 (IVF; at least 1), efSearch 128 (HNSW), k_factor_rf 4 (refine): where the build starts;
+    ``build_index`` then calibrates nprobe / efSearch on the gallery itself (:func:`dcal.gallery.index.calibrate`),
+    and ``dcal index search --nprobe`` changes them per search."""
     import faiss
 
     out: dict[str, int] = {}

@@ -54,6 +54,10 @@ _GENERATION_FILE = re.compile(r"(index|ids)-\d{6}\.(faiss|npz)")
 _TMP_PREFIX = ".tmp-"
 # query rows x fetched neighbours held at once by a search (distances + labels + masks: ~100 MB)
 SEARCH_BUDGET = 1 << 22
+# the default nprobe / efSearch of an approximate index: the smallest whose recall@10 against exact search reaches
+# CALIBRATION_RECALL on CALIBRATION_QUERIES vectors of the gallery itself (leave-one-out), measured at build
+CALIBRATION_QUERIES = 1000
+CALIBRATION_RECALL = 0.99
 
 
 class IndexError_(ValueError):  # noqa: N801 - IndexError is Python's own
@@ -354,6 +358,10 @@ class GalleryIndex:
                "fusion": self.manifest["features"].get("fusion"), "after_bn": self.manifest["features"].get("after_bn"),
                "flip": self.manifest["features"].get("flip"), "with_ids": int((self.idmap.pids != NO_ID).sum()),
                "dcal_version": self.manifest["dcal_version"], "format_version": self.manifest["format_version"]}
+        cal = self.manifest.get("calibration")
+        if isinstance(cal, dict):  # what the default search parameter was chosen from, at build
+            out["calibrated"] = (f"{cal.get('param')} {cal.get('value')}: recall@10 {cal.get('recall_at_10')} on "
+                                 f"{cal.get('queries')} gallery vectors (target {cal.get('target')})")
         ivf = _ivf_lists(self.backend)
         if ivf:
             out["ivf_lists"] = ivf
@@ -559,9 +567,70 @@ def _training_sample(sources: Sequence[FeatureSource], want: int, seed: int = 0)
     return np.concatenate(parts)
 
 
+class TrueNeighbours:
+    """The exact ``k`` nearest labels of some queries, kept up to date while vectors are added (``observe``): the
+    reference a calibration measures an approximate index's recall against, with no second pass over the
+    gallery. Squared L2 on L2-normalised vectors (the index's metric); memory: queries x 16k distances."""
+
+    def __init__(self, queries: np.ndarray, k: int = 11) -> None:
+        import torch
+
+        self.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self.k = int(k)
+        self._q = torch.from_numpy(self.queries)
+        self.dist = torch.empty(len(queries), 0)
+        self.labels = torch.empty(len(queries), 0, dtype=torch.int64)
+
+    def observe(self, x: np.ndarray, ids: np.ndarray) -> None:
+        import torch
+
+        for a in range(0, len(x), 16384):
+            g = torch.from_numpy(np.ascontiguousarray(x[a : a + 16384], dtype=np.float32))
+            d = torch.addmm((g * g).sum(1)[None], self._q, g.t(), alpha=-2.0)
+            d = torch.cat([self.dist, d.add_((self._q * self._q).sum(1)[:, None])], 1)
+            new = torch.from_numpy(np.asarray(ids[a : a + 16384], np.int64)).expand(len(d), -1)
+            lab = torch.cat([self.labels, new], 1)
+            keep = min(self.k, d.shape[1])
+            self.dist, pick = torch.topk(d, keep, dim=1, largest=False, sorted=True)
+            self.labels = torch.gather(lab, 1, pick)
+
+    def recall(self, labels: np.ndarray) -> float:
+        """Recall@(k-1) of an index's top-k ``labels`` for the queries, leaving the query itself out: each query is a
+        gallery vector, found first by both, so one shared label is not counted."""
+        truth = self.labels.numpy()
+        k = truth.shape[1]
+        if k < 2:
+            return 1.0
+        found = (truth[:, :, None] == labels[:, None, :k]).any(2).sum(1)  # labels are unique within a row
+        return float(np.clip(found - 1, 0, None).mean() / (k - 1))
+
+
+def calibrate(backend: Any, truth: TrueNeighbours | None, target: float = CALIBRATION_RECALL) -> dict[str, Any] | None:
+    """Set the backend's speed/recall parameter (nprobe, efSearch) to the smallest value of its ladder whose
+    recall@10 against ``truth`` reaches ``target`` (where none does, e.g. a PQ index without refine, the smallest
+    within 0.005 of the best); returns what was measured, for the manifest. None where search is exact."""
+    ladder = backend.tuning_ladder() if isinstance(backend, FaissBackend) else None
+    if ladder is None or truth is None or len(truth.queries) == 0:
+        return None
+    key, values = ladder
+    tried: list[tuple[int, float]] = []
+    for value in values:
+        backend.set_search_param(key, value)
+        tried.append((value, truth.recall(backend.search(truth.queries, truth.k)[1])))
+        if tried[-1][1] >= target:
+            break
+    best = max(r for _, r in tried)
+    value, recall = next((v, r) for v, r in tried if r >= min(target, best - 0.005))
+    backend.set_search_param(key, value)
+    return {"param": key, "value": value, f"recall_at_{truth.k - 1}": round(recall, 4), "target": target,
+            "queries": len(truth.queries), "tried": {str(v): round(r, 4) for v, r in tried}}
+
+
 def _add_sources(backend: Any, idmap: IdMap, sources: Sequence[FeatureSource], next_id: int,
-                 skip: set[str] | None = None) -> tuple[IdMap, int, int]:
-    """Add every chunk of ``sources`` (rows whose path is in ``skip`` left out): (id map, next label, skipped)."""
+                 skip: set[str] | None = None, observe: Callable[[np.ndarray, np.ndarray], None] | None = None
+                 ) -> tuple[IdMap, int, int]:
+    """Add every chunk of ``sources`` (rows whose path is in ``skip`` left out): (id map, next label, skipped).
+    ``observe(vectors, labels)`` sees every added chunk (the calibration's exact neighbours)."""
     import torch
 
     skipped = 0
@@ -574,7 +643,10 @@ def _add_sources(backend: Any, idmap: IdMap, sources: Sequence[FeatureSource], n
                 continue
             rows = np.flatnonzero(mask)
             ids = np.arange(next_id, next_id + len(rows), dtype=np.int64)
-            backend.add(normalized(chunk.features[torch.as_tensor(rows)]), ids)
+            vectors = normalized(chunk.features[torch.as_tensor(rows)])
+            backend.add(vectors, ids)
+            if observe is not None:
+                observe(vectors, ids)
             pids = [chunk.pids[i] for i in rows] if chunk.has_ids else None
             camids = [chunk.camids[i] for i in rows] if chunk.has_ids else None
             idmap = idmap.concat(IdMap.from_paths([paths[i] for i in rows], ids, pids, camids))
@@ -616,13 +688,16 @@ def build_index(folder: str | Path, sources: Sequence[FeatureSource], kind: str 
         if old is None and any(not _own_name(p.name) for p in folder.iterdir()):
             raise FileExistsError(f"{folder}: the folder holds other files; build into a new or empty folder")
         _clean_leftovers(folder, old)
+        truth = None
         if backend == "faiss":
             spec = factory_string(kind, total, dim)
             be: Any = FaissBackend.create(spec, dim)
             want = be.needs_training()
             if want:
                 be.train(_training_sample(sources, want))
-            extra: dict[str, Any] = {"index": spec, "search": be.search_params}
+            if be.tuning_ladder() is not None:
+                truth = TrueNeighbours(_training_sample(sources, CALIBRATION_QUERIES, seed=1), k=min(11, total))
+            extra: dict[str, Any] = {"index": spec}
         else:
             if kind not in ("auto", "flat"):
                 raise ValueError(f"--type {kind}: the Milvus backend builds a FLAT (exact) collection")
@@ -630,7 +705,11 @@ def build_index(folder: str | Path, sources: Sequence[FeatureSource], kind: str 
             name = collection or f"dcal_{uuid.uuid4().hex[:12]}"
             be = MilvusBackend.create(uri if "://" in uri else str(folder / uri), name, dim)
             extra = {"index": "FLAT", "search": {}, "milvus": {"uri": uri, "collection": name}}
-        idmap, next_id, _ = _add_sources(be, IdMap.empty(), sources, 0, skip=set())
+        idmap, next_id, _ = _add_sources(be, IdMap.empty(), sources, 0, skip=set(),
+                                         observe=truth.observe if truth is not None else None)
+        if backend == "faiss":
+            cal = calibrate(be, truth)
+            extra = {**extra, "search": dict(be.search_params), **({"calibration": cal} if cal else {})}
         manifest = {"backend": backend, **extra, "features": features, "metric": metric, "normalization": "l2",
                     "backend_metric": "squared L2 on L2-normalised float32", "next_id": next_id}
         manifest = _commit(folder, old, manifest, idmap, be)
