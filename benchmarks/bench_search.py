@@ -1,6 +1,7 @@
 """Search and evaluation at scale, case by case (``--cases``).
 
     python benchmarks/bench_search.py --cases eval [--dims 768 128] [--distractors 0 100000 500000] [--json out.json]
+    python benchmarks/bench_search.py --cases index --dims 128 --distractors 500000 [--index-types flat ivf]
 
 ``eval``: exact Re-ID evaluation, dense (``compute_distance`` + ``evaluate_reid``: the Q x G matrix, sorted)
 against streaming (``eval_reid_features``: the gallery in blocks, the matrix never held), on a Market-1501-sized
@@ -9,6 +10,12 @@ problem (3,368 queries, 15,913 gallery images: 750 identities, 6 cameras) plus g
 time, and its peak resident memory beyond the features (the kernel's high-water mark, reset once the features
 exist; ``ru_maxrss`` minus the resident size before, where the reset is not available). The script checks
 that both evaluators give the same numbers and exits 1 when they do not.
+
+``index``: what an approximate gallery index loses on the same problem. Each ``--index-types`` index is built over
+the gallery with ``dcal.gallery.index.build_index`` (its default search parameter calibrated at build) and
+searched for every query's top 100 with the protocol's exclusions (``GalleryIndex.search``); from those lists,
+rank-1, rank-10 and mAP@100 (the AP of the top 100: matches beyond it count as missed, divided by all of the
+query's true matches); the loss is the difference to ``flat`` (exact). Time: build and the 3,368 searches.
 """
 
 from __future__ import annotations
@@ -132,13 +139,84 @@ def run_eval(args: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
     return rows, same
 
 
-CASES: dict[str, Callable[[argparse.Namespace], tuple[list[dict[str, Any]], bool]]] = {"eval": run_eval}
+def _market_name(pid: int, cam: int, i: int) -> str:
+    return f"{pid:04d}_c{cam + 1}s1_000000_{i:08d}.jpg"  # Market-1501's name: pid, camera (1-based), frame
+
+
+def top100_scores(rows: np.ndarray, p: dict[str, Any]) -> dict[str, float]:
+    """rank-1, rank-10 and mAP@100 of top-100 lists (``-1``: nothing) under the protocol's exclusions (the search
+    applied them): each query's AP over its top 100, divided by all its true matches in the gallery."""
+    g_pids, g_cams, q_pids, q_cams = p["g_pids"], p["g_cams"], p["q_pids"], p["q_cams"]
+    hit = (rows >= 0) & (g_pids[np.maximum(rows, 0)] == q_pids[:, None])
+    total = ((g_pids[None] == q_pids[:, None]) & (g_cams[None] != q_cams[:, None])).sum(1)
+    valid = total > 0
+    prec = np.cumsum(hit, 1) / np.arange(1, rows.shape[1] + 1)
+    ap = (prec * hit).sum(1) / np.maximum(total, 1)
+    return {"rank1": float(hit[valid, 0].mean()), "rank10": float(hit[valid, :10].any(1).mean()),
+            "mAP@100": float(ap[valid].mean())}
+
+
+def _index_case(params: dict[str, Any], queue: mp.Queue) -> None:
+    import shutil
+    import tempfile
+
+    import torch
+
+    from dcal.gallery import index as gi
+    from dcal.retrieval import FeatureSet
+
+    torch.set_num_threads(params["threads"]) if params["threads"] else None
+    p = make_problem(params["dim"], params["distractors"], params["num_query"], params["num_gallery"])
+    names = [_market_name(int(pid), int(c), i) for i, (pid, c) in enumerate(zip(p["g_pids"], p["g_cams"], strict=True))]
+    meta = {"checkpoint_sha256": "bench", "fusion": "sa+glca", "after_bn": False, "flip": False, "dim": params["dim"]}
+    fs = FeatureSet(p["gf"], names, None, None, meta)
+    work = Path(tempfile.mkdtemp(prefix="bench_search_index_"))
+    try:
+        t0 = time.perf_counter()
+        index = gi.build_index(work / "i", [gi.FeatureSource("gallery", len(names), meta, lambda: iter([fs]))],
+                               params["index_type"])
+        build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = index.search(p["qf"].numpy(), 100, query_pids=p["q_pids"], query_camids=p["q_cams"])
+        search = time.perf_counter() - t0
+        queue.put({"index": index.manifest["index"], "search": index.manifest["search"], "build_s": build,
+                   "search_s": search, **top100_scores(res.rows, p)})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_index(args: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
+    rows = []
+    for dim in args.dims:
+        for distractors in args.distractors:
+            base = {"dim": dim, "distractors": distractors, "num_query": args.num_query,
+                    "num_gallery": args.num_gallery, "threads": args.threads}
+            got = {t: _spawn(_index_case, {**base, "index_type": t}) for t in ["flat", *args.index_types]}
+            for t, r in got.items():
+                lost = {f"{k} lost": got["flat"][k] - r[k] for k in ("rank1", "rank10", "mAP@100")}
+                rows.append({"case": "index", "dim": dim, "gallery": args.num_gallery + distractors, "type": t, **r,
+                             **lost})
+    return rows, True
+
+
+CASES: dict[str, Callable[[argparse.Namespace], tuple[list[dict[str, Any]], bool]]] = {"eval": run_eval,
+                                                                                      "index": run_index}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| case | dim | gallery | evaluator | time (s) | peak beyond features (GB) | mAP | equal |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
+    index_rows = [r for r in rows if r["case"] == "index"]
+    if index_rows:
+        lines = ["| dim | gallery | index (search) | build (s) | search (s) | rank-1 | rank-10 | mAP@100 | "
+                 "mAP@100 lost |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in index_rows:
+            lines.append(f"| {r['dim']} | {r['gallery']:,} | {r['index']} {r['search'] or ''} | {r['build_s']:.1f} | "
+                         f"{r['search_s']:.1f} | {100 * r['rank1']:.2f} | {100 * r['rank10']:.2f} | "
+                         f"{100 * r['mAP@100']:.2f} | {100 * r['mAP@100 lost']:.2f} |")
+        lines += ["", "| case | dim | gallery | evaluator | time (s) | peak beyond features (GB) | mAP | equal |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in [r for r in rows if r["case"] == "eval"]:
         lines.append(f"| {r['case']} | {r['dim']} | {r['gallery']:,} | {r['evaluator']} | "
                      f"{r['seconds']:.1f} | {r['peak_beyond_features_gb']:.2f} | {100 * r['mAP']:.2f} | "
                      f"{'yes' if r['equal'] else 'NO'} |")
@@ -155,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-gallery", type=int, default=MARKET["num_gallery"])
     ap.add_argument("--chunk-size", type=int, default=None, help="streaming block (default: from free memory)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--index-types", nargs="+", default=["ivf"], help="index cases: the types compared with flat")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
     rows, ok = [], True
