@@ -282,7 +282,7 @@ def test_resume_of_a_run_with_nothing_saved_starts_it(tmp_path, capsys):
     assert "pass --resume to start it again" in capsys.readouterr().err
     assert main(["train", "--config", "configs/demo.yaml", "model.pretrain=null", *SYNTHETIC_RUN,
                  f"output_dir={out}", "--resume"]) == 0
-    assert "has no checkpoint yet" in capsys.readouterr().out
+    assert "stopped before its first checkpoint; starting it again (removed config.yaml)" in capsys.readouterr().out
 
 
 def test_a_killed_pretraining_and_finetuning_continue_with_the_printed_command_to_the_same_result(tmp_path):

@@ -43,7 +43,6 @@ from dcal.run_folder import (
     check_ours,
     check_output_dir,
     claim_folder,
-    discard_unsaved_start,
     final_record,
     has_checkpoint,
     other_config_changes,
@@ -190,11 +189,9 @@ def run_one(cfg: Any, run_dir: Path) -> tuple[dict[str, Any], str]:
         if final is not None:
             return final, "reused"
         resume = has_checkpoint(run_dir)
-        if not resume:
-            discard_unsaved_start(run_dir)  # killed before its first checkpoint: nothing to resume, start again
         with open(run_dir / TRAIN_LOG, "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
                 contextlib.redirect_stderr(log):
-            final = fit(cfg, resume=resume)
+            final = fit(cfg, resume=True)  # resumes a started run; a start that saved nothing is redone
     return final, "resumed" if resume else "trained"
 
 

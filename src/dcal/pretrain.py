@@ -29,7 +29,6 @@ from omegaconf import OmegaConf
 from dcal.config import ConfigError, default_config, load_config
 from dcal.run_folder import (
     RunLock,
-    discard_unsaved_start,
     has_checkpoint,
     is_finished,
     nothing_saved,
@@ -104,12 +103,9 @@ def _ensure_pretrained(cfg: Any, folder: Path) -> Path:
         raise RuntimeError(f"the pretraining run {folder} is {state == 'started' and 'unfinished' or 'missing'}: "
                            f"run it first (dcal train --config RECIPE output_dir={folder} "
                            "model.glca_blocks=0 model.pwca_blocks=0 eval.fusion=sa), then start torchrun again")
-    resume = state == "started"
-    if not resume and discard_unsaved_start(folder):  # killed before its first checkpoint: nothing to keep
-        logger.info(f"{folder}: the pretraining was stopped before its first checkpoint; starting it again")
-    logger.info(f"pretrained backbone: {'resuming' if resume else 'training'} the SA-only run {folder} "
+    logger.info(f"pretrained backbone: {'resuming' if state == 'started' else 'training'} the SA-only run {folder} "
                 f"({cfg.train.epochs} epochs of {cfg.data.dataset})")
-    fit(cfg, resume=resume)
+    fit(cfg, resume=True)  # resumes a started run; starts an absent one (a start that saved nothing, redone)
     return folder
 
 

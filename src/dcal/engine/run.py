@@ -113,8 +113,9 @@ def seed_everything(seed: int) -> None:
 
 def fit(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     """Train (and evaluate every ``train.eval_every`` epochs) as ``cfg`` says; returns the final record.
-    ``resume``: continue the run in ``output_dir`` (``dcal train --resume``): the one place a run is resumed;
-    without it a folder holding a run is refused.
+    ``resume``: continue the run in ``output_dir`` (``dcal train --resume``), or start it where nothing was saved
+    yet (a run killed before its first checkpoint is started again): the one place a run is resumed or restarted,
+    which the pretraining stage and the ablation call too; without it a folder holding a run is refused.
 
     Under torchrun every process calls ``fit``; all return the same final record. Rank 0 owns ``output_dir``
     (:class:`dcal.run_folder.RunLock`) from before its first write to the end. SIGTERM/SIGINT stop the run after
@@ -155,11 +156,11 @@ def _fit(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.devic
         final = finished(owned=True)  # again, now that no other process can write there
         if final is not None:
             return final
-        if resume and not run_folder.has_checkpoint(out_dir):  # stopped before its first checkpoint: start it
+        if resume and not run_folder.has_checkpoint(out_dir):  # the one place a start with nothing saved is redone
             gone = dist.on_main(lambda: run_folder.discard_unsaved_start(out_dir))
-            if info.is_main:
-                removed = f" (removed {gone})" if gone else ""
-                logger.info(f"--resume: {out_dir} has no checkpoint yet{removed}; starting it")
+            if info.is_main and gone:
+                logger.info(f"{out_dir}: stopped before its first checkpoint; starting it again (removed "
+                            f"{', '.join(gone)})")
             resume = False
         with _StopSignals() as stops:
             try:
