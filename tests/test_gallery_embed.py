@@ -131,3 +131,24 @@ def test_index_on_shards_searches_as_dcal_search_and_add_embeds_only_new_images(
     assert main(["index", "info", str(out / "idx"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["vectors"] == 13 and info["index"] == "Flat" and info["with_ids"] == 13
+
+
+def test_versioned_manifests_are_read_by_one_reader_with_one_line_errors(tmp_path):
+    from dcal.checkpoint import read_versioned_json
+
+    path = tmp_path / "m.json"
+    read = lambda **kw: read_versioned_json(path, "fmt", 2, "thing", **kw)  # noqa: E731
+    path.write_text(json.dumps({"format": "fmt", "version": 2}))
+    assert read() == {"format": "fmt", "version": 2}
+    for text, expected in ((b"{", "not JSON"), (b"\xff\xfe", "not JSON"), (b"[]", "not a thing"),
+                           (json.dumps({"format": "other", "version": 1}).encode(), "not a thing"),
+                           (json.dumps({"format": "fmt", "version": True}).encode(), "is not an integer"),
+                           (json.dumps({"format": "fmt", "version": 3, "dcal_version": "9.0"}).encode(),
+                            "written by dcal 9.0 in thing format 3")):
+        path.write_bytes(text)
+        with pytest.raises(ValueError, match=expected) as e:
+            read()
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    path.write_text(json.dumps({"format": "fmt", "version": 1, "pad": "x" * 200}))
+    with pytest.raises(KeyError, match="more than a thing holds"):  # the size is checked before reading
+        read(max_bytes=100, error=KeyError)

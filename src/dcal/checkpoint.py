@@ -99,6 +99,31 @@ def json_text(value: Any, indent: int | None = 2, default: Any = None) -> str:
     return json.dumps(finite_json(value), indent=indent, allow_nan=False, default=default) + "\n"
 
 
+def read_versioned_json(path: Path, fmt: str, newest: int, what: str, version_key: str = "version",
+                        error: type[Exception] = ValueError, max_bytes: int = 64 << 20) -> dict[str, Any]:
+    """The reader of dcal's versioned JSON files (index and shard-set manifests): the object in ``path``, or a
+    one-line ``error`` naming the file when it is larger than ``max_bytes``, not JSON, not of format ``fmt``, or of a
+    ``version_key`` newer than ``newest`` (written by a later dcal)."""
+    from dcal import __version__
+
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error(f"{path}: {size} bytes, more than a {what} holds ({max_bytes} at most)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise error(f"{path}: not a {what} (format {fmt!r} expected)")
+    version = data.get(version_key)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise error(f"{path}: {version_key} {version!r} is not an integer")
+    if version > newest:
+        raise error(f"{path}: written by dcal {data.get('dcal_version', '?')} in {what} format {version}; this dcal "
+                    f"({__version__}) reads format {newest}: upgrade dcal")
+    return data
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename: readers never see half a file."""
     path = Path(path)

@@ -413,25 +413,15 @@ def filtered_topk(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarr
 
 # ------------------------------------------------------------------------------------------ manifest, files
 def read_manifest(folder: Path) -> dict[str, Any]:
-    from dcal import __version__
+    from dcal.checkpoint import read_versioned_json
 
     path = folder / MANIFEST
     if not folder.is_dir():
         raise FileNotFoundError(f"index folder {folder} does not exist")
     if not path.is_file():
         raise IndexError_(f"{folder}: not a gallery index (no {MANIFEST}; build one with 'dcal index build')")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IndexError_(f"{path}: not JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
-        raise IndexError_(f"{path}: not a dcal gallery index manifest (format {INDEX_FORMAT!r} expected)")
-    version = manifest.get("format_version")
-    if not isinstance(version, int):
-        raise IndexError_(f"{path}: format_version {version!r} is not an integer")
-    if version > FORMAT_VERSION:
-        raise IndexError_(f"{path}: written by dcal {manifest.get('dcal_version', '?')} in index format {version}; "
-                          f"this dcal ({__version__}) reads format {FORMAT_VERSION}: upgrade dcal")
+    manifest = read_versioned_json(path, INDEX_FORMAT, FORMAT_VERSION, "dcal gallery index manifest",
+                                   "format_version", IndexError_)
     for key, kind in (("count", int), ("token", str), ("backend", str), ("features", dict), ("files", dict),
                       ("metric", str), ("normalization", str), ("next_id", int), ("generation", int)):
         if not isinstance(manifest.get(key), kind):

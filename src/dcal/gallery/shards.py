@@ -50,17 +50,10 @@ def files_digest(files: Sequence[str | Path]) -> str:
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
-    path = folder / SHARDS_MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a JSON shard-set manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != SHARDS_FORMAT:
-        raise ValueError(f"{path}: not a feature shard set written by 'dcal embed'")
-    if not isinstance(manifest.get("version"), int) or manifest["version"] > SHARDS_VERSION:
-        raise ValueError(f"{path}: shard-set format {manifest.get('version')!r} is newer than this dcal reads "
-                         f"({SHARDS_VERSION}): upgrade dcal")
-    return manifest
+    from dcal.checkpoint import read_versioned_json
+
+    return read_versioned_json(folder / SHARDS_MANIFEST, SHARDS_FORMAT, SHARDS_VERSION,
+                               "feature shard set written by 'dcal embed'")
 
 
 @dataclass
