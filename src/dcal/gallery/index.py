@@ -360,8 +360,8 @@ class GalleryIndex:
                "dcal_version": self.manifest["dcal_version"], "format_version": self.manifest["format_version"]}
         cal = self.manifest.get("calibration")
         if isinstance(cal, dict):  # what the default search parameter was chosen from, at build
-            out["calibrated"] = (f"{cal.get('param')} {cal.get('value')}: recall@10 {cal.get('recall_at_10')} on "
-                                 f"{cal.get('queries')} gallery vectors (target {cal.get('target')})")
+            out["calibrated"] = (f"{cal.get('param')} {cal.get('value')}: recall@{cal.get('at_k')} {cal.get('recall')} "
+                                 f"on {cal.get('queries')} gallery vectors (target {cal.get('target')})")
         ivf = _ivf_lists(self.backend)
         if ivf:
             out["ivf_lists"] = ivf
@@ -597,8 +597,9 @@ class TrueNeighbours:
 
 def calibrate(backend: Any, truth: TrueNeighbours | None, target: float = CALIBRATION_RECALL) -> dict[str, Any] | None:
     """Set the backend's speed/recall parameter (nprobe, efSearch) to the smallest value of its ladder whose
-    recall@10 against ``truth`` reaches ``target`` (where none does, e.g. a PQ index without refine, the smallest
-    within 0.005 of the best); returns what was measured, for the manifest. None where search is exact."""
+    recall@10 (``at_k``: fewer in a gallery of 11 or fewer) against ``truth`` reaches ``target`` (where none does,
+    e.g. a PQ index without refine, the smallest within 0.005 of the best); returns what was measured, for the
+    manifest. None where search is exact."""
     ladder = backend.tuning_ladder() if isinstance(backend, FaissBackend) else None
     if ladder is None or truth is None or len(truth.queries) == 0:
         return None
@@ -612,7 +613,7 @@ def calibrate(backend: Any, truth: TrueNeighbours | None, target: float = CALIBR
     best = max(r for _, r in tried)
     value, recall = next((v, r) for v, r in tried if r >= min(target, best - 0.005))
     backend.set_search_param(key, value)
-    return {"param": key, "value": value, f"recall_at_{truth.k - 1}": round(recall, 4), "target": target,
+    return {"param": key, "value": value, "recall": round(recall, 4), "at_k": truth.k - 1, "target": target,
             "queries": len(truth.queries), "tried": {str(v): round(r, 4) for v, r in tried}}
 
 
