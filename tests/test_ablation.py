@@ -148,6 +148,21 @@ def test_a_moved_ablation_folder_is_reused(ablation, tmp_path):
     assert [r["last_top1"] for r in again["rows"]] == [r["last_top1"] for r in summary["rows"]]
 
 
+def test_a_subset_of_variants_reuses_their_runs_and_reports_only_them(ablation, capsys):
+    recipe, out, summary, _ = ablation
+    assert [v.name for v in plan(["table3"], 6, ["SA only", "dcal"])] == ["SA only", "DCAL"]  # name or folder name
+    with logged("dcal.ablation") as lines:
+        assert main(["ablation", "--config", str(recipe), "--set", "table3", "--variants", "DCAL,sa_only",
+                     "--seeds", "2", "--output-dir", str(out), "model.glca_blocks=2"]) == 0
+    assert sum("(reused" in line for line in lines) == 4  # two variants x two seeds, nothing trained
+    rows = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
+    assert list(rows) == ["SA only", "DCAL"]
+    first = {r["variant"]: r for r in summary["rows"]}
+    assert [list(rows[v]["last_top1"]) for v in rows] == [list(first[v]["last_top1"]) for v in rows]
+    assert main(["ablation", "--config", str(recipe), "--variants", "DCAL,GLCA", "--output-dir", str(out)]) == 2
+    assert "variant(s) ['GLCA'] not in the set(s) table3: choose from 'SA only', '+GLCA'" in capsys.readouterr().err
+
+
 def test_a_run_dir_with_another_config_is_not_overwritten(ablation):
     recipe, out, _, _ = ablation
     before = (out / "sa_only" / "seed0" / "metrics.jsonl").read_text()

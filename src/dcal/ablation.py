@@ -121,8 +121,9 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name.replace("+", "plus_")).strip("_").lower()
 
 
-def plan(set_names: list[str], depth: int) -> list[Variant]:
-    """The variants of the named sets in order (names made unique)."""
+def plan(set_names: list[str], depth: int, only: list[str] | None = None) -> list[Variant]:
+    """The variants of the named sets in order (names made unique); ``only``: just these, by name or folder
+    name (e.g. ``["SA only", "dcal"]``), in the sets' order."""
     unknown = [s for s in set_names if s not in SETS]
     if unknown or not set_names:
         raise ValueError(f"unknown ablation set(s) {unknown or set_names}; choose from {', '.join(SETS)}")
@@ -132,6 +133,12 @@ def plan(set_names: list[str], depth: int) -> list[Variant]:
             if any(v.name == name for v in variants):
                 name = f"{name} ({set_name})"
             variants.append(Variant(name, keys, _slug(name)))
+    if only:
+        missing = [o for o in only if not any(o in (v.name, v.slug) for v in variants)]
+        if missing:
+            raise ValueError(f"variant(s) {missing} not in the set(s) {', '.join(set_names)}: choose from "
+                             f"{', '.join(repr(v.name) for v in variants)}")
+        variants = [v for v in variants if v.name in only or v.slug in only]
     return variants
 
 
@@ -248,8 +255,10 @@ def run_ablation(
     overrides: list[str] | tuple[str, ...] = (),
     output_dir: str | Path | None = None,
     pretrain: str | Path | None = None,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Train every variant of ``sets`` on the recipe ``config`` for ``seeds`` seeds; write and return the summary.
+    """Train every variant of ``sets`` (or those named in ``only``) on the recipe ``config`` for ``seeds`` seeds;
+    write and return the summary.
 
     With a pretraining recipe (``pretrain``, or ``model.pretrain`` in the recipe) every variant and seed
     fine-tunes from one SA-only backbone trained once into ``pretrain/<recipe stem>`` beside ``OUT``
@@ -258,7 +267,7 @@ def run_ablation(
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     check_no_output_dir(overrides)
     base = load_config(config, overrides)  # bad recipes and overrides fail here, before anything is written
-    variants = plan(sets, backbone_depth(base))
+    variants = plan(sets, backbone_depth(base), only)
     out = check_output_dir(output_dir or Path("runs") / f"ablation_{'_'.join(sets)}_{Path(config).stem}")
     pretrain = pretrain or base.model.pretrain
     pre_cfg = None

@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML recipe every variant starts from (a file or a packaged "
                    "recipe's name)")
     p.add_argument("--set", default="table3", help="table3 | selection | pairs | blocks, or several: table3,selection")
+    p.add_argument("--variants", default=None, metavar="NAMES",
+                   help="only these variants of the set(s), comma-separated names or folder names, e.g. "
+                        "'SA only,DCAL' (default: all)")
     p.add_argument("--seeds", type=_at_least_one, default=3, help="seeds per variant: train.seed, train.seed+1, ...")
     p.add_argument("--output-dir", default=None, help="default: runs/ablation_<sets>_<recipe name> (each run goes "
                    "to DIR/<variant>/seed<k>: output_dir=... is refused)")
@@ -693,7 +696,9 @@ def cmd_ablation(args: argparse.Namespace) -> Any:
 
     sets = [s.strip() for s in args.set.split(",") if s.strip()]
     overrides = [*args.overrides, *([f"train.eval_every={args.eval_every}"] if args.eval_every else [])]
-    summary = run_ablation(args.config, sets, args.seeds, overrides, args.output_dir, pretrain=args.pretrain)
+    only = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    summary = run_ablation(args.config, sets, args.seeds, overrides, args.output_dir, pretrain=args.pretrain,
+                           only=only)
     print(format_markdown(summary))
     return summary
 
