@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import logging
 import math
 import re
@@ -320,7 +321,7 @@ def run_ablation(
     summary = summarize(variants, base.task)
     summary.update({"backbone": describe_backbone(OmegaConf.to_container(base.model)),
                     "recipe": str(config), "overrides": list(overrides), "sets": sets, "seeds": seeds,
-                    "command": " ".join(["dcal", "ablation", *sys.argv[2:]]) if sys.argv[1:2] == ["ablation"] else ""})
+                    "command": shlex.join(["dcal", "ablation", *sys.argv[2:]]) if sys.argv[1:2] == ["ablation"] else ""})
     write_outputs(summary, out)
     logger.info(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}"
                 f"{', ' + str(out / 'ablation_curves.png') if (out / 'ablation_curves.png').is_file() else ''}")
