@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shlex
 import logging
 import math
 import re
+import shlex
 import sys
 import time
 from collections.abc import Callable
