@@ -319,9 +319,10 @@ def run_ablation(
     from dcal.pretrain import describe_backbone
 
     summary = summarize(variants, base.task)
+    command = shlex.join(["dcal", "ablation", *sys.argv[2:]]) if sys.argv[1:2] == ["ablation"] else ""
     summary.update({"backbone": describe_backbone(OmegaConf.to_container(base.model)),
                     "recipe": str(config), "overrides": list(overrides), "sets": sets, "seeds": seeds,
-                    "command": shlex.join(["dcal", "ablation", *sys.argv[2:]]) if sys.argv[1:2] == ["ablation"] else ""})
+                    "command": command})
     write_outputs(summary, out)
     logger.info(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}"
                 f"{', ' + str(out / 'ablation_curves.png') if (out / 'ablation_curves.png').is_file() else ''}")
