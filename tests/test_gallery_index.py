@@ -179,6 +179,38 @@ def test_the_default_search_parameter_is_the_smallest_reaching_the_recall_target
     assert "calibration" not in flat.manifest and "calibrated" not in flat.info()
 
 
+def test_calibrating_with_the_users_queries_measures_their_recall(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    meta = {**META, "dim": 24}
+    centres = rng.standard_normal((60, 24)).astype(np.float32)
+    g = centres[rng.integers(0, 60, 6000)] + 0.6 * rng.standard_normal((6000, 24)).astype(np.float32)
+    q = rng.standard_normal((300, 24)).astype(np.float32)  # queries unlike the gallery: nothing is near them
+    features(g, [f"g/{i}.jpg" for i in range(6000)], meta).save(tmp_path / "g.safetensors")
+    features(q, [f"q/{i}.jpg" for i in range(300)], meta).save(tmp_path / "q.safetensors")
+    assert main(["index", "build", str(tmp_path / "i"), str(tmp_path / "g.safetensors"), "--type", "IVF64,Flat",
+                 "--calibrate-with", str(tmp_path / "q.safetensors")]) == 0
+    cal = GalleryIndex.open(tmp_path / "i").manifest["calibration"]
+    printed = capsys.readouterr().out
+    assert f"search default nprobe {cal['value']}: recall@10 {cal['recall']} on 300 queries of" in printed
+    assert cal["at_k"] == 10 and cal["queries"] == 300 and cal["recall"] >= gi.CALIBRATION_RECALL
+
+    def held_out_recall(nprobe: int) -> float:  # brute force, nothing left out
+        gn, qn = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (g, q))
+        exact = np.argsort(((qn[:, None] - gn[None]) ** 2).sum(-1), axis=1, kind="stable")[:, :10]
+        got = GalleryIndex.open(tmp_path / "i", search_params={"nprobe": nprobe}).search(q, 10).rows
+        return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, got, strict=True)]))
+
+    tried = [int(v) for v in cal["tried"]]
+    assert held_out_recall(cal["value"]) == pytest.approx(cal["recall"], abs=1e-4) and len(tried) > 1
+    assert held_out_recall(tried[-2]) < gi.CALIBRATION_RECALL
+    # the gallery's own vectors ask for less: queries unlike the gallery are the harder case
+    own = build_index(tmp_path / "own", [source(features(g, [f"g/{i}.jpg" for i in range(6000)], meta))], "IVF64,Flat")
+    assert own.manifest["calibration"]["value"] < cal["value"]
+    with pytest.raises(ValueError, match="no features to calibrate"):
+        build_index(tmp_path / "e", [source(features(g, [f"g/{i}.jpg" for i in range(6000)], meta))], "IVF64,Flat",
+                    calibration=source(features(q[:0], [], meta)))
+
+
 def test_a_calibration_that_cannot_reach_the_target_takes_the_smallest_value_near_the_best():
     from dcal.gallery.backends import FaissBackend
 

@@ -271,6 +271,10 @@ def _add_index_parser(sub: Any, threads: argparse.ArgumentParser) -> None:
     q.add_argument("--collection", default=None, help="Milvus collection name (default: a new random one)")
     q.add_argument("--metric", default="euclidean", choices=RETRIEVAL_METRICS, help="distance searches report")
     q.add_argument("--overwrite", action="store_true", help="replace an index already in the folder")
+    q.add_argument("--calibrate-with", default=None, metavar="QUERIES",
+                   help="queries like the ones you will search (features file, shard set, or image folder with "
+                        "--run): the default nprobe / efSearch is calibrated to recall@10 0.99 on them (default: on "
+                        "the gallery's own vectors)")
     _add_source(q, overrides=False, required=False)
     _add_embedding(q)
 
@@ -294,8 +298,10 @@ def _add_index_parser(sub: Any, threads: argparse.ArgumentParser) -> None:
     q.add_argument("--no-protocol", action="store_true", help="keep the gallery items of the query's identity "
                    "under the query's camera, and junk pid -1 (left out by default, as in evaluation)")
     q.add_argument("--nprobe", type=_at_least_one, default=None,
-                   help="IVF lists searched (default: the index's, lists / 16): more is slower and nearer exact")
-    q.add_argument("--ef-search", type=_at_least_one, default=None, help="HNSW search breadth (default: 128)")
+                   help="IVF lists searched (default: the index's, calibrated at build; dcal index info shows it): "
+                        "more is slower and nearer exact")
+    q.add_argument("--ef-search", type=_at_least_one, default=None,
+                   help="HNSW search breadth (default: the index's, calibrated at build)")
     q.add_argument("--metric", default=None, choices=RETRIEVAL_METRICS, help="default: the index's")
     _add_source(q, overrides=False, required=False)
     _add_embedding(q)
@@ -563,9 +569,14 @@ def cmd_index(args: argparse.Namespace) -> Any:
     if action == "build":
         sources = [gi.open_source(s, loaded, **_embed_kwargs(args)) for s in args.sources]
         _report_failed_sources(sources)
+        calibration = gi.open_source(args.calibrate_with, loaded, **_embed_kwargs(args)) \
+            if args.calibrate_with else None
         index = gi.build_index(args.index, sources, args.type, backend=args.backend, metric=args.metric,
-                               overwrite=args.overwrite, milvus_uri=args.milvus_uri, collection=args.collection)
-        print(f"built {args.index}: {len(index)} vectors, {index.manifest['index']} ({index.manifest['backend']})")
+                               overwrite=args.overwrite, milvus_uri=args.milvus_uri, collection=args.collection,
+                               calibration=calibration)
+        calibrated = index.info().get("calibrated")
+        print(f"built {args.index}: {len(index)} vectors, {index.manifest['index']} ({index.manifest['backend']})"
+              f"{'; search default ' + calibrated if calibrated else ''}")
         return index
     if action == "add":
         held = set(gi.GalleryIndex.open(args.index).idmap.paths()) if loaded is not None else set()

@@ -361,7 +361,8 @@ class GalleryIndex:
         cal = self.manifest.get("calibration")
         if isinstance(cal, dict):  # what the default search parameter was chosen from, at build
             out["calibrated"] = (f"{cal.get('param')} {cal.get('value')}: recall@{cal.get('at_k')} {cal.get('recall')} "
-                                 f"on {cal.get('queries')} gallery vectors (target {cal.get('target')})")
+                                 f"on {cal.get('queries')} {cal.get('queries_from', 'gallery vectors')} (target "
+                                 f"{cal.get('target')})")
         ivf = _ivf_lists(self.backend)
         if ivf:
             out["ivf_lists"] = ivf
@@ -562,11 +563,12 @@ class TrueNeighbours:
     reference a calibration measures an approximate index's recall against, with no second pass over the
     gallery. Squared L2 on L2-normalised vectors (the index's metric); memory: queries x 16k distances."""
 
-    def __init__(self, queries: np.ndarray, k: int = 11) -> None:
+    def __init__(self, queries: np.ndarray, k: int = 11, held_out: bool = False) -> None:
         import torch
 
         self.queries = np.ascontiguousarray(queries, dtype=np.float32)
         self.k = int(k)
+        self.held_out = held_out  # the queries are not gallery vectors: no label of theirs to leave out
         self._q = torch.from_numpy(self.queries)
         self.dist = torch.empty(len(queries), 0)
         self.labels = torch.empty(len(queries), 0, dtype=torch.int64)
@@ -584,14 +586,21 @@ class TrueNeighbours:
             self.dist, pick = torch.topk(d, keep, dim=1, largest=False, sorted=True)
             self.labels = torch.gather(lab, 1, pick)
 
+    @property
+    def at_k(self) -> int:
+        """The k of the recall measured: ``k``, less the query itself where the queries are gallery vectors."""
+        return self.k if self.held_out else self.k - 1
+
     def recall(self, labels: np.ndarray) -> float:
-        """Recall@(k-1) of an index's top-k ``labels`` for the queries, leaving the query itself out: each query is a
-        gallery vector, found first by both, so one shared label is not counted."""
+        """Recall@``at_k`` of an index's top-k ``labels`` for the queries. Gallery vectors as queries are found
+        first by both (themselves), so one shared label is left out: leave-one-out."""
         truth = self.labels.numpy()
         k = truth.shape[1]
-        if k < 2:
+        if k <= (0 if self.held_out else 1):
             return 1.0
         found = (truth[:, :, None] == labels[:, None, :k]).any(2).sum(1)  # labels are unique within a row
+        if self.held_out:
+            return float(found.mean() / k)
         return float(np.clip(found - 1, 0, None).mean() / (k - 1))
 
 
@@ -613,7 +622,7 @@ def calibrate(backend: Any, truth: TrueNeighbours | None, target: float = CALIBR
     best = max(r for _, r in tried)
     value, recall = next((v, r) for v, r in tried if r >= min(target, best - 0.005))
     backend.set_search_param(key, value)
-    return {"param": key, "value": value, "recall": round(recall, 4), "at_k": truth.k - 1, "target": target,
+    return {"param": key, "value": value, "recall": round(recall, 4), "at_k": truth.at_k, "target": target,
             "queries": len(truth.queries), "tried": {str(v): round(r, 4) for v, r in tried}}
 
 
@@ -649,10 +658,13 @@ def _add_sources(backend: Any, idmap: IdMap, sources: Sequence[FeatureSource], n
 
 def build_index(folder: str | Path, sources: Sequence[FeatureSource], kind: str = "auto", *,
                 backend: str = "faiss", metric: str = "euclidean", overwrite: bool = False,
-                milvus_uri: str | None = None, collection: str | None = None) -> GalleryIndex:
+                milvus_uri: str | None = None, collection: str | None = None,
+                calibration: FeatureSource | None = None) -> GalleryIndex:
     """A new index in ``folder`` from ``sources`` (all computed by one model with one setting). ``kind``: a name of
     :data:`dcal.vocabulary.INDEX_KINDS` or a faiss ``index_factory`` string; ``overwrite`` replaces an index
-    already there (its files are removed after the new one is committed)."""
+    already there (its files are removed after the new one is committed). An approximate index's search parameter
+    is calibrated (:func:`calibrate`) on ``calibration``'s features (queries like the ones to come; by the same
+    model) or, without it, on the gallery's own vectors."""
     from dcal.vocabulary import INDEX_BACKENDS, RETRIEVAL_METRICS
 
     folder = Path(folder)
@@ -668,6 +680,8 @@ def build_index(folder: str | Path, sources: Sequence[FeatureSource], kind: str 
     total = sum(s.count for s in sources)
     if total == 0:
         raise ValueError("the sources hold no features")
+    if calibration is not None and calibration.count == 0:
+        raise ValueError(f"{calibration.name}: no features to calibrate the search with")
     dim = int(features["dim"])
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} is a file, not an index folder")
@@ -686,7 +700,11 @@ def build_index(folder: str | Path, sources: Sequence[FeatureSource], kind: str 
             want = be.needs_training()
             if want:
                 be.train(_training_sample(sources, want))
-            if be.tuning_ladder() is not None:
+            if be.tuning_ladder() is not None and calibration is not None:
+                check_features(features, calibration.meta, calibration.name, folder)
+                truth = TrueNeighbours(_training_sample([calibration], CALIBRATION_QUERIES, seed=1),
+                                       k=min(10, total), held_out=True)
+            elif be.tuning_ladder() is not None:
                 truth = TrueNeighbours(_training_sample(sources, CALIBRATION_QUERIES, seed=1), k=min(11, total))
             extra: dict[str, Any] = {"index": spec}
         else:
@@ -700,6 +718,8 @@ def build_index(folder: str | Path, sources: Sequence[FeatureSource], kind: str 
                                          observe=truth.observe if truth is not None else None)
         if backend == "faiss":
             cal = calibrate(be, truth)
+            if cal and calibration is not None:
+                cal["queries_from"] = f"queries of {calibration.name}"
             extra = {**extra, "search": dict(be.search_params), **({"calibration": cal} if cal else {})}
         manifest = {"backend": backend, **extra, "features": features, "metric": metric, "normalization": "l2",
                     "backend_metric": "squared L2 on L2-normalised float32", "next_id": next_id}
