@@ -576,10 +576,11 @@ class TrueNeighbours:
     def observe(self, x: np.ndarray, ids: np.ndarray) -> None:
         import torch
 
+        from dcal.metrics.distance import _distance_tile
+
         for a in range(0, len(x), 16384):
             g = torch.from_numpy(np.ascontiguousarray(x[a : a + 16384], dtype=np.float32))
-            d = torch.addmm((g * g).sum(1)[None], self._q, g.t(), alpha=-2.0)
-            d = torch.cat([self.dist, d.add_((self._q * self._q).sum(1)[:, None])], 1)
+            d = torch.cat([self.dist, _distance_tile(self._q, g, "sqeuclidean")], 1)  # dcal's one formula
             new = torch.from_numpy(np.asarray(ids[a : a + 16384], np.int64)).expand(len(d), -1)
             lab = torch.cat([self.labels, new], 1)
             keep = min(self.k, d.shape[1])
