@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 
 import pytest
 import yaml
 from PIL import Image
 
-from dcal.ablation import mean_std, plan, run_ablation
+from dcal.ablation import difference_se, format_markdown, mean_std, plan, run_ablation
 from dcal.cli import main
 from tests.helpers import logged
 
@@ -63,7 +64,13 @@ def test_table_is_the_last_epochs_of_the_runs(ablation):
             assert records[-1]["final"] and records[-2]["epoch"] == 2
             last.append(records[-2]["top1"])
         assert row["last_top1"] == pytest.approx(mean_std(last))
-        assert row["delta_top1"] == pytest.approx(row["last_top1"][0] - summary["rows"][0]["last_top1"][0])
+        # Δ is to the first row of the variant's set (table3: SA only; selection: rollout), with its Welch SE
+        ref = next(r for r in summary["rows"] if r["variant"] == row["reference"])
+        assert row["reference"] == ("SA only" if row in summary["rows"][:4] else "rollout")
+        assert row["delta_top1"] == pytest.approx(row["last_top1"][0] - ref["last_top1"][0])
+        mine, theirs = [r["last"]["top1"] for r in row["runs"]], [r["last"]["top1"] for r in ref["runs"]]
+        se = math.sqrt(statistics.variance(mine) / 2 + statistics.variance(theirs) / 2)
+        assert row["delta_se_top1"] == (None if row is ref or se == 0 else pytest.approx(se))
         # the mechanism columns: the last epoch's PWCA share (only where there is PWCA) and mark hit, over seeds
         shares = [json.loads(open(f"{run['run_dir']}/metrics.jsonl").readlines()[-2]).get("pwca_share_mean")
                   for run in row["runs"]]
@@ -172,9 +179,12 @@ def test_a_run_dir_with_another_config_is_not_overwritten(ablation):
 
 
 def test_sets_and_errors(tmp_path, capsys):
-    names = [v.name for v in plan(["pairs", "blocks"], 12)]
-    assert names == ["random", "intra-class", "inter-class", "1:1 mix", "noise", "M=1, T=12", "M=2, T=12",
-                     "M=3, T=12", "M=1, T=6", "M=1, T=1"]
+    variants = plan(["pairs", "blocks"], 12)
+    assert [v.name for v in variants] == ["random", "intra-class", "inter-class", "1:1 mix", "noise", "M=1, T=12",
+                                          "M=2, T=12", "M=3, T=12", "M=1, T=6", "M=1, T=1"]
+    assert [v.reference for v in variants] == ["random"] * 5 + ["M=1, T=12"] * 5  # each set's first row
+    # a reference left out by --variants: the first variant kept stands in for it
+    assert [v.reference for v in plan(["table3", "pairs"], 6, ["DCAL", "noise", "inter-class"])] == ["DCAL"] * 3
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
     assert main(["ablation", "--config", str(recipe), "--set", "table9", "--output-dir", str(tmp_path / "o")]) == 2
@@ -188,3 +198,22 @@ def test_mean_std():
     assert mean_std([1.0]) == (1.0, 0.0)
     m, s = mean_std([1.0, 2.0, 3.0])
     assert m == 2.0 and math.isclose(s, 1.0)
+
+
+def test_difference_se_and_the_rows_seeds_do_not_separate():
+    """Welch's standard error of a difference of means, by hand; the table gives Δ in those units and names the
+    rows within 2 SE of their reference (what the evidence protocol's "5 seeds where closer" rule reads)."""
+    assert difference_se([1.0, 2.0, 3.0], [2.0, 4.0]) == pytest.approx(math.sqrt(1.0 / 3 + 2.0 / 2))
+    assert difference_se([1.0], [2.0, 3.0]) is None and difference_se([1.0, 1.0], [2.0, 2.0]) is None
+
+    def row(name, ref, last, se):
+        return {"variant": name, "reference": ref, "keys": {}, "runs": [{}, {}, {}], "last_top1": (last, 0.5),
+                "best_top1": (last, 0.5), "delta_top1": last - 50.0, "delta_se_top1": se, "train_time_s": (1, 0)}
+
+    md = format_markdown({"metrics": ["top1"], "rows": [row("SA only", "SA only", 50.0, None),
+                                                        row("+PWCA", "SA only", 53.0, 1.0),
+                                                        row("DCAL", "SA only", 51.5, 1.0)]})
+    assert "| SA only | 50.00 ± 0.50 | +0.00 |" in md and "| +PWCA | 53.00 ± 0.50 | +3.00 (3.0 SE) |" in md
+    assert "| DCAL | 51.50 ± 0.50 | +1.50 (1.5 SE) |" in md
+    assert "first row of the variant's set (SA only)" in md
+    assert "Within two standard errors of their reference, not told apart by 3 seeds: DCAL." in md

@@ -15,7 +15,8 @@ can share one folder (``--set table3,selection``) and a variant whose keys equal
 runs (``selection``'s rollout is ``table3``'s DCAL). A finished run (its ``metrics.jsonl`` has the final record)
 is reused when the command runs again and a started one is resumed, so an interrupted ablation continues. The
 summary gives the **last** epoch's metric (mean ± std over seeds), the best epoch's for reference (selected on
-the evaluation split, so optimistic), the training time per run and the difference to the first row, written
+the evaluation split, so optimistic), the training time per run and the difference to the first row of the
+variant's set (its *reference*: SA only, rollout, random, M=1 T=L) with that difference's standard error, written
 to ``ablation.md``, ``ablation.json`` and ``ablation.png`` in ``OUT``.
 """
 
@@ -104,6 +105,7 @@ class Variant:
     name: str
     keys: dict[str, Any]
     slug: str
+    reference: str = ""  # the row its difference is taken to: the first variant of its set
     runs: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -123,23 +125,29 @@ def _slug(name: str) -> str:
 
 
 def plan(set_names: list[str], depth: int, only: list[str] | None = None) -> list[Variant]:
-    """The variants of the named sets in order (names made unique); ``only``: just these, by name or folder
-    name (e.g. ``["SA only", "dcal"]``), in the sets' order."""
+    """The variants of the named sets in order (names made unique), each with its set's first variant as its
+    reference; ``only``: just these, by name or folder name (e.g. ``["SA only", "dcal"]``), in the sets' order
+    (a variant whose reference is left out is compared with the first one kept)."""
     unknown = [s for s in set_names if s not in SETS]
     if unknown or not set_names:
         raise ValueError(f"unknown ablation set(s) {unknown or set_names}; choose from {', '.join(SETS)}")
     variants: list[Variant] = []
     for set_name in set_names:
+        reference = ""
         for name, keys in SETS[set_name](depth):
             if any(v.name == name for v in variants):
                 name = f"{name} ({set_name})"
-            variants.append(Variant(name, keys, _slug(name)))
+            reference = reference or name
+            variants.append(Variant(name, keys, _slug(name), reference))
     if only:
         missing = [o for o in only if not any(o in (v.name, v.slug) for v in variants)]
         if missing:
             raise ValueError(f"variant(s) {missing} not in the set(s) {', '.join(set_names)}: choose from "
                              f"{', '.join(repr(v.name) for v in variants)}")
         variants = [v for v in variants if v.name in only or v.slug in only]
+        for v in variants:
+            if not any(r.name == v.reference for r in variants):
+                v.reference = variants[0].name
     return variants
 
 
@@ -352,6 +360,20 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in values) / (len(values) - 1))
 
 
+def difference_se(a: list[float], b: list[float]) -> float | None:
+    """Standard error of the difference of the means of ``a`` and ``b`` (Welch: sqrt(s_a²/n_a + s_b²/n_b), sample
+    std); None under two values in either, or where both are constant (no spread to measure against)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    se = math.sqrt(mean_std(a)[1] ** 2 / len(a) + mean_std(b)[1] ** 2 / len(b))
+    return se or None
+
+
+def _delta_cell(row: dict[str, Any], m: str) -> str:
+    delta, se = row[f"delta_{m}"], row.get(f"delta_se_{m}")
+    return f"{delta:+.2f} ({abs(delta) / se:.1f} SE)" if se else f"{delta:+.2f}"
+
+
 def summarize(variants: list[Variant], task: str) -> dict[str, Any]:
     metrics = ["top1"] if task == "fgvc" else ["mAP", "rank1"]
     rows = []
@@ -365,9 +387,14 @@ def summarize(variants: list[Variant], task: str) -> dict[str, Any]:
             values = [r.get("mechanism", {}).get(k) for r in v.runs]
             row[k] = mean_std([scale * x for x in values]) if None not in values else None
         rows.append(row)
-    for row in rows:
+    by_name = {r["variant"]: r for r in rows}
+    for v, row in zip(variants, rows, strict=True):
+        ref = by_name.get(v.reference, rows[0])
+        row["reference"] = ref["variant"]
         for m in metrics:
-            row[f"delta_{m}"] = row[f"last_{m}"][0] - rows[0][f"last_{m}"][0]
+            row[f"delta_{m}"] = row[f"last_{m}"][0] - ref[f"last_{m}"][0]
+            row[f"delta_se_{m}"] = None if ref is row else difference_se(
+                [r["last"][m] for r in v.runs], [r["last"][m] for r in ref["runs"]])
     return {"task": task, "metrics": metrics, "rows": rows}
 
 
@@ -391,14 +418,21 @@ def format_markdown(summary: dict[str, Any]) -> str:
     for r in rows:
         cells = [r["variant"]]
         cells += [f"{r[f'last_{m}'][0]:.2f} ± {r[f'last_{m}'][1]:.2f}" for m in metrics]
-        cells += [f"{r[f'delta_{m}']:+.2f}" for m in metrics]
+        cells += [_delta_cell(r, m) for m in metrics]
         cells += [f"{r[f'best_{m}'][0]:.2f} ± {r[f'best_{m}'][1]:.2f}" for m in metrics]
         cells += [f"{r[k][0]:.1f} ± {r[k][1]:.1f}" if r.get(k) else "-" for k in mech]
         cells += [f"{r['train_time_s'][0]:.0f} s", ", ".join(f"{k}={v}" for k, v in r["keys"].items())]
         lines.append("| " + " | ".join(cells) + " |")
+    references = list(dict.fromkeys(r.get("reference", rows[0]["variant"]) for r in rows)) if rows else []
+    close = [r["variant"] + (f" ({LABEL[m]})" if len(metrics) > 1 else "") for r in rows for m in metrics
+             if r.get(f"delta_se_{m}") and abs(r[f"delta_{m}"]) < 2 * r[f"delta_se_{m}"]]
     notes = [
         "",
-        f"Mean ± sample std over {seeds} seed(s); Δ = difference of the last-epoch means to the first row.",
+        f"Mean ± sample std over {seeds} seed(s); Δ = difference of the last-epoch means to the first row of the "
+        f"variant's set ({', '.join(references)}), in brackets in standard errors of that difference (Welch: "
+        "sqrt(s₁²/n₁ + s₂²/n₂)).",
+        *([f"Within two standard errors of their reference, not told apart by {seeds} seeds: "
+           f"{', '.join(close)}."] if close else []),
         *([f"Backbone: {summary['backbone']}."] if summary.get("backbone") else []),
         "*Best epoch = the epoch with the highest metric on the evaluation split, i.e. selected on it: optimistic, "
         "for reference only; the last epoch is the number to compare.",
