@@ -77,9 +77,12 @@ def test_table_is_the_last_epochs_of_the_runs(ablation):
         expected = mean_std([100 * x for x in shares]) if None not in shares else None
         assert row["pwca_share_mean"] == (pytest.approx(expected) if expected else None)
         assert (expected is None) == (row["variant"] in ("SA only", "+GLCA"))
+        same = [json.loads(open(f"{run['run_dir']}/metrics.jsonl").readlines()[-2]).get("pwca_same_class")
+                for run in row["runs"]]
+        assert row["pwca_same_class"] == (pytest.approx(mean_std(same)) if expected else None)
         assert row["mark_hit_rollout"] is not None
     md = (out / "ablation.md").read_text()
-    assert "PWCA share on the distractor (%) | mark hit, rollout (%)" in md
+    assert "PWCA share on the distractor (%) | same-class PWCA pairs (%) | mark hit, rollout (%)" in md
     first = summary["rows"][0]
     assert f"| SA only | {first['last_top1'][0]:.2f} ± {first['last_top1'][1]:.2f} | +0.00 |" in md
     assert json.loads((out / "ablation.json").read_text())["rows"][3]["variant"] == "DCAL"

@@ -77,3 +77,14 @@ def test_param_groups_exclude_norms_biases_tokens_from_decay():
     assert id(model.backbone.blocks[0].norm1.weight) in no_decay
     assert id(model.backbone.blocks[0].attn.qkv.weight) in {id(p) for p in groups["decay"]["params"]}
     assert groups["decay"]["weight_decay"] == 0.05 and groups["loss_weights"]["weight_decay"] == 0.0
+
+
+def test_the_loss_counts_the_same_class_pwca_pairs():
+    """What the epoch's ``pwca_same_class`` record is built from: images whose distractor has their target."""
+    targets = torch.tensor([0, 0, 1, 2])
+    logits = {b: torch.zeros(4, 3) for b in ("sa", "pwca")}
+    loss = DCALLoss("fgvc", ("sa", "pwca"))
+    assert loss({"logits": logits, "pairs": torch.tensor([1, 0, 3, 2])}, targets).same_class_pairs == 2
+    assert loss({"logits": logits, "pairs": torch.tensor([2, 3, 0, 1])}, targets).same_class_pairs == 0
+    assert loss({"logits": logits, "pairs": None}, targets).same_class_pairs is None  # noise keys/values
+    assert DCALLoss("fgvc", ("sa",))({"logits": {"sa": logits["sa"]}}, targets).same_class_pairs is None  # no PWCA

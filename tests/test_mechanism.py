@@ -26,7 +26,7 @@ from dcal.mechanism import (
     selection_scores,
 )
 from dcal.model.rollout import select_top
-from tests.helpers import TINY_TIMM_KWARGS, tiny_model
+from tests.helpers import TINY_TIMM_KWARGS, logged, tiny_model
 
 
 @pytest.mark.parametrize(("source", "resize", "img_size", "box"), [
@@ -144,6 +144,42 @@ def test_evaluate_writes_the_mechanism_keys(tmp_path, variant):
         assert {"weight_sa", "weight_glca", "weight_pwca"} <= set(record)  # the learned loss weights
     else:
         assert "pwca_share" not in record and "pwca_share_mean" not in record
+
+
+@pytest.mark.parametrize("strategy", ["intra", "inter", "noise"])
+def test_training_records_the_same_class_share_its_pwca_pairs_got(tmp_path, monkeypatch, strategy):
+    """Each epoch's record gives the share (%) of training images whose PWCA distractor was of their own class,
+    from the pairs the model drew; an ``intra`` run whose batches lack same-class partners (6 classes x 2 images,
+    batches of 4: most images have none) warns that it got far less than it asked for. Noise has no distractor."""
+    import dcal.model.dcal as model_module
+
+    drawn = []
+    real = model_module.sample_pairs
+
+    def spy(strategy, batch_size, targets=None, *args, **kwargs):
+        pairs = real(strategy, batch_size, targets, *args, **kwargs)
+        drawn.append((targets[pairs] == targets).sum().item() / batch_size)
+        return pairs
+
+    monkeypatch.setattr(model_module, "sample_pairs", spy)
+    out = tmp_path / strategy
+    synth = [o for o in SYNTH if not o.startswith(("data.synthetic_num_classes", "data.synthetic_train_per_class",
+                                                   "train.batch_size"))]
+    with logged("dcal.engine.run") as lines:
+        fit(load_config(None, [*synth, "data.synthetic_num_classes=6", "data.synthetic_train_per_class=2",
+                               "train.batch_size=4", "train.eval_every=9", "model.pwca_blocks=2",
+                               f"model.pair_strategy={strategy}", f"output_dir={out}"]))
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    warned = [line for line in lines if "same-class PWCA pairs" in line]
+    if strategy == "noise":
+        assert "pwca_same_class" not in record and not drawn and not warned
+        return
+    assert len(drawn) == 3 and record["pwca_same_class"] == pytest.approx(100 * sum(drawn) / len(drawn))
+    if strategy == "inter":
+        assert record["pwca_same_class"] == 0.0 and not warned
+    else:
+        assert record["pwca_same_class"] < 90.0
+        assert len(warned) == 1 and f"got {record['pwca_same_class']:.1f}%" in warned[0] and "batch of 4" in warned[0]
 
 
 def test_pwca_attention_in_query_tiles_equals_the_whole_matrix(monkeypatch):

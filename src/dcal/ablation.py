@@ -230,7 +230,7 @@ def run_result(final: dict[str, Any], run_dir: Path, task: str, seed: int) -> di
     }
 
 
-CURVE_KEYS = ("train_top1", "loss", "pwca_share_mean", "weight_sa", "weight_glca", "weight_pwca")
+CURVE_KEYS = ("train_top1", "loss", "pwca_share_mean", "pwca_same_class", "weight_sa", "weight_glca", "weight_pwca")
 
 
 def run_curve(run_dir: Path, task: str) -> list[dict[str, Any]]:
@@ -402,8 +402,9 @@ LABEL = {"top1": "top-1", "mAP": "mAP", "rank1": "rank-1"}
 # the last epoch's mechanism numbers (dcal.mechanism) and learned loss weights kept per run; the first ones are
 # table columns (label, scale to %) where every run of a row has them
 MECHANISM_KEYS = ("pwca_share_mean", "mark_hit_rollout", "mark_hit_last_layer", "mark_hit_chance", "pwca_share",
-                  "weight_sa", "weight_glca", "weight_pwca")
+                  "pwca_same_class", "weight_sa", "weight_glca", "weight_pwca")
 MECHANISM_COLUMNS = {"pwca_share_mean": ("PWCA share on the distractor (%)", 100.0),
+                     "pwca_same_class": ("same-class PWCA pairs (%)", 1.0),
                      "mark_hit_rollout": ("mark hit, rollout (%)", 1.0)}
 
 
@@ -438,7 +439,10 @@ def format_markdown(summary: dict[str, Any]) -> str:
         "for reference only; the last epoch is the number to compare.",
         *(["PWCA share: of the attention of the target's pooled-feature query (its class token, or the patch mean "
            "where there is none), the part on the distractor's tokens, mean over the pair-wise blocks, on the first "
-           "test images (dcal.mechanism; a self-pair gives 50)."] if mech else []),
+           "test images (dcal.mechanism; a self-pair gives 50)."] if "pwca_share_mean" in mech else []),
+        *(["Same-class PWCA pairs: of the last epoch's training images, those whose distractor was of their own class "
+           "(what model.pair_strategy got from the batches: an image with no partner of the requested kind in its "
+           "batch keeps a random one)."] if "pwca_same_class" in mech else []),
     ]
     if summary.get("command"):
         notes.append(f"Command: `{summary['command']}`")

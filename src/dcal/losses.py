@@ -47,6 +47,7 @@ class LossOutput:
     per_branch: dict[str, Tensor]  # unweighted loss of each branch
     weights: dict[str, float]  # effective weight of each branch: 0.5·exp(−w_b) (dynamic) or λ_b (fixed)
     sa_correct: int = 0  # training images whose SA logits rank the target first (the epoch's train top-1)
+    same_class_pairs: int | None = None  # images whose PWCA distractor is of their own class (None: no distractor)
 
 
 class DCALLoss(nn.Module):
@@ -118,7 +119,10 @@ class DCALLoss(nn.Module):
             total = sum(0.5 * (torch.exp(-self.log_vars[b]) * per_branch[b] + self.log_vars[b]) for b in self.branches)
             weights = {b: 0.5 * float(torch.exp(-self.log_vars[b].detach())) for b in self.branches}
         correct = int((out["logits"]["sa"].detach().argmax(-1) == targets).sum())
-        return LossOutput(total=total, per_branch=per_branch, weights=weights, sa_correct=correct)
+        pairs = out.get("pairs")
+        same = None if pairs is None else int((targets[pairs] == targets).sum())
+        return LossOutput(total=total, per_branch=per_branch, weights=weights, sa_correct=correct,
+                          same_class_pairs=same)
 
 
 def param_groups(

@@ -237,6 +237,17 @@ def test_intra_class_pairs_through_the_model():
     assert bool((y[out["pairs"]] == y).all())
 
 
+def test_pair_shortfall_warns_only_far_from_what_the_strategy_asks():
+    from dcal.model.pairs import pair_shortfall
+
+    message = pair_shortfall("intra", 45.8, 32)
+    assert "model.pair_strategy=intra asks for 100% same-class PWCA pairs but got 45.8%" in message
+    assert "batch of 32" in message and "\n" not in message
+    assert pair_shortfall("intra", 92.0, 32) is None and pair_shortfall("mix", 45.0, 32) is None
+    assert pair_shortfall("mix", 22.8, 32) is not None and pair_shortfall("inter", 11.0, 8) is not None
+    assert pair_shortfall("random", 2.0, 32) is None  # random asks for nothing in particular
+
+
 def test_bad_pairs_are_rejected_clearly():
     model = tiny_model().train()
     with pytest.raises(ValueError, match="shape"):

@@ -45,6 +45,8 @@ class EpochProgress:
     steps: int = 0  # optimizer steps applied
     seen: int = 0  # images trained on
     correct: int = 0  # of those, the ones the SA branch classified right (as trained: augmented, drop-path on)
+    paired: int = 0  # of those, the ones trained with a PWCA distractor image (not noise)
+    same_class_pairs: int = 0  # of those, the ones whose distractor was of their own class
     sums: dict[str, float] = field(default_factory=dict)  # running sums of the losses over applied steps
     bad_images: int = 0
     bad_examples: list[str] = field(default_factory=list)
@@ -70,13 +72,17 @@ class EpochProgress:
                 self.bad_examples.append(path)
         check_bad_fraction(self.bad_images, self.read_images, self.bad_examples, "training")
 
-    def count_applied(self, seen: int, losses: dict[str, float], weights: dict[str, float], correct: int = 0) -> None:
-        """An optimizer step applied on ``seen`` images (``correct`` of them classified right by the SA branch)
-        with these losses and loss weights."""
+    def count_applied(self, seen: int, losses: dict[str, float], weights: dict[str, float], correct: int = 0,
+                      same_class_pairs: int | None = None) -> None:
+        """An optimizer step applied on ``seen`` images (``correct`` of them classified right by the SA branch,
+        ``same_class_pairs`` paired with a distractor of their own class) with these losses and loss weights."""
         self.bad_in_a_row = 0
         self.steps += 1
         self.seen += seen
         self.correct += correct
+        if same_class_pairs is not None:
+            self.paired += seen
+            self.same_class_pairs += same_class_pairs
         for k, v in losses.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.weights = weights
@@ -106,11 +112,14 @@ def epoch_stats(progress: EpochProgress, device: torch.device) -> dict[str, floa
     """The epoch's record over all processes: mean losses, weights, counts, throughput."""
     keys = sorted(progress.sums)
     totals = all_reduce_sum([progress.sums[k] for k in keys] + [progress.steps, progress.seen, progress.correct,
-                            progress.bad_images, progress.bad_steps, progress.skipped_batches], device)
-    sums, (steps, seen, correct, bad_images, bad_steps, skipped) = totals[: len(keys)], totals[len(keys):]
+                            progress.paired, progress.same_class_pairs, progress.bad_images, progress.bad_steps,
+                            progress.skipped_batches], device)
+    sums, (steps, seen, correct, paired, same, bad_images, bad_steps, skipped) = totals[: len(keys)], totals[len(keys):]
     stats: dict[str, float] = {k: s / steps for k, s in zip(keys, sums, strict=True)} if steps else {}
     if seen:
         stats["train_top1"] = 100.0 * correct / seen  # running, on the augmented training batches
+    if paired:
+        stats["pwca_same_class"] = 100.0 * same / paired  # what model.pair_strategy got, not what it asked for
     stats.update({f"weight_{b}": w for b, w in progress.weights.items()})
     stats["images_per_s"] = seen / max(progress.elapsed, 1e-9)
     stats.update(bad_images=int(bad_images), bad_steps=int(bad_steps), skipped_batches=int(skipped))
@@ -198,7 +207,7 @@ def _optimizer_step(state: TrainState, progress: EpochProgress, step: nn.Module,
     _apply(optimizer, scaler, state.model, cfg.train.clip_grad)
     progress.count_applied(int(images.shape[0]), {"loss": res.total.item(),
                                                   **{f"loss_{b}": v.item() for b, v in res.per_branch.items()}},
-                           dict(res.weights), res.sa_correct)
+                           dict(res.weights), res.sa_correct, res.same_class_pairs)
 
 
 def _apply(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, model: nn.Module,

@@ -42,6 +42,7 @@ from dcal.engine.loop import EpochProgress, NonFiniteLossError, epoch_stats, tra
 from dcal.engine.state import TrainState
 from dcal.model.dcal import compile_model
 from dcal.model.finetune import trainable_summary
+from dcal.model.pairs import pair_shortfall
 from dcal.run_folder import ResumeConfigError, RunLock, check_run_folder, read_metrics
 from dcal.vocabulary import BEST_METRIC, SCORE_KEYS
 
@@ -193,7 +194,7 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
                                     f"epoch {state.start_epoch + 1} (train.epochs may grow on resume, not shrink)")
     step = dist.wrap_ddp(ForwardLoss(compile_model(state.model) if cfg.train.compile else state.model, state.criterion,
                                    cfg, device), info, device, sync_bn=cfg.train.sync_bn)
-    metric, t0 = BEST_METRIC[cfg.task], time.perf_counter()
+    metric, t0, first_epoch = BEST_METRIC[cfg.task], time.perf_counter(), state.start_epoch
     with _RunOutput(cfg, info, device, state, stops, steps_per_epoch, sets["train"], resume) as out:
         for epoch in range(state.start_epoch, cfg.train.epochs):
             loader = train_loader(cfg, sets["train"], epoch, start_batch=state.start_batch)
@@ -203,6 +204,8 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
             except NonFiniteLossError as e:
                 raise NonFiniteLossError(f"{e} ({out.kept()})") from None
             record = {"epoch": epoch + 1, **stats}  # 1-based in every file, as on the console
+            if epoch == first_epoch and info.is_main and "pwca_same_class" in record:
+                _warn_pair_shortfall(cfg, record["pwca_same_class"])
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
                 out.before_evaluation(state.progress)  # an evaluation that fails (memory) loses no training
                 record.update(evaluate(state.model, sets, device, cfg))
@@ -211,6 +214,12 @@ def _train(cfg: DictConfig, resume: bool, info: dist.DistInfo, device: torch.dev
         out.finish(final)
     dist.barrier()
     return final
+
+
+def _warn_pair_shortfall(cfg: DictConfig, same_class_share: float) -> None:
+    message = pair_shortfall(cfg.model.pair_strategy, same_class_share, cfg.train.batch_size)
+    if message:
+        logger.warning("WARNING: %s", message)
 
 
 class _RunOutput:

@@ -4,7 +4,9 @@
 random derangement, by rejection: on average e ≈ 2.7 draws of ``randperm``). The Table 4 ablations draw a
 partner for each image independently: ``intra`` (same class), ``inter`` (other class) or ``mix`` (each image
 intra or inter with probability 1/2). Images with no valid partner of the requested kind fall back to the
-random derangement's partner, so every image always has a distractor other than itself.
+random derangement's partner, so every image always has a distractor other than itself: with many classes and
+random batches an ``intra`` run gets far fewer same-class pairs than it asks for (:func:`pair_shortfall`; training
+records the share it got, ``pwca_same_class``).
 ``noise`` pairs are not drawn here: the PWCA blocks replace the distractor's keys/values with noise.
 """
 
@@ -55,3 +57,17 @@ def sample_pairs(
     scores = torch.rand(batch_size, batch_size, generator=generator).to(device).masked_fill(~valid, -1.0)
     choice = scores.argmax(dim=1)
     return torch.where(valid.any(dim=1), choice, base)
+
+
+SAME_CLASS_SHARE = {"intra": 100.0, "inter": 0.0, "mix": 50.0}  # % of same-class pairs each strategy asks for
+
+
+def pair_shortfall(strategy: str, same_class_share: float, batch_size: int, tolerance: float = 10.0) -> str | None:
+    """A one-line warning where an epoch's share of same-class pairs (%) is more than ``tolerance`` points from what
+    ``strategy`` asks for (the batches lacked partners of the requested kind), else None."""
+    want = SAME_CLASS_SHARE.get(strategy)
+    if want is None or abs(same_class_share - want) <= tolerance:
+        return None
+    return (f"model.pair_strategy={strategy} asks for {want:.0f}% same-class PWCA pairs but got "
+            f"{same_class_share:.1f}% in this epoch: an image with no partner of the requested kind in its batch "
+            f"of {batch_size} keeps a random one (a larger train.batch_size, or fewer classes, raises the share)")
