@@ -154,6 +154,14 @@ def test_choices_and_ranges_name_the_key() -> None:
         load_config(None, ["data.dataset=market1501", "data.resize=null", "train.batch_size=30"])
     with pytest.raises(ConfigError, match=r"'task'"):
         load_config(None, ["data.dataset=market1501", "task=fgvc"])
+    # P x K batches: always for Re-ID, for FGVC on request (train.sampler=pk); K must divide the batch then only
+    with pytest.raises(ConfigError, match=r"'train\.sampler' must be one of auto, shuffle, pk"):
+        load_config(None, ["train.sampler=balanced"])
+    with pytest.raises(ConfigError, match=r"'train\.sampler'.*triplet loss"):
+        load_config(None, ["data.dataset=market1501", "data.resize=null", "train.sampler=shuffle"])
+    with pytest.raises(ConfigError, match=r"'train\.num_instances'.*P classes x K"):
+        load_config(None, ["train.sampler=pk", "train.batch_size=30"])
+    assert load_config(None, ["train.batch_size=30"]).train.num_instances == 4  # shuffled FGVC batches: unused
 
 
 def test_overrides_and_derived_values() -> None:

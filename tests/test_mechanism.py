@@ -146,11 +146,13 @@ def test_evaluate_writes_the_mechanism_keys(tmp_path, variant):
         assert "pwca_share" not in record and "pwca_share_mean" not in record
 
 
-@pytest.mark.parametrize("strategy", ["intra", "inter", "noise"])
+@pytest.mark.parametrize("strategy", ["intra", "intra pk", "inter", "noise"])
 def test_training_records_the_same_class_share_its_pwca_pairs_got(tmp_path, monkeypatch, strategy):
     """Each epoch's record gives the share (%) of training images whose PWCA distractor was of their own class,
     from the pairs the model drew; an ``intra`` run whose batches lack same-class partners (6 classes x 2 images,
-    batches of 4: most images have none) warns that it got far less than it asked for. Noise has no distractor."""
+    batches of 4: most images have none) warns that it got far less than it asked for, and P x K batches
+    (``train.sampler=pk``) give it every partner it asks for. Noise has no distractor."""
+    strategy, *pk = strategy.split()
     import dcal.model.dcal as model_module
 
     drawn = []
@@ -162,13 +164,14 @@ def test_training_records_the_same_class_share_its_pwca_pairs_got(tmp_path, monk
         return pairs
 
     monkeypatch.setattr(model_module, "sample_pairs", spy)
-    out = tmp_path / strategy
+    out = tmp_path / f"{strategy}{'_pk' if pk else ''}"
     synth = [o for o in SYNTH if not o.startswith(("data.synthetic_num_classes", "data.synthetic_train_per_class",
                                                    "train.batch_size"))]
     with logged("dcal.engine.run") as lines:
         fit(load_config(None, [*synth, "data.synthetic_num_classes=6", "data.synthetic_train_per_class=2",
                                "train.batch_size=4", "train.eval_every=9", "model.pwca_blocks=2",
-                               f"model.pair_strategy={strategy}", f"output_dir={out}"]))
+                               f"model.pair_strategy={strategy}", f"output_dir={out}",
+                               *(["train.sampler=pk", "train.num_instances=2"] if pk else [])]))
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     warned = [line for line in lines if "same-class PWCA pairs" in line]
     if strategy == "noise":
@@ -177,6 +180,8 @@ def test_training_records_the_same_class_share_its_pwca_pairs_got(tmp_path, monk
     assert len(drawn) == 3 and record["pwca_same_class"] == pytest.approx(100 * sum(drawn) / len(drawn))
     if strategy == "inter":
         assert record["pwca_same_class"] == 0.0 and not warned
+    elif pk:
+        assert record["pwca_same_class"] == 100.0 and not warned
     else:
         assert record["pwca_same_class"] < 90.0
         assert len(warned) == 1 and f"got {record['pwca_same_class']:.1f}%" in warned[0] and "batch of 4" in warned[0]

@@ -54,6 +54,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.weighting": vocab.LOSS_WEIGHTINGS,
     "train.optimizer": vocab.OPTIMIZERS,
     "train.scheduler": vocab.SCHEDULERS,
+    "train.sampler": vocab.SAMPLERS,
     "train.amp": tuple(vocab.AMP_PRECISION),
     "train.device": vocab.DEVICES,
     "data.on_bad_image": vocab.ON_BAD_IMAGE,
@@ -321,7 +322,8 @@ class TrainConfig:
     step_gamma: float = 0.1
     workers: int = 4
     seed: int = 0
-    num_instances: int = 4  # Re-ID: K images per identity (batch = P x K)
+    sampler: str = "auto"  # auto (Re-ID: pk, FGVC: shuffle) | shuffle | pk: P classes x K images (pk_batches)
+    num_instances: int = 4  # K images per identity or class in a P x K batch (Re-ID, train.sampler=pk)
     amp: str = "none"  # none | bf16 | fp16
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False
@@ -359,13 +361,16 @@ def _check_train(cfg: DictConfig) -> None:
         _fail("train.seed", f"must be in [0, 2**31); got {t.seed}")
     if t.clip_grad is not None and t.clip_grad <= 0:
         _fail("train.clip_grad", f"must be > 0 or null; got {t.clip_grad}")
-    if cfg.task == "reid":
-        if t.num_instances < 1 or t.batch_size % t.num_instances:
-            _fail(
-                "train.num_instances",
-                f"({t.num_instances}) must be >= 1 and divide train.batch_size ({t.batch_size}): "
-                "a Re-ID batch is P identities x K instances",
-            )
+    if cfg.task == "reid" and t.sampler == "shuffle":
+        _fail("train.sampler", "shuffle cannot train Re-ID: its triplet loss needs K images of each identity in a "
+                               "batch; use auto or pk")
+    if pk_batches(cfg) and (t.num_instances < 1 or t.batch_size % t.num_instances):
+        _fail(
+            "train.num_instances",
+            f"({t.num_instances}) must be >= 1 and divide train.batch_size ({t.batch_size}): "
+            f"a {'Re-ID' if cfg.task == 'reid' else 'train.sampler=pk'} batch is P "
+            f"{'identities' if cfg.task == 'reid' else 'classes'} x K instances",
+        )
     for key, value in (("train.log_every", t.log_every), ("train.eval_every", t.eval_every)):
         if value < 1:
             _fail(key, f"must be >= 1; got {value}")
@@ -711,6 +716,13 @@ def derive(cfg: DictConfig) -> DictConfig:
     cfg.model.img_size = _size(cfg.model.img_size, "model.img_size", allow_none=False)
     cfg.data.resize = _size(cfg.data.resize, "data.resize", allow_none=True)
     return cfg
+
+
+def pk_batches(cfg: DictConfig) -> bool:
+    """Whether training draws P x K batches (P classes or identities, K = ``train.num_instances`` images each):
+    always for Re-ID, for FGVC with ``train.sampler=pk`` (every image then has K-1 same-class partners in its
+    batch, what ``model.pair_strategy=intra`` needs)."""
+    return cfg.train.sampler == "pk" or (cfg.train.sampler == "auto" and cfg.task == "reid")
 
 
 def _fail(key: str, msg: str) -> None:

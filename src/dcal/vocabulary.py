@@ -30,6 +30,8 @@ AMP_PRECISION = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}  # train.amp ->
 LOSS_WEIGHTINGS = ("dynamic", "fixed")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "constant")
+# train.sampler: auto (Re-ID: pk, FGVC: shuffle) | shuffle | pk (P classes or identities x K images per batch)
+SAMPLERS = ("auto", "shuffle", "pk")
 DEVICES = ("auto", "cpu", "cuda")  # train.device (the commands' --device also takes cuda:N, mps)
 REID_FEATURES = ("before_bn", "after_bn")
 RETRIEVAL_METRICS = ("euclidean", "cosine")  # eval.metric, dcal search --metric

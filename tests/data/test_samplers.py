@@ -114,3 +114,24 @@ def test_bad_arguments() -> None:
         RandomIdentitySampler(_pids([4] * 8), batch_size=8, num_instances=4, num_replicas=2, rank=2)
     with pytest.raises(ValueError, match="epoch_length"):
         RandomIdentitySampler(_pids([4] * 8), batch_size=8, num_instances=4, epoch_length="steps")
+
+
+def test_fgvc_trains_on_p_x_k_class_batches_on_request() -> None:
+    """``train.sampler=pk``: FGVC batches of P classes x K images (class targets as the identities); the default
+    stays a plain shuffle."""
+    from dcal.config import load_config
+    from dcal.engine import build_datasets
+    from dcal.engine.build import train_loader
+    from tests.helpers import SYNTHETIC_RUN
+
+    run = [o for o in SYNTHETIC_RUN if not o.startswith("data.synthetic_num_classes")]
+    cfg = load_config(None, [*run, "data.synthetic_num_classes=4", "train.sampler=pk", "train.num_instances=2"])
+    train = build_datasets(cfg)["train"]
+    batches = [b.data[1] for b in train_loader(cfg, train, epoch=0)]
+    # 48 images in 24 chunks of K = 2, two classes (P = 4 / 2) per batch, until fewer than P classes have chunks
+    assert 10 <= len(batches) <= 12
+    for targets in batches:
+        pairs = targets.reshape(2, 2)
+        assert (pairs == pairs[:, :1]).all() and pairs[0, 0] != pairs[1, 0]
+    shuffled = load_config(None, [*run, "data.synthetic_num_classes=4"])
+    assert not all(len(set(b.data[1].tolist())) == 2 for b in train_loader(shuffled, train, epoch=0))

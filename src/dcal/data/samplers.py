@@ -93,8 +93,8 @@ class RandomIdentitySampler(Sampler[int]):
         self._counts = counts
         if len(self.unique_pids) < self.num_pids_per_batch:
             raise ValueError(
-                f"{len(self.unique_pids)} identities cannot fill a batch of P = {self.num_pids_per_batch} "
-                f"distinct identities (batch_size {batch_size} / num_instances {num_instances})"
+                f"{len(self.unique_pids)} identities (or classes) cannot fill a batch of P = {self.num_pids_per_batch} "
+                f"distinct ones (batch_size {batch_size} / num_instances {num_instances})"
             )
         self._cache: tuple[int, np.ndarray] | None = None
         self.start_batch = 0

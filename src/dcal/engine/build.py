@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dcal.config import dataset_kwargs
+from dcal.config import dataset_kwargs, pk_batches
 from dcal.data import build_dataset
 from dcal.data.layout import DatasetFormatError
 from dcal.data.robust import SkipBadImages, collate_skipping_bad
@@ -129,13 +129,14 @@ def train_loader(
     """Loader for one epoch of this process's share, from batch ``start_batch`` on (mid-epoch resume).
 
     The order depends only on (seed, epoch), so a resumed run sees the same batches; under torchrun each
-    process draws a disjoint share (FGVC: :class:`ShardedShuffleSampler`, Re-ID: the P x K sampler's shares).
+    process draws a disjoint share (FGVC: :class:`ShardedShuffleSampler`; Re-ID and ``train.sampler=pk``: the P x K
+    sampler's shares).
     Items go through :class:`SkipBadImages` (``data.on_bad_image``), so a batch is a ``LoadedBatch``.
     """
     t = cfg.train
     bs = batch_size or t.batch_size
-    if cfg.task == "reid":
-        sampler: Any = RandomIdentitySampler(dataset.pids, batch_size=bs, num_instances=t.num_instances, seed=t.seed)
+    if pk_batches(cfg):
+        sampler: Any = RandomIdentitySampler(dataset.targets, batch_size=bs, num_instances=t.num_instances, seed=t.seed)
     else:
         sampler = ShardedShuffleSampler(len(dataset), bs, seed=t.seed)
         if sampler.num_batches == 0:

@@ -6,7 +6,7 @@ partner for each image independently: ``intra`` (same class), ``inter`` (other c
 intra or inter with probability 1/2). Images with no valid partner of the requested kind fall back to the
 random derangement's partner, so every image always has a distractor other than itself: with many classes and
 random batches an ``intra`` run gets far fewer same-class pairs than it asks for (:func:`pair_shortfall`; training
-records the share it got, ``pwca_same_class``).
+records the share it got, ``pwca_same_class``); ``train.sampler=pk`` batches give every image same-class partners.
 ``noise`` pairs are not drawn here: the PWCA blocks replace the distractor's keys/values with noise.
 """
 
@@ -70,4 +70,5 @@ def pair_shortfall(strategy: str, same_class_share: float, batch_size: int, tole
         return None
     return (f"model.pair_strategy={strategy} asks for {want:.0f}% same-class PWCA pairs but got "
             f"{same_class_share:.1f}% in this epoch: an image with no partner of the requested kind in its batch "
-            f"of {batch_size} keeps a random one (a larger train.batch_size, or fewer classes, raises the share)")
+            f"of {batch_size} keeps a random one (train.sampler=pk gives each image train.num_instances - 1 "
+            "same-class partners)")
