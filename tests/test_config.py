@@ -58,7 +58,7 @@ def test_every_yaml_loads_and_validates(path: Path) -> None:
     by_folder = {"fgvc": "fgvc", "reid": "reid"}
     by_file = {"demo": "fgvc", "cub100_small_vit": "fgvc", "mars_mini_small_vit": "reid", "cub51_100_pretrain": "fgvc",
                "cub1_50_finetune": "fgvc", "mars_mini_finetune": "reid", "demo_pretrain": "fgvc",
-               "cub1_50_long": "fgvc", "mars_mini_long": "reid", "demo_long": "fgvc"}
+               "cub1_50_long": "fgvc", "mars_mini_long": "reid", "demo_long": "fgvc", "cub1_50_long_pk": "fgvc"}
     assert cfg.task == by_folder.get(path.parent.name, by_file.get(path.stem))
     assert cfg.train.lr > 0 and 0 < cfg.model.top_r <= 1
     if path.parent.name == "fgvc":
