@@ -173,6 +173,20 @@ def test_a_subset_of_variants_reuses_their_runs_and_reports_only_them(ablation, 
     assert "variant(s) ['GLCA'] not in the set(s) table3: choose from 'SA only', '+GLCA'" in capsys.readouterr().err
 
 
+def test_a_variant_trained_earlier_under_another_name_is_reused(ablation):
+    """``--set pairs`` after ``--set table3`` in one folder: pairs' "random" is DCAL's config, so its runs are
+    DCAL's, reused from its folder: nothing trains, though a folder named "random" (selection's, another config)
+    is there too."""
+    recipe, out, summary, _ = ablation
+    with logged("dcal.ablation") as lines:
+        assert main(["ablation", "--config", str(recipe), "--set", "pairs", "--variants", "random", "--seeds", "2",
+                     "--output-dir", str(out)]) == 0
+    assert sum("(reused" in line for line in lines) == 2
+    saved = json.loads((out / "ablation.json").read_text())["rows"]
+    dcal = next(r for r in summary["rows"] if r["variant"] == "DCAL")
+    assert [r["run_dir"] for r in saved[0]["runs"]] == [r["run_dir"] for r in dcal["runs"]]
+
+
 def test_a_run_dir_with_another_config_is_not_overwritten(ablation):
     recipe, out, _, _ = ablation
     before = (out / "sa_only" / "seed0" / "metrics.jsonl").read_text()

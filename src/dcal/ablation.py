@@ -39,6 +39,7 @@ from omegaconf import OmegaConf
 
 from dcal.config import ConfigError, default_config, load_config, to_yaml
 from dcal.run_folder import (
+    CONFIG,
     METRICS,
     TRAIN_LOG,
     RunLock,
@@ -293,7 +294,8 @@ def run_ablation(
             cfg = load_config(config, [*overrides, *_overrides(v.keys), "output_dir=."])
         except ConfigError as e:
             raise ConfigError(f"variant {v.name!r}: {e}") from None
-        v.slug = slug_of.setdefault(to_yaml(cfg), v.slug)  # the same config is trained once (e.g. rollout = DCAL)
+        # the same config is trained once (e.g. rollout = DCAL), also across commands sharing OUT
+        v.slug = slug_of.setdefault(to_yaml(cfg), _twin(out, v.slug, cfg, base_seed))
         for k in range(seeds):
             cfgs[v.slug, k] = load_config(config, [*overrides, *_overrides(v.keys), f"train.seed={base_seed + k}",
                                                    f"output_dir={out / v.slug / f'seed{base_seed + k}'}"])
@@ -335,6 +337,24 @@ def run_ablation(
     logger.info(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}"
                 f"{', ' + str(out / 'ablation_curves.png') if (out / 'ablation_curves.png').is_file() else ''}")
     return summary
+
+
+def _twin(out: Path, slug: str, cfg: Any, seed: int) -> str:
+    """The folder of ``out`` whose ``seed<seed>`` run has exactly ``cfg`` (``output_dir`` aside): ``slug`` when its
+    own does, else another one, so a variant that an earlier command trained under another name (``--set pairs``
+    after ``--set table3``: random is DCAL) reuses those runs instead of training them again. ``slug`` when none
+    has (a ``slug`` folder holding another config is then refused by the checks that follow)."""
+    if not out.is_dir():
+        return slug
+    new, defaults = OmegaConf.to_container(cfg), OmegaConf.to_container(default_config())
+
+    def same(folder: Path) -> bool:
+        run = folder / f"seed{seed}"
+        return (run / CONFIG).is_file() and not other_config_changes(run, new, defaults)
+
+    if same(out / slug):
+        return slug
+    return next((f.name for f in sorted(out.iterdir()) if f.is_dir() and same(f)), slug)
 
 
 def _check_data(cfg: Any) -> None:
