@@ -348,9 +348,15 @@ def _twin(out: Path, slug: str, cfg: Any, seed: int) -> str:
         return slug
     new, defaults = OmegaConf.to_container(cfg), OmegaConf.to_container(default_config())
 
-    def same(folder: Path) -> bool:
+    def same(folder: Path) -> bool:  # a busy or unreadable run is no twin (the checks that follow report the slug's)
         run = folder / f"seed{seed}"
-        return (run / CONFIG).is_file() and not other_config_changes(run, new, defaults)
+        if not (run / CONFIG).is_file():
+            return False
+        try:
+            RunLock(run).check()  # locks before it reads: a run being written is not read
+            return not other_config_changes(run, new, defaults)
+        except (OSError, ValueError):
+            return False
 
     if same(out / slug):
         return slug
