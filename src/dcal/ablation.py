@@ -294,8 +294,10 @@ def run_ablation(
             cfg = load_config(config, [*overrides, *_overrides(v.keys), "output_dir=."])
         except ConfigError as e:
             raise ConfigError(f"variant {v.name!r}: {e}") from None
-        # the same config is trained once (e.g. rollout = DCAL), also across commands sharing OUT
-        v.slug = slug_of.setdefault(to_yaml(cfg), _twin(out, v.slug, cfg, base_seed))
+        key = to_yaml(cfg)  # the same config is trained once (e.g. rollout = DCAL), also across commands sharing OUT
+        if key not in slug_of:
+            slug_of[key] = _twin(out, v.slug, cfg, base_seed)
+        v.slug = slug_of[key]
         for k in range(seeds):
             cfgs[v.slug, k] = load_config(config, [*overrides, *_overrides(v.keys), f"train.seed={base_seed + k}",
                                                    f"output_dir={out / v.slug / f'seed{base_seed + k}'}"])
@@ -360,7 +362,7 @@ def _twin(out: Path, slug: str, cfg: Any, seed: int) -> str:
 
     if same(out / slug):
         return slug
-    return next((f.name for f in sorted(out.iterdir()) if f.is_dir() and same(f)), slug)
+    return next((f.name for f in sorted(out.iterdir()) if f.name != slug and f.is_dir() and same(f)), slug)
 
 
 def _check_data(cfg: Any) -> None:
@@ -396,7 +398,7 @@ def difference_se(a: list[float], b: list[float]) -> float | None:
 
 
 def _delta_cell(row: dict[str, Any], m: str) -> str:
-    delta, se = row[f"delta_{m}"], row.get(f"delta_se_{m}")
+    delta, se = row[f"delta_{m}"], row[f"delta_se_{m}"]
     return f"{delta:+.2f} ({abs(delta) / se:.1f} SE)" if se else f"{delta:+.2f}"
 
 
@@ -450,9 +452,9 @@ def format_markdown(summary: dict[str, Any]) -> str:
         cells += [f"{r[k][0]:.1f} ± {r[k][1]:.1f}" if r.get(k) else "-" for k in mech]
         cells += [f"{r['train_time_s'][0]:.0f} s", ", ".join(f"{k}={v}" for k, v in r["keys"].items())]
         lines.append("| " + " | ".join(cells) + " |")
-    references = list(dict.fromkeys(r.get("reference", rows[0]["variant"]) for r in rows)) if rows else []
+    references = list(dict.fromkeys(r["reference"] for r in rows))
     close = [r["variant"] + (f" ({LABEL[m]})" if len(metrics) > 1 else "") for r in rows for m in metrics
-             if r.get(f"delta_se_{m}") and abs(r[f"delta_{m}"]) < 2 * r[f"delta_se_{m}"]]
+             if r[f"delta_se_{m}"] and abs(r[f"delta_{m}"]) < 2 * r[f"delta_se_{m}"]]
     notes = [
         "",
         f"Mean ± sample std over {seeds} seed(s); Δ = difference of the last-epoch means to the first row of the "
