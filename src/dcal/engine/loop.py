@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -170,7 +171,11 @@ def train_one_epoch(
             progress.skipped_batches += 1
         else:
             _optimizer_step(state, progress, step, data, device, cfg, f"epoch {epoch + 1}, step {progress.batches}")
-        scheduler.step()
+        with warnings.catch_warnings():
+            # the schedule follows the batch position by design: a skipped first batch (or a non-finite first loss)
+            # steps the scheduler before any optimizer step, which PyTorch warns about as if it were a bug
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before", UserWarning)
+            scheduler.step()
         now = time.perf_counter()
         progress.elapsed += now - last
         last = now
