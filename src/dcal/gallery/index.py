@@ -576,11 +576,11 @@ class TrueNeighbours:
     def observe(self, x: np.ndarray, ids: np.ndarray) -> None:
         import torch
 
-        from dcal.metrics.distance import _distance_tile
+        from dcal.metrics.distance import distance_tile
 
         for a in range(0, len(x), 16384):
             g = torch.from_numpy(np.ascontiguousarray(x[a : a + 16384], dtype=np.float32))
-            d = torch.cat([self.dist, _distance_tile(self._q, g, "sqeuclidean")], 1)  # dcal's one formula
+            d = torch.cat([self.dist, distance_tile(self._q, g, "sqeuclidean")], 1)  # dcal's one formula
             new = torch.from_numpy(np.asarray(ids[a : a + 16384], np.int64)).expand(len(d), -1)
             lab = torch.cat([self.labels, new], 1)
             keep = min(self.k, d.shape[1])

@@ -44,8 +44,9 @@ def _prepare(x: torch.Tensor, metric: str, normalize: bool, device: torch.device
     return F.normalize(x, dim=1) if normalize or metric == "cosine" else x
 
 
-def _distance_tile(q: torch.Tensor, g: torch.Tensor, metric: str) -> torch.Tensor:
-    """float32 distances of prepared (rows, D) x (cols, D) features: the formula, in one place."""
+def distance_tile(q: torch.Tensor, g: torch.Tensor, metric: str) -> torch.Tensor:
+    """float32 distances of prepared (rows, D) x (cols, D) features: the formula, in one place (the dense matrix,
+    the streaming evaluator and the gallery index's calibration all call it)."""
     if metric == "cosine":
         d = torch.mm(q, g.t())
         return d.neg_().add_(1.0)
@@ -93,7 +94,7 @@ class FeatureDistances:
             for a in range(r0, r1, TILE_ROWS):
                 b = min(a + TILE_ROWS, r1)
                 q = _prepare(self.q[a:b], self.metric, self.normalize, self.device)
-                out[a - r0 : b - r0, c - c0 : e - c0] = _distance_tile(q, g, self.metric).cpu().numpy()
+                out[a - r0 : b - r0, c - c0 : e - c0] = distance_tile(q, g, self.metric).cpu().numpy()
         return out
 
 
