@@ -234,3 +234,51 @@ def test_difference_se_and_the_rows_seeds_do_not_separate():
     assert "| DCAL | 51.50 ± 0.50 | +1.50 (1.5 SE) |" in md
     assert "first row of the variant's set (SA only)" in md
     assert "Within two standard errors of their reference, not told apart by 3 seeds: DCAL." in md
+
+
+def test_max_seeds_adds_seeds_to_the_rows_within_two_se_of_their_reference(tmp_path, monkeypatch, capsys):
+    """``--max-seeds``: after ``--seeds``, each row closer than two standard errors to its reference, and that
+    reference, gets seeds up to the maximum (a row sharing their runs too: rollout is DCAL); the others keep theirs;
+    the table says which and how many. Runs are faked here (the rule is under test, not training)."""
+    import dcal.ablation as ablation_module
+
+    # last top-1 per folder and seed: +GLCA 0.5 above SA only and selection's random 0.5 above rollout (= DCAL),
+    # with a seed spread of ~1.4: closer than 2 SE; +PWCA, DCAL, last layer, glca_pool=cls 10+ away: far
+    level = {"sa_only": 50.0, "plus_glca": 50.5, "plus_pwca": 60.0, "dcal": 60.0, "random": 60.5,
+             "last_layer": 70.0, "glca_pool_cls": 80.0}
+    trained = []
+
+    def fake_run_one(cfg, run_dir):
+        trained.append(f"{run_dir.parent.name}/{run_dir.name}")
+        return {"epoch": 1}, "trained"
+
+    def fake_result(final, run_dir, task, seed):
+        top1 = level[run_dir.parent.name] + (-1.0, 1.0, 0.25)[seed]
+        return {"seed": seed, "run_dir": str(run_dir), "epochs": 1, "curve": [], "last": {"top1": top1},
+                "best": {"top1": top1}, "best_epoch": 1, "mechanism": {}, "train_time_s": 1.0}
+
+    monkeypatch.setattr(ablation_module, "run_one", fake_run_one)
+    monkeypatch.setattr(ablation_module, "run_result", fake_result)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    with logged("dcal.ablation") as lines:
+        assert main(["ablation", "--config", str(recipe), "--set", "table3,selection", "--seeds", "2",
+                     "--max-seeds", "3", "--output-dir", str(tmp_path / "out")]) == 0
+    assert trained[:14] == [f"{s}/seed{k}" for s in level for k in (0, 1)]
+    assert trained[14:] == ["sa_only/seed2", "plus_glca/seed2", "dcal/seed2", "random/seed2"]
+    assert any(line.startswith("[18/18] random seed 2:") for line in lines)
+    saved = json.loads((tmp_path / "out" / "ablation.json").read_text())
+    assert {r["variant"]: len(r["runs"]) for r in saved["rows"]} == {
+        "SA only": 3, "+GLCA": 3, "+PWCA": 2, "DCAL": 3, "rollout": 3, "random": 3, "last layer": 2,
+        "glca_pool=cls": 2}
+    assert saved["extended"] == ["SA only", "+GLCA", "DCAL", "rollout", "random"] and saved["max_seeds"] == 3
+    glca = saved["rows"][1]  # the numbers are the three seeds'
+    assert glca["last_top1"] == pytest.approx(mean_std([49.5, 51.5, 50.75]))
+    md = (tmp_path / "out" / "ablation.md").read_text()
+    assert "| variant | seeds | top-1 last epoch |" in md and "| +PWCA | 2 | 60.00 ± 1.41 |" in md
+    assert ("Within two standard errors of their reference at 2 seeds, so given 3 (--max-seeds): SA only, +GLCA, "
+            "DCAL, rollout, random.") in md
+    assert "Mean ± sample std over the seeds of each row (column seeds)" in md
+    with pytest.raises(ValueError, match=r"max_seeds \(1\) must be at least seeds \(2\)"):
+        run_ablation(recipe, ["table3"], seeds=2, max_seeds=1, output_dir=tmp_path / "other")
+    assert not (tmp_path / "other").exists()

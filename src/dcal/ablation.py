@@ -266,15 +266,23 @@ def run_ablation(
     output_dir: str | Path | None = None,
     pretrain: str | Path | None = None,
     only: list[str] | None = None,
+    max_seeds: int | None = None,
 ) -> dict[str, Any]:
     """Train every variant of ``sets`` (or those named in ``only``) on the recipe ``config`` for ``seeds`` seeds;
     write and return the summary.
+
+    ``max_seeds``: then give every row within two standard errors of its reference (:func:`close_rows`), and that
+    reference, seeds up to ``max_seeds`` (an evidence protocol's "3 seeds, 5 where two variants are closer than
+    2 SE", decided once, at ``seeds`` seeds); the rows then differ in their number of seeds.
 
     With a pretraining recipe (``pretrain``, or ``model.pretrain`` in the recipe) every variant and seed
     fine-tunes from one SA-only backbone trained once into ``pretrain/<recipe stem>`` beside ``OUT``
     (``dcal.pretrain``)."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    max_seeds = max_seeds or seeds
+    if max_seeds < seeds:
+        raise ValueError(f"max_seeds ({max_seeds}) must be at least seeds ({seeds})")
     check_no_output_dir(overrides)
     base = load_config(config, overrides)  # bad recipes and overrides fail here, before anything is written
     variants = plan(sets, backbone_depth(base), only)
@@ -298,7 +306,7 @@ def run_ablation(
         if key not in slug_of:
             slug_of[key] = _twin(out, v.slug, cfg, base_seed)
         v.slug = slug_of[key]
-        for k in range(seeds):
+        for k in range(max_seeds):  # the seeds --max-seeds may add are checked now too
             cfgs[v.slug, k] = load_config(config, [*overrides, *_overrides(v.keys), f"train.seed={base_seed + k}",
                                                    f"output_dir={out / v.slug / f'seed{base_seed + k}'}"])
     for c in cfgs.values():  # a busy folder, one not ours, or another config's run: refused before anything trains
@@ -315,26 +323,43 @@ def run_ablation(
         _pretrained(pre_cfg)
     out.mkdir(parents=True, exist_ok=True)
     done: dict[tuple[str, int], dict[str, Any]] = {}
-    total, n = len({s for s, _ in cfgs}) * seeds, 0
-    for v in variants:
-        for k in range(seeds):
-            seed = base_seed + k
-            if (v.slug, k) not in done:
-                n += 1
-                cfg = cfgs[v.slug, k]
-                t0 = time.perf_counter()
-                final, how = run_one(cfg, Path(cfg.output_dir))
-                done[v.slug, k] = run_result(final, Path(cfg.output_dir), base.task, seed)
-                logger.info(f"[{n}/{total}] {v.name} seed {seed}: {_one_line(done[v.slug, k], base.task)} "
-                            f"({how}, {time.perf_counter() - t0:.0f}s)")
-            v.runs.append(done[v.slug, k])
+    n = [0, len({s for s, _ in cfgs}) * seeds]  # runs done, runs planned
+
+    def train(todo: list[Variant], ks: range) -> None:
+        for v in todo:
+            for k in ks:
+                seed = base_seed + k
+                if (v.slug, k) not in done:
+                    n[0] += 1
+                    cfg = cfgs[v.slug, k]
+                    t0 = time.perf_counter()
+                    final, how = run_one(cfg, Path(cfg.output_dir))
+                    done[v.slug, k] = run_result(final, Path(cfg.output_dir), base.task, seed)
+                    logger.info(f"[{n[0]}/{n[1]}] {v.name} seed {seed}: {_one_line(done[v.slug, k], base.task)} "
+                                f"({how}, {time.perf_counter() - t0:.0f}s)")
+                v.runs.append(done[v.slug, k])
+
+    train(variants, range(seeds))
+    summary = summarize(variants, base.task)
+    extended: list[str] = []
+    if max_seeds > seeds:
+        by_name = {v.name: v for v in variants}
+        close = {name for r, _ in close_rows(summary) for name in (r, by_name[r].reference)}
+        slugs = {by_name[name].slug for name in close}  # a row sharing another's runs (rollout = DCAL) gets them too
+        more = [v for v in variants if v.slug in slugs]
+        extended = [v.name for v in more]
+        n[1] += len(slugs) * (max_seeds - seeds)
+        if more:
+            logger.info(f"within two standard errors of their reference at {seeds} seeds: {', '.join(extended)}; "
+                        f"{max_seeds} seeds for them (--max-seeds)")
+        train(more, range(seeds, max_seeds))
+        summary = summarize(variants, base.task)
     from dcal.pretrain import describe_backbone
 
-    summary = summarize(variants, base.task)
     command = shlex.join(["dcal", "ablation", *sys.argv[2:]]) if sys.argv[1:2] == ["ablation"] else ""
     summary.update({"backbone": describe_backbone(OmegaConf.to_container(base.model)),
                     "recipe": str(config), "overrides": list(overrides), "sets": sets, "seeds": seeds,
-                    "command": command})
+                    "max_seeds": max_seeds, "extended": extended, "command": command})
     write_outputs(summary, out)
     logger.info(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}"
                 f"{', ' + str(out / 'ablation_curves.png') if (out / 'ablation_curves.png').is_file() else ''}")
@@ -426,6 +451,21 @@ def summarize(variants: list[Variant], task: str) -> dict[str, Any]:
     return {"task": task, "metrics": metrics, "rows": rows}
 
 
+def close_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """(row, metric) where the row's difference to its reference is under two of its standard errors: not told
+    apart by their seeds."""
+    return [(r["variant"], m) for r in summary["rows"] for m in summary["metrics"]
+            if r[f"delta_se_{m}"] and abs(r[f"delta_{m}"]) < 2 * r[f"delta_se_{m}"]]
+
+
+def _seeds_label(rows: list[dict[str, Any]]) -> str:
+    """"3 seeds", or each row's count where they differ (``--max-seeds``)."""
+    counts = {len(r["runs"]) for r in rows}
+    if len(counts) == 1:
+        return f"{counts.pop()} seed(s)"
+    return "seeds " + ", ".join(f"{r['variant']} {len(r['runs'])}" for r in rows)
+
+
 LABEL = {"top1": "top-1", "mAP": "mAP", "rank1": "rank-1"}
 # the last epoch's mechanism numbers (dcal.mechanism) and learned loss weights kept per run; the first ones are
 # table columns (label, scale to %) where every run of a row has them
@@ -438,14 +478,15 @@ MECHANISM_COLUMNS = {"pwca_share_mean": ("PWCA share on the distractor (%)", 100
 
 def format_markdown(summary: dict[str, Any]) -> str:
     metrics, rows = summary["metrics"], summary["rows"]
-    seeds = len(rows[0]["runs"]) if rows else 0
-    head = ["variant"] + [f"{LABEL[m]} last epoch" for m in metrics] + [f"Δ {LABEL[m]}" for m in metrics]
+    uniform = len({len(r["runs"]) for r in rows}) == 1
+    head = ["variant"] + ([] if uniform else ["seeds"]) + [f"{LABEL[m]} last epoch" for m in metrics]
+    head += [f"Δ {LABEL[m]}" for m in metrics]
     mech = [k for k in MECHANISM_COLUMNS if any(r.get(k) for r in rows)]
     head += [f"{LABEL[m]} best epoch*" for m in metrics] + [MECHANISM_COLUMNS[k][0] for k in mech]
     head += ["time / run", "keys"]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 2) + " --- |"]
     for r in rows:
-        cells = [r["variant"]]
+        cells = [r["variant"]] + ([] if uniform else [str(len(r["runs"]))])
         cells += [f"{r[f'last_{m}'][0]:.2f} ± {r[f'last_{m}'][1]:.2f}" for m in metrics]
         cells += [_delta_cell(r, m) for m in metrics]
         cells += [f"{r[f'best_{m}'][0]:.2f} ± {r[f'best_{m}'][1]:.2f}" for m in metrics]
@@ -453,14 +494,18 @@ def format_markdown(summary: dict[str, Any]) -> str:
         cells += [f"{r['train_time_s'][0]:.0f} s", ", ".join(f"{k}={v}" for k, v in r["keys"].items())]
         lines.append("| " + " | ".join(cells) + " |")
     references = list(dict.fromkeys(r["reference"] for r in rows))
-    close = [r["variant"] + (f" ({LABEL[m]})" if len(metrics) > 1 else "") for r in rows for m in metrics
-             if r[f"delta_se_{m}"] and abs(r[f"delta_{m}"]) < 2 * r[f"delta_se_{m}"]]
+    close = [r + (f" ({LABEL[m]})" if len(metrics) > 1 else "") for r, m in close_rows(summary)]
+    seeds = f"{len(rows[0]['runs'])} seeds" if uniform else "their seeds"
     notes = [
         "",
-        f"Mean ± sample std over {seeds} seed(s); Δ = difference of the last-epoch means to the first row of the "
-        f"variant's set ({', '.join(references)}), in brackets in standard errors of that difference (Welch: "
+        f"Mean ± sample std over {seeds if uniform else 'the seeds of each row (column seeds)'}; Δ = difference of "
+        f"the last-epoch means to the first row of the variant's set ({', '.join(references)}), in brackets in "
+        "standard errors of that difference (Welch: "
         "sqrt(s₁²/n₁ + s₂²/n₂)).",
-        *([f"Within two standard errors of their reference, not told apart by {seeds} seeds: "
+        *([f"Within two standard errors of their reference at {summary['seeds']} seeds, so given "
+           f"{summary['max_seeds']} (--max-seeds): {', '.join(summary['extended'])}."]
+          if summary.get("extended") else []),
+        *([f"Within two standard errors of their reference, not told apart by {seeds}: "
            f"{', '.join(close)}."] if close else []),
         *([f"Backbone: {summary['backbone']}."] if summary.get("backbone") else []),
         "*Best epoch = the epoch with the highest metric on the evaluation split, i.e. selected on it: optimistic, "
@@ -497,7 +542,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
         pad = max(1.0, 0.15 * (hi - lo))
         ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"dcal ablation: {', '.join(summary.get('sets', []))} ({len(rows[0]['runs'])} seeds)")
+    fig.suptitle(f"dcal ablation: {', '.join(summary.get('sets', []))} ({_seeds_label(rows)})")
     return save_figure(fig, path, dpi=110)
 
 
@@ -541,10 +586,7 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path | None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    counts = {len(r["runs"]) for r in rows}
-    seeds = (f"{counts.pop()} seed(s)" if len(counts) == 1 else
-             "seeds " + ", ".join(f"{r['variant']} {len(r['runs'])}" for r in rows))
-    fig.suptitle(f"dcal ablation: {', '.join(summary.get('sets', []))}, mean over {seeds}"
+    fig.suptitle(f"dcal ablation: {', '.join(summary.get('sets', []))}, mean over {_seeds_label(rows)}"
                  f"{' ± one std' if max(len(r['runs']) for r in rows) > 1 else ''}; the reported number is the "
                  "last epoch's")
     return save_figure(fig, path, dpi=110)

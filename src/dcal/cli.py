@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these variants of the set(s), comma-separated names or folder names, e.g. "
                         "'SA only,DCAL' (default: all)")
     p.add_argument("--seeds", type=_at_least_one, default=3, help="seeds per variant: train.seed, train.seed+1, ...")
+    p.add_argument("--max-seeds", type=_at_least_one, default=None, metavar="N",
+                   help="then N seeds for each variant within two standard errors of its reference (and for that "
+                        "reference): a protocol's '3 seeds, 5 where closer than 2 SE' (default: --seeds)")
     p.add_argument("--output-dir", default=None, help="default: runs/ablation_<sets>_<recipe name> (each run goes "
                    "to DIR/<variant>/seed<k>: output_dir=... is refused)")
     p.add_argument("--pretrain", default=None, metavar="RECIPE",
@@ -709,7 +712,7 @@ def cmd_ablation(args: argparse.Namespace) -> Any:
     overrides = [*args.overrides, *([f"train.eval_every={args.eval_every}"] if args.eval_every else [])]
     only = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     summary = run_ablation(args.config, sets, args.seeds, overrides, args.output_dir, pretrain=args.pretrain,
-                           only=only)
+                           only=only, max_seeds=args.max_seeds)
     print(format_markdown(summary))
     return summary
 
