@@ -17,7 +17,8 @@ is reused when the command runs again and a started one is resumed, so an interr
 summary gives the **last** epoch's metric (mean ± std over seeds), the best epoch's for reference (selected on
 the evaluation split, so optimistic), the training time per run and the difference to the first row of the
 variant's set (its *reference*: SA only, rollout, random, M=1 T=L) with that difference's standard error, written
-to ``ablation.md``, ``ablation.json`` and ``ablation.png`` in ``OUT``.
+to ``ablation.md``, ``ablation.json`` and ``ablation.png`` in ``OUT``. ``--max-seeds`` then gives the rows within
+two standard errors of their reference (and those references) more seeds.
 """
 
 from __future__ import annotations
