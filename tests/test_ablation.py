@@ -261,9 +261,14 @@ def test_max_seeds_adds_seeds_to_the_rows_within_two_se_of_their_reference(tmp_p
     monkeypatch.setattr(ablation_module, "run_result", fake_result)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
+    # a user's file where a seed no row needs would go (+PWCA's third) stops nothing; where one is needed it would
+    foreign = tmp_path / "out" / "plus_pwca" / "seed2"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
     with logged("dcal.ablation") as lines:
         assert main(["ablation", "--config", str(recipe), "--set", "table3,selection", "--seeds", "2",
                      "--max-seeds", "3", "--output-dir", str(tmp_path / "out")]) == 0
+    assert (foreign / "notes.txt").read_text() == "mine"
     assert trained[:14] == [f"{s}/seed{k}" for s in level for k in (0, 1)]
     assert trained[14:] == ["sa_only/seed2", "plus_glca/seed2", "dcal/seed2", "random/seed2"]
     assert any(line.startswith("[18/18] random seed 2:") for line in lines)
@@ -279,6 +284,14 @@ def test_max_seeds_adds_seeds_to_the_rows_within_two_se_of_their_reference(tmp_p
     assert ("Within two standard errors of their reference at 2 seeds, so given 3 (--max-seeds): SA only, +GLCA, "
             "DCAL, rollout, random.") in md
     assert "Mean ± sample std over the seeds of each row (column seeds)" in md
+    # a folder an extra seed needs, not dcal's: refused before any extra seed trains; the first seeds' runs stay
+    trained.clear()
+    (tmp_path / "out" / "random" / "seed2").mkdir(parents=True)
+    (tmp_path / "out" / "random" / "seed2" / "notes.txt").write_text("mine")
+    assert main(["ablation", "--config", str(recipe), "--set", "table3,selection", "--seeds", "2",
+                 "--max-seeds", "3", "--output-dir", str(tmp_path / "out")]) == 2
+    assert str(tmp_path / "out" / "random" / "seed2") in capsys.readouterr().err
+    assert len(trained) == 14 and not any(t.endswith("seed2") for t in trained)  # the first seeds, reused
     with pytest.raises(ValueError, match=r"max_seeds \(1\) must be at least seeds \(2\)"):
         run_ablation(recipe, ["table3"], seeds=2, max_seeds=1, output_dir=tmp_path / "other")
     assert not (tmp_path / "other").exists()

@@ -307,13 +307,10 @@ def run_ablation(
         if key not in slug_of:
             slug_of[key] = _twin(out, v.slug, cfg, base_seed)
         v.slug = slug_of[key]
-        for k in range(max_seeds):  # the seeds --max-seeds may add are checked now too
+        for k in range(max_seeds):  # the seeds --max-seeds may add are loaded (checked as configs) now too
             cfgs[v.slug, k] = load_config(config, [*overrides, *_overrides(v.keys), f"train.seed={base_seed + k}",
                                                    f"output_dir={out / v.slug / f'seed{base_seed + k}'}"])
-    for c in cfgs.values():  # a busy folder, one not ours, or another config's run: refused before anything trains
-        RunLock(Path(c.output_dir)).check()
-        check_run_dir(Path(c.output_dir))
-        _check_same_config(Path(c.output_dir), c)
+    _check_folders([c for (_, k), c in cfgs.items() if k < seeds])
     _check_data(base)
     if pre_cfg is not None:
         from dcal.pretrain import check_backbones_match, pretrain_state
@@ -353,6 +350,8 @@ def run_ablation(
         if more:
             logger.info(f"within two standard errors of their reference at {seeds} seeds: {', '.join(extended)}; "
                         f"{max_seeds} seeds for them (--max-seeds)")
+        # only the folders the extra seeds use: one of a seed no row needs (busy, say) stops nothing
+        _check_folders([cfgs[slug, k] for slug in sorted(slugs) for k in range(seeds, max_seeds)])
         train(more, range(seeds, max_seeds))
         summary = summarize(variants, base.task)
     from dcal.pretrain import describe_backbone
@@ -389,6 +388,14 @@ def _twin(out: Path, slug: str, cfg: Any, seed: int) -> str:
     if same(out / slug):
         return slug
     return next((f.name for f in sorted(out.iterdir()) if f.name != slug and f.is_dir() and same(f)), slug)
+
+
+def _check_folders(cfgs: list[Any]) -> None:
+    """A busy run folder, one not ours, or another config's run: refused before any of ``cfgs`` trains."""
+    for c in cfgs:
+        RunLock(Path(c.output_dir)).check()
+        check_run_dir(Path(c.output_dir))
+        _check_same_config(Path(c.output_dir), c)
 
 
 def _check_data(cfg: Any) -> None:
