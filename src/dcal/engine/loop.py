@@ -171,11 +171,14 @@ def train_one_epoch(
             progress.skipped_batches += 1
         else:
             _optimizer_step(state, progress, step, data, device, cfg, f"epoch {epoch + 1}, step {progress.batches}")
-        with warnings.catch_warnings():
-            # the schedule follows the batch position by design: a skipped first batch (or a non-finite first loss)
-            # steps the scheduler before any optimizer step, which PyTorch warns about as if it were a bug
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before", UserWarning)
+        if progress.steps:
             scheduler.step()
+        else:  # only before this epoch's first applied step can PyTorch's first-step check fire
+            with warnings.catch_warnings():
+                # the schedule follows the batch position by design: a skipped first batch (or a non-finite first
+                # loss) steps the scheduler before any optimizer step, which PyTorch warns about as if it were a bug
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before", UserWarning)
+                scheduler.step()
         now = time.perf_counter()
         progress.elapsed += now - last
         last = now
